@@ -1,0 +1,33 @@
+"""Observable, resilient FastAPI background tasks through OpenTelemetry."""
+
+from __future__ import annotations
+
+from otel_bgtasks._execution import TaskHook, current_task
+from otel_bgtasks._version import __version__
+from otel_bgtasks.attributes import ErrorCategory, Outcome
+from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, ScheduledTask, schedule
+from otel_bgtasks.logs import TraceContextFilter, TraceContextProcessor, configure_structlog_json
+from otel_bgtasks.sampling import LinkAwareSampler
+from otel_bgtasks.state import TaskCallState
+from otel_bgtasks.task import TaskOptions, background_task
+from otel_bgtasks.telemetry import Telemetry, configure_telemetry
+
+__all__ = [
+    "BackgroundTasksInstrumentor",
+    "ErrorCategory",
+    "LinkAwareSampler",
+    "Outcome",
+    "ScheduledTask",
+    "TaskCallState",
+    "TaskHook",
+    "TaskOptions",
+    "Telemetry",
+    "TraceContextFilter",
+    "TraceContextProcessor",
+    "__version__",
+    "background_task",
+    "configure_structlog_json",
+    "configure_telemetry",
+    "current_task",
+    "schedule",
+]

@@ -1,0 +1,88 @@
+"""Span, event and attribute names of the signal contract (DESIGN.md section 3).
+
+Dashboards, alert rules, the README and the tests use these names: change one here and there
+at once. Semantic-convention names come from `opentelemetry.semconv` where a convention exists.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from opentelemetry.semconv._incubating.attributes.code_attributes import CODE_FUNCTION_NAME
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.semconv.attributes.exception_attributes import EXCEPTION_MESSAGE
+
+__all__ = [
+    "CIRCUIT_FROM",
+    "CIRCUIT_NAME",
+    "CIRCUIT_TO",
+    "CODE_FUNCTION_NAME",
+    "DLQ_ENTRY_ID",
+    "DLQ_REASON",
+    "ERROR_CATEGORY",
+    "ERROR_TYPE",
+    "EVENT_CIRCUIT_REJECTED",
+    "EVENT_CIRCUIT_STATE_CHANGE",
+    "EVENT_DLQ_MOVED",
+    "EVENT_ENQUEUED",
+    "EVENT_RETRY",
+    "EVENT_TIMEOUT",
+    "EXCEPTION_MESSAGE",
+    "RETRY_ATTEMPT",
+    "RETRY_DELAY",
+    "SPAN_NAME_PREFIX",
+    "TASK_ATTEMPTS",
+    "TASK_ID",
+    "TASK_NAME",
+    "TASK_OUTCOME",
+    "TASK_WAIT",
+    "ErrorCategory",
+    "Outcome",
+]
+
+SPAN_NAME_PREFIX = "process "
+
+TASK_NAME = "bgtasks.task.name"
+TASK_ID = "bgtasks.task.id"
+TASK_ATTEMPTS = "bgtasks.task.attempts"
+TASK_OUTCOME = "bgtasks.task.outcome"
+TASK_WAIT = "bgtasks.task.wait"
+ERROR_CATEGORY = "bgtasks.error.category"
+
+RETRY_ATTEMPT = "bgtasks.retry.attempt"
+RETRY_DELAY = "bgtasks.retry.delay"
+
+CIRCUIT_NAME = "bgtasks.circuit.name"
+CIRCUIT_FROM = "bgtasks.circuit.from"
+CIRCUIT_TO = "bgtasks.circuit.to"
+
+DLQ_ENTRY_ID = "bgtasks.dlq.entry_id"
+DLQ_REASON = "bgtasks.dlq.reason"
+
+EVENT_ENQUEUED = "bgtasks.enqueued"
+EVENT_RETRY = "bgtasks.retry"
+EVENT_CIRCUIT_STATE_CHANGE = "bgtasks.circuit.state_change"
+EVENT_CIRCUIT_REJECTED = "bgtasks.circuit.rejected"
+EVENT_DLQ_MOVED = "bgtasks.dlq.moved"
+EVENT_TIMEOUT = "bgtasks.timeout"
+
+
+class Outcome(StrEnum):
+    """Final outcome of one task execution (`bgtasks.task.outcome`)."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    DEAD_LETTERED = "dead_lettered"
+    REJECTED = "rejected"
+    TIMEOUT = "timeout"
+
+
+class ErrorCategory(StrEnum):
+    """Coarse class of a task's final error (`bgtasks.error.category`)."""
+
+    VALIDATION = "validation"
+    CONNECTION = "connection"
+    TIMEOUT = "timeout"
+    BUSINESS = "business"
+    SYSTEM = "system"
+    UNKNOWN = "unknown"

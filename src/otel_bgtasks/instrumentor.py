@@ -1,0 +1,189 @@
+"""Instrument FastAPI/Starlette background tasks with OpenTelemetry.
+
+Usage::
+
+    from otel_bgtasks import BackgroundTasksInstrumentor
+
+    BackgroundTasksInstrumentor().instrument()          # global providers
+    BackgroundTasksInstrumentor().instrument(
+        tracer_provider=tp, meter_provider=mp,           # explicit providers
+        trace_mode="child",                              # "link" (default) or "child"
+        propagate_exceptions=False,                      # True: Starlette's raise-and-stop
+        start_hook=..., end_hook=...,                    # (span, TaskCallState) -> None
+    )
+
+or, with no code change, ``opentelemetry-instrument uvicorn app:app`` (this package registers an
+``opentelemetry_instrumentor`` entry point).
+
+Every Starlette ``BackgroundTask`` is covered: ``BackgroundTasks.add_task`` in endpoints and
+dependencies, ``Response(background=...)``, async and sync functions, partials and callable
+objects. At scheduling, the current span gets a ``bgtasks.enqueued`` event; each run is one
+CONSUMER span ``process {task_name}`` in a new trace linked to the scheduling span (``link``) or
+a child of it (``child``). Outside FastAPI, ``schedule(func, *args)`` gives the same path.
+
+With ``opentelemetry-instrumentation-fastapi`` (which wraps ``BackgroundTask.__call__`` in a
+bare span since 0.63b0) each task run still yields exactly one task span, ours, whichever is
+instrumented first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+from starlette.background import BackgroundTask
+
+from otel_bgtasks._execution import TRACE_MODES, Executor, TaskHook
+from otel_bgtasks._version import __version__
+from otel_bgtasks.metrics import Instruments
+from otel_bgtasks.package import _instruments
+from otel_bgtasks.state import TaskCallState
+
+__all__ = ["BackgroundTasksInstrumentor", "ScheduledTask", "schedule"]
+
+_SCOPE = "otel_bgtasks"
+# Upstream's FastAPI instrumentor stores Starlette's original __call__ here and patches only
+# when the attribute is absent; by holding it we keep one task span per run (ours).
+_UPSTREAM_ATTR = "_otel_original_call"
+_STATE_ATTR = "_bgtasks_state"
+
+_executor: Executor | None = None
+
+
+class ScheduledTask:
+    """A task scheduled outside Starlette: run it with `await task.run()` or `task.run_sync()`."""
+
+    __slots__ = ("_executor", "state")
+
+    def __init__(self, executor: Executor, state: TaskCallState) -> None:
+        self._executor = executor
+        self.state = state
+
+    async def run(self) -> None:
+        """Run the task on the current event loop (sync functions go to the thread pool)."""
+        await self._executor.run(self.state)
+
+    def run_sync(self) -> None:
+        """Run the task on this thread, e.g. as a `threading.Thread` target."""
+        import asyncio
+
+        asyncio.run(self._executor.run(self.state, inline=True))
+
+
+def schedule(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> ScheduledTask:
+    """Schedule `func(*args, **kwargs)` on the instrumented path, outside FastAPI.
+
+    The current span gets the `bgtasks.enqueued` event now; the task span starts when the
+    returned task runs (`asyncio.create_task(task.run())`, or `task.run_sync` in a thread).
+
+    Raises:
+        RuntimeError: the package is not instrumented yet.
+    """
+    executor = _executor
+    if executor is None:
+        raise RuntimeError(
+            "otel_bgtasks is not instrumented: call BackgroundTasksInstrumentor().instrument() "
+            "(or run under opentelemetry-instrument) before schedule()"
+        )
+    return ScheduledTask(executor, executor.schedule(func, args, kwargs))
+
+
+class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """An instrumentor for Starlette/FastAPI background tasks."""
+
+    _original_init: Callable[..., None] | None = None
+    _original_call: Callable[..., Any] | None = None
+    _upstream_call: Any = None
+    _upstream_original: Any = None
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _instruments
+
+    def _instrument(self, **kwargs: Any) -> None:
+        global _executor
+        trace_mode = kwargs.get("trace_mode", "link")
+        if trace_mode not in TRACE_MODES:
+            raise ValueError(
+                f"trace_mode={trace_mode!r} is not valid; use one of {', '.join(TRACE_MODES)}"
+            )
+        tracer = trace.get_tracer(
+            _SCOPE,
+            __version__,
+            kwargs.get("tracer_provider"),
+            schema_url="https://opentelemetry.io/schemas/1.11.0",
+        )
+        meter = metrics.get_meter(
+            _SCOPE,
+            __version__,
+            kwargs.get("meter_provider"),
+            schema_url="https://opentelemetry.io/schemas/1.11.0",
+        )
+        start_hook: TaskHook | None = kwargs.get("start_hook")
+        end_hook: TaskHook | None = kwargs.get("end_hook")
+        executor = Executor(
+            tracer,
+            Instruments(meter),
+            trace_mode=trace_mode,
+            propagate_exceptions=bool(kwargs.get("propagate_exceptions", False)),
+            start_hook=start_hook,
+            end_hook=end_hook,
+        )
+        self._patch(executor)
+        _executor = executor
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        global _executor
+        _executor = None
+        self._unpatch()
+
+    # -- Starlette patching -------------------------------------------------------------------
+
+    def _patch(self, executor: Executor) -> None:
+        cls = BackgroundTask
+        original_init = cls.__init__
+        upstream_original = cls.__dict__.get(_UPSTREAM_ATTR)
+        # Starlette's own __call__, even when upstream already wrapped it in its bare span.
+        original_call = upstream_original if upstream_original is not None else cls.__call__
+
+        def __init__(self: BackgroundTask, func: Callable[..., Any], *a: Any, **kw: Any) -> None:
+            original_init(self, func, *a, **kw)
+            current = _executor
+            if current is not None:
+                setattr(self, _STATE_ATTR, current.schedule(func, a, kw, is_async=self.is_async))
+
+        async def __call__(self: BackgroundTask) -> None:
+            state: TaskCallState | None = getattr(self, _STATE_ATTR, None)
+            current = _executor
+            if state is None or current is None:  # created before instrumentation
+                await original_call(self)
+                return
+            await current.run(state)
+
+        type(self)._original_init = original_init
+        type(self)._original_call = original_call
+        type(self)._upstream_call = cls.__call__ if upstream_original is not None else None
+        type(self)._upstream_original = upstream_original
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        cls.__call__ = __call__  # type: ignore[method-assign]
+        setattr(cls, _UPSTREAM_ATTR, __call__)
+
+    def _unpatch(self) -> None:
+        cls = BackgroundTask
+        owner = type(self)
+        if owner._original_init is None:
+            return
+        ours = cls.__call__
+        cls.__init__ = owner._original_init  # type: ignore[method-assign]
+        upstream_active = cls.__dict__.get(_UPSTREAM_ATTR) is ours
+        if upstream_active and owner._upstream_call is not None:
+            # Upstream instrumented before us and is still on: hand its wrapper back.
+            cls.__call__ = owner._upstream_call  # type: ignore[method-assign]
+            setattr(cls, _UPSTREAM_ATTR, owner._upstream_original)
+        else:
+            cls.__call__ = owner._original_call  # type: ignore[method-assign]
+            if upstream_active:
+                delattr(cls, _UPSTREAM_ATTR)
+        owner._original_init = owner._original_call = None
+        owner._upstream_call = owner._upstream_original = None

@@ -1,0 +1,92 @@
+"""The OTel instruments of the signal contract (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from threading import Lock
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+__all__ = ["DURATION_BUCKETS", "DepthSource", "Instruments"]
+
+# Background tasks run from milliseconds to minutes; the SDK default buckets assume ms.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+
+DepthSource = Callable[[], Iterable[Observation]]
+"""Returns the current dead-letter depth observations (one per store)."""
+
+
+class Instruments:
+    """Creates every contract instrument once, from one meter."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.duration = meter.create_histogram(
+            "bgtasks.task.duration",
+            unit="s",
+            description="Duration of a background task execution, all attempts included",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+        )
+        self.wait = meter.create_histogram(
+            "bgtasks.task.wait",
+            unit="s",
+            description="Time from scheduling a background task to its first attempt",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+        )
+        self.active = meter.create_up_down_counter(
+            "bgtasks.task.active", unit="{task}", description="Background tasks running now"
+        )
+        self.retries = meter.create_counter(
+            "bgtasks.task.retries", unit="{retry}", description="Retries of background tasks"
+        )
+        self.circuit_state = meter.create_gauge(
+            "bgtasks.circuit.state",
+            unit="{state}",
+            description="Circuit breaker state: 0 closed, 1 half-open, 2 open",
+        )
+        self.circuit_transitions = meter.create_counter(
+            "bgtasks.circuit.transitions",
+            unit="{transition}",
+            description="Circuit breaker state transitions",
+        )
+        self.dlq_moves = meter.create_counter(
+            "bgtasks.dlq.moves", unit="{entry}", description="Tasks moved to the dead-letter store"
+        )
+        self.dlq_replays = meter.create_counter(
+            "bgtasks.dlq.replays", unit="{entry}", description="Dead letters replayed, by outcome"
+        )
+        self._depth_sources: list[DepthSource] = []
+        self._lock = Lock()
+        meter.create_observable_gauge(
+            "bgtasks.dlq.depth",
+            callbacks=[self._observe_depth],
+            unit="{entry}",
+            description="Entries in the dead-letter store",
+        )
+
+    def add_depth_source(self, source: DepthSource) -> None:
+        """Report a store's size through `bgtasks.dlq.depth` at each collection."""
+        with self._lock:
+            self._depth_sources.append(source)
+
+    def _observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            sources = list(self._depth_sources)
+        for source in sources:
+            yield from source()

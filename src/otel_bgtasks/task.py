@@ -1,0 +1,137 @@
+"""Per-task options: the `background_task` decorator and how a task is named.
+
+A decorated function stays an ordinary function (it can still be imported, pickled and called
+directly); the decorator only attaches a `TaskOptions` that the instrumentation reads when the
+function is scheduled as a background task.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+if TYPE_CHECKING:
+    from otel_bgtasks.circuit import CircuitBreaker
+    from otel_bgtasks.retry import RetryPolicy
+
+__all__ = ["TaskOptions", "background_task", "function_name", "task_name", "task_options"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_OPTIONS_ATTR = "__bgtasks_options__"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """What the instrumentation needs to know about one task function.
+
+    Fields left as `None` fall back to the instrumentor's defaults.
+    """
+
+    name: str | None = None
+    retry: RetryPolicy | None = None
+    circuit: CircuitBreaker | None = None
+    timeout: float | None = None
+    durable: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not self.name.strip():
+            raise ValueError("background_task(name=...) must be a non-empty string")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"background_task(timeout={self.timeout!r}): must be > 0 seconds")
+
+
+_NO_OPTIONS = TaskOptions()
+
+
+@overload
+def background_task(func: F, /) -> F: ...
+
+
+@overload
+def background_task(
+    *,
+    name: str | None = None,
+    retry: RetryPolicy | None = None,
+    circuit: CircuitBreaker | None = None,
+    timeout: float | None = None,
+    durable: bool | None = None,
+) -> Callable[[F], F]: ...
+
+
+def background_task(
+    func: F | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retry: RetryPolicy | None = None,
+    circuit: CircuitBreaker | None = None,
+    timeout: float | None = None,
+    durable: bool | None = None,
+) -> F | Callable[[F], F]:
+    """Give a background task a stable name and its policies.
+
+    Usable bare (`@background_task`) or with arguments (`@background_task(name="send-mail")`).
+    Options left out use the instrumentor's defaults.
+
+    Raises:
+        ValueError: an option is invalid (empty name, non-positive timeout); raised here, at
+            decoration time, not when the task first runs.
+    """
+    options = TaskOptions(name=name, retry=retry, circuit=circuit, timeout=timeout, durable=durable)
+
+    def decorate(f: F) -> F:
+        if not callable(f):
+            raise TypeError(f"background_task() decorates callables, got {type(f).__name__}")
+        setattr(f, _OPTIONS_ATTR, options)
+        return f
+
+    return decorate(func) if func is not None else decorate
+
+
+def _unwrap(func: Callable[..., Any]) -> Callable[..., Any]:
+    while isinstance(func, functools.partial):
+        func = func.func
+    return func
+
+
+def task_options(func: Callable[..., Any]) -> TaskOptions:
+    """The options attached to `func` (or to the function a partial wraps)."""
+    options = getattr(func, _OPTIONS_ATTR, None)
+    if options is None:
+        options = getattr(_unwrap(func), _OPTIONS_ATTR, None)
+    return options if isinstance(options, TaskOptions) else _NO_OPTIONS
+
+
+def task_name(func: Callable[..., Any], options: TaskOptions) -> str:
+    """The task's name: the decorator's `name`, else the function's `__qualname__`."""
+    if options.name is not None:
+        return options.name
+    target = _unwrap(func)
+    qualname = getattr(target, "__qualname__", None)
+    if not isinstance(qualname, str) or inspect.isclass(target):
+        # A callable object: name it after its class, like upstream names it after __name__.
+        return qualname if isinstance(qualname, str) else type(target).__qualname__
+    return qualname
+
+
+def function_name(func: Callable[..., Any]) -> str:
+    """The module-qualified function name (`code.function.name`)."""
+    target = _unwrap(func)
+    qualname = getattr(target, "__qualname__", None)
+    if not isinstance(qualname, str):
+        target = type(target)
+        qualname = target.__qualname__
+    module = getattr(target, "__module__", None)
+    return f"{module}.{qualname}" if module else qualname
+
+
+def is_async_callable(func: Callable[..., Any]) -> bool:
+    """True when calling `func` returns an awaitable (coroutine functions, async __call__)."""
+    target = _unwrap(func)
+    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+        getattr(target, "__call__", None)  # noqa: B004 - an async __call__ counts too
+    )

@@ -1,0 +1,122 @@
+"""One-call telemetry for apps not run under `opentelemetry-instrument`.
+
+`configure_telemetry()` builds a tracer provider and a meter provider with OTLP exporters,
+configured only by the standard variables (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_PROTOCOL`, `OTEL_EXPORTER_OTLP_*_ENDPOINT`,
+`OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_BSP_*`, `OTEL_METRIC_EXPORT_INTERVAL`, `OTEL_TRACES_SAMPLER`,
+...), sets them as the global providers and flushes them at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.environment_variables import (
+    OTEL_EXPORTER_OTLP_METRICS_PROTOCOL,
+    OTEL_EXPORTER_OTLP_PROTOCOL,
+    OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
+)
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import Sampler
+
+from otel_bgtasks.sampling import LinkAwareSampler
+
+__all__ = ["Telemetry", "configure_telemetry"]
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """The providers `configure_telemetry` installed; `shutdown()` flushes and closes both."""
+
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+
+    def shutdown(self) -> None:
+        """Flush pending spans and metrics, then close the exporters (idempotent)."""
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+def _protocol(signal_var: str) -> str:
+    return os.environ.get(signal_var) or os.environ.get(OTEL_EXPORTER_OTLP_PROTOCOL) or "grpc"
+
+
+def _span_exporter() -> SpanExporter:
+    if _protocol(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL).startswith("http"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[assignment]
+            OTLPSpanExporter,
+        )
+    return OTLPSpanExporter()
+
+
+def _metric_exporter() -> MetricExporter:
+    if _protocol(OTEL_EXPORTER_OTLP_METRICS_PROTOCOL).startswith("http"):
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (  # type: ignore[assignment]
+            OTLPMetricExporter,
+        )
+    return OTLPMetricExporter()
+
+
+def configure_telemetry(
+    *,
+    service_name: str | None = None,
+    span_processors: Sequence[SpanProcessor] = (),
+    metric_readers: Sequence[MetricReader] = (),
+    export: bool | None = None,
+    sampler: Sampler | None = None,
+    set_global: bool = True,
+) -> Telemetry:
+    """Create tracer and meter providers exporting OTLP, configured by `OTEL_*` variables.
+
+    Args:
+        service_name: default for `service.name` when `OTEL_SERVICE_NAME` is unset.
+        span_processors, metric_readers: added besides the OTLP ones (e.g. in-memory, alerting).
+        export: add the OTLP exporters; default: only when an `OTEL_EXPORTER_OTLP_*ENDPOINT`
+            variable is set, so an app without a collector does not log connection errors.
+        sampler: the root sampler; it is wrapped in `LinkAwareSampler` so a task scheduled by
+            a sampled request is sampled. Default: the SDK's, from `OTEL_TRACES_SAMPLER`.
+        set_global: install the providers as the global ones.
+    """
+    attributes = {"service.name": service_name} if service_name else {}
+    resource = Resource.create(attributes)  # type: ignore[arg-type]
+    if export is None:
+        export = any(
+            os.environ.get(var)
+            for var in (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+            )
+        )
+    tracer_provider = TracerProvider(
+        resource=resource, sampler=LinkAwareSampler(sampler) if sampler else LinkAwareSampler()
+    )
+    for processor in span_processors:
+        tracer_provider.add_span_processor(processor)
+    readers = list(metric_readers)
+    if export:
+        tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter()))
+        readers.append(PeriodicExportingMetricReader(_metric_exporter()))
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    if set_global:
+        trace.set_tracer_provider(tracer_provider)
+        metrics.set_meter_provider(meter_provider)
+    telemetry = Telemetry(tracer_provider, meter_provider)
+    atexit.register(telemetry.shutdown)
+    return telemetry
