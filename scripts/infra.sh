@@ -111,7 +111,9 @@ build_jaeger() {
   cp -r "$moddir" "$tmp/src"
   chmod -R u+w "$tmp/src"
   log "jaeger: building ./cmd/jaeger (several minutes when cold)"
-  (cd "$tmp/src" && go build -trimpath -o "$tmp/jaeger" ./cmd/jaeger) >&2
+  (cd "$tmp/src" && go build -trimpath \
+    -ldflags "-X $JAEGER_MODULE/internal/version.latestVersion=v$JAEGER_VERSION" \
+    -o "$tmp/jaeger" ./cmd/jaeger) >&2
   rm -rf "$tmp/src"
   rm -rf "$dir"
   mv "$tmp" "$dir"
