@@ -1,0 +1,313 @@
+"""`RedisDeadLetterStore`: dead letters shared by every host, in Redis.
+
+Keys (``{prefix}`` defaults to ``bgtasks``):
+
+- ``{prefix}:dlq:entries``: hash, entry id -> entry JSON;
+- ``{prefix}:dlq:by_time``: sorted set, entry id scored by ``last_failure`` (order, ``since``);
+- ``{prefix}:journal:entries`` / ``{prefix}:journal:by_time``: the same for journaled tasks,
+  scored by ``enqueued_at``;
+- ``{prefix}:heartbeats``: hash, owner -> last heartbeat (epoch seconds).
+
+Each write is one MULTI/EXEC transaction. Connect and command timeouts are short (1 s by
+default) with a single immediate reconnect attempt, so an outage costs a task about a second
+at most; `open_store` adds the `BufferedStore` that keeps those writes until Redis is back.
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+import structlog
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from otel_bgtasks.deadletter import (
+    CorruptEntryError,
+    DeadLetter,
+    DeadLetterReason,
+    DeadLetterStore,
+    JournalEntry,
+    StoreUnavailableError,
+    decode_entry,
+    decode_journal,
+)
+
+__all__ = ["RedisDeadLetterStore"]
+
+_log = structlog.get_logger("otel_bgtasks")
+
+_BATCH = 500
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _split_prefix(url: str, default: str) -> tuple[str, str]:
+    """Remove our ``prefix`` query parameter (redis-py would reject it)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = default
+    kept = []
+    for key, value in query:
+        if key == "prefix":
+            prefix = value
+        else:
+            kept.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
+
+
+class RedisDeadLetterStore(DeadLetterStore):
+    """Dead letters in Redis.
+
+    Args:
+        url_or_client: ``redis://host:port/db`` / ``rediss://...`` (``?prefix=`` accepted), or
+            a ready `redis.Redis` client (used as is: its own timeouts apply).
+        prefix: key prefix, so several applications can share one Redis.
+        timeout: connect and command timeout in seconds when built from a URL.
+
+    Raises:
+        ValueError: malformed URL or empty prefix.
+        StoreUnavailableError: from every method when Redis cannot be reached.
+    """
+
+    def __init__(
+        self,
+        url_or_client: str | redis.Redis,
+        *,
+        prefix: str = "bgtasks",
+        timeout: float = 1.0,
+    ) -> None:
+        if isinstance(url_or_client, str):
+            url, prefix = _split_prefix(url_or_client, prefix)
+            self.client: redis.Redis = redis.Redis.from_url(
+                url,
+                socket_connect_timeout=timeout,
+                socket_timeout=timeout,
+                # one immediate reconnect (a restarted server leaves stale pooled sockets),
+                # not redis-py's default of 10 retries with backoff
+                retry=Retry(NoBackoff(), 1),
+            )
+            self._owns_client = True
+        else:
+            self.client = url_or_client
+            self._owns_client = False
+        if not prefix:
+            raise ValueError("RedisDeadLetterStore prefix must not be empty")
+        self.prefix = prefix
+        self._entries = f"{prefix}:dlq:entries"
+        self._by_time = f"{prefix}:dlq:by_time"
+        self._journal = f"{prefix}:journal:entries"
+        self._journal_by_time = f"{prefix}:journal:by_time"
+        self._heartbeats = f"{prefix}:heartbeats"
+
+    def __repr__(self) -> str:
+        kwargs = self.client.connection_pool.connection_kwargs
+        where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+        return f"RedisDeadLetterStore({where!r}, prefix={self.prefix!r})"
+
+    @contextmanager
+    def _redis(self) -> Iterator[redis.Redis]:
+        try:
+            yield self.client
+        except redis.RedisError as exc:
+            raise StoreUnavailableError(f"Redis dead-letter store {self!r}: {exc}") from exc
+
+    def close(self) -> None:
+        if self._owns_client:
+            self.client.close()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _fetch(self, r: redis.Redis, key: str, ids: builtins.list[str]) -> Iterable[Any]:
+        for start in range(0, len(ids), _BATCH):
+            yield from cast(builtins.list[Any], r.hmget(key, ids[start : start + _BATCH]))
+
+    def _ids_since(self, r: redis.Redis, key: str, since: float | None) -> builtins.list[str]:
+        low: float | str = "-inf" if since is None else since
+        return [_text(i) for i in cast(builtins.list[Any], r.zrangebyscore(key, low, "+inf"))]
+
+    def _scan(
+        self, r: redis.Redis, since: float | None
+    ) -> Iterator[tuple[str, DeadLetter | CorruptEntryError]]:
+        """(id, entry or decoding error) in `last_failure` order; drops stale index ids."""
+        ids = self._ids_since(r, self._by_time, since)
+        stale: builtins.list[str] = []
+        for entry_id, raw in zip(ids, self._fetch(r, self._entries, ids), strict=True):
+            if raw is None:  # deleted between ZRANGE and HMGET, or index out of sync
+                stale.append(entry_id)
+                continue
+            try:
+                yield entry_id, decode_entry(entry_id, raw)
+            except CorruptEntryError as exc:
+                yield entry_id, exc
+        if stale:
+            # only ids still without data: an entry put meanwhile keeps its index
+            for entry_id in stale:
+                if not r.hexists(self._entries, entry_id):
+                    r.zrem(self._by_time, entry_id)
+
+    # -- dead letters ---------------------------------------------------------------------------
+
+    def put(self, entry: DeadLetter) -> None:
+        with self._redis() as r:
+            pipe = r.pipeline(transaction=True)
+            pipe.hset(self._entries, entry.id, entry.to_json())
+            pipe.zadd(self._by_time, {entry.id: entry.last_failure})
+            pipe.execute()
+
+    update = put
+
+    def get(self, entry_id: str) -> DeadLetter | None:
+        with self._redis() as r:
+            raw = r.hget(self._entries, entry_id)
+        return None if raw is None else decode_entry(entry_id, cast(bytes, raw))
+
+    def list(
+        self,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+    ) -> builtins.list[DeadLetter]:
+        wanted = None if reason is None else DeadLetterReason(reason)
+        out: builtins.list[DeadLetter] = []
+        if limit is not None and limit <= 0:
+            return out
+        with self._redis() as r:
+            for entry_id, found in self._scan(r, since):
+                if isinstance(found, CorruptEntryError):
+                    _log.error(
+                        "corrupt dead-letter entry skipped", entry_id=entry_id, error=str(found)
+                    )
+                    continue
+                if (task is None or found.task_name == task) and (
+                    wanted is None or found.reason is wanted
+                ):
+                    out.append(found)
+                    if limit is not None and len(out) >= limit:
+                        break
+        return out
+
+    def delete(self, entry_id: str) -> bool:
+        with self._redis() as r:
+            pipe = r.pipeline(transaction=True)
+            pipe.hdel(self._entries, entry_id)
+            pipe.zrem(self._by_time, entry_id)
+            removed, _ = pipe.execute()
+        return bool(removed)
+
+    def purge(
+        self,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+    ) -> int:
+        wanted = None if reason is None else DeadLetterReason(reason)
+        with self._redis() as r:
+            if task is None and wanted is None and since is None:
+                pipe = r.pipeline(transaction=True)
+                pipe.hlen(self._entries)
+                pipe.delete(self._entries, self._by_time)
+                total, _ = pipe.execute()
+                return int(total)
+            doomed = [
+                entry_id
+                for entry_id, found in self._scan(r, since)
+                # a corrupt row matches only filters we can check without decoding it
+                if (
+                    task is None and wanted is None
+                    if isinstance(found, CorruptEntryError)
+                    else (task is None or found.task_name == task)
+                    and (wanted is None or found.reason is wanted)
+                )
+            ]
+            removed = 0
+            for start in range(0, len(doomed), _BATCH):
+                batch = doomed[start : start + _BATCH]
+                pipe = r.pipeline(transaction=True)
+                pipe.hdel(self._entries, *batch)
+                pipe.zrem(self._by_time, *batch)
+                count, _ = pipe.execute()
+                removed += int(count)
+        return removed
+
+    def count(self) -> int:
+        with self._redis() as r:
+            return int(r.hlen(self._entries))
+
+    def corrupt_ids(self) -> builtins.list[str]:
+        bad: builtins.list[str] = []
+        with self._redis() as r:
+            for key, raw in r.hscan_iter(self._entries):
+                entry_id = _text(key)
+                try:
+                    decode_entry(entry_id, raw)
+                except CorruptEntryError:
+                    bad.append(entry_id)
+        return sorted(bad)
+
+    # -- journal and owners -------------------------------------------------------------------
+
+    def journal_add(self, entry: JournalEntry) -> None:
+        with self._redis() as r:
+            pipe = r.pipeline(transaction=True)
+            pipe.hset(self._journal, entry.task_id, entry.to_json())
+            pipe.zadd(self._journal_by_time, {entry.task_id: entry.enqueued_at})
+            pipe.execute()
+
+    def journal_remove(self, task_id: str) -> bool:
+        with self._redis() as r:
+            pipe = r.pipeline(transaction=True)
+            pipe.hdel(self._journal, task_id)
+            pipe.zrem(self._journal_by_time, task_id)
+            removed, _ = pipe.execute()
+        return bool(removed)
+
+    def _journal_entries(self, r: redis.Redis) -> Iterator[JournalEntry]:
+        ids = self._ids_since(r, self._journal_by_time, None)
+        for task_id, raw in zip(ids, self._fetch(r, self._journal, ids), strict=True):
+            if raw is None:
+                continue
+            try:
+                yield decode_journal(task_id, raw)
+            except CorruptEntryError as exc:
+                _log.error("corrupt journal entry skipped", task_id=task_id, error=str(exc))
+
+    def journal_list(self, *, owner: str | None = None) -> builtins.list[JournalEntry]:
+        with self._redis() as r:
+            return [e for e in self._journal_entries(r) if owner is None or e.owner == owner]
+
+    def heartbeat(self, owner: str, *, at: float | None = None) -> None:
+        with self._redis() as r:
+            r.hset(self._heartbeats, owner, repr(time.time() if at is None else at))
+
+    def last_seen(self) -> dict[str, float]:
+        with self._redis() as r:
+            raw = cast(dict[Any, Any], r.hgetall(self._heartbeats))
+            seen: dict[str, float] = {}
+            for owner, at in raw.items():
+                try:
+                    seen[_text(owner)] = float(_text(at))
+                except ValueError:
+                    _log.error("corrupt heartbeat skipped", owner=_text(owner))
+            newest: dict[str, float] = {}
+            for entry in self._journal_entries(r):
+                newest[entry.owner] = max(
+                    newest.get(entry.owner, entry.enqueued_at), entry.enqueued_at
+                )
+        for owner, at in newest.items():
+            seen.setdefault(owner, at)
+        return seen
+
+    def forget_owner(self, owner: str) -> None:
+        with self._redis() as r:
+            r.hdel(self._heartbeats, owner)

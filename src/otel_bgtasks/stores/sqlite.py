@@ -1,0 +1,311 @@
+"""`SQLiteDeadLetterStore`: dead letters and the durable-task journal in one SQLite file.
+
+Safe for several worker processes on one host: WAL mode (readers never block the writer),
+a busy timeout for concurrent writers, one connection per thread and per process (a forked
+child opens its own). Each write is a single autocommitted statement with
+``synchronous=NORMAL``: durable against a process crash, and cheap enough for the per-task
+journal writes. Use Redis when workers run on several hosts.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+
+from otel_bgtasks.deadletter import (
+    CorruptEntryError,
+    DeadLetter,
+    DeadLetterReason,
+    DeadLetterStore,
+    JournalEntry,
+    StoreUnavailableError,
+    decode_entry,
+    decode_journal,
+)
+
+__all__ = ["SCHEMA_VERSION", "SQLiteDeadLetterStore"]
+
+SCHEMA_VERSION = 1
+"""Stored in ``PRAGMA user_version``; a newer file is refused rather than misread."""
+
+_log = structlog.get_logger("otel_bgtasks")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id TEXT PRIMARY KEY,
+    task_name TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    last_failure REAL NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_last_failure ON dead_letters (last_failure, id);
+CREATE INDEX IF NOT EXISTS dead_letters_task ON dead_letters (task_name);
+CREATE TABLE IF NOT EXISTS journal (
+    task_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    enqueued_at REAL NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS journal_owner ON journal (owner);
+CREATE TABLE IF NOT EXISTS heartbeats (
+    owner TEXT PRIMARY KEY,
+    at REAL NOT NULL
+);
+"""
+
+
+def _filters(
+    task: str | None, reason: DeadLetterReason | str | None, since: float | None
+) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if task is not None:
+        clauses.append("task_name = ?")
+        params.append(task)
+    if reason is not None:
+        clauses.append("reason = ?")
+        params.append(DeadLetterReason(reason).value)
+    if since is not None:
+        clauses.append("last_failure >= ?")
+        params.append(since)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+class SQLiteDeadLetterStore(DeadLetterStore):
+    """Dead letters in an SQLite file (created with its schema if missing).
+
+    Args:
+        path: the database file; its directory must exist.
+        timeout: seconds a writer waits for another process's write lock.
+
+    Raises:
+        ValueError: the directory does not exist, the file is not an SQLite database, or it
+            was created by a newer version of this package.
+        StoreUnavailableError: any other SQLite error (raised by every method too).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 5.0) -> None:
+        self.path = os.fspath(path)
+        self.timeout = timeout
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise ValueError(
+                f"cannot open dead-letter store {self.path!r}: directory {directory!r} does not"
+                " exist"
+            )
+        self._local = threading.local()
+        self._connections: list[tuple[int, sqlite3.Connection]] = []
+        self._connections_lock = threading.Lock()
+        self._closed = False
+        try:
+            self._init_schema()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            if isinstance(exc, sqlite3.OperationalError):
+                raise StoreUnavailableError(
+                    f"SQLite dead-letter store {self.path!r}: {exc}"
+                ) from exc
+            raise ValueError(f"cannot open dead-letter store {self.path!r}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"SQLiteDeadLetterStore({self.path!r})"
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreUnavailableError(f"SQLite dead-letter store {self.path!r} is closed")
+        pid = os.getpid()
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "pid", None) == pid:
+            return conn
+        # check_same_thread=False only so close() may close it from another thread; each
+        # connection is used by the thread that opened it.
+        conn = sqlite3.connect(
+            self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        self._local.conn = conn
+        self._local.pid = pid
+        with self._connections_lock:
+            self._connections.append((pid, conn))
+        return conn
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        try:
+            yield self._conn()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"SQLite dead-letter store {self.path!r}: {exc}") from exc
+
+    def _init_schema(self) -> None:
+        conn = self._conn()
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            _log.warning("SQLite store not in WAL mode", path=self.path, journal_mode=mode)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"schema version {version} is newer than this otel-bgtasks supports"
+                    f" ({SCHEMA_VERSION}); upgrade otel-bgtasks"
+                )
+            if version < SCHEMA_VERSION:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self._closed = True
+        pid = os.getpid()
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for owner_pid, conn in connections:
+            if owner_pid == pid:  # a forked child leaves its parent's connections alone
+                conn.close()
+
+    # -- dead letters -----------------------------------------------------------------------
+
+    def put(self, entry: DeadLetter) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO dead_letters (id, task_name, reason, last_failure, data)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    entry.id,
+                    entry.task_name,
+                    entry.reason.value,
+                    entry.last_failure,
+                    entry.to_json(),
+                ),
+            )
+
+    update = put
+
+    def get(self, entry_id: str) -> DeadLetter | None:
+        with self._db() as db:
+            row = db.execute("SELECT data FROM dead_letters WHERE id = ?", (entry_id,)).fetchone()
+        return None if row is None else decode_entry(entry_id, row[0])
+
+    def list(
+        self,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+    ) -> builtins.list[DeadLetter]:
+        where, params = _filters(task, reason, since)
+        out: builtins.list[DeadLetter] = []
+        if limit is not None and limit <= 0:
+            return out
+        with self._db() as db:
+            rows = db.execute(
+                f"SELECT id, data FROM dead_letters{where} ORDER BY last_failure, id", params
+            )
+            for entry_id, data in rows:
+                try:
+                    out.append(decode_entry(entry_id, data))
+                except CorruptEntryError as exc:
+                    _log.error(
+                        "corrupt dead-letter entry skipped", entry_id=entry_id, error=str(exc)
+                    )
+                    continue
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def delete(self, entry_id: str) -> bool:
+        with self._db() as db:
+            return db.execute("DELETE FROM dead_letters WHERE id = ?", (entry_id,)).rowcount > 0
+
+    def purge(
+        self,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+    ) -> int:
+        where, params = _filters(task, reason, since)
+        with self._db() as db:
+            return db.execute(f"DELETE FROM dead_letters{where}", params).rowcount
+
+    def count(self) -> int:
+        with self._db() as db:
+            return int(db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
+
+    def corrupt_ids(self) -> builtins.list[str]:
+        bad: builtins.list[str] = []
+        with self._db() as db:
+            for entry_id, data in db.execute("SELECT id, data FROM dead_letters ORDER BY id"):
+                try:
+                    decode_entry(entry_id, data)
+                except CorruptEntryError:
+                    bad.append(entry_id)
+        return bad
+
+    # -- journal and owners -------------------------------------------------------------------
+
+    def journal_add(self, entry: JournalEntry) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO journal (task_id, owner, enqueued_at, data)"
+                " VALUES (?, ?, ?, ?)",
+                (entry.task_id, entry.owner, entry.enqueued_at, entry.to_json()),
+            )
+
+    def journal_remove(self, task_id: str) -> bool:
+        with self._db() as db:
+            return db.execute("DELETE FROM journal WHERE task_id = ?", (task_id,)).rowcount > 0
+
+    def journal_list(self, *, owner: str | None = None) -> builtins.list[JournalEntry]:
+        query = "SELECT task_id, data FROM journal"
+        params: tuple[str, ...] = ()
+        if owner is not None:
+            query += " WHERE owner = ?"
+            params = (owner,)
+        out: builtins.list[JournalEntry] = []
+        with self._db() as db:
+            for task_id, data in db.execute(query + " ORDER BY enqueued_at, task_id", params):
+                try:
+                    out.append(decode_journal(task_id, data))
+                except CorruptEntryError as exc:
+                    _log.error("corrupt journal entry skipped", task_id=task_id, error=str(exc))
+        return out
+
+    def heartbeat(self, owner: str, *, at: float | None = None) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO heartbeats (owner, at) VALUES (?, ?)",
+                (owner, time.time() if at is None else at),
+            )
+
+    def last_seen(self) -> dict[str, float]:
+        with self._db() as db:
+            seen = {
+                owner: float(at) for owner, at in db.execute("SELECT owner, at FROM heartbeats")
+            }
+            for owner, newest in db.execute(
+                "SELECT owner, MAX(enqueued_at) FROM journal GROUP BY owner"
+            ):
+                seen.setdefault(owner, float(newest))
+        return seen
+
+    def forget_owner(self, owner: str) -> None:
+        with self._db() as db:
+            db.execute("DELETE FROM heartbeats WHERE owner = ?", (owner,))
