@@ -64,6 +64,7 @@ def instrument(telemetry: Telemetry) -> Iterator[Any]:
     def _instrument(**kwargs: Any) -> BackgroundTasksInstrumentor:
         kwargs.setdefault("tracer_provider", telemetry.tracer_provider)
         kwargs.setdefault("meter_provider", telemetry.meter_provider)
+        kwargs.setdefault("dead_letter_store", None)  # tests that want one pass it
         instrumentor.instrument(**kwargs)
         return instrumentor
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 from otel_bgtasks._execution import TaskHook, current_task
 from otel_bgtasks._version import __version__
 from otel_bgtasks.attributes import ErrorCategory, Outcome
+from otel_bgtasks.circuit import CircuitBreaker, CircuitState, RedisCircuitBackend
+from otel_bgtasks.errors import BusinessError, CircuitOpenError, TaskTimeoutError, classify_error
 from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, ScheduledTask, schedule
 from otel_bgtasks.logs import TraceContextFilter, TraceContextProcessor, configure_structlog_json
+from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.sampling import LinkAwareSampler
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.task import TaskOptions, background_task
@@ -14,18 +17,26 @@ from otel_bgtasks.telemetry import Telemetry, configure_telemetry
 
 __all__ = [
     "BackgroundTasksInstrumentor",
+    "BusinessError",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "CircuitState",
     "ErrorCategory",
     "LinkAwareSampler",
     "Outcome",
+    "RedisCircuitBackend",
+    "RetryPolicy",
     "ScheduledTask",
     "TaskCallState",
     "TaskHook",
     "TaskOptions",
+    "TaskTimeoutError",
     "Telemetry",
     "TraceContextFilter",
     "TraceContextProcessor",
     "__version__",
     "background_task",
+    "classify_error",
     "configure_structlog_json",
     "configure_telemetry",
     "current_task",

@@ -4,24 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
 from starlette.concurrency import run_in_threadpool
+from tenacity import RetryCallState
 
 from otel_bgtasks import attributes as attr
-from otel_bgtasks.attributes import Outcome
+from otel_bgtasks.attributes import ErrorCategory, Outcome
+from otel_bgtasks.circuit import CircuitBreaker, CircuitState
+from otel_bgtasks.errors import (
+    CircuitOpenError,
+    ErrorClassifier,
+    TaskTimeoutError,
+    classify_error,
+)
 from otel_bgtasks.metrics import Instruments
+from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.task import function_name, is_async_callable, task_name, task_options
 
-__all__ = ["TRACE_MODES", "Executor", "TaskHook", "TraceMode", "current_task"]
+if TYPE_CHECKING:
+    from otel_bgtasks.deadletter import DeadLetter, DeadLetterStore, Serializer
+
+__all__ = ["TRACE_MODES", "Executor", "TaskHook", "TraceMode", "call_hook", "current_task"]
 
 TraceMode = Literal["link", "child"]
 TRACE_MODES: tuple[TraceMode, ...] = ("link", "child")
@@ -32,6 +45,11 @@ TaskHook = Callable[[Span, TaskCallState], None]
 _log = structlog.get_logger("otel_bgtasks")
 
 _current: ContextVar[TaskCallState | None] = ContextVar("otel_bgtasks_task", default=None)
+
+# Errors that say nothing about the downstream's health do not trip a breaker.
+_NOT_BREAKER_FAILURES = frozenset({ErrorCategory.VALIDATION, ErrorCategory.BUSINESS})
+_DEFAULT_RETRY = RetryPolicy()
+_HEARTBEAT_EVERY = 10.0  # seconds between journal heartbeats of this process
 
 
 def current_task() -> TaskCallState | None:
@@ -53,6 +71,14 @@ def call_hook(hook: TaskHook | None, span: Span, state: TaskCallState) -> None:
         _log.exception("bgtasks hook failed", hook=getattr(hook, "__qualname__", repr(hook)))
 
 
+def error_type(exc: BaseException) -> str:
+    """`error.type`: the exception's qualified class name (builtins unqualified)."""
+    cls = type(exc)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class Executor:
     """Schedules and runs tasks under one tracer, one set of instruments and one config."""
 
@@ -65,17 +91,43 @@ class Executor:
         propagate_exceptions: bool = False,
         start_hook: TaskHook | None = None,
         end_hook: TaskHook | None = None,
+        retry: RetryPolicy | None = None,
+        circuit: CircuitBreaker | None = None,
+        timeout: float | None = None,
+        durable: bool = False,
+        dead_letter_store: DeadLetterStore | None = None,
+        serializer: Serializer | None = None,
+        error_classifier: ErrorClassifier = classify_error,
     ) -> None:
         if trace_mode not in TRACE_MODES:
             raise ValueError(
                 f"trace_mode={trace_mode!r} is not valid; use one of {', '.join(TRACE_MODES)}"
             )
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout={timeout!r}: must be > 0 seconds or None")
+        if durable and dead_letter_store is None:
+            raise ValueError("durable=True needs a dead_letter_store to journal tasks in")
         self.tracer = tracer
         self.instruments = instruments
         self.trace_mode = trace_mode
         self.propagate_exceptions = propagate_exceptions
         self.start_hook = start_hook
         self.end_hook = end_hook
+        self.retry = retry
+        self.circuit = circuit
+        self.timeout = timeout
+        self.durable = durable
+        self.store = dead_letter_store
+        self.serializer = serializer
+        self.classify = error_classifier
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self._breaker_lock = threading.Lock()
+        # Scheduled or running tasks, for the health endpoint and the shutdown report.
+        self.inflight: dict[str, TaskCallState] = {}
+        self.recent_failures: list[dict[str, Any]] = []
+        self._last_heartbeat = float("-inf")
+        if dead_letter_store is not None:
+            self.instruments.add_depth_source(self._observe_depth)
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -87,33 +139,161 @@ class Executor:
         *,
         is_async: bool | None = None,
     ) -> TaskCallState:
-        """Capture what is needed at scheduling time and mark the current span."""
-        options = task_options(func)
-        name = task_name(func, options)
-        task_id = _new_task_id()
+        """Capture what is needed at scheduling time and mark the current span.
+
+        Raises:
+            TypeError: a durable task's function is not importable or an argument cannot be
+                serialized (the message names it).
+        """
         current = trace.get_current_span()
-        link = current.get_span_context()
+        state = self.prepare(func, args, kwargs, link=current.get_span_context(), is_async=is_async)
+        options, name, task_id = state.options, state.name, state.task_id
+        durable = options.durable if options.durable is not None else self.durable
+        if durable:
+            self._journal(state)
         if current.is_recording():
             current.add_event(attr.EVENT_ENQUEUED, {attr.TASK_NAME: name, attr.TASK_ID: task_id})
+        self.inflight[task_id] = state
+        return state
+
+    def prepare(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        link: SpanContext | None = None,
+        is_async: bool | None = None,
+    ) -> TaskCallState:
+        """The state of a task about to be scheduled, without side effects."""
+        options = task_options(func)
         return TaskCallState(
-            name=name,
-            task_id=task_id,
+            name=task_name(func, options),
+            task_id=_new_task_id(),
             func=func,
             args=args,
             kwargs=kwargs,
             options=options,
-            link=link if link.is_valid else None,
+            link=link if link is not None and link.is_valid else None,
             enqueued_at=time.perf_counter(),
             enqueued_wall=time.time(),
             is_async=is_async_callable(func) if is_async is None else is_async,
         )
 
+    def _journal(self, state: TaskCallState) -> None:
+        from otel_bgtasks.deadletter import JournalEntry, dump_call, func_ref, process_identity
+
+        store = self.store
+        if store is None:
+            raise ValueError(
+                f"task {state.name!r} is durable but no dead_letter_store is configured; "
+                "pass dead_letter_store= to the instrumentor"
+            )
+        serializer = self._serializer()
+        ref = func_ref(state.func)
+        payload = dump_call(serializer, state.func, state.args, state.kwargs, task_name=state.name)
+        link = state.link
+        store.journal_add(
+            JournalEntry(
+                task_id=state.task_id,
+                task_name=state.name,
+                func_ref=ref,
+                payload=payload,
+                serializer=serializer.name,
+                owner=process_identity(),
+                enqueued_at=state.enqueued_wall,
+                trace_id=format(link.trace_id, "032x") if link else "",
+                span_id=format(link.span_id, "016x") if link else "",
+            )
+        )
+        state.extra["journaled"] = True
+        now = time.monotonic()
+        if now - self._last_heartbeat > _HEARTBEAT_EVERY:
+            self._last_heartbeat = now
+            store.heartbeat(process_identity())
+
+    def _serializer(self) -> Serializer:
+        serializer = self.serializer
+        if serializer is None:
+            from otel_bgtasks.deadletter import JSONSerializer
+
+            serializer = self.serializer = JSONSerializer()
+        return serializer
+
+    # -- policies ---------------------------------------------------------------------------
+
+    def breaker_for(self, state: TaskCallState) -> CircuitBreaker | None:
+        """The breaker guarding this task: its own, or one shared by name."""
+        template = state.options.circuit or self.circuit
+        if template is None:
+            return None
+        key = template.name or state.name
+        breaker = self.breakers.get(key)
+        if breaker is None:
+            with self._breaker_lock:
+                breaker = self.breakers.get(key)
+                if breaker is None:
+                    breaker = template if template.name else template.named(state.name)
+                    if self._on_transition not in breaker.listeners:
+                        breaker.listeners.append(self._on_transition)
+                    self.breakers[key] = breaker
+                    self.instruments.circuit_state.set(int(breaker.state), {attr.CIRCUIT_NAME: key})
+        return breaker
+
+    def _on_transition(self, name: str, before: CircuitState, after: CircuitState) -> None:
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event(
+                attr.EVENT_CIRCUIT_STATE_CHANGE,
+                {
+                    attr.CIRCUIT_NAME: name,
+                    attr.CIRCUIT_FROM: before.label,
+                    attr.CIRCUIT_TO: after.label,
+                },
+            )
+        self.instruments.circuit_state.set(int(after), {attr.CIRCUIT_NAME: name})
+        self.instruments.circuit_transitions.add(
+            1,
+            {
+                attr.CIRCUIT_NAME: name,
+                attr.CIRCUIT_FROM: before.label,
+                attr.CIRCUIT_TO: after.label,
+            },
+        )
+        _log.warning(
+            "circuit breaker state change",
+            circuit=name,
+            from_state=before.label,
+            to_state=after.label,
+        )
+
+    def close(self) -> None:
+        """Detach from breakers and report tasks that never finished (never silently)."""
+        for breaker in self.breakers.values():
+            if self._on_transition in breaker.listeners:
+                breaker.listeners.remove(self._on_transition)
+        pending = list(self.inflight.values())
+        if pending:
+            _log.warning(
+                "background tasks still pending or running at shutdown",
+                count=len(pending),
+                tasks=[
+                    {
+                        "task_name": s.name,
+                        "task_id": s.task_id,
+                        "attempt": s.attempt,
+                        "durable": bool(s.extra.get("journaled")),
+                    }
+                    for s in pending
+                ],
+                hint="durable tasks stay journaled and are recovered by `otel-bgtasks recover`",
+            )
+
     # -- running ----------------------------------------------------------------------------
 
-    def _start_span(self, state: TaskCallState) -> Span:
+    def _start_span(self, state: TaskCallState, links: list[Link] | None) -> Span:
         link = state.link
-        links = [Link(link)] if link is not None else None
-        if self.trace_mode == "child" and link is not None:
+        if self.trace_mode == "child" and link is not None and not state.extra.get("replay"):
             parent = trace.set_span_in_context(trace.NonRecordingSpan(link))
         else:
             parent = otel_context.Context()  # a new trace, joined to the request by the link
@@ -125,22 +305,25 @@ class Executor:
             attributes={attr.TASK_NAME: state.name, attr.TASK_ID: state.task_id},
         )
 
-    async def run(self, state: TaskCallState, *, inline: bool = False) -> None:
-        """Run one scheduled task to its final outcome.
+    async def run(
+        self, state: TaskCallState, *, inline: bool = False, dead_letter: bool = True
+    ) -> TaskCallState:
+        """Run one scheduled task to its final outcome; returns its state.
 
         Args:
             inline: call a sync function on this thread instead of the thread pool (used when
                 the caller already is a worker thread).
+            dead_letter: move a final failure to the dead-letter store (replays do not).
 
         Raises:
             Exception: the task's final error, only when `propagate_exceptions` is set.
         """
-        span = self._start_span(state)
+        link = state.link
+        span = self._start_span(state, [Link(link)] if link is not None else None)
         metric_attrs = {attr.TASK_NAME: state.name}
         started = time.perf_counter()
         wait = started - state.enqueued_at
-        recording = span.is_recording()
-        if recording:
+        if span.is_recording():
             span.set_attribute(attr.CODE_FUNCTION_NAME, function_name(state.func))
             span.set_attribute(attr.TASK_WAIT, wait)
         self.instruments.wait.record(wait, metric_attrs)
@@ -150,13 +333,11 @@ class Executor:
         call_hook(self.start_hook, span, state)
         error: BaseException | None = None
         try:
-            state.attempt = 1
-            await self._invoke(state, inline)
+            await self._run_policies(state, span, inline)
             state.outcome = Outcome.SUCCESS
         except Exception as exc:
             error = exc
-            state.exception = exc
-            state.outcome = Outcome.FAILURE
+            await self._fail(state, span, exc, dead_letter)
         except asyncio.CancelledError as exc:  # the server is shutting down mid-task
             error = exc
             state.exception = exc
@@ -167,6 +348,118 @@ class Executor:
             self._finish(span, state, started, metric_attrs)
         if error is not None and (self.propagate_exceptions or not isinstance(error, Exception)):
             raise error
+        return state
+
+    async def _run_policies(self, state: TaskCallState, span: Span, inline: bool) -> None:
+        breaker = self.breaker_for(state)
+        timeout = state.options.timeout or self.timeout
+        try:
+            await self._attempt(state, span, breaker, timeout, inline)
+        except Exception as first:
+            policy = state.options.retry or self.retry
+            if policy is None or not policy.is_retryable(first):
+                raise
+            await self._retry(state, span, policy, first, breaker, timeout, inline)
+
+    async def _retry(
+        self,
+        state: TaskCallState,
+        span: Span,
+        policy: RetryPolicy,
+        first: Exception,
+        breaker: CircuitBreaker | None,
+        timeout: float | None,
+        inline: bool,
+    ) -> None:
+        def before_sleep(retry_state: RetryCallState) -> None:
+            failure = retry_state.outcome.exception() if retry_state.outcome else None
+            delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
+            kind = error_type(failure) if failure is not None else "unknown"
+            if span.is_recording():
+                span.add_event(
+                    attr.EVENT_RETRY,
+                    {
+                        attr.RETRY_ATTEMPT: retry_state.attempt_number + 1,
+                        attr.RETRY_DELAY: delay,
+                        attr.ERROR_TYPE: kind,
+                        attr.EXCEPTION_MESSAGE: str(failure),
+                    },
+                )
+            self.instruments.retries.add(1, {attr.TASK_NAME: state.name, attr.ERROR_TYPE: kind})
+
+        pending: Exception | None = first
+        # tenacity drives the whole loop; the first attempt (already run, outside it so a
+        # successful task pays nothing for the policy) is replayed as its attempt 1.
+        async for attempt in policy.retrying(before_sleep):
+            with attempt:
+                if pending is not None:
+                    failed, pending = pending, None
+                    raise failed
+                await self._attempt(state, span, breaker, timeout, inline)
+
+    async def _attempt(
+        self,
+        state: TaskCallState,
+        span: Span,
+        breaker: CircuitBreaker | None,
+        timeout: float | None,
+        inline: bool,
+    ) -> None:
+        if breaker is not None and not breaker.allow():
+            if span.is_recording():
+                span.add_event(attr.EVENT_CIRCUIT_REJECTED, {attr.CIRCUIT_NAME: breaker.key})
+            raise CircuitOpenError(
+                f"circuit {breaker.key!r} is open; the task was not run (see the dead letters)"
+            )
+        state.attempt += 1
+        try:
+            if timeout is not None:
+                await self._invoke_with_timeout(state, span, timeout, inline)
+            else:
+                await self._invoke(state, inline)
+        except Exception as exc:
+            if breaker is not None and self.classify(exc) not in _NOT_BREAKER_FAILURES:
+                breaker.record_failure()
+            elif breaker is not None:
+                breaker.record_success()  # the downstream answered; the input was bad
+            raise
+        if breaker is not None:
+            breaker.record_success()
+
+    async def _invoke_with_timeout(
+        self, state: TaskCallState, span: Span, timeout: float, inline: bool
+    ) -> None:
+        if state.is_async:
+            try:
+                async with asyncio.timeout(timeout) as scope:
+                    await self._invoke(state, inline)
+            except TimeoutError as exc:
+                if not scope.expired():
+                    raise  # the task's own TimeoutError, not ours
+                if span.is_recording():
+                    span.add_event(
+                        attr.EVENT_TIMEOUT,
+                        {attr.RETRY_ATTEMPT: state.attempt, "bgtasks.timeout.seconds": timeout},
+                    )
+                raise TaskTimeoutError(
+                    f"task {state.name!r} attempt {state.attempt} exceeded its {timeout}s timeout"
+                ) from exc
+            return
+        # A thread cannot be killed: a sync task runs to its end and the overrun is reported.
+        begin = time.perf_counter()
+        try:
+            await self._invoke(state, inline)
+        finally:
+            elapsed = time.perf_counter() - begin
+            if elapsed > timeout and span.is_recording():
+                span.add_event(
+                    attr.EVENT_TIMEOUT,
+                    {
+                        attr.RETRY_ATTEMPT: state.attempt,
+                        "bgtasks.timeout.seconds": timeout,
+                        "bgtasks.timeout.elapsed": elapsed,
+                    },
+                )
 
     async def _invoke(self, state: TaskCallState, inline: bool) -> None:
         if state.is_async:
@@ -178,6 +471,98 @@ class Executor:
             result = await run_in_threadpool(state.func, *state.args, **state.kwargs)
         if isinstance(result, Awaitable):  # a sync callable that returned a coroutine
             await result
+
+    # -- failure and the end ----------------------------------------------------------------
+
+    async def _fail(
+        self, state: TaskCallState, span: Span, exc: Exception, dead_letter: bool
+    ) -> None:
+        from otel_bgtasks.deadletter import DeadLetterReason
+
+        state.exception = exc
+        category = self.classify(exc)
+        state.extra["category"] = category
+        if isinstance(exc, CircuitOpenError):
+            outcome, reason = Outcome.REJECTED, DeadLetterReason.CIRCUIT_OPEN
+        elif isinstance(exc, TaskTimeoutError):
+            outcome, reason = Outcome.TIMEOUT, DeadLetterReason.TIMEOUT
+        else:
+            outcome = Outcome.FAILURE
+            policy = state.options.retry or self.retry or _DEFAULT_RETRY
+            retryable = policy.is_retryable(exc)
+            reason = DeadLetterReason.EXHAUSTED if retryable else DeadLetterReason.PERMANENT
+        state.extra["reason"] = reason
+        if dead_letter and self.store is not None:
+            entry = self._dead_letter(state, span, exc, category, reason)
+            stored = await run_in_threadpool(self._put, entry)
+            if stored:
+                if outcome is Outcome.FAILURE:
+                    outcome = Outcome.DEAD_LETTERED
+                if span.is_recording():
+                    span.add_event(
+                        attr.EVENT_DLQ_MOVED, {attr.DLQ_ENTRY_ID: entry.id, attr.DLQ_REASON: reason}
+                    )
+                self.instruments.dlq_moves.add(
+                    1, {attr.TASK_NAME: state.name, attr.DLQ_REASON: reason.value}
+                )
+        state.outcome = outcome
+        if span.is_recording():
+            span.set_attribute(attr.ERROR_CATEGORY, category.value)
+
+    def _put(self, entry: DeadLetter) -> bool:
+        store = self.store
+        assert store is not None
+        try:
+            store.put(entry)
+        except Exception:  # the store's own buffer failed too: the log line keeps the task
+            _log.exception("dead letter could not be stored", entry=entry.to_json())
+            return False
+        return True
+
+    def _dead_letter(
+        self,
+        state: TaskCallState,
+        span: Span,
+        exc: BaseException,
+        category: ErrorCategory,
+        reason: Any,
+    ) -> DeadLetter:
+        from otel_bgtasks.deadletter import DeadLetter, func_ref
+
+        ctx = span.get_span_context()
+        try:
+            ref = func_ref(state.func)
+        except TypeError:  # a lambda or local function: kept for inspection, not replayable
+            ref = ""
+        serializer = self._serializer()
+        try:
+            payload, serializer_name = serializer.dumps(state.args, state.kwargs), serializer.name
+        except TypeError:
+            payload, serializer_name = repr((state.args, state.kwargs)), "repr"
+        return DeadLetter.from_exception(
+            exc,
+            task_name=state.name,
+            func_ref=ref,
+            payload=payload,
+            serializer=serializer_name,
+            reason=reason,
+            attempts=state.attempt,
+            first_failure=state.extra.get("first_failure"),
+            category=category.value,
+            trace_id=format(ctx.trace_id, "032x"),
+            span_id=format(ctx.span_id, "016x"),
+        )
+
+    def _observe_depth(self) -> list[Any]:
+        from opentelemetry.metrics import Observation
+
+        store = self.store
+        if store is None:
+            return []
+        try:
+            return [Observation(store.count())]
+        except Exception:  # a store that is down reports nothing rather than a wrong zero
+            return []
 
     def _finish(
         self,
@@ -192,14 +577,14 @@ class Executor:
         self.instruments.active.add(-1, metric_attrs)
         result_attrs = {attr.TASK_NAME: state.name, attr.TASK_OUTCOME: outcome.value}
         if outcome is not Outcome.SUCCESS and exc is not None:
-            result_attrs[attr.ERROR_TYPE] = _error_type(exc)
+            result_attrs[attr.ERROR_TYPE] = error_type(exc)
         self.instruments.duration.record(duration, result_attrs)
         if span.is_recording():
             span.set_attribute(attr.TASK_ATTEMPTS, state.attempt)
             span.set_attribute(attr.TASK_OUTCOME, outcome.value)
             if outcome is not Outcome.SUCCESS:
                 if exc is not None:
-                    span.set_attribute(attr.ERROR_TYPE, _error_type(exc))
+                    span.set_attribute(attr.ERROR_TYPE, error_type(exc))
                     span.record_exception(exc)
                     description = f"{type(exc).__name__}: {exc}"
                 else:
@@ -207,22 +592,48 @@ class Executor:
                 span.set_status(Status(StatusCode.ERROR, description))
         call_hook(self.end_hook, span, state)
         span.end()
+        self.inflight.pop(state.task_id, None)
+        if state.extra.get("journaled"):
+            self._unjournal(state)
         if outcome is not Outcome.SUCCESS:
-            ctx = span.get_span_context()
-            _log.error(
-                "background task failed",
-                task_name=state.name,
+            self._report_failure(span, state, outcome, exc)
+
+    def _unjournal(self, state: TaskCallState) -> None:
+        store = self.store
+        if store is None:
+            return
+        try:
+            store.journal_remove(state.task_id)
+        except Exception:  # recovery will find it again; a duplicate beats a lost task
+            _log.exception(
+                "durable task could not be removed from the journal",
                 task_id=state.task_id,
-                outcome=outcome.value,
-                attempts=state.attempt,
-                trace_id=format(ctx.trace_id, "032x"),
-                span_id=format(ctx.span_id, "016x"),
-                exc_info=exc,
+                task_name=state.name,
             )
 
-
-def _error_type(exc: BaseException) -> str:
-    cls = type(exc)
-    return (
-        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    )
+    def _report_failure(
+        self, span: Span, state: TaskCallState, outcome: Outcome, exc: BaseException | None
+    ) -> None:
+        ctx = span.get_span_context()
+        record = {
+            "task_name": state.name,
+            "task_id": state.task_id,
+            "outcome": outcome.value,
+            "attempts": state.attempt,
+            "error_type": error_type(exc) if exc is not None else None,
+            "at": time.time(),
+            "trace_id": format(ctx.trace_id, "032x"),
+        }
+        self.recent_failures.append(record)
+        del self.recent_failures[:-50]
+        _log.error(
+            "background task failed",
+            task_name=state.name,
+            task_id=state.task_id,
+            outcome=outcome.value,
+            attempts=state.attempt,
+            category=str(state.extra.get("category", "")),
+            trace_id=record["trace_id"],
+            span_id=format(ctx.span_id, "016x"),
+            exc_info=exc,
+        )

@@ -10,6 +10,11 @@ Usage::
         trace_mode="child",                              # "link" (default) or "child"
         propagate_exceptions=False,                      # True: Starlette's raise-and-stop
         start_hook=..., end_hook=...,                    # (span, TaskCallState) -> None
+        retry=RetryPolicy(max_attempts=4),               # defaults for every task ...
+        circuit=CircuitBreaker(failure_threshold=5),     # ... a decorator overrides them
+        timeout=30.0,
+        dead_letter_store="sqlite:///var/lib/app/dlq.db",  # or a store; None disables
+        durable=False,
     )
 
 or, with no code change, ``opentelemetry-instrument uvicorn app:app`` (this package registers an
@@ -28,6 +33,7 @@ instrumented first.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -37,6 +43,8 @@ from starlette.background import BackgroundTask
 
 from otel_bgtasks._execution import TRACE_MODES, Executor, TaskHook
 from otel_bgtasks._version import __version__
+from otel_bgtasks.deadletter import DLQ_URL_ENV, DeadLetterStore, open_store
+from otel_bgtasks.errors import classify_error
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.package import _instruments
 from otel_bgtasks.state import TaskCallState
@@ -50,6 +58,30 @@ _UPSTREAM_ATTR = "_otel_original_call"
 _STATE_ATTR = "_bgtasks_state"
 
 _executor: Executor | None = None
+
+_DEFAULT_STORE = object()
+DEFAULT_STORE_URL = "sqlite:///bgtasks-deadletters.db"
+
+
+def _store(value: Any) -> DeadLetterStore | None:
+    """The dead-letter store from an instrument() argument, a URL or the default."""
+    if value is None:
+        return None
+    if value is _DEFAULT_STORE:
+        value = os.environ.get(DLQ_URL_ENV) or DEFAULT_STORE_URL
+    if isinstance(value, str):
+        return open_store(value)
+    if not isinstance(value, DeadLetterStore):
+        raise TypeError(
+            f"dead_letter_store={value!r}: pass a DeadLetterStore, a URL "
+            "(sqlite:///path.db, redis://host:port/db) or None to disable dead letters"
+        )
+    return value
+
+
+def current_executor() -> Executor | None:
+    """The executor of the active instrumentation (None when not instrumented)."""
+    return _executor
 
 
 class ScheduledTask:
@@ -129,14 +161,23 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             propagate_exceptions=bool(kwargs.get("propagate_exceptions", False)),
             start_hook=start_hook,
             end_hook=end_hook,
+            retry=kwargs.get("retry"),
+            circuit=kwargs.get("circuit"),
+            timeout=kwargs.get("timeout"),
+            durable=bool(kwargs.get("durable", False)),
+            dead_letter_store=_store(kwargs.get("dead_letter_store", _DEFAULT_STORE)),
+            serializer=kwargs.get("serializer"),
+            error_classifier=kwargs.get("error_classifier", classify_error),
         )
         self._patch(executor)
         _executor = executor
 
     def _uninstrument(self, **kwargs: Any) -> None:
         global _executor
-        _executor = None
+        executor, _executor = _executor, None
         self._unpatch()
+        if executor is not None:
+            executor.close()
 
     # -- Starlette patching -------------------------------------------------------------------
 
@@ -182,7 +223,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             cls.__call__ = owner._upstream_call  # type: ignore[method-assign]
             setattr(cls, _UPSTREAM_ATTR, owner._upstream_original)
         else:
-            cls.__call__ = owner._original_call  # type: ignore[method-assign]
+            cls.__call__ = owner._original_call  # type: ignore[method-assign,assignment]
             if upstream_active:
                 delattr(cls, _UPSTREAM_ATTR)
         owner._original_init = owner._original_call = None

@@ -93,8 +93,10 @@ def configure_telemetry(
             a sampled request is sampled. Default: the SDK's, from `OTEL_TRACES_SAMPLER`.
         set_global: install the providers as the global ones.
     """
-    attributes = {"service.name": service_name} if service_name else {}
-    resource = Resource.create(attributes)  # type: ignore[arg-type]
+    attributes: dict[str, str] = {}
+    if service_name and not os.environ.get("OTEL_SERVICE_NAME"):
+        attributes["service.name"] = service_name
+    resource = Resource.create(attributes)
     if export is None:
         export = any(
             os.environ.get(var)

@@ -1,0 +1,317 @@
+"""Circuit breaker: decides "may I call?" for a task or a shared downstream.
+
+    CircuitBreaker()                               # one breaker per task, named after it
+    CircuitBreaker("payments-api")                 # one breaker for every task using that name
+    CircuitBreaker("payments-api", backend=RedisCircuitBackend(client))   # shared by replicas
+
+closed --(failure_threshold consecutive failures)--> open --(open_duration)--> half_open
+half_open --(a probe succeeds)--> closed;  half_open --(a probe fails)--> open.
+At most `half_open_max_calls` probes run at once while half open.
+
+The state machine is a pure function (`transition`) over a `CircuitSnapshot`; a backend only
+stores snapshots (in memory, or in Redis with optimistic transactions), so every replica
+using one Redis opens and closes together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Literal, Protocol
+
+import structlog
+
+__all__ = [
+    "CircuitBackend",
+    "CircuitBreaker",
+    "CircuitSnapshot",
+    "CircuitState",
+    "MemoryCircuitBackend",
+    "RedisCircuitBackend",
+    "TransitionListener",
+    "transition",
+]
+
+_log = structlog.get_logger("otel_bgtasks")
+
+Clock = Callable[[], float]
+Event = Literal["allow", "success", "failure"]
+
+
+class CircuitState(IntEnum):
+    """Breaker states; the values are those of the `bgtasks.circuit.state` gauge."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitSnapshot:
+    """Everything a breaker remembers; what a backend stores."""
+
+    state: CircuitState = CircuitState.CLOSED
+    failures: int = 0
+    opened_at: float = 0.0
+    probes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Config:
+    failure_threshold: int
+    open_duration: float
+    half_open_max_calls: int
+
+
+def transition(
+    snap: CircuitSnapshot, event: Event, now: float, config: _Config
+) -> tuple[CircuitSnapshot, bool]:
+    """Apply one event; returns the new snapshot and, for "allow", whether the call may run."""
+    if event == "allow":
+        if snap.state is CircuitState.OPEN:
+            if now - snap.opened_at < config.open_duration:
+                return snap, False
+            snap = CircuitSnapshot(CircuitState.HALF_OPEN, snap.failures, snap.opened_at, 0)
+        if snap.state is CircuitState.HALF_OPEN:
+            if snap.probes >= config.half_open_max_calls:
+                return snap, False
+            return dataclasses.replace(snap, probes=snap.probes + 1), True
+        return snap, True
+    if event == "success":
+        if snap.state is CircuitState.CLOSED and snap.failures == 0:
+            return snap, True
+        if snap.state is CircuitState.OPEN:  # a call allowed before the breaker opened
+            return snap, True
+        return CircuitSnapshot(), True
+    # failure
+    if snap.state is CircuitState.HALF_OPEN:
+        return CircuitSnapshot(CircuitState.OPEN, snap.failures + 1, now, 0), True
+    if snap.state is CircuitState.OPEN:
+        return snap, True
+    failures = snap.failures + 1
+    if failures >= config.failure_threshold:
+        return CircuitSnapshot(CircuitState.OPEN, failures, now, 0), True
+    return dataclasses.replace(snap, failures=failures), True
+
+
+class CircuitBackend(Protocol):
+    """Stores snapshots by breaker name and applies a change atomically."""
+
+    def apply(
+        self, name: str, change: Callable[[CircuitSnapshot], tuple[CircuitSnapshot, bool]]
+    ) -> tuple[CircuitSnapshot, CircuitSnapshot, bool]:
+        """Apply `change` to the stored snapshot; returns (before, after, allowed)."""
+        ...
+
+    def get(self, name: str) -> CircuitSnapshot:
+        """The stored snapshot (closed when unknown)."""
+        ...
+
+
+class MemoryCircuitBackend:
+    """Snapshots in this process's memory (the default)."""
+
+    def __init__(self) -> None:
+        self._snaps: dict[str, CircuitSnapshot] = {}
+        self._lock = threading.Lock()
+
+    def apply(
+        self, name: str, change: Callable[[CircuitSnapshot], tuple[CircuitSnapshot, bool]]
+    ) -> tuple[CircuitSnapshot, CircuitSnapshot, bool]:
+        with self._lock:
+            before = self._snaps.get(name, _CLOSED)
+            after, allowed = change(before)
+            if after is not before:
+                self._snaps[name] = after
+            return before, after, allowed
+
+    def get(self, name: str) -> CircuitSnapshot:
+        return self._snaps.get(name, _CLOSED)
+
+
+_CLOSED = CircuitSnapshot()
+
+
+class RedisCircuitBackend:
+    """Snapshots in Redis, changed with WATCH/MULTI so replicas share one breaker.
+
+    When Redis cannot be reached the breaker falls back to this process's memory (logged),
+    so a Redis outage never stops tasks from running.
+    """
+
+    def __init__(self, client: Any, *, prefix: str = "bgtasks:circuit:") -> None:
+        self._client = client
+        self._prefix = prefix
+        self._fallback = MemoryCircuitBackend()
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RedisCircuitBackend:
+        """Connect with short timeouts: a slow Redis must not hold tasks up."""
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        return cls(client, **kwargs)
+
+    @staticmethod
+    def _decode(raw: Any) -> CircuitSnapshot:
+        if not raw:
+            return _CLOSED
+        data = json.loads(raw)
+        return CircuitSnapshot(
+            CircuitState(data["state"]), data["failures"], data["opened_at"], data["probes"]
+        )
+
+    @staticmethod
+    def _encode(snap: CircuitSnapshot) -> str:
+        return json.dumps(
+            {
+                "state": int(snap.state),
+                "failures": snap.failures,
+                "opened_at": snap.opened_at,
+                "probes": snap.probes,
+            }
+        )
+
+    def apply(
+        self, name: str, change: Callable[[CircuitSnapshot], tuple[CircuitSnapshot, bool]]
+    ) -> tuple[CircuitSnapshot, CircuitSnapshot, bool]:
+        import redis
+
+        key = self._prefix + name
+        try:
+            with self._client.pipeline() as pipe:
+                while True:
+                    try:
+                        pipe.watch(key)
+                        before = self._decode(pipe.get(key))
+                        after, allowed = change(before)
+                        if after == before:
+                            pipe.unwatch()
+                            return before, after, allowed
+                        pipe.multi()
+                        pipe.set(key, self._encode(after))
+                        pipe.execute()
+                        return before, after, allowed
+                    except redis.WatchError:
+                        continue  # another replica changed it: recompute from its state
+        except redis.RedisError as exc:
+            _log.error(
+                "circuit state backend unreachable, using local state", circuit=name, error=str(exc)
+            )
+            return self._fallback.apply(name, change)
+
+    def get(self, name: str) -> CircuitSnapshot:
+        import redis
+
+        try:
+            return self._decode(self._client.get(self._prefix + name))
+        except redis.RedisError:
+            return self._fallback.get(name)
+
+
+TransitionListener = Callable[[str, CircuitState, CircuitState], None]
+"""Called with (breaker name, from, to) on every state change."""
+
+
+class CircuitBreaker:
+    """A named circuit breaker.
+
+    Args:
+        name: the breaker's name (`bgtasks.circuit.name`); None: each task gets its own,
+            named after the task.
+        failure_threshold: consecutive failures that open the circuit.
+        open_duration: seconds the circuit stays open before letting probes through.
+        half_open_max_calls: probes allowed at once while half open.
+        clock: returns seconds; injectable for tests (wall time by default, as Redis-shared
+            state is compared across hosts).
+        backend: where the state lives; default in memory.
+
+    Raises:
+        ValueError: a threshold, duration or probe limit that is not positive.
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        failure_threshold: int = 5,
+        open_duration: float = 30.0,
+        half_open_max_calls: int = 1,
+        clock: Clock = time.time,
+        backend: CircuitBackend | None = None,
+    ) -> None:
+        if failure_threshold < 1:
+            raise ValueError(f"CircuitBreaker(failure_threshold={failure_threshold}): must be >= 1")
+        if not open_duration > 0:
+            raise ValueError(f"CircuitBreaker(open_duration={open_duration}): must be > 0 seconds")
+        if half_open_max_calls < 1:
+            raise ValueError(
+                f"CircuitBreaker(half_open_max_calls={half_open_max_calls}): must be >= 1"
+            )
+        if name is not None and not name.strip():
+            raise ValueError("CircuitBreaker(name=...) must be a non-empty string or None")
+        self.name = name
+        self.config = _Config(failure_threshold, open_duration, half_open_max_calls)
+        self.clock = clock
+        self.backend: CircuitBackend = backend if backend is not None else MemoryCircuitBackend()
+        self.listeners: list[TransitionListener] = []
+
+    def named(self, name: str) -> CircuitBreaker:
+        """This breaker's settings under another name (how per-task breakers are made)."""
+        clone = CircuitBreaker(
+            name,
+            failure_threshold=self.config.failure_threshold,
+            open_duration=self.config.open_duration,
+            half_open_max_calls=self.config.half_open_max_calls,
+            clock=self.clock,
+            backend=self.backend,
+        )
+        clone.listeners = self.listeners
+        return clone
+
+    @property
+    def key(self) -> str:
+        return self.name or "default"
+
+    def _apply(self, event: Event) -> bool:
+        now = self.clock()
+        before, after, allowed = self.backend.apply(
+            self.key, lambda snap: transition(snap, event, now, self.config)
+        )
+        if before.state is not after.state:
+            for listener in self.listeners:
+                listener(self.key, before.state, after.state)
+        return allowed
+
+    def allow(self) -> bool:
+        """May a call run now? (While half open this reserves one probe.)"""
+        return self._apply("allow")
+
+    def record_success(self) -> None:
+        """A call succeeded."""
+        self._apply("success")
+
+    def record_failure(self) -> None:
+        """A call failed."""
+        self._apply("failure")
+
+    @property
+    def state(self) -> CircuitState:
+        """The current state as stored (an open circuit past its duration still says open)."""
+        return self.backend.get(self.key).state
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"CircuitBreaker({self.name!r}, failure_threshold={c.failure_threshold}, "
+            f"open_duration={c.open_duration}, half_open_max_calls={c.half_open_max_calls})"
+        )

@@ -1,0 +1,182 @@
+"""Retries, timeouts and circuit breakers on the task span and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from opentelemetry.trace import StatusCode
+from starlette.background import BackgroundTask
+from tenacity import wait_none
+
+from otel_bgtasks import CircuitBreaker, RetryPolicy, background_task
+
+FAST = RetryPolicy(max_attempts=3, wait=wait_none())
+
+
+class Flaky:
+    """Fails with `exc` the first `failures` calls, then succeeds."""
+
+    def __init__(self, failures: int, exc: Exception) -> None:
+        self.failures, self.exc, self.calls = failures, exc, 0
+        self.__qualname__ = "Flaky"
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.exc
+        return "ok"
+
+
+async def test_success_after_retries_is_not_an_error(telemetry, instrument):
+    instrument(retry=FAST)
+    task = Flaky(2, ConnectionResetError("reset by peer"))
+    await BackgroundTask(task)()
+    span = telemetry.span("process Flaky")
+    assert task.calls == 3
+    assert span.status.status_code is StatusCode.UNSET
+    assert span.attributes["bgtasks.task.attempts"] == 3
+    assert span.attributes["bgtasks.task.outcome"] == "success"
+    retries = [e for e in span.events if e.name == "bgtasks.retry"]
+    assert [dict(e.attributes) for e in retries] == [
+        {
+            "bgtasks.retry.attempt": n,
+            "bgtasks.retry.delay": 0.0,
+            "error.type": "ConnectionResetError",
+            "exception.message": "reset by peer",
+        }
+        for n in (2, 3)
+    ]
+    assert "exception" not in [e.name for e in span.events]
+    (point,) = telemetry.points("bgtasks.task.retries")
+    assert point.value == 2
+    assert dict(point.attributes) == {
+        "bgtasks.task.name": "Flaky",
+        "error.type": "ConnectionResetError",
+    }
+
+
+async def test_exhausted_retries_fail_once_with_the_last_error(telemetry, instrument):
+    instrument(retry=FAST)
+    task = Flaky(10, TimeoutError("downstream slow"))
+    await BackgroundTask(task)()
+    span = telemetry.span("process Flaky")
+    assert task.calls == 3
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["bgtasks.task.attempts"] == 3
+    assert span.attributes["bgtasks.task.outcome"] == "failure"
+    assert span.attributes["bgtasks.error.category"] == "timeout"
+    assert [e.name for e in span.events] == ["bgtasks.retry", "bgtasks.retry", "exception"]
+
+
+async def test_permanent_errors_are_not_retried(telemetry, instrument):
+    instrument(retry=FAST)
+    task = Flaky(10, ValueError("bad input"))
+    await BackgroundTask(task)()
+    assert task.calls == 1
+    span = telemetry.span("process Flaky")
+    assert span.attributes["bgtasks.error.category"] == "validation"
+    assert telemetry.points("bgtasks.task.retries") == []
+
+
+async def test_async_retry_sleeps_without_blocking_the_loop(telemetry, instrument):
+    instrument(retry=RetryPolicy(max_attempts=2, initial_delay=0.2, jitter=0))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    beat = asyncio.create_task(ticker())
+    await BackgroundTask(Flaky(1, ConnectionError("x")))()
+    beat.cancel()
+    assert ticks >= 5  # the loop kept running while the task waited 0.2 s for its retry
+    (event,) = [e for e in telemetry.span("process Flaky").events if e.name == "bgtasks.retry"]
+    assert event.attributes["bgtasks.retry.delay"] == pytest.approx(0.2)
+
+
+@background_task(timeout=0.05, retry=RetryPolicy(max_attempts=2, wait=wait_none()))
+async def hangs() -> None:
+    await asyncio.sleep(10)
+
+
+async def test_async_timeout_cancels_and_retries(telemetry, instrument):
+    instrument()
+    await BackgroundTask(hangs)()
+    span = telemetry.span("process hangs")
+    assert span.attributes["bgtasks.task.outcome"] == "timeout"
+    assert span.attributes["bgtasks.task.attempts"] == 2
+    assert span.attributes["error.type"] == "otel_bgtasks.errors.TaskTimeoutError"
+    assert [e.name for e in span.events] == [
+        "bgtasks.timeout",
+        "bgtasks.retry",
+        "bgtasks.timeout",
+        "exception",
+    ]
+
+
+@background_task(timeout=0.01)
+def slow_sync() -> None:
+    time.sleep(0.05)
+
+
+async def test_sync_timeout_is_reported_not_killed(telemetry, instrument):
+    instrument()
+    await BackgroundTask(slow_sync)()
+    span = telemetry.span("process slow_sync")
+    assert span.attributes["bgtasks.task.outcome"] == "success"
+    (event,) = span.events
+    assert event.name == "bgtasks.timeout"
+    assert event.attributes["bgtasks.timeout.elapsed"] >= 0.05
+
+
+async def test_open_circuit_rejects_without_running(telemetry, instrument):
+    breaker = CircuitBreaker("payments", failure_threshold=2, open_duration=60)
+    instrument(circuit=breaker)
+    task = Flaky(10, ConnectionRefusedError("refused"))
+    for _ in range(3):
+        await BackgroundTask(task)()
+    assert task.calls == 2
+    first, second, third = sorted(
+        telemetry.spans(), key=lambda s: s.start_time
+    )
+    assert first.attributes["bgtasks.task.outcome"] == "failure"
+    change = [e for e in second.events if e.name == "bgtasks.circuit.state_change"]
+    assert [dict(e.attributes) for e in change] == [
+        {"bgtasks.circuit.name": "payments", "bgtasks.circuit.from": "closed",
+         "bgtasks.circuit.to": "open"}
+    ]
+    assert third.attributes["bgtasks.task.outcome"] == "rejected"
+    assert third.attributes["bgtasks.task.attempts"] == 0
+    assert [e.name for e in third.events] == ["bgtasks.circuit.rejected", "exception"]
+    (state,) = telemetry.points("bgtasks.circuit.state")
+    assert (dict(state.attributes), state.value) == ({"bgtasks.circuit.name": "payments"}, 2)
+    (transitions,) = telemetry.points("bgtasks.circuit.transitions")
+    assert transitions.value == 1
+    assert dict(transitions.attributes) == {
+        "bgtasks.circuit.name": "payments",
+        "bgtasks.circuit.from": "closed",
+        "bgtasks.circuit.to": "open",
+    }
+
+
+async def test_unnamed_breaker_is_per_task(telemetry, instrument):
+    instrument(circuit=CircuitBreaker(failure_threshold=1))
+    await BackgroundTask(Flaky(1, ConnectionError()))()
+    ok = Flaky(0, ConnectionError())
+    ok.__qualname__ = "Other"
+    await BackgroundTask(ok)()
+    assert ok.calls == 1  # "Flaky"'s open breaker does not stop "Other"
+    names = {p.attributes["bgtasks.circuit.name"]: p.value
+             for p in telemetry.points("bgtasks.circuit.state")}
+    assert names == {"Flaky": 2, "Other": 0}
+
+
+async def test_validation_errors_do_not_trip_the_breaker(telemetry, instrument):
+    breaker = CircuitBreaker("db", failure_threshold=1)
+    instrument(circuit=breaker)
+    await BackgroundTask(Flaky(1, ValueError("bad row")))()
+    assert breaker.allow()
