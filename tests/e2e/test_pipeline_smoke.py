@@ -1,0 +1,224 @@
+"""Smoke test of the shipped telemetry pipeline with the real processes.
+
+OTLP from the OpenTelemetry SDK -> collector (collector-config/otelcol.yaml) -> Jaeger
+(jaeger.yaml) and -> prometheus exporter -> Prometheus (prometheus.yml, alert-rules.yml) ->
+Alertmanager (alertmanager.yml) -> webhook. The metrics sent are the contract's instruments
+(DESIGN.md section 3), so this also proves their Prometheus names, the dashboard's queries and
+an alert end to end.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import SpanKind, format_trace_id
+from tests.e2e._infra import (
+    TelemetryStack,
+    dashboard_queries,
+    eventually,
+    telemetry_stack,
+)
+
+pytestmark = pytest.mark.e2e
+
+TASK = "send_email"
+BUCKETS = (0.005, 0.05, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TelemetryStack]:
+    with telemetry_stack(tmp_path_factory.mktemp("stack")) as running:
+        yield running
+
+
+@dataclass(frozen=True)
+class Sent:
+    service: str
+    trace_id: str
+
+
+@pytest.fixture(scope="module")
+def sent(stack: TelemetryStack) -> Sent:
+    """A fresh service name whose span and contract metrics were sent once over OTLP/gRPC."""
+    name = f"bgtasks-smoke-{uuid.uuid4().hex[:8]}"
+    resource = Resource.create({SERVICE_NAME: name})
+    endpoint = stack.collector.otlp_grpc_endpoint
+
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(
+        SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True))
+    )
+    # Exports only when flushed: the test decides when data leaves the process.
+    reader = PeriodicExportingMetricReader(
+        OTLPMetricExporter(endpoint=endpoint, insecure=True), export_interval_millis=3_600_000
+    )
+    meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+    try:
+        tracer = tracer_provider.get_tracer("otel-bgtasks-smoke")
+        with tracer.start_as_current_span(
+            f"process {TASK}", kind=SpanKind.CONSUMER, attributes={"bgtasks.task.name": TASK}
+        ) as span:
+            trace_id = format_trace_id(span.get_span_context().trace_id)
+        _record_contract_metrics(meter_provider)
+        assert meter_provider.force_flush(timeout_millis=10_000)
+    finally:
+        meter_provider.shutdown()
+        tracer_provider.shutdown()
+    return Sent(service=name, trace_id=trace_id)
+
+
+def _record_contract_metrics(meter_provider: MeterProvider) -> None:
+    meter = meter_provider.get_meter("otel-bgtasks-smoke")
+    task = {"bgtasks.task.name": TASK}
+    duration = meter.create_histogram(
+        "bgtasks.task.duration", unit="s", explicit_bucket_boundaries_advisory=BUCKETS
+    )
+    duration.record(0.2, {**task, "bgtasks.task.outcome": "success"})
+    duration.record(
+        1.5, {**task, "bgtasks.task.outcome": "failure", "error.type": "ConnectionError"}
+    )
+    wait = meter.create_histogram(
+        "bgtasks.task.wait", unit="s", explicit_bucket_boundaries_advisory=BUCKETS
+    )
+    wait.record(0.01, task)
+    meter.create_up_down_counter("bgtasks.task.active", unit="{task}").add(1, task)
+    meter.create_counter("bgtasks.task.retries", unit="{retry}").add(
+        2, {**task, "error.type": "ConnectionError"}
+    )
+    circuit = {"bgtasks.circuit.name": "smtp"}
+    meter.create_gauge("bgtasks.circuit.state", unit="{state}").set(2, circuit)
+    meter.create_counter("bgtasks.circuit.transitions", unit="{transition}").add(1, circuit)
+    meter.create_counter("bgtasks.dlq.moves", unit="{entry}").add(1, task)
+    meter.create_counter("bgtasks.dlq.replays", unit="{entry}").add(1, task)
+
+    def depth(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(1)]
+
+    meter.create_observable_gauge("bgtasks.dlq.depth", callbacks=[depth], unit="{entry}")
+
+
+def _series(stack: TelemetryStack, expr: str) -> list[dict[str, Any]]:
+    return stack.prometheus.query(expr)
+
+
+def test_span_reaches_jaeger(stack: TelemetryStack, sent: Sent) -> None:
+    trace = eventually(
+        lambda: stack.jaeger.trace(sent.trace_id), message=f"trace {sent.trace_id} in Jaeger"
+    )
+
+    (span,) = trace["spans"]
+    assert span["operationName"] == f"process {TASK}"
+    tags = {tag["key"]: tag["value"] for tag in span["tags"]}
+    assert tags["bgtasks.task.name"] == TASK
+    assert tags["span.kind"] == "consumer"
+    assert trace["processes"][span["processID"]]["serviceName"] == sent.service
+    assert [t["traceID"] for t in stack.jaeger.traces(sent.service)] == [sent.trace_id]
+    assert sent.service in stack.jaeger.services()
+
+
+def test_contract_metrics_reach_prometheus_with_their_names_and_labels(
+    stack: TelemetryStack, sent: Sent
+) -> None:
+    selector = f'job="{sent.service}"'
+    eventually(
+        lambda: _series(stack, f"bgtasks_task_duration_seconds_count{{{selector}}}"),
+        message="bgtasks_task_duration_seconds_count in Prometheus",
+    )
+
+    durations = {
+        series["metric"]["bgtasks_task_outcome"]: series
+        for series in _series(stack, f"bgtasks_task_duration_seconds_count{{{selector}}}")
+    }
+    assert set(durations) == {"success", "failure"}
+    failure = durations["failure"]["metric"]
+    assert failure["bgtasks_task_name"] == TASK
+    assert failure["error_type"] == "ConnectionError"
+    assert failure["service_name"] == sent.service  # resource attributes become labels
+    assert durations["failure"]["value"][1] == "1"
+    buckets = _series(stack, f'bgtasks_task_duration_seconds_bucket{{{selector},le="+Inf"}}')
+    assert len(buckets) == 2
+    for name, labels, value in [
+        ("bgtasks_task_wait_seconds_count", {"bgtasks_task_name": TASK}, "1"),
+        ("bgtasks_task_active", {"bgtasks_task_name": TASK}, "1"),
+        (
+            "bgtasks_task_retries_total",
+            {"bgtasks_task_name": TASK, "error_type": "ConnectionError"},
+            "2",
+        ),
+        ("bgtasks_circuit_state", {"bgtasks_circuit_name": "smtp"}, "2"),
+        ("bgtasks_circuit_transitions_total", {"bgtasks_circuit_name": "smtp"}, "1"),
+        ("bgtasks_dlq_moves_total", {"bgtasks_task_name": TASK}, "1"),
+        ("bgtasks_dlq_replays_total", {"bgtasks_task_name": TASK}, "1"),
+        ("bgtasks_dlq_depth", {}, "1"),
+    ]:
+        (series,) = _series(stack, f"{name}{{{selector}}}")
+        assert series["metric"].items() >= labels.items(), name
+        assert series["value"][1] == value, name
+
+
+def test_every_dashboard_query_returns_data(stack: TelemetryStack, sent: Sent) -> None:
+    eventually(
+        lambda: _series(stack, f'bgtasks_task_active{{job="{sent.service}"}}'),
+        message="metrics in Prometheus",
+    )
+
+    for title, expr in dashboard_queries(task=TASK, rate_interval="1m"):
+        eventually(
+            lambda expr=expr: stack.prometheus.query(expr),
+            message=f"data for panel {title!r}: {expr}",
+        )
+
+
+def test_circuit_open_alert_reaches_the_webhook(stack: TelemetryStack, sent: Sent) -> None:
+    webhook = stack.webhook
+    assert webhook is not None
+
+    alerts = eventually(
+        lambda: [
+            alert
+            for alert in webhook.alerts("BgTaskCircuitOpen", status="firing")
+            if alert["labels"].get("job") == sent.service
+        ],
+        timeout=60,
+        message="BgTaskCircuitOpen notification",
+    )
+
+    labels = alerts[0]["labels"]
+    assert labels["bgtasks_circuit_name"] == "smtp"
+    assert labels["severity"] == "critical"
+    assert alerts[0]["annotations"]["runbook_url"] == (
+        "collector-config/RUNBOOK.md#bgtaskcircuitopen"
+    )
+
+
+def test_collector_logs_no_deprecations_or_errors(stack: TelemetryStack, sent: Sent) -> None:
+    eventually(lambda: stack.jaeger.trace(sent.trace_id), message="data through the collector")
+    log = stack.collector.process.log_text()
+
+    assert "deprecated" not in log.lower(), stack.collector.process.log_tail()
+    assert "\terror\t" not in log, stack.collector.process.log_tail()
+
+
+# Last in this module: the crash drops the collector's metric state.
+def test_collector_comes_back_on_the_same_ports_after_a_crash(stack: TelemetryStack) -> None:
+    before = (stack.collector.otlp_grpc_port, stack.collector.prometheus_target)
+
+    stack.collector.restart(crash=True)
+
+    assert (stack.collector.otlp_grpc_port, stack.collector.prometheus_target) == before
+    eventually(
+        lambda: stack.prometheus.query('up{job="otel-collector"} == 1'),
+        message="Prometheus scrapes the restarted collector",
+    )
