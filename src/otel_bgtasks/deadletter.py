@@ -62,6 +62,7 @@ __all__ = [
     "ReplayReport",
     "ReplayResult",
     "ReplayRunner",
+    "ReplayStatus",
     "SerializationError",
     "Serializer",
     "StoreUnavailableError",

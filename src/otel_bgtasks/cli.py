@@ -1,0 +1,520 @@
+"""The ``otel-bgtasks`` command: inspect, replay and purge dead letters.
+
+::
+
+    otel-bgtasks [--store URL] dlq list [--task T] [--reason R] [--since 2h|ISO] [--limit N]
+                                        [--json]
+    otel-bgtasks dlq show ID [--json]
+    otel-bgtasks dlq delete ID [ID ...]
+    otel-bgtasks dlq replay (ID [ID ...] | --all [--task T] [--reason R] [--since S])
+    otel-bgtasks dlq purge [--task T] [--reason R] [--since S] [--yes]
+    otel-bgtasks demo [ARGS ...]
+
+The store URL comes from ``--store`` (accepted before or after the subcommand), else from the
+``OTEL_BGTASKS_DLQ_URL`` environment variable. An ID may be abbreviated to a unique prefix of
+at least 4 characters. Exit status: 0 success, 1 some replays did not succeed, 2 an error
+(bad arguments, unknown id, store unreachable), reported on stderr without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from otel_bgtasks.deadletter import (
+    DLQ_URL_ENV,
+    CorruptEntryError,
+    DeadLetterReason,
+    DeadLetters,
+    DeadLetterStore,
+    ReplayOutcome,
+    ReplayRunner,
+    ReplayStatus,
+    StoreUnavailableError,
+    open_store,
+)
+
+__all__ = ["main"]
+
+PROG = "otel-bgtasks"
+_MIN_PREFIX = 4
+
+
+class CLIError(Exception):
+    """A user-facing error: printed on stderr, exit status 2."""
+
+
+@dataclass(slots=True)
+class _Context:
+    args: argparse.Namespace
+    environ: Mapping[str, str]
+    runner: ReplayRunner | None
+    out: Console
+    err: Console
+
+    _store: DeadLetterStore | None = None
+
+    def store(self) -> DeadLetterStore:
+        if self._store is None:
+            self._store = _open(getattr(self.args, "store", None), self.environ)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+Handler = Callable[[_Context], int]
+
+
+# -- argument parsing -------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, *, now: float | None = None) -> float:
+    """An epoch time from a duration ago (``30s``, ``5m``, ``2h``, ``7d``, ``1w``) or an ISO
+    8601 date/time (naive means local time).
+
+    Raises:
+        argparse.ArgumentTypeError: neither form.
+    """
+    match = _DURATION.match(text)
+    if match:
+        return (time.time() if now is None else now) - float(match[1]) * _UNITS[match[2]]
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid time {text!r}: use a duration (30s, 5m, 2h, 7d, 1w) or an ISO date/time"
+            " (2024-05-01 or 2024-05-01T12:00:00Z)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # local time, as the operator typed it
+    return moment.timestamp()
+
+
+def _reason(text: str) -> DeadLetterReason:
+    try:
+        return DeadLetterReason(text)
+    except ValueError:
+        valid = ", ".join(r.value for r in DeadLetterReason)
+        raise argparse.ArgumentTypeError(f"invalid reason {text!r}: use one of {valid}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _store_option() -> argparse.ArgumentParser:
+    # SUPPRESS: a --store given before the subcommand is not overwritten by the default of
+    # the subcommand's copy of the option.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store",
+        metavar="URL",
+        default=argparse.SUPPRESS,
+        help=f"dead-letter store URL (default: ${DLQ_URL_ENV}), e.g. sqlite:////var/lib/app/dlq.db"
+        " or redis://localhost:6379/0",
+    )
+    return common
+
+
+def _filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", metavar="NAME", help="only entries of this task name")
+    parser.add_argument(
+        "--reason",
+        type=_reason,
+        metavar="REASON",
+        help=f"only this reason: {', '.join(r.value for r in DeadLetterReason)}",
+    )
+    parser.add_argument(
+        "--since",
+        type=parse_since,
+        metavar="WHEN",
+        help="only entries whose last failure is at or after WHEN (2h, 30m, 7d or ISO time)",
+    )
+
+
+def _add_dlq(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = _store_option()
+    dlq = sub.add_parser("dlq", parents=[common], help="inspect, replay and purge dead letters")
+    commands = dlq.add_subparsers(dest="dlq_command", metavar="COMMAND", required=True)
+
+    p = commands.add_parser("list", parents=[common], help="list dead letters, oldest first")
+    _filters(p)
+    p.add_argument("--limit", type=_positive, metavar="N", help="at most N entries")
+    p.add_argument("--json", action="store_true", help="JSON array on stdout")
+    p.set_defaults(handler=_cmd_list)
+
+    p = commands.add_parser("show", parents=[common], help="one entry with its traceback")
+    p.add_argument("id", help="entry id (or a unique prefix)")
+    p.add_argument("--json", action="store_true", help="JSON object on stdout")
+    p.set_defaults(handler=_cmd_show)
+
+    p = commands.add_parser("delete", parents=[common], help="delete entries (corrupt ones too)")
+    p.add_argument("ids", nargs="+", metavar="ID", help="entry ids (or unique prefixes)")
+    p.set_defaults(handler=_cmd_delete)
+
+    p = commands.add_parser(
+        "replay",
+        parents=[common],
+        help="run entries again; succeeded ones are deleted, failed ones updated",
+    )
+    p.add_argument("ids", nargs="*", metavar="ID", help="entry ids (or unique prefixes)")
+    p.add_argument("--all", action="store_true", help="every entry matching the filters")
+    _filters(p)
+    p.set_defaults(handler=_cmd_replay)
+
+    p = commands.add_parser("purge", parents=[common], help="delete entries matching filters")
+    _filters(p)
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(handler=_cmd_purge)
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("demo", help="run the demo application", add_help=False, prefix_chars="\0")
+    p.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_cmd_demo)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_dlq,
+    _add_demo,
+]
+"""Each adds one top-level subcommand, setting ``handler`` (``(_Context) -> int``) as default."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        parents=[_store_option()],
+        description="Dead letters of otel-bgtasks background tasks, and the demo.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    runner: ReplayRunner | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> int:
+    """Run the CLI; returns the exit status.
+
+    Args:
+        argv: arguments without the program name (default: ``sys.argv[1:]``).
+        runner: replays one entry (default: ``otel_bgtasks.replay_runner.run_dead_letter``).
+        environ: environment for ``OTEL_BGTASKS_DLQ_URL`` (default: ``os.environ``).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    ctx = _Context(
+        args=args,
+        environ=os.environ if environ is None else environ,
+        runner=runner,
+        out=Console(file=sys.stdout, highlight=False),
+        err=Console(file=sys.stderr, highlight=False),
+    )
+    handler: Handler = args.handler
+    # Unconfigured structlog prints to stdout; keep stdout for results (``--json``).
+    own_logging = not structlog.is_configured()
+    if own_logging:
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    try:
+        return handler(ctx)
+    except CLIError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailableError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ctx.close()
+        if own_logging:
+            structlog.reset_defaults()
+
+
+def _open(url: str | None, environ: Mapping[str, str]) -> DeadLetterStore:
+    url = url or environ.get(DLQ_URL_ENV) or None
+    if url is None:
+        raise CLIError(
+            f"no dead-letter store: pass --store URL or set {DLQ_URL_ENV}"
+            " (e.g. sqlite:////var/lib/app/dlq.db or redis://localhost:6379/0)"
+        )
+    if url.lower().startswith("sqlite:///"):
+        path = url[len("sqlite:///") :]
+        if path and not os.path.exists(path):
+            raise CLIError(f"dead-letter store {url!r}: file {path!r} does not exist")
+    try:
+        return open_store(url, buffered=False)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _timestamp(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _resolve_id(store: DeadLetterStore, ident: str) -> str:
+    """The full id for `ident` (an id or a unique prefix); corrupt rows count as existing."""
+    try:
+        if store.get(ident) is not None:
+            return ident
+    except CorruptEntryError:
+        return ident
+    if len(ident) >= _MIN_PREFIX:
+        known = [e.id for e in store.list()] + store.corrupt_ids()
+        matches = sorted({i for i in known if i.startswith(ident)})
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise CLIError(f"id prefix {ident!r} is ambiguous: {', '.join(matches)}")
+    raise CLIError(f"no dead letter with id {ident!r} (see: {PROG} dlq list)")
+
+
+def _report_corrupt(ctx: _Context, store: DeadLetterStore) -> None:
+    bad = store.corrupt_ids()
+    if bad:
+        noun = "entry" if len(bad) == 1 else "entries"
+        ctx.err.print(
+            Text(
+                f"warning: {len(bad)} corrupt {noun} skipped: {', '.join(bad)}"
+                f" (inspect with '{PROG} dlq show ID', remove with '{PROG} dlq delete ID')",
+                style="yellow",
+            )
+        )
+
+
+def _filter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"task": args.task, "reason": args.reason, "since": args.since}
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def _cmd_list(ctx: _Context) -> int:
+    args = ctx.args
+    store = ctx.store()
+    entries = store.list(**_filter_kwargs(args), limit=args.limit)
+    if args.json:
+        sys.stdout.write(json.dumps([e.to_dict() for e in entries], indent=2) + "\n")
+    elif not entries:
+        ctx.out.print("No dead letters.")
+    else:
+        table = Table(title=f"{len(entries)} dead letter{'s' if len(entries) != 1 else ''}")
+        table.add_column("ID", no_wrap=True, min_width=32)
+        table.add_column("Task", overflow="fold")
+        table.add_column("Reason", no_wrap=True)
+        table.add_column("Attempts", justify="right")
+        table.add_column("Last failure (UTC)", no_wrap=True)
+        table.add_column("Error", overflow="ellipsis", max_width=50)
+        for e in entries:
+            error = f"{e.error_type}: {e.error_message}" if e.error_type else e.error_message
+            table.add_row(
+                Text(e.id),
+                Text(e.task_name),
+                Text(e.reason.value),
+                str(e.attempts),
+                _timestamp(e.last_failure),
+                Text(error),
+            )
+        ctx.out.print(table)
+    _report_corrupt(ctx, store)
+    return 0
+
+
+def _cmd_show(ctx: _Context) -> int:
+    store = ctx.store()
+    entry_id = _resolve_id(store, ctx.args.id)
+    try:
+        entry = store.get(entry_id)
+    except CorruptEntryError as exc:
+        raise CLIError(f"{exc}; remove it with '{PROG} dlq delete {entry_id}'") from None
+    if entry is None:  # deleted meanwhile
+        raise CLIError(f"no dead letter with id {entry_id!r}")
+    if ctx.args.json:
+        sys.stdout.write(json.dumps(entry.to_dict(), indent=2) + "\n")
+        return 0
+    table = Table(show_header=False, box=None)
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    rows: list[tuple[str, str]] = [
+        ("id", entry.id),
+        ("task", entry.task_name),
+        ("function", entry.func_ref or "(not importable: cannot be replayed)"),
+        ("reason", entry.reason.value),
+        ("attempts", str(entry.attempts)),
+        ("first failure", _timestamp(entry.first_failure)),
+        ("last failure", _timestamp(entry.last_failure)),
+        ("error", f"{entry.error_type}: {entry.error_message}"),
+        ("category", entry.category),
+        ("trace id", entry.trace_id or "-"),
+        ("span id", entry.span_id or "-"),
+        ("serializer", entry.serializer),
+        ("payload", entry.payload),
+    ]
+    for name, value in rows:
+        table.add_row(name, Text(value))
+    ctx.out.print(table)
+    if entry.traceback:
+        ctx.out.print(Text("traceback:", style="bold"))
+        ctx.out.print(Text(entry.traceback.rstrip()), soft_wrap=True)
+    return 0
+
+
+def _cmd_delete(ctx: _Context) -> int:
+    store = ctx.store()
+    ids = [_resolve_id(store, ident) for ident in ctx.args.ids]  # all known before deleting any
+    deleted = sum(store.delete(entry_id) for entry_id in dict.fromkeys(ids))
+    ctx.out.print(f"deleted {deleted} dead letter{'s' if deleted != 1 else ''}")
+    return 0
+
+
+def _load_runner(ctx: _Context) -> ReplayRunner:
+    if ctx.runner is not None:
+        return ctx.runner
+    try:
+        module = importlib.import_module("otel_bgtasks.replay_runner")
+    except ModuleNotFoundError as exc:
+        if exc.name != "otel_bgtasks.replay_runner":
+            raise
+        raise CLIError("replay is not available: otel_bgtasks.replay_runner is missing") from None
+    runner: ReplayRunner = module.run_dead_letter
+    return runner
+
+
+def _cmd_replay(ctx: _Context) -> int:
+    args = ctx.args
+    filtered = args.task is not None or args.reason is not None or args.since is not None
+    if args.all and args.ids:
+        raise CLIError("give entry ids or --all, not both")
+    if not args.all and not args.ids:
+        raise CLIError("nothing to replay: give entry ids or --all (with optional filters)")
+    if args.ids and filtered:
+        raise CLIError("--task, --reason and --since select entries for --all only")
+    store = ctx.store()
+    ids = [_resolve_id(store, ident) for ident in args.ids] if args.ids else None
+    runner = _load_runner(ctx)
+    dead_letters = DeadLetters(store)
+
+    progress = Progress(
+        TextColumn("replaying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=ctx.err,
+        transient=True,
+    )
+    task_id = progress.add_task("replay", total=None)
+
+    def started(total: int) -> None:
+        progress.update(task_id, total=total)
+
+    def advanced(outcome: ReplayOutcome) -> None:
+        progress.advance(task_id)
+        if outcome.status != "replayed":
+            name = f" {outcome.task_name}" if outcome.task_name else ""
+            progress.console.print(
+                Text(f"{outcome.status}: {outcome.entry_id}{name}: {outcome.message}", style="red")
+            )
+
+    with progress:
+        report = asyncio.run(
+            dead_letters.replay(
+                ids,
+                runner,
+                on_start=started,
+                on_outcome=advanced,
+                **(_filter_kwargs(args) if ids is None else {}),
+            )
+        )
+    counts = {status: len(report.by_status(status)) for status in _STATUSES}
+    summary = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in counts.items() if n)
+    ctx.out.print(f"replay: {summary or 'no entries'}")
+    return 0 if report.ok else 1
+
+
+_STATUSES: tuple[ReplayStatus, ...] = (
+    "replayed",
+    "failed",
+    "import_error",
+    "error",
+    "missing",
+    "corrupt",
+)
+
+
+def _cmd_purge(ctx: _Context) -> int:
+    args = ctx.args
+    store = ctx.store()
+    filters = _filter_kwargs(args)
+    unfiltered = all(v is None for v in filters.values())
+    matching = store.count() if unfiltered else len(store.list(**filters))
+    if matching == 0:
+        ctx.out.print("nothing to purge")
+        return 0
+    noun = f"{matching} dead letter{'s' if matching != 1 else ''}"
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CLIError(f"refusing to purge {noun} without --yes (stdin is not a terminal)")
+        answer = input(f"purge {noun}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            ctx.out.print("purge cancelled")
+            return 0
+    removed = store.purge(**filters)
+    ctx.out.print(f"purged {removed} dead letter{'s' if removed != 1 else ''}")
+    return 0
+
+
+def _cmd_demo(ctx: _Context) -> int:
+    try:
+        module = importlib.import_module("otel_bgtasks.demo.__main__")
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("otel_bgtasks.demo"):
+            raise
+        raise CLIError("the demo is not available in this installation") from None
+    demo_main: Callable[..., Any] = module.main
+    takes_args = bool(inspect.signature(demo_main).parameters)
+    result = demo_main(list(ctx.args.demo_args)) if takes_args else demo_main()
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
