@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, format_trace_id
 from tests.e2e._infra import (
+    Redis,
     TelemetryStack,
     dashboard_queries,
     eventually,
@@ -222,3 +224,14 @@ def test_collector_comes_back_on_the_same_ports_after_a_crash(stack: TelemetrySt
         lambda: stack.prometheus.query('up{job="otel-collector"} == 1'),
         message="Prometheus scrapes the restarted collector",
     )
+
+
+def test_redis_harness(tmp_path: Path) -> None:
+    redis = Redis(tmp_path)
+    redis.start()
+    try:
+        assert redis.ping()
+        assert redis.url == f"redis://127.0.0.1:{redis.port}/0"
+    finally:
+        redis.stop()
+    assert not redis.process.running
