@@ -1,0 +1,221 @@
+"""Delivery of notifications off the task path: bounded queue, worker threads, retries."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import structlog
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.metrics import Counter, Meter
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_when_event_set,
+    wait_exponential_jitter,
+)
+
+from otel_bgtasks.alerting.alerts import Alert
+from otel_bgtasks.alerting.config import DeliveryOptions
+from otel_bgtasks.alerting.notifiers import DeliveryError, Notifier, redact
+
+__all__ = [
+    "ALERTS_SENT",
+    "ALERT_CHANNEL",
+    "ALERT_OUTCOME",
+    "ALERT_RULE",
+    "Dispatcher",
+    "create_sent_counter",
+]
+
+ALERTS_SENT: Final = "bgtasks.alerts.sent"
+ALERT_RULE: Final = "bgtasks.alert.rule"
+ALERT_CHANNEL: Final = "bgtasks.alert.channel"
+ALERT_OUTCOME: Final = "bgtasks.alert.outcome"
+
+_log = structlog.get_logger("otel_bgtasks.alerting")
+
+
+def create_sent_counter(meter: Meter) -> Counter:
+    """The `bgtasks.alerts.sent` counter (outcome `sent` | `failed` | `dropped`)."""
+    return meter.create_counter(
+        ALERTS_SENT,
+        unit="{notification}",
+        description="Alert notifications by rule, channel and delivery outcome",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    alert: Alert
+    notifier: Notifier
+
+
+_STOP: Final = object()
+
+
+def _retryable(exc: BaseException) -> bool:
+    return not isinstance(exc, DeliveryError) or exc.retryable
+
+
+class Dispatcher:
+    """Sends each alert to every notifier on `max_concurrency` daemon threads.
+
+    `submit` never blocks: a full queue drops the notification and counts it. Each delivery is
+    retried with exponential backoff (tenacity) while its error is retryable; a shutdown stops
+    the backoff waits at once.
+    """
+
+    def __init__(
+        self, notifiers: Sequence[Notifier], counter: Counter, options: DeliveryOptions
+    ) -> None:
+        self.notifiers = tuple(notifiers)
+        self.options = options
+        self._counter = counter
+        # Unbounded underneath so the stop markers always fit; `submit` enforces the bound.
+        self._queue: queue.Queue[_Job | object] = queue.Queue()
+        self._queued = 0  # jobs in the queue, under _lock (the markers are not counted)
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._dropping = False
+        self._abort = threading.Event()
+        self.high_water = 0
+        """The most notifications ever waiting at once (never above `options.queue_size`)."""
+        self._threads = [
+            threading.Thread(target=self._work, name=f"bgtasks-alert-delivery-{i}", daemon=True)
+            for i in range(options.max_concurrency)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def queued(self) -> int:
+        """Notifications waiting for a delivery thread."""
+        return self._queued
+
+    @property
+    def in_flight(self) -> int:
+        """Notifications being delivered (retries included) right now."""
+        return self._in_flight
+
+    def submit(self, alert: Alert) -> None:
+        """Queue `alert` for every notifier; drop (and count) what does not fit."""
+        for notifier in self.notifiers:
+            with self._lock:
+                accepted = not self._closed and self._queued < self.options.queue_size
+                if accepted:
+                    self._queued += 1
+                    self.high_water = max(self.high_water, self._queued)
+                    self._queue.put_nowait(_Job(alert, notifier))
+                first_drop = not accepted and not self._dropping
+                self._dropping = not accepted
+            if not accepted:
+                self._record(alert, notifier, "dropped")
+                if first_drop:
+                    _log.warning(
+                        "bgtasks alert dropped: delivery queue full or shut down",
+                        alert_rule=alert.rule,
+                        alert_channel=notifier.channel,
+                        queue_size=self.options.queue_size,
+                    )
+
+    def flush(self, deadline: float) -> bool:
+        """Wait until every queued notification is delivered or failed; False at `deadline`."""
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(remaining)
+        return True
+
+    def shutdown(self, deadline: float) -> bool:
+        """Refuse new alerts, deliver what is queued until `deadline`, then stop.
+
+        What is still queued at the deadline is dropped and counted; a delivery stuck in a
+        request ends at its own timeout, on a daemon thread nobody waits for.
+        """
+        with self._lock:
+            self._closed = True
+        flushed = self.flush(deadline)
+        self._abort.set()
+        for _ in self._threads:
+            self._queue.put_nowait(_STOP)
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for notifier in self.notifiers:
+            try:
+                notifier.close()
+            except Exception:  # closing one channel must not keep the others open
+                _log.warning("bgtasks alert notifier close failed", channel=notifier.channel)
+        return flushed
+
+    # -- delivery threads ---------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is _STOP:
+                    return
+                assert isinstance(job, _Job)
+                with self._lock:
+                    self._queued -= 1
+                    self._in_flight += 1
+                try:
+                    if self._abort.is_set():
+                        self._record(job.alert, job.notifier, "dropped")
+                    else:
+                        self._deliver(job)
+                finally:
+                    with self._lock:
+                        self._in_flight -= 1
+            finally:
+                self._queue.task_done()
+
+    def _sleep(self, seconds: float) -> None:
+        self._abort.wait(seconds)
+
+    def _deliver(self, job: _Job) -> None:
+        options = self.options
+        retrying = Retrying(
+            stop=stop_after_attempt(options.max_attempts) | stop_when_event_set(self._abort),
+            wait=wait_exponential_jitter(
+                initial=options.backoff_initial,
+                max=options.backoff_max,
+                jitter=options.backoff_initial,
+            ),
+            retry=retry_if_exception(_retryable),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        notifier = job.notifier
+        try:
+            # No spans from the delivery itself: an instrumented httpx would put the secret
+            # webhook URL on a span, and alerting must not feed on its own traffic.
+            with suppress_instrumentation():
+                retrying(notifier.send, job.alert)
+        except Exception as exc:  # whatever a notifier raises, it is one failed delivery
+            self._record(job.alert, notifier, "failed")
+            # Never exc_info: tracebacks and their locals can hold the secrets.
+            _log.warning(
+                "bgtasks alert delivery failed",
+                alert_rule=job.alert.rule,
+                alert_channel=notifier.channel,
+                attempts=retrying.statistics.get("attempt_number"),
+                error=redact(f"{type(exc).__name__}: {exc}", notifier.secret_values()),
+            )
+        else:
+            self._record(job.alert, notifier, "sent")
+
+    def _record(self, alert: Alert, notifier: Notifier, outcome: str) -> None:
+        self._counter.add(
+            1,
+            {ALERT_RULE: alert.rule, ALERT_CHANNEL: notifier.channel, ALERT_OUTCOME: outcome},
+        )
