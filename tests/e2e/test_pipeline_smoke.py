@@ -101,9 +101,15 @@ def _record_contract_metrics(meter_provider: MeterProvider) -> None:
     )
     circuit = {"bgtasks.circuit.name": "smtp"}
     meter.create_gauge("bgtasks.circuit.state", unit="{state}").set(2, circuit)
-    meter.create_counter("bgtasks.circuit.transitions", unit="{transition}").add(1, circuit)
-    meter.create_counter("bgtasks.dlq.moves", unit="{entry}").add(1, task)
-    meter.create_counter("bgtasks.dlq.replays", unit="{entry}").add(1, task)
+    meter.create_counter("bgtasks.circuit.transitions", unit="{transition}").add(
+        1, {**circuit, "bgtasks.circuit.from": "closed", "bgtasks.circuit.to": "open"}
+    )
+    meter.create_counter("bgtasks.dlq.moves", unit="{entry}").add(
+        1, {**task, "bgtasks.dlq.reason": "exhausted"}
+    )
+    meter.create_counter("bgtasks.dlq.replays", unit="{entry}").add(
+        1, {**task, "bgtasks.task.outcome": "success"}
+    )
 
     def depth(options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(1)]
@@ -160,9 +166,25 @@ def test_contract_metrics_reach_prometheus_with_their_names_and_labels(
             "2",
         ),
         ("bgtasks_circuit_state", {"bgtasks_circuit_name": "smtp"}, "2"),
-        ("bgtasks_circuit_transitions_total", {"bgtasks_circuit_name": "smtp"}, "1"),
-        ("bgtasks_dlq_moves_total", {"bgtasks_task_name": TASK}, "1"),
-        ("bgtasks_dlq_replays_total", {"bgtasks_task_name": TASK}, "1"),
+        (
+            "bgtasks_circuit_transitions_total",
+            {
+                "bgtasks_circuit_name": "smtp",
+                "bgtasks_circuit_from": "closed",
+                "bgtasks_circuit_to": "open",
+            },
+            "1",
+        ),
+        (
+            "bgtasks_dlq_moves_total",
+            {"bgtasks_task_name": TASK, "bgtasks_dlq_reason": "exhausted"},
+            "1",
+        ),
+        (
+            "bgtasks_dlq_replays_total",
+            {"bgtasks_task_name": TASK, "bgtasks_task_outcome": "success"},
+            "1",
+        ),
         ("bgtasks_dlq_depth", {}, "1"),
     ]:
         (series,) = _series(stack, f"{name}{{{selector}}}")
