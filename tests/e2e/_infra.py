@@ -31,6 +31,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -56,6 +57,7 @@ __all__ = [
     "Prometheus",
     "Redis",
     "TelemetryStack",
+    "UvicornApp",
     "dashboard_queries",
     "eventually",
     "find_binary",
@@ -782,6 +784,73 @@ class Redis:
 
     def stop(self) -> None:
         self.process.stop()
+
+
+class UvicornApp:
+    """An ASGI app served by a real uvicorn on loopback, exporting OTLP to ``otlp_endpoint``.
+
+    The OpenTelemetry SDK is configured through the standard variables, with short export
+    intervals so data shows up quickly. ``env`` adds or overrides variables.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        app: str = "otel_bgtasks.demo.app:app",
+        otlp_endpoint: str,
+        service_name: str,
+        ready_path: str = "/bgtasks/health",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.ready_path = ready_path
+        self.process = ManagedProcess(
+            name=f"uvicorn-{service_name}",
+            argv=[
+                sys.executable,
+                "-m",
+                "uvicorn",
+                app,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-access-log",
+            ],
+            log_path=workdir / f"{service_name}.log",
+            cwd=workdir,
+            env={
+                "OTEL_SERVICE_NAME": service_name,
+                "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint,
+                "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+                "OTEL_BSP_SCHEDULE_DELAY": "200",
+                "OTEL_BLRP_SCHEDULE_DELAY": "200",
+                **(env or {}),
+            },
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{_loopback(self.port)}"
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        return http_get(f"{self.url}{path}")
+
+    def post(self, path: str, data: bytes = b"") -> int:
+        return _http_post(f"{self.url}{path}", data)
+
+    def start(self) -> None:
+        self.process.start()
+        self.process.wait_ready(
+            lambda: http_get(f"{self.url}{self.ready_path}", timeout=2.0)[0] < 500,
+            f"GET {self.ready_path} answers",
+        )
+
+    def stop(self) -> None:
+        """SIGTERM: uvicorn shuts down gracefully, so the app can flush its telemetry."""
+        self.process.stop(timeout=30.0)
 
 
 class AlertWebhook:

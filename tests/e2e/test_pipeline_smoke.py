@@ -28,6 +28,7 @@ from opentelemetry.trace import SpanKind, format_trace_id
 from tests.e2e._infra import (
     Redis,
     TelemetryStack,
+    UvicornApp,
     dashboard_queries,
     eventually,
     telemetry_stack,
@@ -233,6 +234,32 @@ def test_collector_logs_no_deprecations_or_errors(stack: TelemetryStack, sent: S
 
     assert "deprecated" not in log.lower(), stack.collector.process.log_tail()
     assert "\terror\t" not in log, stack.collector.process.log_tail()
+
+
+def test_demo_app_task_span_reaches_jaeger(stack: TelemetryStack, tmp_path: Path) -> None:
+    """The harness serves the demo app with real uvicorn, exporting to the collector."""
+    service = f"bgtasks-demo-{uuid.uuid4().hex[:8]}"
+    app = UvicornApp(
+        tmp_path, otlp_endpoint=stack.collector.otlp_grpc_endpoint, service_name=service
+    )
+    app.start()
+    try:
+        status, _ = app.get("/ok")
+        assert status == 200
+        operations = eventually(
+            lambda: (
+                {
+                    span["operationName"]
+                    for trace in stack.jaeger.traces(service)
+                    for span in trace["spans"]
+                }
+                >= {"process send-welcome-email"}
+            ),
+            message=f"the demo's task span in Jaeger; app log:\n{app.process.log_tail()}",
+        )
+        assert operations
+    finally:
+        app.stop()
 
 
 # Last in this module: the crash drops the collector's metric state.
