@@ -66,9 +66,10 @@ def _optional_types() -> dict[ErrorCategory, tuple[type[BaseException], ...]]:
 
 
 _OPTIONAL = _optional_types()
-_TIMEOUT: tuple[type[BaseException], ...] = (TimeoutError, socket.timeout, *_OPTIONAL[ErrorCategory.TIMEOUT])
-_CONNECTION: tuple[type[BaseException], ...] = (ConnectionError, socket.gaierror, *_OPTIONAL[ErrorCategory.CONNECTION])
-_VALIDATION: tuple[type[BaseException], ...] = (ValueError, UnicodeError, *_OPTIONAL[ErrorCategory.VALIDATION])
+_Types = tuple[type[BaseException], ...]
+_TIMEOUT: _Types = (TimeoutError, socket.timeout, *_OPTIONAL[ErrorCategory.TIMEOUT])
+_CONNECTION: _Types = (ConnectionError, socket.gaierror, *_OPTIONAL[ErrorCategory.CONNECTION])
+_VALIDATION: _Types = (ValueError, UnicodeError, *_OPTIONAL[ErrorCategory.VALIDATION])
 _SYSTEM = (MemoryError, OSError, SystemError, RecursionError, ImportError)
 
 
@@ -83,6 +84,8 @@ def classify_error(exc: BaseException) -> ErrorCategory:
     """
     if isinstance(exc, BusinessError):
         return ErrorCategory.BUSINESS
+    if isinstance(exc, CircuitOpenError):  # the downstream is known to be unavailable
+        return ErrorCategory.CONNECTION
     if isinstance(exc, _TIMEOUT):
         return ErrorCategory.TIMEOUT
     if isinstance(exc, _CONNECTION):

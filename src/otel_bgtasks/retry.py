@@ -26,7 +26,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from otel_bgtasks.attributes import ErrorCategory
-from otel_bgtasks.errors import ErrorClassifier, classify_error
+from otel_bgtasks.errors import CircuitOpenError, ErrorClassifier, classify_error
 
 __all__ = ["DEFAULT_RETRY_ON", "RetryPolicy"]
 
@@ -89,7 +89,12 @@ class RetryPolicy:
         self.retry: retry_base = retry or retry_if_exception(self.is_retryable)
 
     def is_retryable(self, exc: BaseException) -> bool:
-        """Whether `exc` is of a kind this policy retries (ignoring attempts left)."""
+        """Whether `exc` is of a kind this policy retries (ignoring attempts left).
+
+        A circuit that refused the call is never retried: the task goes to the dead letters.
+        """
+        if isinstance(exc, CircuitOpenError):
+            return False
         return isinstance(exc, self.retry_types) or self.classifier(exc) in self.retry_categories
 
     def retrying(self, before_sleep: BeforeSleep | None = None) -> AsyncRetrying:

@@ -36,15 +36,19 @@ from otel_bgtasks.sampling import LinkAwareSampler
 __all__ = ["Telemetry", "configure_telemetry"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Telemetry:
     """The providers `configure_telemetry` installed; `shutdown()` flushes and closes both."""
 
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
+    _closed: bool = False
 
     def shutdown(self) -> None:
         """Flush pending spans and metrics, then close the exporters (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
 

@@ -1,0 +1,42 @@
+# The two commands of the README. Each sets itself up: a virtual environment in .venv with the
+# package and its dev tools; `make test` also obtains the real telemetry components
+# (scripts/infra.sh: collector and Jaeger built with Go, Prometheus, Alertmanager and Redis
+# from apt). Without Go or apt those tests skip with a reason, unless
+# OTEL_BGTASKS_REQUIRE_INFRA=1 (as in CI) turns the skip into a failure.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CACHE ?= $(HOME)/.cache/otel-bgtasks
+
+.PHONY: demo test lint unit bench infra clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m otel_bgtasks.demo
+
+infra:
+	@scripts/infra.sh || { \
+	  if [ "$${OTEL_BGTASKS_REQUIRE_INFRA:-0}" = 1 ]; then exit 1; fi; \
+	  echo "infra: could not obtain the telemetry components; their tests will skip"; }
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+test: $(VENV)/.installed infra lint
+	@if [ -f "$(CACHE)/env.sh" ]; then . "$(CACHE)/env.sh"; fi; \
+	$(PY) -m pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
+
+unit: $(VENV)/.installed
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

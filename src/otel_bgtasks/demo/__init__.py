@@ -1,0 +1,1 @@
+"""The example app and the terminal demo (`python -m otel_bgtasks.demo`)."""
