@@ -153,9 +153,13 @@ async def test_metrics_have_contract_names_attributes_and_second_buckets(telemet
     for point in durations.values():
         assert point.count == 1
         assert tuple(point.explicit_bounds) == DURATION_BUCKETS
-    waits = {p.attributes["bgtasks.task.name"]: p.count for p in telemetry.points("bgtasks.task.wait")}
+    waits = {
+        p.attributes["bgtasks.task.name"]: p.count for p in telemetry.points("bgtasks.task.wait")
+    }
     assert waits == {"ok_async": 1, "boom": 1}
-    active = {p.attributes["bgtasks.task.name"]: p.value for p in telemetry.points("bgtasks.task.active")}
+    active = {
+        p.attributes["bgtasks.task.name"]: p.value for p in telemetry.points("bgtasks.task.active")
+    }
     assert active == {"ok_async": 0, "boom": 0}
 
 

@@ -178,16 +178,19 @@ def test_breaker_state_machine_invariants(seq, threshold, duration, probes):
         if event == "allow":
             # never lets a call through while open within its duration
             if before.state is CircuitState.OPEN and now - before.opened_at < duration:
-                assert not allowed and snap == before
+                assert not allowed
+                assert snap == before
             # never more probes than allowed while half open
             if snap.state is CircuitState.HALF_OPEN:
                 assert snap.probes <= probes
         if snap.state is CircuitState.CLOSED:
             assert snap.failures < threshold
         if before.state is CircuitState.CLOSED and snap.state is CircuitState.OPEN:
-            assert event == "failure" and before.failures + 1 >= threshold
+            assert event == "failure"
+            assert before.failures + 1 >= threshold
             assert snap.opened_at == now
         if before.state is CircuitState.HALF_OPEN and event == "success":
             assert snap == CircuitSnapshot()
         if before.state is CircuitState.HALF_OPEN and event == "failure":
-            assert snap.state is CircuitState.OPEN and snap.opened_at == now
+            assert snap.state is CircuitState.OPEN
+            assert snap.opened_at == now

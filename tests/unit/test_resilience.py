@@ -140,14 +140,15 @@ async def test_open_circuit_rejects_without_running(telemetry, instrument):
     for _ in range(3):
         await BackgroundTask(task)()
     assert task.calls == 2
-    first, second, third = sorted(
-        telemetry.spans(), key=lambda s: s.start_time
-    )
+    first, second, third = sorted(telemetry.spans(), key=lambda s: s.start_time)
     assert first.attributes["bgtasks.task.outcome"] == "failure"
     change = [e for e in second.events if e.name == "bgtasks.circuit.state_change"]
     assert [dict(e.attributes) for e in change] == [
-        {"bgtasks.circuit.name": "payments", "bgtasks.circuit.from": "closed",
-         "bgtasks.circuit.to": "open"}
+        {
+            "bgtasks.circuit.name": "payments",
+            "bgtasks.circuit.from": "closed",
+            "bgtasks.circuit.to": "open",
+        }
     ]
     assert third.attributes["bgtasks.task.outcome"] == "rejected"
     assert third.attributes["bgtasks.task.attempts"] == 0
@@ -170,8 +171,10 @@ async def test_unnamed_breaker_is_per_task(telemetry, instrument):
     ok.__qualname__ = "Other"
     await BackgroundTask(ok)()
     assert ok.calls == 1  # "Flaky"'s open breaker does not stop "Other"
-    names = {p.attributes["bgtasks.circuit.name"]: p.value
-             for p in telemetry.points("bgtasks.circuit.state")}
+    names = {
+        p.attributes["bgtasks.circuit.name"]: p.value
+        for p in telemetry.points("bgtasks.circuit.state")
+    }
     assert names == {"Flaky": 2, "Other": 0}
 
 
