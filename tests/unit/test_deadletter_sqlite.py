@@ -1,0 +1,219 @@
+"""SQLiteDeadLetterStore: the store contract on a temp file, plus what only SQLite has."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from otel_bgtasks.deadletter import (
+    DeadLetterReason,
+    StoreUnavailableError,
+    open_store,
+)
+from otel_bgtasks.stores import BufferedStore, SQLiteDeadLetterStore
+from otel_bgtasks.stores.sqlite import SCHEMA_VERSION
+from tests.unit.test_deadletter_contract import T0, StoreContract, make_entry, make_journal
+
+
+class TestSQLiteStore(StoreContract):
+    @pytest.fixture
+    def db_path(self, tmp_path: Path) -> Path:
+        return tmp_path / "dlq.db"
+
+    @pytest.fixture
+    def store(self, db_path: Path) -> Iterator[SQLiteDeadLetterStore]:
+        store = SQLiteDeadLetterStore(db_path)
+        yield store
+        store.close()
+
+    @pytest.fixture
+    def inject_raw(self, db_path: Path) -> Callable[[str, str, float], None]:
+        def inject(entry_id: str, raw: str, last_failure: float) -> None:
+            with sqlite3.connect(db_path) as conn:
+                conn.execute(
+                    "INSERT INTO dead_letters (id, task_name, reason, last_failure, data)"
+                    " VALUES (?, 'send_mail', 'exhausted', ?, ?)",
+                    (entry_id, last_failure, raw),
+                )
+            conn.close()
+
+        return inject
+
+
+def _write_many(path: str, worker: int, count: int) -> None:
+    store = SQLiteDeadLetterStore(path)
+    for i in range(count):
+        store.put(make_entry(task_name=f"worker{worker}", last_failure=T0 + i))
+        journal = make_journal(owner=f"h:{worker}:x", enqueued_at=T0 + i)
+        store.journal_add(journal)
+        if i % 2:
+            store.journal_remove(journal.task_id)
+    store.close()
+
+
+def test_two_processes_write_concurrently(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.db")
+    SQLiteDeadLetterStore(path).close()  # schema exists; the workers race on writes only
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_write_many, args=(path, w, 150)) for w in (1, 2)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+    assert [p.exitcode for p in workers] == [0, 0]
+    with SQLiteDeadLetterStore(path) as store:
+        assert store.count() == 300
+        assert len(store.list(task="worker1")) == 150
+        assert len(store.list(task="worker2")) == 150
+        assert len(store.journal_list(owner="h:1:x")) == 75
+        assert len(store.journal_list(owner="h:2:x")) == 75
+        assert store.corrupt_ids() == []
+
+
+def _create_schema(path: str) -> None:
+    SQLiteDeadLetterStore(path).close()
+
+
+def test_processes_racing_to_create_the_schema(tmp_path: Path) -> None:
+    path = str(tmp_path / "fresh.db")
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_create_schema, args=(path,)) for _ in range(3)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+    assert [p.exitcode for p in workers] == [0, 0, 0]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_schema_is_created_with_version_and_wal(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    SQLiteDeadLetterStore(path).close()
+    with sqlite3.connect(path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert tables == {"dead_letters", "journal", "heartbeats"}
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_reopening_keeps_entries(tmp_path: Path) -> None:
+    path = tmp_path / "keep.db"
+    entry = make_entry()
+    with SQLiteDeadLetterStore(path) as store:
+        store.put(entry)
+    with SQLiteDeadLetterStore(path) as store:
+        assert store.list() == [entry]
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    SQLiteDeadLetterStore(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(ValueError, match=r"schema version 2 is newer .* upgrade otel-bgtasks"):
+        SQLiteDeadLetterStore(path)
+
+
+def test_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("this is not sqlite, " * 100)
+    with pytest.raises(ValueError, match=r"cannot open dead-letter store .*notes.txt"):
+        SQLiteDeadLetterStore(path)
+
+
+def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"directory .*nowhere.* does not exist"):
+        SQLiteDeadLetterStore(tmp_path / "nowhere" / "dlq.db")
+
+
+def test_closed_store_raises_store_unavailable(tmp_path: Path) -> None:
+    store = SQLiteDeadLetterStore(tmp_path / "c.db")
+    store.close()
+    with pytest.raises(StoreUnavailableError, match="is closed"):
+        store.count()
+
+
+def test_sqlite_errors_become_store_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "dropped.db"
+    store = SQLiteDeadLetterStore(path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE dead_letters")
+    conn.close()
+    with pytest.raises(StoreUnavailableError, match="no such table: dead_letters"):
+        store.put(make_entry())
+    store.close()
+
+
+def test_open_store_sqlite_urls(tmp_path: Path) -> None:
+    absolute = tmp_path / "abs.db"
+    store = open_store(f"sqlite:///{absolute}")  # four slashes: an absolute path
+    assert isinstance(store, BufferedStore)
+    assert isinstance(store.store, SQLiteDeadLetterStore)
+    assert store.store.path == str(absolute)
+    store.put(make_entry(reason=DeadLetterReason.CIRCUIT_OPEN))
+    store.close()
+    assert absolute.exists()
+    raw = open_store(f"sqlite:///{absolute}", buffered=False)
+    assert isinstance(raw, SQLiteDeadLetterStore)
+    assert [e.reason for e in raw.list()] == [DeadLetterReason.CIRCUIT_OPEN]
+    raw.close()
+
+
+def test_open_store_relative_sqlite_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the process working directory, not a fake
+    store = open_store("sqlite:///relative.db", buffered=False)
+    assert isinstance(store, SQLiteDeadLetterStore)
+    assert store.path == "relative.db"
+    store.close()
+    assert (tmp_path / "relative.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mysql://localhost/db", r"unsupported dead-letter store URL 'mysql://localhost/db'"),
+        ("dlq.db", r"valid forms: sqlite:///path.db, .*redis://host:port/db, rediss://"),
+        ("sqlite://", r"invalid SQLite URL 'sqlite://': expected sqlite:///path.db"),
+        ("sqlite:///", r"invalid SQLite URL"),
+        ("sqlite:///:memory:", r"give a file path"),
+        ("sqlite:///x.db?mode=ro", r"without query parameters"),
+    ],
+)
+def test_open_store_rejects_bad_urls(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        open_store(url)
+
+
+def _use_inherited_store(store: SQLiteDeadLetterStore, queue: multiprocessing.Queue[int]) -> None:
+    store.put(make_entry(task_name="child"))
+    queue.put(store.count())
+    store.close()
+
+
+@pytest.mark.filterwarnings(
+    # Python 3.12+ warns that fork() in a process with threads may deadlock; the child here
+    # only touches SQLite through its own new connection.
+    "ignore:This process .* is multi-threaded:DeprecationWarning"
+)
+def test_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
+    store = SQLiteDeadLetterStore(tmp_path / "fork.db")
+    store.put(make_entry(task_name="parent"))  # the parent's connection exists before fork
+    ctx = multiprocessing.get_context("fork")
+    queue: multiprocessing.Queue[int] = ctx.Queue()
+    child = ctx.Process(target=_use_inherited_store, args=(store, queue))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == 2
+    # the child's close() left the parent's connection open
+    assert sorted(e.task_name for e in store.list()) == ["child", "parent"]
+    store.close()
