@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from types import FunctionType, MethodType
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
@@ -29,7 +30,13 @@ from otel_bgtasks.errors import (
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
-from otel_bgtasks.task import function_name, is_async_callable, task_name, task_options
+from otel_bgtasks.task import (
+    TaskOptions,
+    function_name,
+    is_async_callable,
+    task_name,
+    task_options,
+)
 
 if TYPE_CHECKING:
     from otel_bgtasks.deadletter import DeadLetter, DeadLetterStore, Serializer
@@ -59,6 +66,29 @@ def current_task() -> TaskCallState | None:
 
 def _new_task_id() -> str:
     return f"{random.getrandbits(128):032x}"
+
+
+_Description = tuple[TaskOptions, str, str, bool]
+_described: dict[Any, _Description] = {}
+
+
+def _describe(func: Callable[..., Any]) -> _Description:
+    """Options, task name, module-qualified name and asyncness of `func`, cached.
+
+    Functions are cached by identity; the cache is bounded because closures made per request
+    are functions too (a million of them must not be retained).
+    """
+    try:
+        return _described[func]
+    except (KeyError, TypeError):  # TypeError: an unhashable callable object
+        pass
+    options = task_options(func)
+    description = (options, task_name(func, options), function_name(func), is_async_callable(func))
+    if isinstance(func, FunctionType | MethodType):
+        if len(_described) >= 1024:
+            _described.clear()
+        _described[func] = description
+    return description
 
 
 def call_hook(hook: TaskHook | None, span: Span, state: TaskCallState) -> None:
@@ -166,18 +196,19 @@ class Executor:
         is_async: bool | None = None,
     ) -> TaskCallState:
         """The state of a task about to be scheduled, without side effects."""
-        options = task_options(func)
+        options, name, function, detected_async = _describe(func)
         return TaskCallState(
-            name=task_name(func, options),
+            name=name,
             task_id=_new_task_id(),
             func=func,
+            function=function,
             args=args,
             kwargs=kwargs,
             options=options,
             link=link if link is not None and link.is_valid else None,
             enqueued_at=time.perf_counter(),
             enqueued_wall=time.time(),
-            is_async=is_async_callable(func) if is_async is None else is_async,
+            is_async=detected_async if is_async is None else is_async,
         )
 
     def _journal(self, state: TaskCallState) -> None:
@@ -291,7 +322,7 @@ class Executor:
 
     # -- running ----------------------------------------------------------------------------
 
-    def _start_span(self, state: TaskCallState, links: list[Link] | None) -> Span:
+    def _start_span(self, state: TaskCallState, wait: float) -> Span:
         link = state.link
         if self.trace_mode == "child" and link is not None and not state.extra.get("replay"):
             parent = trace.set_span_in_context(trace.NonRecordingSpan(link))
@@ -301,8 +332,13 @@ class Executor:
             attr.SPAN_NAME_PREFIX + state.name,
             context=parent,
             kind=SpanKind.CONSUMER,
-            links=links,
-            attributes={attr.TASK_NAME: state.name, attr.TASK_ID: state.task_id},
+            links=[Link(link)] if link is not None else None,
+            attributes={
+                attr.TASK_NAME: state.name,
+                attr.TASK_ID: state.task_id,
+                attr.CODE_FUNCTION_NAME: state.function,
+                attr.TASK_WAIT: wait,
+            },
         )
 
     async def run(
@@ -318,16 +354,12 @@ class Executor:
         Raises:
             Exception: the task's final error, only when `propagate_exceptions` is set.
         """
-        link = state.link
-        span = self._start_span(state, [Link(link)] if link is not None else None)
-        metric_attrs = {attr.TASK_NAME: state.name}
         started = time.perf_counter()
         wait = started - state.enqueued_at
-        if span.is_recording():
-            span.set_attribute(attr.CODE_FUNCTION_NAME, function_name(state.func))
-            span.set_attribute(attr.TASK_WAIT, wait)
+        span = self._start_span(state, wait)
+        metric_attrs = {attr.TASK_NAME: state.name}
         self.instruments.wait.record(wait, metric_attrs)
-        self.instruments.active.add(1, metric_attrs)
+        self.instruments.task_started(state.name)
         token = otel_context.attach(trace.set_span_in_context(span))
         task_token = _current.set(state)
         call_hook(self.start_hook, span, state)
@@ -574,7 +606,7 @@ class Executor:
         duration = time.perf_counter() - started
         outcome = state.outcome or Outcome.FAILURE
         exc = state.exception
-        self.instruments.active.add(-1, metric_attrs)
+        self.instruments.task_ended(state.name)
         result_attrs = {attr.TASK_NAME: state.name, attr.TASK_OUTCOME: outcome.value}
         if outcome is not Outcome.SUCCESS and exc is not None:
             result_attrs[attr.ERROR_TYPE] = error_type(exc)

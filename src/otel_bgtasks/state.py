@@ -21,7 +21,7 @@ class TaskCallState:
     Attributes:
         name: the task name (span `process {name}`, metric attribute).
         task_id: unique per scheduling (`bgtasks.task.id`).
-        func, args, kwargs: what runs.
+        func, args, kwargs: what runs; `function` is its module-qualified name.
         options: the task's `TaskOptions` (decorator), before instrumentor defaults apply.
         link: the span context current when the task was scheduled (None outside any span).
         enqueued_at: `time.perf_counter()` at scheduling; `enqueued_wall`: `time.time()`.
@@ -33,6 +33,7 @@ class TaskCallState:
     name: str
     task_id: str
     func: Callable[..., Any]
+    function: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     options: TaskOptions
