@@ -17,7 +17,8 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_when_event_set,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from otel_bgtasks.alerting.alerts import Alert
@@ -104,6 +105,11 @@ class Dispatcher:
         """Notifications being delivered (retries included) right now."""
         return self._in_flight
 
+    @property
+    def threads_alive(self) -> int:
+        """Delivery threads still running (0 after a clean shutdown)."""
+        return sum(thread.is_alive() for thread in self._threads)
+
     def submit(self, alert: Alert) -> None:
         """Queue `alert` for every notifier; drop (and count) what does not fit."""
         for notifier in self.notifiers:
@@ -144,7 +150,17 @@ class Dispatcher:
         with self._lock:
             self._closed = True
         flushed = self.flush(deadline)
-        self._abort.set()
+        self._abort.set()  # ends backoff waits and retries at once
+        while True:  # what no thread took yet is dropped now, not when a stuck thread frees
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            with self._lock:
+                self._queued -= 1
+            if isinstance(job, _Job):
+                self._record(job.alert, job.notifier, "dropped")
+            self._queue.task_done()
         for _ in self._threads:
             self._queue.put_nowait(_STOP)
         for thread in self._threads:
@@ -182,25 +198,36 @@ class Dispatcher:
     def _sleep(self, seconds: float) -> None:
         self._abort.wait(seconds)
 
-    def _deliver(self, job: _Job) -> None:
+    def _retrying(self) -> Retrying:
         options = self.options
-        retrying = Retrying(
+        return Retrying(
             stop=stop_after_attempt(options.max_attempts) | stop_when_event_set(self._abort),
-            wait=wait_exponential_jitter(
-                initial=options.backoff_initial,
-                max=options.backoff_max,
-                jitter=options.backoff_initial,
-            ),
+            # Exponential from backoff_initial, capped, plus up to backoff_initial of jitter.
+            wait=wait_exponential(multiplier=options.backoff_initial, max=options.backoff_max)
+            + wait_random(0, options.backoff_initial),
             retry=retry_if_exception(_retryable),
             sleep=self._sleep,
             reraise=True,
         )
+
+    def _deliver(self, job: _Job) -> None:
         notifier = job.notifier
+        errors: list[Exception] = []
+
+        def attempt() -> None:
+            if errors and self._abort.is_set():
+                raise errors[-1]  # woken from a backoff wait by shutdown: no more tries
+            try:
+                notifier.send(job.alert)
+            except Exception as exc:
+                errors.append(exc)
+                raise
+
         try:
             # No spans from the delivery itself: an instrumented httpx would put the secret
             # webhook URL on a span, and alerting must not feed on its own traffic.
             with suppress_instrumentation():
-                retrying(notifier.send, job.alert)
+                self._retrying()(attempt)
         except Exception as exc:  # whatever a notifier raises, it is one failed delivery
             self._record(job.alert, notifier, "failed")
             # Never exc_info: tracebacks and their locals can hold the secrets.
@@ -208,7 +235,7 @@ class Dispatcher:
                 "bgtasks alert delivery failed",
                 alert_rule=job.alert.rule,
                 alert_channel=notifier.channel,
-                attempts=retrying.statistics.get("attempt_number"),
+                attempts=len(errors),
                 error=redact(f"{type(exc).__name__}: {exc}", notifier.secret_values()),
             )
         else:

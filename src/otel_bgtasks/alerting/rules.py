@@ -155,7 +155,10 @@ class Rule(ABC):
                     state.firing = True
                     state.notified = False
                     self._fire_or_hold(state, condition, now, alerts)
-                elif condition.renotify or state.pending is not None:
+                elif condition.renotify or (
+                    # a held-back notice takes the newest facts of a run, not of a tick
+                    state.pending is not None and condition.signal is not None
+                ):
                     self._fire_or_hold(state, condition, now, alerts)
             elif state.firing:
                 state.firing = False

@@ -1,0 +1,253 @@
+"""The delivery queue: retries with backoff, concurrency, drops counted, shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from structlog.testing import capture_logs
+
+from otel_bgtasks.alerting import (
+    Alert,
+    AlertStatus,
+    DeliveryError,
+    DeliveryOptions,
+    Notifier,
+    Severity,
+)
+from otel_bgtasks.alerting._delivery import Dispatcher, create_sent_counter
+
+FAST = {"backoff_initial": 0.0, "backoff_max": 0.0}
+
+
+def alert(rule: str = "consecutive_failures", key: str = "task:send_invoice") -> Alert:
+    return Alert(rule, Severity.ERROR, AlertStatus.FIRING, key, "Task send_invoice failed", 1.0)
+
+
+class Scripted(Notifier):
+    """Plays a script: each send takes the next item, raising it when it is an exception."""
+
+    def __init__(self, script=(), channel="webhook", secret="s3cr3t-url"):
+        self.script = list(script)
+        self.channel = channel
+        self.secret = secret
+        self.calls: list[tuple[Alert, str, bool]] = []
+        self.closed = 0
+
+    def send(self, alert):
+        self.calls.append((alert, threading.current_thread().name, is_instrumentation_enabled()))
+        step = self.script.pop(0) if self.script else None
+        if step is not None:
+            raise step
+
+    def close(self):
+        self.closed += 1
+
+    def secret_values(self):
+        return (self.secret,)
+
+
+class Blocking(Notifier):
+    """Blocks in send until released: a channel that hangs."""
+
+    channel = "slack"
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+        self.sent: list[Alert] = []
+
+    def send(self, alert):
+        self.entered.release()
+        self.release.wait(30)
+        self.sent.append(alert)
+
+
+@pytest.fixture
+def reader():
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    reader.counter = create_sent_counter(provider.get_meter("otel_bgtasks"))
+    yield reader
+    provider.shutdown()
+
+
+def sent_counts(reader) -> dict[tuple[str, str, str], int]:
+    counts = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data else ():
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                assert metric.name == "bgtasks.alerts.sent"
+                assert metric.unit == "{notification}"
+                for point in metric.data.data_points:
+                    a = point.attributes
+                    key = (
+                        a["bgtasks.alert.rule"],
+                        a["bgtasks.alert.channel"],
+                        a["bgtasks.alert.outcome"],
+                    )
+                    counts[key] = point.value
+    return counts
+
+
+@pytest.fixture
+def make(reader):
+    made: list[Dispatcher] = []
+
+    def make(notifiers, **options):
+        dispatcher = Dispatcher(notifiers, reader.counter, DeliveryOptions(**options))
+        made.append(dispatcher)
+        return dispatcher
+
+    yield make
+    for dispatcher in made:
+        dispatcher.shutdown(time.monotonic() + 5)
+        assert dispatcher.threads_alive == 0
+
+
+def deadline(seconds: float = 10.0) -> float:
+    return time.monotonic() + seconds
+
+
+def test_retryable_errors_are_retried_on_a_delivery_thread_with_instrumentation_off(make, reader):
+    notifier = Scripted([DeliveryError("HTTP 503"), DeliveryError("ReadTimeout")])
+    dispatcher = make([notifier], max_attempts=3, **FAST)
+    dispatcher.submit(alert())
+    assert dispatcher.flush(deadline())
+    assert len(notifier.calls) == 3
+    for sent, thread, instrumented in notifier.calls:
+        assert sent == alert()
+        assert thread.startswith("bgtasks-alert-delivery-")
+        assert instrumented is False  # no client spans that could carry the URL
+    assert is_instrumentation_enabled()  # only the delivery was suppressed
+    assert sent_counts(reader) == {("consecutive_failures", "webhook", "sent"): 1}
+
+
+def test_a_permanent_error_is_not_retried_and_its_log_line_hides_the_secret(make, reader):
+    notifier = Scripted([DeliveryError("HTTP 404 for https://x/s3cr3t-url", retryable=False)])
+    dispatcher = make([notifier], max_attempts=5, **FAST)
+    with capture_logs() as logs:
+        dispatcher.submit(alert())
+        assert dispatcher.flush(deadline())
+    assert len(notifier.calls) == 1
+    assert sent_counts(reader) == {("consecutive_failures", "webhook", "failed"): 1}
+    assert logs == [
+        {
+            "event": "bgtasks alert delivery failed",
+            "alert_rule": "consecutive_failures",
+            "alert_channel": "webhook",
+            "attempts": 1,
+            "error": "DeliveryError: HTTP 404 for https://x/**********",
+            "log_level": "warning",
+        }
+    ]
+
+
+def test_attempts_are_bounded_and_any_exception_is_one_failed_delivery(make, reader):
+    notifier = Scripted([ValueError("bug"), ValueError("bug"), ValueError("bug")])
+    dispatcher = make([notifier], max_attempts=3, **FAST)
+    dispatcher.submit(alert())
+    assert dispatcher.flush(deadline())
+    assert len(notifier.calls) == 3
+    dispatcher.submit(alert(rule="slow_task"))  # the thread survived
+    assert dispatcher.flush(deadline())
+    assert sent_counts(reader) == {
+        ("consecutive_failures", "webhook", "failed"): 1,
+        ("slow_task", "webhook", "sent"): 1,
+    }
+
+
+def test_every_alert_goes_to_every_notifier(make, reader):
+    a, b = Scripted(channel="webhook"), Scripted(channel="email")
+    dispatcher = make([a, b], **FAST)
+    dispatcher.submit(alert())
+    assert dispatcher.flush(deadline())
+    assert [c[0] for c in a.calls] == [c[0] for c in b.calls] == [alert()]
+    assert sent_counts(reader) == {
+        ("consecutive_failures", "webhook", "sent"): 1,
+        ("consecutive_failures", "email", "sent"): 1,
+    }
+
+
+def test_a_full_queue_drops_and_counts_and_never_grows_past_its_bound(make, reader):
+    hanging = Blocking()
+    dispatcher = make([hanging], queue_size=2, max_concurrency=1, **FAST)
+    with capture_logs() as logs:
+        dispatcher.submit(alert(key="task:0"))
+        assert hanging.entered.acquire(timeout=10)  # one in flight, stuck
+        for i in range(1, 7):
+            dispatcher.submit(alert(key=f"task:{i}"))
+            assert dispatcher.queued <= 2
+    assert (dispatcher.in_flight, dispatcher.queued, dispatcher.high_water) == (1, 2, 2)
+    assert sent_counts(reader) == {("consecutive_failures", "slack", "dropped"): 4}
+    # One warning per run of drops, not one per drop.
+    assert [e["event"] for e in logs] == ["bgtasks alert dropped: delivery queue full or shut down"]
+    assert not dispatcher.flush(time.monotonic() + 0.05)
+    hanging.release.set()
+    assert dispatcher.flush(deadline())
+    assert [a.key for a in hanging.sent] == ["task:0", "task:1", "task:2"]
+    assert sent_counts(reader) == {
+        ("consecutive_failures", "slack", "dropped"): 4,
+        ("consecutive_failures", "slack", "sent"): 3,
+    }
+
+
+def test_concurrency_is_limited(make):
+    hanging = Blocking()
+    dispatcher = make([hanging], queue_size=10, max_concurrency=3, **FAST)
+    for i in range(6):
+        dispatcher.submit(alert(key=f"task:{i}"))
+    for _ in range(3):
+        assert hanging.entered.acquire(timeout=10)
+    assert not hanging.entered.acquire(timeout=0.2)  # a fourth never starts
+    assert (dispatcher.in_flight, dispatcher.queued) == (3, 3)
+    hanging.release.set()
+    assert dispatcher.flush(deadline())
+
+
+def test_shutdown_drops_what_is_queued_refuses_new_alerts_and_closes_notifiers(make, reader):
+    hanging = Blocking()
+    closer = Scripted(channel="email")
+    dispatcher = make([hanging], queue_size=5, max_concurrency=1, **FAST)
+    dispatcher.notifiers = (hanging, closer)
+    dispatcher.submit(alert())
+    assert hanging.entered.acquire(timeout=10)
+    assert not dispatcher.shutdown(time.monotonic() + 0.1)  # one stuck in flight
+    assert dispatcher.queued == 0
+    assert closer.closed == 1
+    dispatcher.submit(alert(rule="late"))
+    hanging.release.set()
+    wait = deadline()
+    while dispatcher.threads_alive and time.monotonic() < wait:
+        time.sleep(0.01)
+    assert dispatcher.threads_alive == 0
+    assert sent_counts(reader) == {
+        ("consecutive_failures", "email", "dropped"): 1,  # queued behind the stuck one
+        ("consecutive_failures", "slack", "sent"): 1,  # the stuck one, finished late
+        ("late", "slack", "dropped"): 1,
+        ("late", "email", "dropped"): 1,
+    }
+
+
+def test_shutdown_cuts_a_backoff_wait_short(make, reader):
+    notifier = Scripted([DeliveryError("HTTP 503")] * 5)
+    dispatcher = make([notifier], max_attempts=5, backoff_initial=60.0, backoff_max=60.0)
+    with capture_logs() as logs:
+        dispatcher.submit(alert())
+        wait = deadline()
+        while not notifier.calls and time.monotonic() < wait:
+            time.sleep(0.01)
+        # The drain gives the retry until the deadline, then the 60 s wait is cut short.
+        assert not dispatcher.shutdown(time.monotonic() + 0.1)
+        wait = deadline()
+        while dispatcher.threads_alive and time.monotonic() < wait:
+            time.sleep(0.01)
+    assert dispatcher.threads_alive == 0
+    assert len(notifier.calls) == 1  # no try after the shutdown
+    assert sent_counts(reader) == {("consecutive_failures", "webhook", "failed"): 1}
+    assert [(e["attempts"], e["error"]) for e in logs] == [(1, "DeliveryError: HTTP 503")]
