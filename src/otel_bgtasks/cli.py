@@ -41,6 +41,7 @@ from rich.text import Text
 from otel_bgtasks.deadletter import (
     DLQ_URL_ENV,
     CorruptEntryError,
+    DeadLetter,
     DeadLetterReason,
     DeadLetters,
     DeadLetterStore,
@@ -55,6 +56,7 @@ __all__ = ["main"]
 
 PROG = "otel-bgtasks"
 _MIN_PREFIX = 4
+_SHORT_ID = 12
 
 
 class CLIError(Exception):
@@ -292,6 +294,62 @@ def _timestamp(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def _entries_table(entries: list[DeadLetter], width: int) -> Table:
+    """One line per entry; task and error share what the fixed columns leave."""
+    rows = []
+    for e in entries:
+        error = f"{e.error_type}: {e.error_message}" if e.error_type else e.error_message
+        first_line = error.splitlines()[0] if error else ""
+        rows.append(
+            (
+                e.id[:_SHORT_ID],
+                e.task_name,
+                e.reason.value,
+                str(e.attempts),
+                _timestamp(e.last_failure).rstrip("Z"),
+                first_line,
+            )
+        )
+    headers = ("ID", "Task", "Reason", "Tries", "Last failure UTC", "Error")
+    fixed = [max(len(headers[i]), *(len(r[i]) for r in rows)) for i in (0, 2, 3, 4)]
+    free = width - sum(fixed) - 2 * (len(headers) - 1) - 1
+    longest_task = max(len(headers[1]), *(len(r[1]) for r in rows))
+    task_width = max(min(longest_task, 40, free // 2), 8)
+    error_width = max(min(max(len(headers[5]), *(len(r[5]) for r in rows)), free - task_width), 5)
+    table = Table(
+        title=f"{len(entries)} dead letter{'s' if len(entries) != 1 else ''}",
+        box=None,
+        pad_edge=False,
+        header_style="bold",
+        title_justify="left",
+    )
+    for header, col_width in zip(
+        headers,
+        (fixed[0], task_width, fixed[1], fixed[2], fixed[3], error_width),
+        strict=True,
+    ):
+        table.add_column(
+            header,
+            no_wrap=True,
+            width=col_width,
+            justify="right" if header == "Tries" else "left",
+        )
+    for row in rows:
+        table.add_row(
+            Text(row[0]),
+            Text(_clip(row[1], task_width)),
+            Text(row[2]),
+            row[3],
+            row[4],
+            Text(_clip(row[5], error_width)),
+        )
+    return table
+
+
 def _resolve_id(store: DeadLetterStore, ident: str) -> str:
     """The full id for `ident` (an id or a unique prefix); corrupt rows count as existing."""
     try:
@@ -338,24 +396,10 @@ def _cmd_list(ctx: _Context) -> int:
     elif not entries:
         ctx.out.print("No dead letters.")
     else:
-        table = Table(title=f"{len(entries)} dead letter{'s' if len(entries) != 1 else ''}")
-        table.add_column("ID", no_wrap=True, min_width=32)
-        table.add_column("Task", overflow="fold")
-        table.add_column("Reason", no_wrap=True)
-        table.add_column("Attempts", justify="right")
-        table.add_column("Last failure (UTC)", no_wrap=True)
-        table.add_column("Error", overflow="ellipsis", max_width=50)
-        for e in entries:
-            error = f"{e.error_type}: {e.error_message}" if e.error_type else e.error_message
-            table.add_row(
-                Text(e.id),
-                Text(e.task_name),
-                Text(e.reason.value),
-                str(e.attempts),
-                _timestamp(e.last_failure),
-                Text(error),
-            )
-        ctx.out.print(table)
+        ctx.out.print(_entries_table(entries, ctx.out.width))
+        ctx.out.print(
+            Text("IDs are shortened: a unique prefix works; --json gives full ids", style="dim")
+        )
     _report_corrupt(ctx, store)
     return 0
 

@@ -1,0 +1,405 @@
+"""The otel-bgtasks CLI on a real SQLite store, with a fake replay runner passed in."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otel_bgtasks.cli import main, parse_since
+from otel_bgtasks.deadletter import DeadLetter, DeadLetterReason, ReplayResult
+from otel_bgtasks.stores import SQLiteDeadLetterStore
+from tests.unit.test_deadletter_contract import make_entry
+
+NOW = time.time()
+
+
+def task_ok(value: int) -> None:
+    """Replayed by the fake runner (must be importable)."""
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "dlq.db"
+
+
+@pytest.fixture
+def url(db: Path) -> str:
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture
+def store(db: Path) -> Iterator[SQLiteDeadLetterStore]:
+    with SQLiteDeadLetterStore(db) as store:
+        yield store
+
+
+@pytest.fixture
+def entries(store: SQLiteDeadLetterStore) -> list[DeadLetter]:
+    made = [
+        make_entry(
+            task_name="send_mail",
+            func_ref="tests.unit.test_cli:task_ok",
+            reason=DeadLetterReason.EXHAUSTED,
+            last_failure=NOW - 3 * 3600,
+        ),
+        make_entry(
+            task_name="charge_card",
+            func_ref="tests.unit.test_cli:task_ok",
+            reason=DeadLetterReason.CIRCUIT_OPEN,
+            error_type="PaymentDown",
+            error_message="[bold]markup must print verbatim[/bold]",
+            last_failure=NOW - 3600,
+        ),
+        make_entry(
+            task_name="send_mail",
+            func_ref="tests.unit.test_cli:task_ok",
+            reason=DeadLetterReason.TIMEOUT,
+            last_failure=NOW - 60,
+        ),
+    ]
+    for e in made:
+        store.put(e)
+    return made
+
+
+class FakeRunner:
+    """Succeeds unless the entry id is in `fail`; records what it ran."""
+
+    def __init__(self, fail: set[str] | None = None) -> None:
+        self.fail = fail or set()
+        self.ran: list[str] = []
+
+    async def __call__(self, entry: DeadLetter) -> ReplayResult:
+        self.ran.append(entry.id)
+        if entry.id in self.fail:
+            return ReplayResult(
+                ok=False, entry=entry.with_failure(ConnectionError("still down"), at=NOW)
+            )
+        return ReplayResult(ok=True)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str, **kwargs: Any) -> tuple[int, str, str]:
+    code = main(list(argv), **kwargs)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- list ---------------------------------------------------------------------------------------
+
+
+def test_list_table(
+    capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLetter]
+) -> None:
+    code, out, err = run(capsys, "--store", url, "dlq", "list")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].strip() == "3 dead letters"
+    assert lines[1].split() == ["ID", "Task", "Reason", "Tries", "Last", "failure", "UTC", "Error"]
+    assert lines[-1] == "IDs are shortened: a unique prefix works; --json gives full ids"
+    rows = [line.split() for line in lines[2:-1]]
+    assert [r[0] for r in rows] == [e.id[:12] for e in entries]  # oldest first
+    assert [r[2] for r in rows] == ["exhausted", "circuit_open", "timeout"]
+    assert [r[3] for r in rows] == ["3", "3", "3"]
+    assert rows[0][1] == "send_mail"
+    assert rows[1][1].startswith("charge_ca")
+    assert rows[1][-1].startswith("PaymentD")  # clipped to the terminal width
+    assert all(len(line) <= 80 for line in lines)
+
+
+def test_list_table_prints_user_text_verbatim(
+    capsys: pytest.CaptureFixture[str], url: str, store: SQLiteDeadLetterStore
+) -> None:
+    store.put(make_entry(task_name="[red]t[/red]", error_type="", error_message="[bold]x[/bold]"))
+    code, out, _ = run(capsys, "--store", url, "dlq", "list")
+    assert code == 0
+    assert "[red]t[/red]" in out
+    assert "[bold]x[/bo" in out
+
+
+def test_list_empty(capsys: pytest.CaptureFixture[str], url: str, store: Any) -> None:
+    assert run(capsys, "--store", url, "dlq", "list") == (0, "No dead letters.\n", "")
+
+
+def test_list_json_with_filters(
+    capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLetter]
+) -> None:
+    code, out, _ = run(capsys, "dlq", "list", "--store", url, "--json", "--task", "send_mail")
+    assert code == 0
+    assert json.loads(out) == [entries[0].to_dict(), entries[2].to_dict()]
+
+    code, out, _ = run(capsys, "dlq", "list", "--store", url, "--json", "--since", "2h")
+    assert [e["id"] for e in json.loads(out)] == [entries[1].id, entries[2].id]
+
+    code, out, _ = run(capsys, "dlq", "list", "--store", url, "--json", "--reason", "timeout")
+    assert [e["id"] for e in json.loads(out)] == [entries[2].id]
+
+    code, out, _ = run(capsys, "dlq", "list", "--store", url, "--json", "--limit", "1")
+    assert [e["id"] for e in json.loads(out)] == [entries[0].id]
+
+
+def test_list_reports_corrupt_rows_on_stderr(
+    capsys: pytest.CaptureFixture[str], url: str, db: Path, entries: list[DeadLetter]
+) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE dead_letters SET data = '{oops' WHERE id = ?", (entries[1].id,))
+    conn.close()
+    code, out, err = run(capsys, "--store", url, "dlq", "list", "--json")
+    assert code == 0
+    assert [e["id"] for e in json.loads(out)] == [entries[0].id, entries[2].id]  # stdout is JSON
+    assert f"warning: 1 corrupt entry skipped: {entries[1].id}" in err
+    assert "otel-bgtasks dlq delete ID" in err
+
+    code, _, err = run(capsys, "--store", url, "dlq", "show", entries[1].id)
+    assert code == 2
+    assert f"dead-letter entry '{entries[1].id}' is corrupt" in err
+    assert f"remove it with 'otel-bgtasks dlq delete {entries[1].id}'" in err
+
+    assert run(capsys, "--store", url, "dlq", "delete", entries[1].id)[:2] == (
+        0,
+        "deleted 1 dead letter\n",
+    )
+    assert run(capsys, "--store", url, "dlq", "list", "--json")[2] == ""
+
+
+# -- show / delete --------------------------------------------------------------------------------
+
+
+def test_show(capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLetter]) -> None:
+    entry = entries[1]
+    code, out, err = run(capsys, "--store", url, "dlq", "show", entry.id)
+    assert (code, err) == (0, "")
+    for expected in (
+        entry.id,
+        "charge_card",
+        "tests.unit.test_cli:task_ok",
+        "circuit_open",
+        "PaymentDown: [bold]markup must print verbatim[/bold]",
+        entry.trace_id,
+        entry.span_id,
+        "traceback:",
+        "ConnectionError: smtp down",
+    ):
+        assert expected in out
+
+    code, out, _ = run(capsys, "--store", url, "dlq", "show", entry.id[:8], "--json")
+    assert (code, json.loads(out)) == (0, entry.to_dict())
+
+
+def test_show_unknown_and_ambiguous_ids(
+    capsys: pytest.CaptureFixture[str], url: str, store: SQLiteDeadLetterStore
+) -> None:
+    store.put(make_entry(id="abcd" + "0" * 28))
+    store.put(make_entry(id="abcd" + "1" * 28))
+    code, out, err = run(capsys, "--store", url, "dlq", "show", "nope")
+    assert (code, out) == (2, "")
+    assert (
+        err == "otel-bgtasks: error: no dead letter with id 'nope' (see: otel-bgtasks dlq list)\n"
+    )
+    code, _, err = run(capsys, "--store", url, "dlq", "show", "abcd")
+    assert code == 2
+    assert "id prefix 'abcd' is ambiguous" in err
+    assert run(capsys, "--store", url, "dlq", "show", "abcd1", "--json")[0] == 0
+
+
+def test_delete_checks_every_id_first(
+    capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLetter]
+) -> None:
+    code, _, err = run(capsys, "--store", url, "dlq", "delete", entries[0].id, "f" * 32)
+    assert code == 2
+    assert "no dead letter with id 'fffff" in err
+    assert run(capsys, "--store", url, "dlq", "delete", entries[0].id, entries[1].id[:6]) == (
+        0,
+        "deleted 2 dead letters\n",
+        "",
+    )
+    with SQLiteDeadLetterStore(url.removeprefix("sqlite:///")) as check:
+        assert check.list() == [entries[2]]
+
+
+# -- replay -----------------------------------------------------------------------------------
+
+
+def test_replay_ids(
+    capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLetter], db: Path
+) -> None:
+    runner = FakeRunner()
+    code, out, _ = run(
+        capsys, "--store", url, "dlq", "replay", entries[2].id, entries[0].id[:10], runner=runner
+    )
+    assert (code, out) == (0, "replay: 2 replayed\n")
+    assert runner.ran == [entries[2].id, entries[0].id]
+    with SQLiteDeadLetterStore(db) as check:
+        assert check.list() == [entries[1]]
+
+
+def test_replay_all_with_filter_and_failure(
+    capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLetter], db: Path
+) -> None:
+    runner = FakeRunner(fail={entries[2].id})
+    code, out, err = run(
+        capsys, "--store", url, "dlq", "replay", "--all", "--task", "send_mail", runner=runner
+    )
+    assert code == 1
+    assert out == "replay: 1 replayed, 1 failed\n"
+    assert f"failed: {entries[2].id} send_mail: ConnectionError: still down" in err
+    assert runner.ran == [entries[0].id, entries[2].id]
+    with SQLiteDeadLetterStore(db) as check:
+        kept = check.list()
+    assert [e.id for e in kept] == [entries[1].id, entries[2].id]
+    assert kept[1].attempts == entries[2].attempts + 1
+
+
+def test_replay_reports_unimportable_task(
+    capsys: pytest.CaptureFixture[str], url: str, store: SQLiteDeadLetterStore
+) -> None:
+    gone = make_entry(func_ref="tests.unit.test_cli:renamed_task")
+    store.put(gone)
+    runner = FakeRunner()
+    code, out, err = run(capsys, "--store", url, "dlq", "replay", "--all", runner=runner)
+    assert code == 1
+    assert out == "replay: 1 import error\n"
+    assert "task 'tests.unit.test_cli:renamed_task' can no longer be imported" in err
+    assert runner.ran == []
+    assert store.list() == [gone]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "nothing to replay: give entry ids or --all"),
+        (["--all", "abc12345"], "give entry ids or --all, not both"),
+        (["abc12345", "--task", "x"], "select entries for --all only"),
+        (["0123456789"], "no dead letter with id '0123456789'"),
+    ],
+)
+def test_replay_usage_errors(
+    capsys: pytest.CaptureFixture[str], url: str, store: Any, argv: list[str], message: str
+) -> None:
+    runner = FakeRunner()
+    code, out, err = run(capsys, "--store", url, "dlq", "replay", *argv, runner=runner)
+    assert (code, out) == (2, "")
+    assert err.startswith("otel-bgtasks: error: ")
+    assert message in err
+    assert runner.ran == []
+
+
+CALLS: list[int] = []
+
+
+def record_call(value: int) -> None:
+    """Replayed through the default runner."""
+    CALLS.append(value)
+
+
+def test_replay_uses_the_default_runner(
+    capsys: pytest.CaptureFixture[str], url: str, store: SQLiteDeadLetterStore
+) -> None:
+    entry = make_entry(
+        func_ref="tests.unit.test_cli:record_call", payload='{"args":[7],"kwargs":{}}'
+    )
+    store.put(entry)
+    CALLS.clear()
+    code, out, _ = run(capsys, "--store", url, "dlq", "replay", entry.id)
+    assert (code, out) == (0, "replay: 1 replayed\n")
+    assert CALLS == [7]
+    assert store.list() == []
+
+
+# -- purge ------------------------------------------------------------------------------------
+
+
+def test_purge(
+    capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLetter], db: Path
+) -> None:
+    code, out, err = run(capsys, "--store", url, "dlq", "purge", "--reason", "exhausted")
+    assert (code, out) == (2, "")
+    assert "refusing to purge 1 dead letter without --yes" in err
+    assert run(capsys, "--store", url, "dlq", "purge", "--reason", "exhausted", "--yes") == (
+        0,
+        "purged 1 dead letter\n",
+        "",
+    )
+    assert run(capsys, "--store", url, "dlq", "purge", "--task", "nope") == (
+        0,
+        "nothing to purge\n",
+        "",
+    )
+    assert run(capsys, "--store", url, "dlq", "purge", "-y")[1] == "purged 2 dead letters\n"
+    with SQLiteDeadLetterStore(db) as check:
+        assert check.count() == 0
+
+
+# -- store selection and usage errors ---------------------------------------------------------
+
+
+def test_store_from_environment(
+    capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLetter]
+) -> None:
+    code, out, _ = run(capsys, "dlq", "list", "--json", environ={"OTEL_BGTASKS_DLQ_URL": url})
+    assert [e["id"] for e in json.loads(out)] == [e.id for e in entries]
+    # --store wins over the environment
+    code, _, err = run(
+        capsys,
+        "dlq",
+        "list",
+        "--store",
+        "sqlite:////nonexistent/x.db",
+        environ={"OTEL_BGTASKS_DLQ_URL": url},
+    )
+    assert code == 2
+    assert "file '/nonexistent/x.db' does not exist" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["dlq", "list"], "no dead-letter store: pass --store URL or set OTEL_BGTASKS_DLQ_URL"),
+        (["--store", "mongodb://x", "dlq", "list"], "unsupported dead-letter store URL"),
+        (["--store", "sqlite:///", "dlq", "list"], "invalid SQLite URL"),
+    ],
+)
+def test_store_errors(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    code, out, err = run(capsys, *argv, environ={})
+    assert (code, out) == (2, "")
+    assert message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["dlq", "list", "--since", "yesterday"], "invalid time 'yesterday'"),
+        (["dlq", "list", "--reason", "bored"], "invalid reason 'bored': use one of exhausted"),
+        (["dlq", "list", "--limit", "0"], "expected a positive integer"),
+        (["dlq"], "required: COMMAND"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_argument_errors(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    code, out, err = run(capsys, *argv, environ={})
+    assert (code, out) == (2, "")
+    assert message in err
+
+
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    assert "dlq" in out
+    assert "demo" in out
+
+
+def test_parse_since() -> None:
+    now = 1_700_000_000.0
+    assert parse_since("90s", now=now) == now - 90
+    assert parse_since("5m", now=now) == now - 300
+    assert parse_since("2h", now=now) == now - 7200
+    assert parse_since("1.5d", now=now) == now - 1.5 * 86400
+    assert parse_since("1w", now=now) == now - 604800
+    assert parse_since("2023-11-14T22:13:20Z") == 1_700_000_000.0
+    assert parse_since("2023-11-14T23:13:20+01:00") == 1_700_000_000.0
