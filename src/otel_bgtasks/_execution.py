@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import random
 import threading
 import time
@@ -49,7 +51,35 @@ TRACE_MODES: tuple[TraceMode, ...] = ("link", "child")
 TaskHook = Callable[[Span, TaskCallState], None]
 """Called with the task span and state: at start (`start_hook`) and at the end (`end_hook`)."""
 
-_log = structlog.get_logger("otel_bgtasks")
+_structlog = structlog.get_logger("otel_bgtasks")
+
+
+class _SafeLogger:
+    """The package's own logging: a broken user log processor never breaks a task."""
+
+    def _emit(self, method: str, event: str, **fields: Any) -> None:
+        try:
+            getattr(_structlog, method)(event, **fields)
+        except Exception:  # the fallback must not raise either
+            with contextlib.suppress(Exception):
+                logging.getLogger("otel_bgtasks").log(
+                    logging.ERROR if method in ("error", "exception") else logging.WARNING,
+                    "%s %s",
+                    event,
+                    fields,
+                )
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit("error", event, **fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit("warning", event, **fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        self._emit("exception", event, **fields)
+
+
+_log = _SafeLogger()
 
 _current: ContextVar[TaskCallState | None] = ContextVar("otel_bgtasks_task", default=None)
 
