@@ -188,6 +188,8 @@ class Executor:
         self._last_heartbeat = float("-inf")
         if dead_letter_store is not None:
             self.instruments.add_depth_source(self._observe_depth)
+            if hasattr(dead_letter_store, "write_errors"):  # a BufferedStore
+                self.instruments.add_write_error_source(self._observe_write_errors)
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -614,6 +616,11 @@ class Executor:
             trace_id=format(ctx.trace_id, "032x"),
             span_id=format(ctx.span_id, "016x"),
         )
+
+    def _observe_write_errors(self) -> list[Any]:
+        from opentelemetry.metrics import Observation
+
+        return [Observation(getattr(self.store, "write_errors", 0))]
 
     def _observe_depth(self) -> list[Any]:
         from opentelemetry.metrics import Observation

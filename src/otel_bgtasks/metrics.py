@@ -81,6 +81,13 @@ class Instruments:
             "bgtasks.dlq.replays", unit="{entry}", description="Dead letters replayed, by outcome"
         )
         self._depth_sources: list[DepthSource] = []
+        self._write_error_sources: list[DepthSource] = []
+        meter.create_observable_counter(
+            "bgtasks.dlq.write_errors",
+            callbacks=[self._observe_write_errors],
+            unit="{write}",
+            description="Dead-letter or journal writes that failed when submitted (kept in memory)",
+        )
         meter.create_observable_gauge(
             "bgtasks.dlq.depth",
             callbacks=[self._observe_depth],
@@ -112,6 +119,17 @@ class Instruments:
         """Report a store's size through `bgtasks.dlq.depth` at each collection."""
         with self._lock:
             self._depth_sources.append(source)
+
+    def add_write_error_source(self, source: DepthSource) -> None:
+        """Report a store's failed writes through `bgtasks.dlq.write_errors`."""
+        with self._lock:
+            self._write_error_sources.append(source)
+
+    def _observe_write_errors(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            sources = list(self._write_error_sources)
+        for source in sources:
+            yield from source()
 
     def _observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
         with self._lock:
