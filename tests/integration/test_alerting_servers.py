@@ -167,11 +167,17 @@ class RecordingSMTPHandler:
 
     def __init__(self) -> None:
         self.envelopes: list[Any] = []
+        self.sessions: list[tuple[bool, bool]] = []  # (over TLS, authenticated) per message
         self._cond = threading.Condition()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         with self._cond:
             self.envelopes.append(envelope)
+            # STARTTLS fills session.ssl; implicit TLS shows on the transport only.
+            tls = session.ssl is not None or (
+                server.transport.get_extra_info("ssl_object") is not None
+            )
+            self.sessions.append((tls, bool(session.authenticated)))
             self._cond.notify_all()
         return "250 Message accepted for delivery"
 
@@ -202,7 +208,8 @@ class Authenticator:
             return AuthResult(success=False, handled=False)
         login, password = data.login.decode(), data.password.decode()
         self.attempts.append((login, password))
-        return AuthResult(success=(login, password) == (self.user, self.password))
+        # handled=False: aiosmtpd sends the 235/535 reply itself
+        return AuthResult(success=(login, password) == (self.user, self.password), handled=False)
 
 
 @contextmanager
