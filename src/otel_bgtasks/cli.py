@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import inspect
 import json
@@ -30,9 +31,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
-import structlog
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -68,6 +68,7 @@ class _Context:
     args: argparse.Namespace
     environ: Mapping[str, str]
     runner: ReplayRunner | None
+    stdout: TextIO
     out: Console
     err: Console
 
@@ -248,16 +249,16 @@ def main(
         args=args,
         environ=os.environ if environ is None else environ,
         runner=runner,
+        stdout=sys.stdout,
         out=Console(file=sys.stdout, highlight=False),
         err=Console(file=sys.stderr, highlight=False),
     )
     handler: Handler = args.handler
-    # Unconfigured structlog prints to stdout; keep stdout for results (``--json``).
-    own_logging = not structlog.is_configured()
-    if own_logging:
-        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     try:
-        return handler(ctx)
+        # stdout carries results only (``--json`` must parse): whatever else prints there
+        # (structlog's default logger, modules imported to replay tasks) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            return handler(ctx)
     except CLIError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -266,8 +267,6 @@ def main(
         return 2
     finally:
         ctx.close()
-        if own_logging:
-            structlog.reset_defaults()
 
 
 def _open(url: str | None, environ: Mapping[str, str]) -> DeadLetterStore:
@@ -392,7 +391,7 @@ def _cmd_list(ctx: _Context) -> int:
     store = ctx.store()
     entries = store.list(**_filter_kwargs(args), limit=args.limit)
     if args.json:
-        sys.stdout.write(json.dumps([e.to_dict() for e in entries], indent=2) + "\n")
+        ctx.stdout.write(json.dumps([e.to_dict() for e in entries], indent=2) + "\n")
     elif not entries:
         ctx.out.print("No dead letters.")
     else:
@@ -414,7 +413,7 @@ def _cmd_show(ctx: _Context) -> int:
     if entry is None:  # deleted meanwhile
         raise CLIError(f"no dead letter with id {entry_id!r}")
     if ctx.args.json:
-        sys.stdout.write(json.dumps(entry.to_dict(), indent=2) + "\n")
+        ctx.stdout.write(json.dumps(entry.to_dict(), indent=2) + "\n")
         return 0
     table = Table(show_header=False, box=None)
     table.add_column("field", style="bold", no_wrap=True)
@@ -556,7 +555,8 @@ def _cmd_demo(ctx: _Context) -> int:
         raise CLIError("the demo is not available in this installation") from None
     demo_main: Callable[..., Any] = module.main
     takes_args = bool(inspect.signature(demo_main).parameters)
-    result = demo_main(list(ctx.args.demo_args)) if takes_args else demo_main()
+    with contextlib.redirect_stdout(ctx.stdout):  # the demo's report is its result
+        result = demo_main(list(ctx.args.demo_args)) if takes_args else demo_main()
     return result if isinstance(result, int) else 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from otel_bgtasks.cli import main, parse_since
 from otel_bgtasks.deadletter import DeadLetter, DeadLetterReason, ReplayResult
@@ -149,9 +150,16 @@ def test_list_reports_corrupt_rows_on_stderr(
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE dead_letters SET data = '{oops' WHERE id = ?", (entries[1].id,))
     conn.close()
-    code, out, err = run(capsys, "--store", url, "dlq", "list", "--json")
+    # a configured structlog printing to stdout (an app's config, or a test's leftover) must
+    # not break --json: the store's error log goes to stderr
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory())
+    try:
+        code, out, err = run(capsys, "--store", url, "dlq", "list", "--json")
+    finally:
+        structlog.reset_defaults()
     assert code == 0
     assert [e["id"] for e in json.loads(out)] == [entries[0].id, entries[2].id]  # stdout is JSON
+    assert "corrupt dead-letter entry skipped" in err
     assert f"warning: 1 corrupt entry skipped: {entries[1].id}" in err
     assert "otel-bgtasks dlq delete ID" in err
 
