@@ -8,12 +8,14 @@
     otel-bgtasks dlq delete ID [ID ...]
     otel-bgtasks dlq replay (ID [ID ...] | --all [--task T] [--reason R] [--since S])
     otel-bgtasks dlq purge [--task T] [--reason R] [--since S] [--yes]
+    otel-bgtasks recover [--rerun] [--stale-after SECONDS]
     otel-bgtasks demo [ARGS ...]
 
 The store URL comes from ``--store`` (accepted before or after the subcommand), else from the
 ``OTEL_BGTASKS_DLQ_URL`` environment variable. An ID may be abbreviated to a unique prefix of
-at least 4 characters. Exit status: 0 success, 1 some replays did not succeed, 2 an error
-(bad arguments, unknown id, store unreachable), reported on stderr without a traceback.
+at least 4 characters. Exit status: 0 success; 1 some replays (or re-runs) did not succeed;
+2 an error (bad arguments, unknown id, store unreachable), reported on stderr without a
+traceback. Results go to stdout, everything else (progress, warnings, logs) to stderr.
 """
 
 from __future__ import annotations
@@ -133,6 +135,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _store_option() -> argparse.ArgumentParser:
     # SUPPRESS: a --store given before the subcommand is not overwritten by the default of
     # the subcommand's copy of the option.
@@ -199,6 +211,28 @@ def _add_dlq(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_cmd_purge)
 
 
+def _add_recover(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "recover",
+        parents=[_store_option()],
+        help="durable tasks of dead processes: dead-letter them (default) or --rerun them",
+    )
+    p.add_argument(
+        "--rerun",
+        action="store_true",
+        help="run them again now (a failure is dead-lettered) instead of dead-lettering them",
+    )
+    p.add_argument(
+        "--stale-after",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a process on another host is dead after this long without a heartbeat"
+        " (default: 60); on this host, a process is dead as soon as its pid is gone",
+    )
+    p.set_defaults(handler=_cmd_recover)
+
+
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run the demo application", add_help=False, prefix_chars="\0")
     p.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -207,6 +241,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_dlq,
+    _add_recover,
     _add_demo,
 ]
 """Each adds one top-level subcommand, setting ``handler`` (``(_Context) -> int``) as default."""
@@ -544,6 +579,29 @@ def _cmd_purge(ctx: _Context) -> int:
     removed = store.purge(**filters)
     ctx.out.print(f"purged {removed} dead letter{'s' if removed != 1 else ''}")
     return 0
+
+
+def _cmd_recover(ctx: _Context) -> int:
+    from otel_bgtasks.recovery import recover_interrupted_tasks
+
+    store = ctx.store()
+    report = asyncio.run(
+        recover_interrupted_tasks(
+            mode="rerun" if ctx.args.rerun else "dead_letter",
+            store=store,
+            stale_after=ctx.args.stale_after,
+        )
+    )
+    if not report.total:
+        ctx.out.print("recover: no interrupted durable tasks")
+        return 0
+    parts = {
+        "re-run ok": report.rerun_succeeded,
+        "re-run failed": report.rerun_failed,
+        "dead-lettered": report.dead_lettered,
+    }
+    ctx.out.print("recover: " + ", ".join(f"{n} {what}" for what, n in parts.items() if n))
+    return 0 if report.rerun_failed == 0 else 1
 
 
 def _cmd_demo(ctx: _Context) -> int:

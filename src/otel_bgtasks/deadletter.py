@@ -958,8 +958,9 @@ class ReplayOutcome:
     """The result of replaying one entry.
 
     `status`: ``replayed`` (succeeded, deleted), ``failed`` (task failed again, entry updated),
-    ``import_error`` (function gone, entry kept), ``missing`` (no such id), ``corrupt`` (row
-    cannot be decoded, kept), ``error`` (the runner itself raised; entry kept unchanged).
+    ``import_error`` (function or its serializer unavailable here, entry kept), ``missing``
+    (no such id), ``corrupt`` (row cannot be decoded, kept), ``error`` (the runner itself
+    raised; entry kept unchanged).
     """
 
     entry_id: str
@@ -1083,6 +1084,11 @@ class DeadLetters:
             entry = target
         try:
             resolve(entry.func_ref)
+            get_serializer(entry.serializer)
+        except LookupError as exc:  # TaskImportError, or a serializer this process lacks
+            _log.error("dead letter replay: task not importable", entry_id=entry.id, error=str(exc))
+            return ReplayOutcome(entry.id, "import_error", entry.task_name, str(exc))
+        try:
             result = await runner(entry)
         except TaskImportError as exc:
             _log.error("dead letter replay: task not importable", entry_id=entry.id, error=str(exc))

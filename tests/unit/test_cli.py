@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import structlog
 from otel_bgtasks.cli import main, parse_since
 from otel_bgtasks.deadletter import DeadLetter, DeadLetterReason, ReplayResult
 from otel_bgtasks.stores import SQLiteDeadLetterStore
-from tests.unit.test_deadletter_contract import make_entry
+from tests.unit.test_deadletter_contract import dead_pid, make_entry, make_journal
 
 NOW = time.time()
 
@@ -319,6 +320,51 @@ def test_replay_uses_the_default_runner(
     assert store.list() == []
 
 
+# -- recover ----------------------------------------------------------------------------------
+
+
+def test_recover_dead_letters_tasks_of_dead_processes(
+    capsys: pytest.CaptureFixture[str], url: str, store: SQLiteDeadLetterStore
+) -> None:
+    assert run(capsys, "--store", url, "recover") == (
+        0,
+        "recover: no interrupted durable tasks\n",
+        "",
+    )
+    crashed = f"{socket.gethostname()}:{dead_pid()}:abcd"
+    lost = make_journal(owner=crashed, func_ref="tests.unit.test_cli:record_call")
+    store.journal_add(lost)
+    code, out, _ = run(capsys, "--store", url, "recover")
+    assert (code, out) == (0, "recover: 1 dead-lettered\n")
+    (entry,) = store.list()
+    assert (entry.id, entry.reason, entry.task_name) == (
+        lost.task_id,
+        DeadLetterReason.INTERRUPTED,
+        lost.task_name,
+    )
+    assert store.journal_list() == []
+
+
+def test_recover_rerun(
+    capsys: pytest.CaptureFixture[str], url: str, store: SQLiteDeadLetterStore
+) -> None:
+    stale_remote = "another-host:42:abcd"
+    store.heartbeat(stale_remote, at=NOW - 3600)
+    store.journal_add(
+        make_journal(
+            owner=stale_remote,
+            func_ref="tests.unit.test_cli:record_call",
+            payload='{"args":[11],"kwargs":{}}',
+        )
+    )
+    CALLS.clear()
+    code, out, _ = run(capsys, "--store", url, "recover", "--rerun", "--stale-after", "600")
+    assert (code, out) == (0, "recover: 1 re-run ok\n")
+    assert CALLS == [11]
+    assert store.journal_list() == []
+    assert store.list() == []
+
+
 # -- purge ------------------------------------------------------------------------------------
 
 
@@ -387,6 +433,7 @@ def test_store_errors(capsys: pytest.CaptureFixture[str], argv: list[str], messa
         (["dlq", "list", "--limit", "0"], "expected a positive integer"),
         (["dlq"], "required: COMMAND"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["recover", "--stale-after", "-1"], "expected a positive number, got '-1'"),
     ],
 )
 def test_argument_errors(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
@@ -399,6 +446,7 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--help")
     assert code == 0
     assert "dlq" in out
+    assert "recover" in out
     assert "demo" in out
 
 

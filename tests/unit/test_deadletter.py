@@ -450,6 +450,26 @@ async def test_replay_all_deletes_successes_updates_failures_keeps_unimportable(
     ]
 
 
+async def test_replay_keeps_entries_whose_serializer_is_unknown_here(
+    store: SQLiteDeadLetterStore,
+) -> None:
+    entry = make_entry(func_ref=func_ref(send_mail), serializer="repr", payload="((), {})")
+    store.put(entry)
+    runner_calls: list[str] = []
+
+    async def runner(e: DeadLetter) -> ReplayResult:
+        runner_calls.append(e.id)
+        return ReplayResult(ok=True)
+
+    with capture_logs():
+        report = await DeadLetters(store).replay(None, runner)
+    assert [(o.status, o.message.split(";")[0]) for o in report.outcomes] == [
+        ("import_error", "no serializer named 'repr' is registered")
+    ]
+    assert runner_calls == []
+    assert store.list() == [entry]
+
+
 async def test_replay_by_ids_reports_missing_and_dedupes(store: SQLiteDeadLetterStore) -> None:
     entry = make_entry(func_ref=func_ref(send_mail), payload=_payload("b@x"))
     other = make_entry(func_ref=func_ref(send_mail), payload=_payload("c@x"))
