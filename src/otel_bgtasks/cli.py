@@ -613,8 +613,11 @@ def _cmd_demo(ctx: _Context) -> int:
         raise CLIError("the demo is not available in this installation") from None
     demo_main: Callable[..., Any] = module.main
     takes_args = bool(inspect.signature(demo_main).parameters)
-    with contextlib.redirect_stdout(ctx.stdout):  # the demo's report is its result
-        result = demo_main(list(ctx.args.demo_args)) if takes_args else demo_main()
+    try:
+        with contextlib.redirect_stdout(ctx.stdout):  # the demo's report is its result
+            result = demo_main(list(ctx.args.demo_args)) if takes_args else demo_main()
+    except SystemExit as exc:  # its argparse: --help, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     return result if isinstance(result, int) else 0
 
 

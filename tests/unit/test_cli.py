@@ -450,6 +450,12 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert "demo" in out
 
 
+def test_demo_is_dispatched_with_its_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "demo", "--help")
+    assert code == 0
+    assert out.startswith("usage: otel-bgtasks demo")
+
+
 def test_parse_since() -> None:
     now = 1_700_000_000.0
     assert parse_since("90s", now=now) == now - 90
