@@ -164,7 +164,11 @@ class UvicornThread:
 
 
 class AppProcess:
-    """A server command in a subprocess (own session), stdout and stderr kept apart."""
+    """A server command in a subprocess (own session), stdout and stderr kept apart.
+
+    The environment is this process's plus `env` (only `env` with ``inherit_env=False``);
+    ``PYTHONPATH`` starts with the repository root either way.
+    """
 
     def __init__(
         self,
@@ -175,13 +179,14 @@ class AppProcess:
         env: Mapping[str, str] | None = None,
         ready_path: str = "/",
         name: str = "app",
+        inherit_env: bool = True,
     ) -> None:
         self.argv = list(argv)
         self.port = port
         self.ready_path = ready_path
         self.stdout_path = workdir / f"{name}.stdout"
         self.stderr_path = workdir / f"{name}.stderr"
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**(os.environ if inherit_env else {}), **(env or {})}
         # The app modules are imported as tests.integration.apps.*: run from the repo root.
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), self.env.get("PYTHONPATH", "")) if p
