@@ -28,6 +28,7 @@ from otel_bgtasks.errors import (
     ErrorClassifier,
     TaskTimeoutError,
     classify_error,
+    error_type,
 )
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.retry import RetryPolicy
@@ -129,14 +130,6 @@ def call_hook(hook: TaskHook | None, span: Span, state: TaskCallState) -> None:
         hook(span, state)
     except Exception:  # a broken hook must not lose the task or its span
         _log.exception("bgtasks hook failed", hook=getattr(hook, "__qualname__", repr(hook)))
-
-
-def error_type(exc: BaseException) -> str:
-    """`error.type`: the exception's qualified class name (builtins unqualified)."""
-    cls = type(exc)
-    if cls.__module__ == "builtins":
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class Executor:

@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from otel_bgtasks.attributes import ErrorCategory
+from otel_bgtasks.errors import error_type
 
 __all__ = [
     "DLQ_URL_ENV",
@@ -156,14 +157,6 @@ def _check_hex(name: str, value: str, length: int) -> None:
         raise ValueError(f"{name} must be {length} lowercase hex digits or '', got {value!r}")
 
 
-def _qualified_type_name(exc: BaseException) -> str:
-    # Same rule as error.type on the task span: builtins bare, everything else module-qualified.
-    cls = type(exc)
-    if cls.__module__ == "builtins":
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _format_traceback(exc: BaseException) -> str:
     return "".join(_traceback.format_exception(type(exc), exc, exc.__traceback__))
 
@@ -236,7 +229,7 @@ class DeadLetter:
             func_ref=func_ref,
             payload=payload,
             serializer=serializer,
-            error_type=_qualified_type_name(exc),
+            error_type=error_type(exc),
             error_message=str(exc),
             traceback=_format_traceback(exc),
             category=str(category),
@@ -303,7 +296,7 @@ class DeadLetter:
         }
         if exc is not None:
             changes.update(
-                error_type=_qualified_type_name(exc),
+                error_type=error_type(exc),
                 error_message=str(exc),
                 traceback=_format_traceback(exc),
             )

@@ -13,6 +13,7 @@ __all__ = [
     "ErrorClassifier",
     "TaskTimeoutError",
     "classify_error",
+    "error_type",
 ]
 
 ErrorClassifier = Callable[[BaseException], ErrorCategory]
@@ -95,3 +96,11 @@ def classify_error(exc: BaseException) -> ErrorCategory:
     if isinstance(exc, _SYSTEM):
         return ErrorCategory.SYSTEM
     return ErrorCategory.UNKNOWN
+
+
+def error_type(exc: BaseException) -> str:
+    """`error.type`: the exception's qualified class name (builtins unqualified)."""
+    cls = type(exc)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -79,7 +79,9 @@ async def recover_interrupted_tasks(
     if mode == "dead_letter":
         moved = await asyncio.to_thread(recover_interrupted, store, stale_after=stale_after)
         return RecoveryReport(dead_lettered=len(moved))
-    runner = executor or standalone_executor()
+    # Without an instrumented app (the CLI), re-runs that fail still reach the dead letters.
+    runner = executor if executor is not None and executor.store is store else None
+    runner = runner or standalone_executor(store)
     succeeded = failed = dead = 0
     owners = await asyncio.to_thread(store.dead_owners, stale_after)
     for owner in owners:

@@ -9,23 +9,34 @@ from otel_bgtasks import attributes as attr
 from otel_bgtasks._execution import Executor
 from otel_bgtasks._version import __version__
 from otel_bgtasks.attributes import Outcome
-from otel_bgtasks.deadletter import DeadLetter, ReplayResult, get_serializer, resolve
+from otel_bgtasks.deadletter import (
+    DeadLetter,
+    DeadLetterStore,
+    ReplayResult,
+    get_serializer,
+    resolve,
+)
 from otel_bgtasks.metrics import Instruments
 
 __all__ = ["run_dead_letter", "standalone_executor"]
 
-_standalone: Executor | None = None
+_standalone: dict[int, Executor] = {}
 
 
-def standalone_executor() -> Executor:
-    """An executor on the global providers, for replays outside an instrumented app (CLI)."""
-    global _standalone
-    if _standalone is None:
-        _standalone = Executor(
+def standalone_executor(store: DeadLetterStore | None = None) -> Executor:
+    """An executor on the global providers, for runs outside an instrumented app (the CLI).
+
+    With `store`, tasks that fail go to that store's dead letters (recovery re-runs).
+    """
+    key = id(store)
+    executor = _standalone.get(key)
+    if executor is None or executor.store is not store:
+        executor = _standalone[key] = Executor(
             trace.get_tracer("otel_bgtasks", __version__),
             Instruments(metrics.get_meter("otel_bgtasks", __version__)),
+            dead_letter_store=store,
         )
-    return _standalone
+    return executor
 
 
 def _span_context(trace_id: str, span_id: str) -> SpanContext | None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -57,9 +57,6 @@ class _Job:
     notifier: Notifier
 
 
-_STOP: Final = object()
-
-
 def _retryable(exc: BaseException) -> bool:
     return not isinstance(exc, DeliveryError) or exc.retryable
 
@@ -78,12 +75,14 @@ class Dispatcher:
         self.notifiers = tuple(notifiers)
         self.options = options
         self._counter = counter
-        # Unbounded underneath so the stop markers always fit; `submit` enforces the bound.
-        self._queue: queue.Queue[_Job | object] = queue.Queue()
-        self._queued = 0  # jobs in the queue, under _lock (the markers are not counted)
+        # One lock for the queue and the in-flight count, so that the bound is exact.
+        self._jobs: deque[_Job] = deque()
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._work_ready = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
         self._closed = False
+        self._stopping = False
         self._dropping = False
         self._abort = threading.Event()
         self.high_water = 0
@@ -98,7 +97,7 @@ class Dispatcher:
     @property
     def queued(self) -> int:
         """Notifications waiting for a delivery thread."""
-        return self._queued
+        return len(self._jobs)
 
     @property
     def in_flight(self) -> int:
@@ -114,11 +113,12 @@ class Dispatcher:
         """Queue `alert` for every notifier; drop (and count) what does not fit."""
         for notifier in self.notifiers:
             with self._lock:
-                accepted = not self._closed and self._queued < self.options.queue_size
+                jobs = self._jobs
+                accepted = not self._closed and len(jobs) < self.options.queue_size
                 if accepted:
-                    self._queued += 1
-                    self.high_water = max(self.high_water, self._queued)
-                    self._queue.put_nowait(_Job(alert, notifier))
+                    jobs.append(_Job(alert, notifier))
+                    self.high_water = max(self.high_water, len(jobs))
+                    self._work_ready.notify()
                 first_drop = not accepted and not self._dropping
                 self._dropping = not accepted
             if not accepted:
@@ -133,12 +133,12 @@ class Dispatcher:
 
     def flush(self, deadline: float) -> bool:
         """Wait until every queued notification is delivered or failed; False at `deadline`."""
-        with self._queue.all_tasks_done:
-            while self._queue.unfinished_tasks:
+        with self._idle:
+            while self._jobs or self._in_flight:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._queue.all_tasks_done.wait(remaining)
+                self._idle.wait(remaining)
         return True
 
     def shutdown(self, deadline: float) -> bool:
@@ -151,18 +151,15 @@ class Dispatcher:
             self._closed = True
         flushed = self.flush(deadline)
         self._abort.set()  # ends backoff waits and retries at once
-        while True:  # what no thread took yet is dropped now, not when a stuck thread frees
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            with self._lock:
-                self._queued -= 1
-            if isinstance(job, _Job):
-                self._record(job.alert, job.notifier, "dropped")
-            self._queue.task_done()
-        for _ in self._threads:
-            self._queue.put_nowait(_STOP)
+        with self._lock:
+            # What no thread took yet is dropped now, not when a stuck thread frees up.
+            left = list(self._jobs)
+            self._jobs.clear()
+            self._stopping = True
+            self._work_ready.notify_all()
+            self._idle.notify_all()
+        for job in left:
+            self._record(job.alert, job.notifier, "dropped")
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         for notifier in self.notifiers:
@@ -176,24 +173,22 @@ class Dispatcher:
 
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
-            try:
-                if job is _STOP:
+            with self._work_ready:
+                while not self._jobs and not self._stopping:
+                    self._work_ready.wait()
+                if not self._jobs:  # stopping, and nothing left
                     return
-                assert isinstance(job, _Job)
-                with self._lock:
-                    self._queued -= 1
-                    self._in_flight += 1
-                try:
-                    if self._abort.is_set():
-                        self._record(job.alert, job.notifier, "dropped")
-                    else:
-                        self._deliver(job)
-                finally:
-                    with self._lock:
-                        self._in_flight -= 1
+                job = self._jobs.popleft()
+                self._in_flight += 1
+            try:
+                self._deliver(job)
+            except Exception:  # _deliver counts its own errors; this keeps the thread alive
+                _log.warning("bgtasks alert delivery thread error", alert_rule=job.alert.rule)
             finally:
-                self._queue.task_done()
+                with self._lock:
+                    self._in_flight -= 1
+                    if not self._jobs and not self._in_flight:
+                        self._idle.notify_all()
 
     def _sleep(self, seconds: float) -> None:
         self._abort.wait(seconds)
