@@ -8,6 +8,15 @@ import ssl
 from email.utils import parsedate_to_datetime
 
 import pytest
+from tests.integration.test_alerting_servers import (
+    LOOPBACK,
+    Authenticator,
+    HangingServer,
+    RecordingHTTPServer,
+    make_self_signed,
+    refused_url,
+    smtp_server,
+)
 
 from otel_bgtasks.alerting import (
     Alert,
@@ -20,16 +29,6 @@ from otel_bgtasks.alerting import (
     SlackNotifier,
     TaskSignal,
     WebhookNotifier,
-)
-
-from test_alerting_servers import (  # isort: skip
-    LOOPBACK,
-    Authenticator,
-    HangingServer,
-    RecordingHTTPServer,
-    make_self_signed,
-    refused_url,
-    smtp_server,
 )
 
 TASK = "make_app.<locals>.send_invoice"  # a nested function's __qualname__

@@ -104,7 +104,8 @@ def test_task_spans_reach_the_rules_and_the_notifier(providers):
         AlertStatus.FIRING,
         "task:send_invoice",
     )
-    assert alert.signal is not None and alert.signal.outcome == "failure"
+    assert alert.signal is not None
+    assert alert.signal.outcome == "failure"
     (scope,) = reader.get_metrics_data().resource_metrics[0].scope_metrics
     assert (scope.scope.name, scope.scope.version) == ("otel_bgtasks", __version__)
     (metric,) = scope.metrics
