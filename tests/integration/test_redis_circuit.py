@@ -1,0 +1,276 @@
+"""Circuit breakers shared by replicas through a real redis-server (`RedisCircuitBackend`).
+
+Each "replica" has its own Redis client (its own connections), its own breaker object and, in
+the executor test, its own tracer and meter: the only thing they share is Redis. Time is a
+shared fake clock, injected into the breakers (wall time in production).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+import structlog
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from tests.redis_server import RedisServer, running_redis
+
+from otel_bgtasks import CircuitBreaker, CircuitState, RedisCircuitBackend
+from otel_bgtasks._execution import Executor
+from otel_bgtasks.metrics import Instruments
+
+pytestmark = pytest.mark.redis
+
+NAME = "payments"
+KEY = f"bgtasks:circuit:{NAME}"
+UNREACHABLE = "circuit state backend unreachable, using local state"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    with running_redis(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def clients(redis_server) -> Iterator[list[redis.Redis]]:
+    """One client per replica, plus one for the test to look at Redis; closed afterwards."""
+    made: list[redis.Redis] = []
+
+    def client() -> redis.Redis:
+        c = redis.Redis.from_url(redis_server.url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        made.append(c)
+        return c
+
+    yield client  # type: ignore[misc]
+    for c in made:
+        c.close()
+
+
+def breaker(client: redis.Redis, clock: Clock, transitions: list[Any]) -> CircuitBreaker:
+    b = CircuitBreaker(
+        NAME,
+        failure_threshold=2,
+        open_duration=30.0,
+        clock=clock,
+        backend=RedisCircuitBackend(client),
+    )
+    b.listeners.append(lambda name, before, after: transitions.append((name, before, after)))
+    return b
+
+
+def stored(client: redis.Redis) -> dict[str, Any]:
+    raw = client.get(KEY)
+    assert raw is not None
+    data: dict[str, Any] = json.loads(raw)
+    return data
+
+
+def test_two_replicas_open_and_close_together(clients):
+    clock = Clock()
+    seen_a: list[Any] = []
+    seen_b: list[Any] = []
+    a = breaker(clients(), clock, seen_a)
+    b = breaker(clients(), clock, seen_b)
+    look = clients()
+
+    assert a.allow()
+    assert b.allow()
+    a.record_failure()
+    assert stored(look) == {"state": 0, "failures": 1, "opened_at": 0.0, "probes": 0}
+    b.record_failure()  # the second consecutive failure, counted across replicas: open
+    assert stored(look) == {"state": 2, "failures": 2, "opened_at": clock.now, "probes": 0}
+    assert (a.state, b.state) == (CircuitState.OPEN, CircuitState.OPEN)
+    assert not a.allow()
+    assert not b.allow()
+    # Only the replica that made the change sees the transition (and reports it).
+    assert seen_b == [(NAME, CircuitState.CLOSED, CircuitState.OPEN)]
+    assert seen_a == []
+
+    clock.now += 31.0  # past open_duration: one probe for both replicas together
+    assert a.allow()
+    assert (a.state, b.state) == (CircuitState.HALF_OPEN, CircuitState.HALF_OPEN)
+    assert not b.allow()  # the probe is taken, by the other replica
+    assert stored(look)["probes"] == 1
+    a.record_success()
+    assert (a.state, b.state) == (CircuitState.CLOSED, CircuitState.CLOSED)
+    assert b.allow()
+    assert seen_a == [
+        (NAME, CircuitState.OPEN, CircuitState.HALF_OPEN),
+        (NAME, CircuitState.HALF_OPEN, CircuitState.CLOSED),
+    ]
+
+    # A failed probe re-opens for everyone.
+    a.record_failure()
+    b.record_failure()
+    clock.now += 31.0
+    assert b.allow()
+    b.record_failure()
+    assert (a.state, b.state) == (CircuitState.OPEN, CircuitState.OPEN)
+    assert stored(look)["opened_at"] == clock.now
+    assert not a.allow()
+
+
+@dataclass
+class Replica:
+    """One app process: its own tracer and meter, its own Redis client, one executor."""
+
+    executor: Executor
+    exporter: InMemorySpanExporter
+    reader: InMemoryMetricReader
+    providers: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, client: redis.Redis, clock: Clock) -> Replica:
+        exporter = InMemorySpanExporter()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+        reader = InMemoryMetricReader()
+        meter_provider = MeterProvider(metric_readers=[reader])
+        executor = Executor(
+            tracer_provider.get_tracer("otel_bgtasks"),
+            Instruments(meter_provider.get_meter("otel_bgtasks")),
+            circuit=CircuitBreaker(
+                NAME,
+                failure_threshold=2,
+                open_duration=30.0,
+                clock=clock,
+                backend=RedisCircuitBackend(client),
+            ),
+        )
+        return cls(executor, exporter, reader, [tracer_provider, meter_provider])
+
+    async def run(self, func: Any, *args: Any) -> ReadableSpan:
+        state = self.executor.prepare(func, args, {})
+        await self.executor.run(state)
+        return self.exporter.get_finished_spans()[-1]
+
+    def gauge(self) -> dict[str, int]:
+        data = self.reader.get_metrics_data()
+        assert data is not None
+        return {
+            p.attributes["bgtasks.circuit.name"]: p.value
+            for rm in data.resource_metrics
+            for sm in rm.scope_metrics
+            for m in sm.metrics
+            if m.name == "bgtasks.circuit.state"
+            for p in m.data.data_points
+        }
+
+    def close(self) -> None:
+        self.executor.close()
+        for provider in self.providers:
+            provider.shutdown()
+
+
+calls: list[str] = []
+
+
+def pay(order: str) -> None:
+    calls.append(order)
+    if order.startswith("down"):
+        raise ConnectionRefusedError(f"payments refused {order}")
+
+
+async def test_executors_of_two_replicas_share_one_breaker(clients):
+    clock = Clock()
+    calls.clear()
+    a, b = Replica.start(clients(), clock), Replica.start(clients(), clock)
+    try:
+        first = await a.run(pay, "down-1")
+        second = await a.run(pay, "down-2")
+        assert [e.name for e in first.events] == ["exception"]
+        assert [e.name for e in second.events] == ["bgtasks.circuit.state_change", "exception"]
+        assert dict(second.events[0].attributes) == {
+            "bgtasks.circuit.name": NAME,
+            "bgtasks.circuit.from": "closed",
+            "bgtasks.circuit.to": "open",
+        }
+
+        # Replica B never failed, yet its task is refused: the circuit is open in Redis.
+        refused = await b.run(pay, "ok-1")
+        assert calls == ["down-1", "down-2"]
+        assert refused.attributes["bgtasks.task.outcome"] == "rejected"
+        assert refused.attributes["bgtasks.task.attempts"] == 0
+        assert refused.status.status_code is StatusCode.ERROR
+        assert [e.name for e in refused.events] == ["bgtasks.circuit.rejected", "exception"]
+        assert dict(refused.events[0].attributes) == {"bgtasks.circuit.name": NAME}
+        assert b.gauge() == {NAME: 2}  # its gauge shows the shared state
+        assert a.gauge() == {NAME: 2}
+
+        # After open_duration B's probe succeeds and closes it for A as well.
+        clock.now += 31.0
+        probe = await b.run(pay, "ok-2")
+        assert probe.attributes["bgtasks.task.outcome"] == "success"
+        assert [
+            (e.attributes["bgtasks.circuit.from"], e.attributes["bgtasks.circuit.to"])
+            for e in probe.events
+        ] == [("open", "half_open"), ("half_open", "closed")]
+        assert b.gauge() == {NAME: 0}
+        after = await a.run(pay, "ok-3")
+        assert after.attributes["bgtasks.task.outcome"] == "success"
+        assert after.events == ()
+        assert calls == ["down-1", "down-2", "ok-2", "ok-3"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_redis_outage_falls_back_to_local_state_and_recovers(redis_server, clients):
+    clock = Clock()
+    seen_a: list[Any] = []
+    a = breaker(clients(), clock, seen_a)
+    b = breaker(clients(), clock, [])
+    look = clients()
+    a.record_failure()
+    assert stored(look)["failures"] == 1
+
+    redis_server.stop()
+    with structlog.testing.capture_logs() as logs:
+        # Nothing raises; each replica keeps its own local state meanwhile.
+        assert a.allow()
+        a.record_failure()
+        assert a.allow()  # local: one failure only, the one before the outage is in Redis
+        a.record_failure()
+        assert not a.allow()  # local threshold reached: open locally
+        assert a.state is CircuitState.OPEN
+        assert b.allow()  # B's local state knows nothing of A's failures
+        b.record_failure()
+        b.record_success()
+        assert b.state is CircuitState.CLOSED
+    unreachable = [e for e in logs if e["event"] == UNREACHABLE]
+    assert len(unreachable) == 8  # every call that needed Redis said so
+    for entry in unreachable:
+        assert entry["log_level"] == "error"
+        assert entry["circuit"] == NAME
+        assert str(redis_server.port) in entry["error"]
+    assert seen_a == [(NAME, CircuitState.CLOSED, CircuitState.OPEN)]
+
+    redis_server.start()  # same port, empty (no persistence)
+    with structlog.testing.capture_logs() as logs:
+        assert a.state is CircuitState.CLOSED  # Redis again, not the local "open"
+        assert a.allow()
+        assert b.allow()
+        a.record_failure()
+        b.record_failure()
+        assert (a.state, b.state) == (CircuitState.OPEN, CircuitState.OPEN)
+        assert not a.allow()
+        assert not b.allow()
+        assert stored(look)["state"] == 2
+    assert [e for e in logs if e["event"] == UNREACHABLE] == []
