@@ -298,6 +298,7 @@ def test_task_path_cost_with_and_without_alerting(channel, capsys):
     CI machine is no contract; what is asserted is that nothing on the path waits."""
     runs = 2_000
     results = {}
+    processors = []
     with ExitStack() as stack:
         if channel == "hanging":
             hanging = HangingServer()
@@ -318,6 +319,7 @@ def test_task_path_cost_with_and_without_alerting(channel, capsys):
                     delivery=DeliveryOptions(queue_size=8, max_concurrency=2, max_attempts=3),
                 )
                 provider.add_span_processor(processor)
+                processors.append(processor)
             for i in range(200):  # warm up
                 end_task_span(provider, f"warm-{i % 50}")
             samples = sorted(end_task_span(provider, f"task-{i % 50}") for i in range(runs))
@@ -328,6 +330,9 @@ def test_task_path_cost_with_and_without_alerting(channel, capsys):
                 processor.shutdown(timeout=0.2)
             provider.shutdown()
             meter_provider.shutdown()
+    # The servers are closed: deliveries stuck at shutdown end now (failed), threads exit.
+    for processor in processors:
+        wait_until(lambda p=processor: p.dispatcher.threads_alive == 0, what="delivery threads")
     with capsys.disabled():
         print(f"\n  span.end() cost per task span ({runs} spans):")
         for label, samples in results.items():

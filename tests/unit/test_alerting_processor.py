@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._version import __version__
 from otel_bgtasks.alerting import (
+    Alert,
     AlertingConfig,
     AlertingSpanProcessor,
     AlertStatus,
@@ -24,6 +25,7 @@ from otel_bgtasks.alerting import (
     Notifier,
     Rule,
     Secret,
+    Severity,
     SlackNotifier,
     install_alerting,
 )
@@ -264,3 +266,45 @@ def test_install_alerting_with_explicit_config_and_notifiers(providers, clean_en
 def test_install_alerting_needs_an_sdk_tracer_provider():
     with pytest.raises(TypeError, match="needs an SDK TracerProvider, got NoOpTracerProvider"):
         install_alerting(trace.NoOpTracerProvider(), notifiers=[])
+
+
+# -- LogNotifier ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("severity", "status", "level"),
+    [
+        ("critical", AlertStatus.FIRING, "critical"),
+        ("warning", AlertStatus.FIRING, "warning"),
+        ("info", AlertStatus.FIRING, "info"),
+        ("critical", AlertStatus.RESOLVED, "info"),
+    ],
+)
+def test_log_notifier_logs_at_the_severity_and_resolved_at_info(severity, status, level):
+    alert = Alert(
+        rule="circuit_opened",
+        severity=Severity(severity),
+        status=status,
+        key="circuit:smtp",
+        summary="Circuit smtp opened (task send_mail)",
+        at=1.0,
+        labels={"circuit": "smtp"},
+        details={"from": "closed", "to": "open"},
+    )
+    with capture_logs() as logs:
+        LogNotifier().send(alert)
+    assert logs == [
+        {
+            "event": f"bgtasks alert {status.value}",
+            "log_level": level,
+            "alert_rule": "circuit_opened",
+            "alert_severity": severity,
+            "alert_status": status.value,
+            "alert_key": "circuit:smtp",
+            "summary": "Circuit smtp opened (task send_mail)",
+            "labels": {"circuit": "smtp"},
+            "details": {"from": "closed", "to": "open"},
+            "trace_id": None,
+            "span_id": None,
+        }
+    ]

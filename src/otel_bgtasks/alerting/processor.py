@@ -122,10 +122,12 @@ class AlertingSpanProcessor(SpanProcessor):
                 self._signals_dropped += 1
                 first = self._signals_dropped == 1
             if first:  # later drops only count: this runs on the task path
-                _log.warning(
-                    "bgtasks alerting queue full: task spans skipped by the alert rules",
-                    queue_size=self.queue_size,
-                )
+                # The SDK does not guard on_end: a raising log handler would reach the task.
+                with contextlib.suppress(Exception):
+                    _log.warning(
+                        "bgtasks alerting queue full: task spans skipped by the alert rules",
+                        queue_size=self.queue_size,
+                    )
 
     # -- the rules thread -----------------------------------------------------------------------
 
@@ -142,8 +144,8 @@ class AlertingSpanProcessor(SpanProcessor):
                 if isinstance(item, ReadableSpan):
                     self._evaluate(item)
                 if time.monotonic() >= next_tick:
-                    self._dispatch(self.engine.tick())
                     next_tick = time.monotonic() + self.tick_interval
+                    self._dispatch(self.engine.tick())
             except Exception:  # keep the thread alive whatever a span or rule holds
                 _log.exception("bgtasks alerting failed on a span")
             finally:
