@@ -192,6 +192,8 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             original_init(self, func, *a, **kw)
             current = _executor
             if current is not None:
+                if cls.__call__ is not __call__:
+                    owner._reclaim(__call__)
                 setattr(self, _STATE_ATTR, current.schedule(func, a, kw, is_async=self.is_async))
 
         async def __call__(self: BackgroundTask) -> None:
@@ -202,13 +204,27 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 return
             await current.run(state)
 
-        type(self)._original_init = original_init
-        type(self)._original_call = original_call
-        type(self)._upstream_call = cls.__call__ if upstream_original is not None else None
-        type(self)._upstream_original = upstream_original
+        owner = type(self)
+        owner._original_init = original_init
+        owner._original_call = original_call
+        owner._upstream_call = cls.__call__ if upstream_original is not None else None
+        owner._upstream_original = upstream_original
         cls.__init__ = __init__  # type: ignore[method-assign]
         cls.__call__ = __call__  # type: ignore[method-assign]
         setattr(cls, _UPSTREAM_ATTR, __call__)
+
+    @classmethod
+    def _reclaim(cls, ours: Callable[..., Any]) -> None:
+        """Upstream wrapped our __call__ after we patched (it was uninstrumented and
+        instrumented again): take the slot back, keeping its wrapper for our uninstrument."""
+        task_cls = BackgroundTask
+        wrapper = task_cls.__call__
+        if wrapper is ours:
+            return
+        cls._upstream_call = wrapper
+        cls._upstream_original = ours  # its wrapper calls ours, which passes through once off
+        task_cls.__call__ = ours  # type: ignore[method-assign]
+        setattr(task_cls, _UPSTREAM_ATTR, ours)
 
     def _unpatch(self) -> None:
         cls = BackgroundTask
