@@ -303,28 +303,42 @@ def test_upstream_instrumenting_another_app_later_does_not_double_task_spans(
 
 
 @pytest.mark.parametrize("first", ["ours", "upstream"])
+@pytest.mark.parametrize("off_first", ["ours", "upstream"])
 def test_upstream_switched_off_and_on_again_keeps_one_task_span(
-    telemetry, instrument, upstream, first
+    telemetry, instrument, upstream, first, off_first
 ):
     """Upstream uninstrumented, then instrumented again (e.g. per-test apps) while ours stays.
 
     Upstream's uninstrument deletes the marker attribute through which ours keeps upstream
     from wrapping BackgroundTask.__call__; when upstream is switched on again it must still
-    not wrap our span in its bare one.
+    not wrap our span in its bare one. Afterwards each still survives the other, and with
+    both off Starlette is exactly as it was.
     """
     if first == "ours":
-        instrument()
+        ours = instrument()
         upstream.instrument()
     else:
         upstream.instrument()
-        instrument()
+        ours = instrument()
     upstream.uninstrument()
     upstream.apps.clear()
     app = upstream.instrument()
     with UvicornThread(app) as server, server.client() as client:
         spans = run_request(client, telemetry)
-    assert [s.name for s in spans if s.name.startswith("BackgroundTask")] == []
-    assert_ours_linked(spans)
+        assert [s.name for s in spans if s.name.startswith("BackgroundTask")] == []
+        assert_ours_linked(spans)
+
+        if off_first == "ours":
+            ours.uninstrument()
+            # Upstream was (re-)instrumented after ours: its own wrapper is handed back.
+            assert_upstream_bare(run_request(client, telemetry))
+            upstream.uninstrument()
+        else:
+            upstream.uninstrument()
+            assert_ours_alone(run_request(client, telemetry))
+            ours.uninstrument()
+        assert run_request(client, telemetry) == []
+    assert_starlette_restored()
 
 
 def test_upstream_alone_then_ours_alone_leave_starlette_exact(telemetry, instrument, upstream):
