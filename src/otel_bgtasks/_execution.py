@@ -328,6 +328,10 @@ class Executor:
         for breaker in self.breakers.values():
             if self._on_transition in breaker.listeners:
                 breaker.listeners.remove(self._on_transition)
+        self.report_pending()
+
+    def report_pending(self) -> None:
+        """Log every task still scheduled or running (at shutdown: never dropped silently)."""
         pending = list(self.inflight.values())
         if pending:
             _log.warning(

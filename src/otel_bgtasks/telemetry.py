@@ -4,15 +4,19 @@
 configured only by the standard variables (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
 `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_PROTOCOL`, `OTEL_EXPORTER_OTLP_*_ENDPOINT`,
 `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_BSP_*`, `OTEL_METRIC_EXPORT_INTERVAL`, `OTEL_TRACES_SAMPLER`,
-...), sets them as the global providers and flushes them at interpreter exit.
+...), sets them as the global providers and flushes them at interpreter exit. Under uvicorn,
+also pass `lifespan=telemetry.lifespan` to FastAPI: uvicorn ends a SIGTERM'd process by
+re-raising the signal, which skips exit handlers.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.environment_variables import (
@@ -43,6 +47,23 @@ class Telemetry:
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
     _closed: bool = False
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        """A FastAPI/Starlette lifespan that flushes at shutdown: `FastAPI(lifespan=t.lifespan)`.
+
+        Needed under uvicorn: after a graceful SIGTERM shutdown it re-raises the signal, which
+        ends the process without running `atexit` handlers. Tasks still pending are reported.
+        """
+        try:
+            yield
+        finally:
+            from otel_bgtasks.instrumentor import current_executor
+
+            executor = current_executor()
+            if executor is not None:
+                executor.report_pending()
+            self.shutdown()
 
     def shutdown(self) -> None:
         """Flush pending spans and metrics, then close the exporters (idempotent)."""

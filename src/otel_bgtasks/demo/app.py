@@ -33,6 +33,7 @@ from otel_bgtasks import (
     background_task,
 )
 from otel_bgtasks.health import bgtasks_router
+from otel_bgtasks.telemetry import Telemetry, configure_telemetry
 
 __all__ = ["app", "create_app", "downstream"]
 
@@ -105,7 +106,8 @@ def create_app(*, instrument: bool = True) -> FastAPI:
     Under `opentelemetry-instrument` the distro configures providers and our entry point
     instruments background tasks, so this only adds what is still missing.
     """
-    app = FastAPI(title="otel-bgtasks demo")
+    telemetry = _setup_telemetry() if instrument else None
+    app = FastAPI(title="otel-bgtasks demo", lifespan=telemetry.lifespan if telemetry else None)
     counter = {"n": 0}
 
     def next_id() -> str:
@@ -151,21 +153,20 @@ def create_app(*, instrument: bool = True) -> FastAPI:
         return {"scheduled": "generate_invoice", "order": order}
 
     app.include_router(bgtasks_router(admin=False))
-    if instrument:
-        _instrument(app)
+    if instrument and not getattr(app, "_is_instrumented_by_opentelemetry", False):
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app)
     return app
 
 
-def _instrument(app: FastAPI) -> None:
-    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-
-    from otel_bgtasks.telemetry import configure_telemetry
-
-    if not BackgroundTasksInstrumentor().is_instrumented_by_opentelemetry:
-        configure_telemetry(service_name="bgtasks-demo")
-        BackgroundTasksInstrumentor().instrument()
-    if not getattr(app, "_is_instrumented_by_opentelemetry", False):
-        FastAPIInstrumentor.instrument_app(app)
+def _setup_telemetry() -> Telemetry | None:
+    """Providers and instrumentation, unless `opentelemetry-instrument` already did it."""
+    if BackgroundTasksInstrumentor().is_instrumented_by_opentelemetry:
+        return None
+    telemetry = configure_telemetry(service_name="bgtasks-demo")
+    BackgroundTasksInstrumentor().instrument()
+    return telemetry
 
 
 app = create_app(instrument=os.environ.get("OTEL_BGTASKS_DEMO_NO_INSTRUMENT") != "1")
