@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from otel_bgtasks._execution import TaskHook, current_task
 from otel_bgtasks._version import __version__
+from otel_bgtasks.alerting import AlertingSpanProcessor, install_alerting
 from otel_bgtasks.attributes import ErrorCategory, Outcome
 from otel_bgtasks.circuit import CircuitBreaker, CircuitState, RedisCircuitBackend
 from otel_bgtasks.deadletter import (
@@ -28,6 +29,7 @@ from otel_bgtasks.task import TaskOptions, background_task
 from otel_bgtasks.telemetry import Telemetry, configure_telemetry
 
 __all__ = [
+    "AlertingSpanProcessor",
     "BackgroundTasksInstrumentor",
     "BusinessError",
     "CircuitBreaker",
@@ -61,6 +63,7 @@ __all__ = [
     "configure_structlog_json",
     "configure_telemetry",
     "current_task",
+    "install_alerting",
     "open_store",
     "recover_interrupted_tasks",
     "schedule",

@@ -13,6 +13,9 @@ from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.exception_attributes import EXCEPTION_MESSAGE
 
 __all__ = [
+    "ALERT_CHANNEL",
+    "ALERT_OUTCOME",
+    "ALERT_RULE",
     "CIRCUIT_FROM",
     "CIRCUIT_NAME",
     "CIRCUIT_TO",
@@ -58,6 +61,10 @@ CIRCUIT_TO = "bgtasks.circuit.to"
 
 DLQ_ENTRY_ID = "bgtasks.dlq.entry_id"
 DLQ_REASON = "bgtasks.dlq.reason"
+
+ALERT_RULE = "bgtasks.alert.rule"
+ALERT_CHANNEL = "bgtasks.alert.channel"
+ALERT_OUTCOME = "bgtasks.alert.outcome"
 
 EVENT_ENQUEUED = "bgtasks.enqueued"
 EVENT_RETRY = "bgtasks.retry"

@@ -24,6 +24,7 @@ from tenacity import (
 from otel_bgtasks.alerting.alerts import Alert
 from otel_bgtasks.alerting.config import DeliveryOptions
 from otel_bgtasks.alerting.notifiers import DeliveryError, Notifier, redact
+from otel_bgtasks.attributes import ALERT_CHANNEL, ALERT_OUTCOME, ALERT_RULE
 
 __all__ = [
     "ALERTS_SENT",
@@ -35,9 +36,6 @@ __all__ = [
 ]
 
 ALERTS_SENT: Final = "bgtasks.alerts.sent"
-ALERT_RULE: Final = "bgtasks.alert.rule"
-ALERT_CHANNEL: Final = "bgtasks.alert.channel"
-ALERT_OUTCOME: Final = "bgtasks.alert.outcome"
 
 _log = structlog.get_logger("otel_bgtasks.alerting")
 

@@ -29,6 +29,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
+from otel_bgtasks.alerting import (
+    Alert,
+    CircuitOpened,
+    ConsecutiveFailures,
+    DeadLetterMoves,
+    Notifier,
+    install_alerting,
+)
+
 __all__ = ["main"]
 
 _OUTCOME_STYLE = {
@@ -38,6 +47,19 @@ _OUTCOME_STYLE = {
     "rejected": "yellow",
     "timeout": "red",
 }
+
+
+class _ReportNotifier(Notifier):
+    """Collects alerts for the report (a real app would use Slack, a webhook or e-mail)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def send(self, alert: Alert) -> None:
+        style = "red" if alert.status == "firing" else "green"
+        self.lines.append(
+            f"[{style}]{alert.status}[/] {alert.severity} {alert.rule}: {alert.summary}"
+        )
 
 
 def _free_port() -> int:
@@ -217,6 +239,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metric_readers=[reader],
     )
     alerts: list[str] = []
+    alerting = install_alerting(
+        telemetry.tracer_provider,
+        meter_provider=telemetry.meter_provider,
+        rules=[ConsecutiveFailures(2), CircuitOpened(), DeadLetterMoves(more_than=3)],
+        notifiers=[_ReportNotifier(alerts)],
+        tick_interval=0.1,
+    )
     with tempfile.TemporaryDirectory(prefix="bgtasks-demo-") as tmp:
         store = SQLiteDeadLetterStore(str(Path(tmp) / "dead-letters.db"))
         instrumentor = BackgroundTasksInstrumentor()
@@ -244,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.should_exit = True
             thread.join(5)
         telemetry.tracer_provider.force_flush()
+        alerting.force_flush()
         _report(console, exporter.get_finished_spans(), reader, before, after, alerts)
         instrumentor.uninstrument()
         store.close()
