@@ -2,10 +2,11 @@
 
 The demo app, as the README runs it (``uvicorn otel_bgtasks.demo.app:app``), exports OTLP/HTTP
 to a receiver in this test. The batch span processor and the metric reader are given intervals
-longer than the test, so only the flush at shutdown can deliver what the app recorded: the
-README promises that `configure_telemetry()` "flushes both providers at exit".
+longer than the test, so only the flush at shutdown can deliver what the app recorded.
 
-SIGINT is Ctrl-C; SIGTERM is what ``docker stop``, Kubernetes and systemd send.
+SIGINT is Ctrl-C; SIGTERM is what ``docker stop``, Kubernetes and systemd send. After a
+graceful SIGTERM shutdown uvicorn re-raises the signal, which ends the process without running
+`atexit` handlers: the flush has to happen in the app's lifespan (`Telemetry.lifespan`).
 """
 
 from __future__ import annotations
