@@ -1,0 +1,137 @@
+"""The app the HTTP benchmarks serve with uvicorn: one endpoint that schedules one task.
+
+``BENCH_VARIANT`` picks the instrumentation: ``none``, ``upstream`` (opentelemetry-
+instrumentation-fastapi on the app) or ``ours`` (upstream plus this package, default dead-letter
+store under ``$OTEL_BGTASKS_DLQ_URL``). Every variant builds the same SDK providers exporting
+OTLP/gRPC to ``$OTEL_EXPORTER_OTLP_ENDPOINT`` (a BatchSpanProcessor and a periodic metric
+reader), so only the instrumentation differs.
+
+    GET  /work    schedules `task_done(perf_counter())` and answers {"ok": true}
+    GET  /stats   requests served, tasks done, task latency (scheduling -> task end), RSS
+    POST /reset   zero the counters (after a warm-up)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from typing import Any
+
+from fastapi import BackgroundTasks, FastAPI
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from benchmarks._common import rss_mb
+
+__all__ = ["app"]
+
+VARIANT = os.environ.get("BENCH_VARIANT", "none")
+_LATENCY_KEEP = 200_000
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests = 0
+        self.tasks = 0
+        self.latency: deque[float] = deque(maxlen=_LATENCY_KEEP)
+        self.rss_at_reset = rss_mb()
+        self.cpu_at_reset = time.process_time()
+        self.main_cpu_at_reset = time.thread_time()  # endpoints run on the main thread
+
+
+STATS = _Stats()
+RSS_AT_START = rss_mb()
+
+resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "bench")})
+# No flush at exit: a stopped or black-holed backend would only delay the server's shutdown.
+tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+meter_provider = MeterProvider(
+    resource=resource,
+    metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())],
+    shutdown_on_exit=False,
+)
+
+
+async def task_done(scheduled: float) -> None:
+    """The background task: counts itself and its latency from scheduling."""
+    STATS.tasks += 1
+    STATS.latency.append(time.perf_counter() - scheduled)
+
+
+app = FastAPI()
+
+
+@app.get("/work")
+async def work(background: BackgroundTasks) -> dict[str, bool]:
+    STATS.requests += 1
+    background.add_task(task_done, time.perf_counter())
+    return {"ok": True}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+@app.get("/stats")
+async def stats() -> dict[str, Any]:
+    latency = list(STATS.latency)
+    failures = 0
+    if VARIANT == "ours":
+        from otel_bgtasks.instrumentor import current_executor
+
+        executor = current_executor()
+        failures = len(executor.recent_failures) if executor is not None else -1
+    return {
+        "variant": VARIANT,
+        "requests": STATS.requests,
+        "tasks": STATS.tasks,
+        "task_latency_p50_ms": _percentile(latency, 0.50) * 1000,
+        "task_latency_p99_ms": _percentile(latency, 0.99) * 1000,
+        "task_latency_mean_ms": (sum(latency) / len(latency) * 1000) if latency else None,
+        "rss_mb": rss_mb(),
+        "rss_at_reset_mb": STATS.rss_at_reset,
+        "rss_at_start_mb": RSS_AT_START,
+        "task_failures": failures,
+        # CPU seconds since the reset: the whole process, and the event loop's thread alone
+        # (the rest is the SDK's export threads).
+        "cpu_s": time.process_time() - STATS.cpu_at_reset,
+        "main_thread_cpu_s": time.thread_time() - STATS.main_cpu_at_reset,
+    }
+
+
+@app.post("/reset")
+async def reset() -> dict[str, bool]:
+    STATS.reset()
+    return {"ok": True}
+
+
+if VARIANT in ("upstream", "ours"):
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    FastAPIInstrumentor.instrument_app(
+        app,
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        excluded_urls="/stats,/reset",
+    )
+if VARIANT == "ours":
+    from otel_bgtasks import BackgroundTasksInstrumentor
+
+    BackgroundTasksInstrumentor().instrument(
+        tracer_provider=tracer_provider, meter_provider=meter_provider
+    )
+elif VARIANT not in ("none", "upstream"):
+    raise ValueError(f"BENCH_VARIANT={VARIANT!r}: use none, upstream or ours")

@@ -1,0 +1,223 @@
+"""The HTTP benchmark's ``ours`` variant while the telemetry backend is down or hangs.
+
+Three uvicorn processes serve the same instrumented app (upstream FastAPI instrumentation plus
+this package), differing only in where OTLP goes:
+
+- ``healthy``: the real collector (collector-config/otelcol.yaml, feeding Jaeger);
+- ``stopped``: a free loopback port nothing listens on (connection refused);
+- ``blackhole``: a TCP server on loopback that accepts connections, reads and discards what
+  it gets and never answers (gRPC calls hang until the exporter's timeout).
+
+Rounds load each server in turn (rotated), bounded in time and count. Reported: req/s and task
+latency of each failing backend as a ratio of the healthy run (target within 5%), RSS of each
+app at start, after the warm-up and at the end (growth must stay within the exporters' queue
+limits: the span processor's 2048-span queue, not the number of requests), and that nothing
+surfaced to the application: every response a 200, every request's task run (the app's own
+counter), no task failures, while the app's log shows the exporters failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import socket
+import threading
+from typing import Any
+
+from benchmarks._common import interleaved
+from benchmarks.http_load import (
+    collector,
+    infra,
+    load,
+    start_app,
+    stats,
+    summarize,
+    workdir,
+)
+
+__all__ = ["SCENARIOS", "BlackHole", "run"]
+
+SCENARIOS = ("healthy", "stopped", "blackhole")
+FULL = {"rounds": 3, "duration": 6, "warmup": 3, "connections": 8}
+QUICK = {"rounds": 1, "duration": 3, "warmup": 2, "connections": 8}
+WITHIN = 0.05
+_MAX_CONNECTIONS = 256
+
+
+class BlackHole:
+    """A loopback TCP server that accepts, reads and discards, and never answers."""
+
+    def __init__(self) -> None:
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self._listener.setblocking(False)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="blackhole", daemon=True)
+        self.accepted = 0
+        self.bytes_swallowed = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        open_connections: list[socket.socket] = []
+        try:
+            while not self._stop.is_set():
+                for key, _ in selector.select(timeout=0.2):
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if sock is self._listener:
+                        with contextlib.suppress(BlockingIOError):
+                            conn, _ = sock.accept()
+                            self.accepted += 1
+                            if len(open_connections) >= _MAX_CONNECTIONS:
+                                conn.close()
+                                continue
+                            conn.setblocking(False)
+                            open_connections.append(conn)
+                            selector.register(conn, selectors.EVENT_READ)
+                        continue
+                    try:
+                        data = sock.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    except ConnectionError:
+                        data = b""  # reset by the client: close our end as well
+                    if data:
+                        self.bytes_swallowed += len(data)
+                    else:
+                        selector.unregister(sock)
+                        open_connections.remove(sock)
+                        sock.close()
+        finally:
+            for conn in open_connections:
+                conn.close()
+            selector.close()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._listener.close()
+
+
+def _export_errors(server: Any) -> int:
+    """Lines of the app's log in which the SDK reports a failed or retried export."""
+    markers = ("Failed to export", "Transient error", "exporting", "StatusCode.")
+    return sum(
+        1 for line in server.process.log_text().splitlines() if any(m in line for m in markers)
+    )
+
+
+def run(*, quick: bool = False, rounds: int | None = None, log: Any = print) -> dict[str, Any]:
+    config = dict(QUICK if quick else FULL)
+    if rounds is not None:
+        config["rounds"] = rounds
+    _infra = infra()
+    work = workdir("backend_failing")
+    samples: dict[str, list[dict[str, Any]]] = {s: [] for s in SCENARIOS}
+    blackhole = BlackHole()
+    blackhole.start()
+    with contextlib.ExitStack() as stack, collector(work) as otelcol:
+        stack.callback(blackhole.stop)
+        endpoints = {
+            "healthy": otelcol.otlp_grpc_endpoint,
+            "stopped": f"http://127.0.0.1:{_infra.free_port()}",
+            "blackhole": blackhole.endpoint,
+        }
+        servers = {}
+        for scenario in SCENARIOS:
+            server = start_app(work, f"bench-{scenario}", "ours", endpoints[scenario])
+            stack.callback(server.stop)
+            servers[scenario] = server
+        memory: dict[str, dict[str, float]] = {}
+        for scenario in SCENARIOS:
+            load(servers[scenario], config, float(config["warmup"]))
+            memory[scenario] = {"rss_start_mb": stats(servers[scenario])["rss_at_start_mb"]}
+        for scenario in SCENARIOS:
+            # The first reset of the measured rounds records RSS after the warm-up.
+            servers[scenario].post("/reset")
+            memory[scenario]["rss_after_warmup_mb"] = stats(servers[scenario])["rss_at_reset_mb"]
+        for r, scenario in interleaved(SCENARIOS, int(config["rounds"])):
+            result = load(servers[scenario], config, float(config["duration"]))
+            samples[scenario].append(result)
+            log(
+                f"  backend_failing round {r + 1}: {scenario:<9} {result['rps']:8.0f} req/s  "
+                f"task p50 {result['task_p50_ms']:.3f} ms  ok={result['all_ok']}"
+            )
+        for scenario in SCENARIOS:
+            end = stats(servers[scenario])
+            memory[scenario]["rss_end_mb"] = end["rss_mb"]
+            memory[scenario]["growth_after_warmup_mb"] = (
+                end["rss_mb"] - memory[scenario]["rss_after_warmup_mb"]
+            )
+            memory[scenario]["growth_from_start_mb"] = (
+                end["rss_mb"] - memory[scenario]["rss_start_mb"]
+            )
+            memory[scenario]["export_errors_logged"] = _export_errors(servers[scenario])
+            # A plateau here, not a slope, is what "bounded by the queue limits" means.
+            memory[scenario]["rss_after_each_round_mb"] = [
+                r["app"]["rss_mb"] for r in samples[scenario]
+            ]
+    figures = summarize(samples, "healthy", config)
+    figures["memory"] = memory
+    figures["blackhole"] = {
+        "connections_accepted": blackhole.accepted,
+        "bytes_swallowed": blackhole.bytes_swallowed,
+    }
+    figures["within_target"] = WITHIN
+    # A failing backend may make the app faster (no export work); only slower counts.
+    figures["meets_target"] = {
+        **{
+            f"throughput_{key}": value >= 1 - WITHIN
+            for key, value in figures["throughput_ratio"].items()
+        },
+        **{
+            f"task_latency_{key}": value <= 1 + WITHIN
+            for key, value in figures["task_latency_ratio"].items()
+        },
+    }
+    figures["no_error_surfaced"] = all(v["all_ok"] for v in figures["variants"].values())
+    figures["span_queue_limit"] = int(os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE", "2048"))
+    figures["growth_vs_healthy_mb"] = {
+        s: memory[s]["growth_from_start_mb"] - memory["healthy"]["growth_from_start_mb"]
+        for s in SCENARIOS
+        if s != "healthy"
+    }
+    return figures
+
+
+def table(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    for name, v in figures["variants"].items():
+        mem = figures["memory"][name]
+        rows.append(
+            (
+                f"backend {name}",
+                f"{v['rps']:.0f} req/s, task p50 {v['task_p50_ms']:.3f} ms, "
+                f"RSS {mem['rss_start_mb']:.0f}->{mem['rss_after_warmup_mb']:.0f}->"
+                f"{mem['rss_end_mb']:.0f} MiB, export errors logged "
+                f"{mem['export_errors_logged']}, ok={v['all_ok']}",
+                "",
+            )
+        )
+    for key, value in figures["throughput_ratio"].items():
+        rows.append((f"backend {key} throughput", f"{value:.3f}", f">= {1 - WITHIN:.2f}"))
+    for key, value in figures["task_latency_ratio"].items():
+        rows.append((f"backend {key} task latency p50", f"{value:.3f}", f"<= {1 + WITHIN:.2f}"))
+    for key, value in figures["growth_vs_healthy_mb"].items():
+        rows.append((f"backend {key} extra RSS vs healthy", f"{value:+.1f} MiB", "bounded"))
+    rows.append(("backend no error surfaced", str(figures["no_error_surfaced"]), "True"))
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick=True), indent=2, default=str))
