@@ -178,7 +178,9 @@ class Executor:
         # Scheduled or running tasks, for the health endpoint and the shutdown report.
         self.inflight: dict[str, TaskCallState] = {}
         self.recent_failures: list[dict[str, Any]] = []
-        self._last_heartbeat = float("-inf")
+        self._journaled = 0  # durable tasks scheduled and not finished
+        self._heartbeat: threading.Thread | None = None
+        self._closed = threading.Event()
         if dead_letter_store is not None:
             self.instruments.add_depth_source(self._observe_depth)
             if hasattr(dead_letter_store, "write_errors"):  # a BufferedStore
@@ -263,10 +265,28 @@ class Executor:
             )
         )
         state.extra["journaled"] = True
-        now = time.monotonic()
-        if now - self._last_heartbeat > _HEARTBEAT_EVERY:
-            self._last_heartbeat = now
+        self._journaled += 1
+        if self._heartbeat is None or not self._heartbeat.is_alive():
             store.heartbeat(process_identity())
+            self._heartbeat = threading.Thread(
+                target=self._beat, args=(store,), name="otel-bgtasks-heartbeat", daemon=True
+            )
+            self._heartbeat.start()
+
+    def _beat(self, store: DeadLetterStore) -> None:
+        """Heartbeat while durable tasks are in flight, so a long task's owner looks alive.
+
+        One daemon thread per executor, from its first durable task until `close()`.
+        """
+        from otel_bgtasks.deadletter import process_identity
+
+        while not self._closed.wait(_HEARTBEAT_EVERY):
+            if self._journaled <= 0:
+                continue
+            try:
+                store.heartbeat(process_identity())
+            except Exception:  # a store outage: recovery elsewhere may see us as stale
+                _log.exception("journal heartbeat failed")
 
     def _serializer(self) -> Serializer:
         serializer = self.serializer
@@ -325,6 +345,7 @@ class Executor:
 
     def close(self) -> None:
         """Detach from breakers and report tasks that never finished (never silently)."""
+        self._closed.set()
         for breaker in self.breakers.values():
             if self._on_transition in breaker.listeners:
                 breaker.listeners.remove(self._on_transition)
@@ -660,7 +681,9 @@ class Executor:
         span.end()
         self.inflight.pop(state.task_id, None)
         if state.extra.get("journaled"):
-            self._unjournal(state)
+            self._journaled -= 1
+            if not isinstance(exc, asyncio.CancelledError):  # cancelled: recovery re-runs it
+                self._unjournal(state)
         if outcome is not Outcome.SUCCESS:
             self._report_failure(span, state, outcome, exc)
 

@@ -222,7 +222,8 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if wrapper is ours:
             return
         cls._upstream_call = wrapper
-        cls._upstream_original = ours  # its wrapper calls ours, which passes through once off
+        # Its wrapper calls ours, which passes through to Starlette's once we are off.
+        cls._upstream_original = cls._original_call
         task_cls.__call__ = ours  # type: ignore[method-assign]
         setattr(task_cls, _UPSTREAM_ATTR, ours)
 
