@@ -30,7 +30,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -498,6 +498,37 @@ def _load_runner(ctx: _Context) -> ReplayRunner:
     return runner
 
 
+_OTLP_VARS = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+)
+
+
+@contextlib.contextmanager
+def _exported(ctx: _Context) -> Iterator[None]:
+    """Replays and re-runs are task runs: with an OTLP endpoint set, export them like the app's.
+
+    Nothing is set up when an SDK tracer provider already exists (a task module configured
+    one) or when no endpoint is configured (there would be nowhere to send to).
+    """
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    if isinstance(trace.get_tracer_provider(), TracerProvider) or not any(
+        ctx.environ.get(var) for var in _OTLP_VARS
+    ):
+        yield
+        return
+    from otel_bgtasks.telemetry import configure_telemetry
+
+    telemetry = configure_telemetry(service_name=PROG, export=True)
+    try:
+        yield
+    finally:
+        telemetry.shutdown()  # flush before the process exits
+
+
 def _cmd_replay(ctx: _Context) -> int:
     args = ctx.args
     filtered = args.task is not None or args.reason is not None or args.since is not None
@@ -533,7 +564,7 @@ def _cmd_replay(ctx: _Context) -> int:
                 Text(f"{outcome.status}: {outcome.entry_id}{name}: {outcome.message}", style="red")
             )
 
-    with progress:
+    with _exported(ctx), progress:
         report = asyncio.run(
             dead_letters.replay(
                 ids,
@@ -585,13 +616,14 @@ def _cmd_recover(ctx: _Context) -> int:
     from otel_bgtasks.recovery import recover_interrupted_tasks
 
     store = ctx.store()
-    report = asyncio.run(
-        recover_interrupted_tasks(
-            mode="rerun" if ctx.args.rerun else "dead_letter",
-            store=store,
-            stale_after=ctx.args.stale_after,
+    with _exported(ctx):
+        report = asyncio.run(
+            recover_interrupted_tasks(
+                mode="rerun" if ctx.args.rerun else "dead_letter",
+                store=store,
+                stale_after=ctx.args.stale_after,
+            )
         )
-    )
     if not report.total:
         ctx.out.print("recover: no interrupted durable tasks")
         return 0

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from tests.e2e._infra import (
     CONFIG_DIR,
     REPO_ROOT,

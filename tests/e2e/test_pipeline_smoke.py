@@ -25,6 +25,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, format_trace_id
+
 from tests.e2e._infra import (
     Redis,
     TelemetryStack,

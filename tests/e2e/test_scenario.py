@@ -745,12 +745,6 @@ def test_cli_replays_the_dead_letter_left_in_the_shared_store(
     assert after["error_type"] == "ValueError"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/otel_bgtasks/cli.py never configures telemetry: with OTEL_EXPORTER_OTLP_ENDPOINT "
-    "set, `otel-bgtasks dlq replay` exports its replay spans and bgtasks.dlq.replays only when "
-    "the imported task module happens to configure the SDK itself",
-)
 def test_cli_replay_is_exported(scenario: Scenario, cli_replay: CLIReplay) -> None:
     (permanent,) = scenario.entries("permanent")
 

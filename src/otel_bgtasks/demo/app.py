@@ -11,7 +11,8 @@ Endpoints, each scheduling one background task:
     GET /downstream   calls a "payments" downstream that is down until POST /downstream/up;
                       after 3 failures its circuit opens and tasks are rejected
     GET /durable      durable task, journaled until it finishes (?seconds=N to make it slow)
-    GET /bgtasks/health   task health
+    GET /bgtasks/health   task health (and, with OTEL_BGTASKS_ADMIN_TOKEN set, the dead-letter
+                          admin endpoints behind `Authorization: Bearer <token>`)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from otel_bgtasks import (
     RetryPolicy,
     background_task,
 )
-from otel_bgtasks.health import bgtasks_router
+from otel_bgtasks.health import bearer_token_auth, bgtasks_router
 from otel_bgtasks.telemetry import Telemetry, configure_telemetry
 
 __all__ = ["app", "create_app", "downstream"]
@@ -152,7 +153,11 @@ def create_app(*, instrument: bool = True) -> FastAPI:
         tasks.add_task(generate_invoice, order, seconds)
         return {"scheduled": "generate_invoice", "order": order}
 
-    app.include_router(bgtasks_router(admin=False))
+    token = os.environ.get("OTEL_BGTASKS_ADMIN_TOKEN")
+    if token:  # the dead-letter admin endpoints, behind a bearer token
+        app.include_router(bgtasks_router(auth=bearer_token_auth(token)))
+    else:
+        app.include_router(bgtasks_router(admin=False))
     if instrument and not getattr(app, "_is_instrumented_by_opentelemetry", False):
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
