@@ -67,18 +67,44 @@ TARGETS = {
 # -- variants (worker side) -------------------------------------------------------------------
 
 
-def _install_contract(tracer_provider: TracerProvider, meter_provider: MeterProvider) -> None:
-    """Patch BackgroundTask with the minimal code the signal contract requires."""
+CONTRACT_PARTS = ("event", "link", "attributes", "wait_histogram", "duration_histogram")
+"""The pieces of the contract floor; `contract_parts` prices them one by one."""
+
+
+def _install_contract(
+    tracer_provider: TracerProvider,
+    meter_provider: MeterProvider,
+    parts: frozenset[str] = frozenset(CONTRACT_PARTS),
+) -> None:
+    """Patch BackgroundTask with the minimal code the signal contract requires.
+
+    With every part (the default) this is the `contract` floor; fewer parts leave a span
+    around the task (attached as the current span) plus what `parts` names.
+    """
     from otel_bgtasks import attributes as attr
     from otel_bgtasks.metrics import DURATION_BUCKETS
 
+    unknown = parts - set(CONTRACT_PARTS)
+    if unknown:
+        raise ValueError(f"unknown contract parts {sorted(unknown)}; known: {CONTRACT_PARTS}")
+    event = "event" in parts
+    with_link = "link" in parts
+    with_attributes = "attributes" in parts
     tracer = tracer_provider.get_tracer("bench.contract")
     meter = meter_provider.get_meter("bench.contract")
-    duration = meter.create_histogram(
-        "bgtasks.task.duration", unit="s", explicit_bucket_boundaries_advisory=DURATION_BUCKETS
+    duration = (
+        meter.create_histogram(
+            "bgtasks.task.duration", unit="s", explicit_bucket_boundaries_advisory=DURATION_BUCKETS
+        )
+        if "duration_histogram" in parts
+        else None
     )
-    wait = meter.create_histogram(
-        "bgtasks.task.wait", unit="s", explicit_bucket_boundaries_advisory=DURATION_BUCKETS
+    wait = (
+        meter.create_histogram(
+            "bgtasks.task.wait", unit="s", explicit_bucket_boundaries_advisory=DURATION_BUCKETS
+        )
+        if "wait_histogram" in parts
+        else None
     )
     original_init = BackgroundTask.__init__
     original_call = BackgroundTask.__call__
@@ -88,7 +114,8 @@ def _install_contract(tracer_provider: TracerProvider, meter_provider: MeterProv
         current = trace.get_current_span()
         name = func.__qualname__
         task_id = f"{random.getrandbits(128):032x}"
-        current.add_event(attr.EVENT_ENQUEUED, {attr.TASK_NAME: name, attr.TASK_ID: task_id})
+        if event:
+            current.add_event(attr.EVENT_ENQUEUED, {attr.TASK_NAME: name, attr.TASK_ID: task_id})
         self._contract = (name, task_id, current.get_span_context(), time.perf_counter())  # type: ignore[attr-defined]
 
     async def __call__(self: BackgroundTask) -> None:
@@ -99,13 +126,15 @@ def _install_contract(tracer_provider: TracerProvider, meter_provider: MeterProv
             attr.SPAN_NAME_PREFIX + name,
             context=otel_context.Context(),
             kind=SpanKind.CONSUMER,
-            links=[Link(link)],
+            links=[Link(link)] if with_link else None,
             attributes={
                 attr.TASK_NAME: name,
                 attr.TASK_ID: task_id,
                 attr.CODE_FUNCTION_NAME: f"{func.__module__}.{func.__qualname__}",
                 attr.TASK_WAIT: started - enqueued,
-            },
+            }
+            if with_attributes
+            else None,
         )
         token = otel_context.attach(trace.set_span_in_context(span))
         outcome = "success"
@@ -117,12 +146,15 @@ def _install_contract(tracer_provider: TracerProvider, meter_provider: MeterProv
             span.set_status(Status(StatusCode.ERROR))
         finally:
             otel_context.detach(token)
-        span.set_attribute(attr.TASK_ATTEMPTS, 1)
-        span.set_attribute(attr.TASK_OUTCOME, outcome)
-        wait.record(started - enqueued, {attr.TASK_NAME: name})
-        duration.record(
-            time.perf_counter() - started, {attr.TASK_NAME: name, attr.TASK_OUTCOME: outcome}
-        )
+        if with_attributes:
+            span.set_attribute(attr.TASK_ATTEMPTS, 1)
+            span.set_attribute(attr.TASK_OUTCOME, outcome)
+        if wait is not None:
+            wait.record(started - enqueued, {attr.TASK_NAME: name})
+        if duration is not None:
+            duration.record(
+                time.perf_counter() - started, {attr.TASK_NAME: name, attr.TASK_OUTCOME: outcome}
+            )
         span.end()
 
     BackgroundTask.__init__ = __init__  # type: ignore[method-assign]
@@ -145,6 +177,10 @@ def install(
         return
     if variant == "contract":
         _install_contract(tracer_provider, meter_provider)
+        return
+    if variant.startswith("contract:"):  # contract:part+part (see contract_parts.py)
+        parts = frozenset(p for p in variant.removeprefix("contract:").split("+") if p)
+        _install_contract(tracer_provider, meter_provider, parts)
         return
     from otel_bgtasks import BackgroundTasksInstrumentor, RetryPolicy
 
