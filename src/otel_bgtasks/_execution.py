@@ -407,10 +407,11 @@ class Executor:
         started = time.perf_counter()
         wait = started - state.enqueued_at
         span = self._start_span(state, wait)
-        metric_attrs = {attr.TASK_NAME: state.name}
-        self.instruments.wait.record(wait, metric_attrs)
+        span_context = trace.set_span_in_context(span)
+        # Recorded in the task span's context: exemplars point at the task's trace.
+        self.instruments.wait.record(wait, {attr.TASK_NAME: state.name}, span_context)
         self.instruments.task_started(state.name)
-        token = otel_context.attach(trace.set_span_in_context(span))
+        token = otel_context.attach(span_context)
         task_token = _current.set(state)
         call_hook(self.start_hook, span, state)
         error: BaseException | None = None
@@ -427,7 +428,7 @@ class Executor:
         finally:
             _current.reset(task_token)
             otel_context.detach(token)
-            self._finish(span, state, started, metric_attrs)
+            self._finish(span, span_context, state, started)
         if error is not None and (self.propagate_exceptions or not isinstance(error, Exception)):
             raise error
         return state
@@ -654,9 +655,9 @@ class Executor:
     def _finish(
         self,
         span: Span,
+        span_context: otel_context.Context,
         state: TaskCallState,
         started: float,
-        metric_attrs: dict[str, str],
     ) -> None:
         duration = time.perf_counter() - started
         outcome = state.outcome or Outcome.FAILURE
@@ -665,7 +666,7 @@ class Executor:
         result_attrs = {attr.TASK_NAME: state.name, attr.TASK_OUTCOME: outcome.value}
         if outcome is not Outcome.SUCCESS and exc is not None:
             result_attrs[attr.ERROR_TYPE] = error_type(exc)
-        self.instruments.duration.record(duration, result_attrs)
+        self.instruments.duration.record(duration, result_attrs, span_context)
         if span.is_recording():
             span.set_attribute(attr.TASK_ATTEMPTS, state.attempt)
             span.set_attribute(attr.TASK_OUTCOME, outcome.value)

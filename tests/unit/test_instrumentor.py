@@ -278,3 +278,26 @@ async def test_unsampled_request_is_not_required_to_sample_task(telemetry, instr
         task = BackgroundTask(ok_async, 1)
     await task()
     assert telemetry.span("process ok_async").links == ()
+
+
+async def test_histogram_exemplars_point_at_the_task_span(telemetry, instrument):
+    instrument()
+
+    async def slow() -> None:
+        await asyncio.sleep(0.02)
+
+    with _request_span(telemetry.tracer_provider):
+        task = BackgroundTask(slow)
+    # Both values above the first bucket: SDK 1.45 keeps no exemplar for bucket 0.
+    await asyncio.sleep(0.02)
+    await task()
+    span = telemetry.span(f"process {slow.__qualname__}")
+    data = telemetry.reader.get_metrics_data()  # once: exemplars reset at each collection
+    (scope,) = data.resource_metrics[0].scope_metrics
+    exemplars = {
+        m.name: [(e.trace_id, e.span_id) for e in m.data.data_points[0].exemplars]
+        for m in scope.metrics
+        if m.name in ("bgtasks.task.duration", "bgtasks.task.wait")
+    }
+    expected = [(span.context.trace_id, span.context.span_id)]
+    assert exemplars == {"bgtasks.task.duration": expected, "bgtasks.task.wait": expected}
