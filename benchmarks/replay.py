@@ -5,8 +5,8 @@ instrumented (``dead_letter_store=None``: replays never dead-letter again):
 
 - ``replay``: an ``SQLiteDeadLetterStore`` on a temp file holding N dead letters of a trivial
   module-level async task (filled before the clock starts), replayed with
-  ``DeadLetters(store).replay(None, run_dead_letter)``: list, resolve, decode, run as a linked
-  span, count the replay, delete the entry;
+  ``DeadLetters(store).replay(None, run_dead_letter, offload=False)`` as the CLI runs it:
+  list, resolve, decode, run as a linked span, count the replay, delete the entry;
 - ``executor``: the same N tasks through the executor alone (``prepare`` + ``run``, the path
   ``run_dead_letter`` takes), without the store;
 - ``direct``: N plain ``await task(i)`` calls.
@@ -116,7 +116,9 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
             store = SQLiteDeadLetterStore(Path(tmp) / "dlq.db")
             _fill(store, entries)
             wall0, cpu0 = time.perf_counter(), time.process_time()
-            report = asyncio.run(DeadLetters(store).replay(None, run_dead_letter))
+            report = asyncio.run(
+                DeadLetters(store).replay(None, run_dead_letter, offload=False)
+            )
             wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
             extra = {"replayed": report.replayed, "left_in_store": store.count()}
             if report.replayed != entries or extra["left_in_store"]:

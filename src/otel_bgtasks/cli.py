@@ -571,6 +571,7 @@ def _cmd_replay(ctx: _Context) -> int:
                 runner,
                 on_start=started,
                 on_outcome=advanced,
+                offload=False,  # the CLI owns its event loop: no thread hop per store call
                 **(_filter_kwargs(args) if ids is None else {}),
             )
         )

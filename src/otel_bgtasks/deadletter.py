@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self, runtime_checkable
+from typing import Any, Literal, Protocol, Self, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
 
 import structlog
@@ -80,6 +80,8 @@ __all__ = [
     "register_serializer",
     "resolve",
 ]
+
+_T = TypeVar("_T")
 
 DLQ_URL_ENV = "OTEL_BGTASKS_DLQ_URL"
 """Environment variable holding the default store URL (the CLI reads it)."""
@@ -986,6 +988,7 @@ class DeadLetters:
 
     def __init__(self, store: DeadLetterStore) -> None:
         self.store = store
+        self._offload = True
 
     def list(
         self,
@@ -1032,6 +1035,7 @@ class DeadLetters:
         since: float | None = None,
         on_outcome: Callable[[ReplayOutcome], None] | None = None,
         on_start: Callable[[int], None] | None = None,
+        offload: bool = True,
     ) -> ReplayReport:
         """Replay entries one after the other (a recovering downstream gets no burst).
 
@@ -1040,18 +1044,19 @@ class DeadLetters:
             runner: runs one entry, see `ReplayRunner`.
             on_start: called with the number of entries about to be replayed.
             on_outcome: called after each entry (progress display).
+            offload: run store calls in a worker thread, so a server's event loop keeps
+                serving; a process that owns its loop (the CLI) passes False: the thread hop
+                costs more than the store call.
 
         A `TaskImportError` or a runner exception affects only its entry, which is kept; the
-        others continue. Store calls run in a worker thread, so this can be awaited from a
-        server's event loop.
+        others continue.
         """
         report = ReplayReport()
         store = self.store
+        self._offload = offload
         targets: list[DeadLetter | str]
         if ids is None:
-            targets = list(
-                await asyncio.to_thread(store.list, task=task, reason=reason, since=since)
-            )
+            targets = list(await self._call(store.list, task=task, reason=reason, since=since))
         else:
             targets = list(dict.fromkeys(ids))
         if on_start is not None:
@@ -1063,11 +1068,16 @@ class DeadLetters:
                 on_outcome(outcome)
         return report
 
+    async def _call(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        if self._offload:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
     async def _replay_one(self, target: DeadLetter | str, runner: ReplayRunner) -> ReplayOutcome:
         store = self.store
         if isinstance(target, str):
             try:
-                found = await asyncio.to_thread(store.get, target)
+                found = await self._call(store.get, target)
             except CorruptEntryError as exc:
                 return ReplayOutcome(target, "corrupt", message=str(exc))
             if found is None:
@@ -1090,10 +1100,10 @@ class DeadLetters:
             _log.exception("dead letter replay: runner failed", entry_id=entry.id)
             return ReplayOutcome(entry.id, "error", entry.task_name, f"{type(exc).__name__}: {exc}")
         if result.ok:
-            await asyncio.to_thread(store.delete, entry.id)
+            await self._call(store.delete, entry.id)
             return ReplayOutcome(entry.id, "replayed", entry.task_name)
         updated = result.entry if result.entry is not None else entry.with_failure()
-        await asyncio.to_thread(store.update, updated)
+        await self._call(store.update, updated)
         message = (
             f"{updated.error_type}: {updated.error_message}" if updated.error_type else "failed"
         )
