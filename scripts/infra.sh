@@ -26,7 +26,7 @@ OCB_VERSION=0.165.0
 JAEGER_MODULE=github.com/jaegertracing/jaeger
 JAEGER_MODULE_VERSION=v1.76.0 # Go module version of Jaeger v2.13.0
 JAEGER_VERSION=2.13.0
-APT_PACKAGES=(prometheus prometheus-alertmanager redis-server)
+APT_PACKAGES=(prometheus prometheus-alertmanager redis-server wrk) # wrk: benchmarks
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MANIFEST=$REPO_ROOT/collector-config/builder-config.yaml
