@@ -35,7 +35,8 @@ test: $(VENV)/.installed infra lint
 unit: $(VENV)/.installed
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed infra
+	@if [ -f "$(CACHE)/env.sh" ]; then . "$(CACHE)/env.sh"; fi; \
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
