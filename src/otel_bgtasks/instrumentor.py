@@ -33,6 +33,7 @@ instrumented first.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Collection
 from typing import Any
@@ -99,8 +100,6 @@ class ScheduledTask:
 
     def run_sync(self) -> None:
         """Run the task on this thread, e.g. as a `threading.Thread` target."""
-        import asyncio
-
         asyncio.run(self._executor.run(self.state, inline=True))
 
 
@@ -129,6 +128,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     _original_call: Callable[..., Any] | None = None
     _upstream_call: Any = None
     _upstream_original: Any = None
+    _owned_store: DeadLetterStore | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
@@ -152,6 +152,10 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             kwargs.get("meter_provider"),
             schema_url="https://opentelemetry.io/schemas/1.11.0",
         )
+        given = kwargs.get("dead_letter_store", _DEFAULT_STORE)
+        store = _store(given)
+        # A store opened here from a URL is ours to close; one passed in is the caller's.
+        self._owned_store = store if not isinstance(given, DeadLetterStore) else None
         start_hook: TaskHook | None = kwargs.get("start_hook")
         end_hook: TaskHook | None = kwargs.get("end_hook")
         executor = Executor(
@@ -165,7 +169,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             circuit=kwargs.get("circuit"),
             timeout=kwargs.get("timeout"),
             durable=bool(kwargs.get("durable", False)),
-            dead_letter_store=_store(kwargs.get("dead_letter_store", _DEFAULT_STORE)),
+            dead_letter_store=store,
             serializer=kwargs.get("serializer"),
             error_classifier=kwargs.get("error_classifier", classify_error),
         )
@@ -178,6 +182,9 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._unpatch()
         if executor is not None:
             executor.close()
+        owned, self._owned_store = self._owned_store, None
+        if owned is not None:
+            owned.close()
 
     # -- Starlette patching -------------------------------------------------------------------
 
