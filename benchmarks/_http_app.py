@@ -4,10 +4,13 @@
 instrumentation-fastapi on the app) or ``ours`` (upstream plus this package, default dead-letter
 store under ``$OTEL_BGTASKS_DLQ_URL``). Every variant builds the same SDK providers exporting
 OTLP/gRPC to ``$OTEL_EXPORTER_OTLP_ENDPOINT`` (a BatchSpanProcessor and a periodic metric
-reader), so only the instrumentation differs.
+reader), so only the instrumentation differs. ``BENCH_QUIET_SDK_DROP_LOG=1`` (the ``drop_path``
+diagnostic only) raises the SDK batch processor's logger to ERROR, so the "Queue full, dropping"
+warning it issues for every span dropped from a full queue is not even built.
 
     GET  /work    schedules `task_done(perf_counter())` and answers {"ok": true}
     GET  /stats   requests served, tasks done, task latency (scheduling -> task end), RSS
+    GET  /mem     RSS, counters and the span queue's length only (cheap: polled during load)
     POST /reset   zero the counters (after a warm-up)
 """
 
@@ -53,13 +56,24 @@ RSS_AT_START = rss_mb()
 
 resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "bench")})
 # No flush at exit: a stopped or black-holed backend would only delay the server's shutdown.
+if os.environ.get("BENCH_QUIET_SDK_DROP_LOG") == "1":
+    import logging
+
+    logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
 tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+span_processor = BatchSpanProcessor(OTLPSpanExporter())
+tracer_provider.add_span_processor(span_processor)
 meter_provider = MeterProvider(
     resource=resource,
     metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())],
     shutdown_on_exit=False,
 )
+
+
+def _span_queue_length() -> int | None:
+    """Spans waiting in the BatchSpanProcessor (SDK internals: None if they moved)."""
+    queue = getattr(getattr(span_processor, "_batch_processor", None), "_queue", None)
+    return len(queue) if queue is not None else None
 
 
 async def task_done(scheduled: float) -> None:
@@ -105,10 +119,21 @@ async def stats() -> dict[str, Any]:
         "rss_at_reset_mb": STATS.rss_at_reset,
         "rss_at_start_mb": RSS_AT_START,
         "task_failures": failures,
+        "span_queue": _span_queue_length(),
         # CPU seconds since the reset: the whole process, and the event loop's thread alone
         # (the rest is the SDK's export threads).
         "cpu_s": time.process_time() - STATS.cpu_at_reset,
         "main_thread_cpu_s": time.thread_time() - STATS.main_cpu_at_reset,
+    }
+
+
+@app.get("/mem")
+async def mem() -> dict[str, Any]:
+    return {
+        "rss_mb": rss_mb(),
+        "requests": STATS.requests,
+        "tasks": STATS.tasks,
+        "span_queue": _span_queue_length(),
     }
 
 
@@ -125,7 +150,7 @@ if VARIANT in ("upstream", "ours"):
         app,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
-        excluded_urls="/stats,/reset",
+        excluded_urls="/stats,/reset,/mem",
     )
 if VARIANT == "ours":
     from otel_bgtasks import BackgroundTasksInstrumentor

@@ -8,10 +8,21 @@ this package), differing only in where OTLP goes:
 - ``blackhole``: a TCP server on loopback that accepts connections, reads and discards what
   it gets and never answers (gRPC calls hang until the exporter's timeout).
 
-Rounds load each server in turn (rotated), bounded in time and count. Reported: req/s and task
-latency of each failing backend as a ratio of the healthy run (target within 5%), RSS of each
-app at start, after the warm-up and at the end (growth must stay within the exporters' queue
-limits: the span processor's 2048-span queue, not the number of requests), and that nothing
+Two phases, each in rounds that load every server in turn (rotated), bounded in time and count:
+
+1. saturation (wrk, closed loop, fixed connections): throughput of each failing backend as a
+   ratio of the healthy run (target: no worse than 5%). The latency measured there is reported
+   but is not the target's figure: at saturation a request's latency is mostly queueing behind
+   the others, and a variant that serves more requests per second (a failing backend does
+   less export work) queues each of them more, so its latency is not comparable.
+2. fixed rate (``_load.drive_rate``, open loop): every variant gets the same offered rate, half
+   the healthy saturation throughput just measured (400 req/s with --quick); task latency
+   p50/p99 (scheduling to task end, measured by the app) and request latency p50/p99 as ratios
+   of the healthy run: the target's latency figure (no worse than 5%).
+
+Also reported: RSS of each app at start, after the warm-up, after each round and at the end
+(growth must stay within the exporters' queue limits: the span processor's 2048-span queue, not
+the number of requests; ``backend_soak`` follows one app over a longer run), and that nothing
 surfaced to the application: every response a 200, every request's task run (the app's own
 counter), no task failures, while the app's log shows the exporters failing.
 """
@@ -26,22 +37,43 @@ import socket
 import threading
 from typing import Any
 
-from benchmarks._common import interleaved
+from benchmarks._common import interleaved, median
 from benchmarks.http_load import (
     collector,
+    fixed_rate,
+    fixed_rate_rounds,
+    fixed_rate_rows,
     infra,
     load,
     start_app,
     stats,
     summarize,
+    summarize_fixed_rate,
     workdir,
 )
 
 __all__ = ["SCENARIOS", "BlackHole", "run"]
 
 SCENARIOS = ("healthy", "stopped", "blackhole")
-FULL = {"rounds": 3, "duration": 6, "warmup": 3, "connections": 8}
-QUICK = {"rounds": 1, "duration": 3, "warmup": 2, "connections": 8}
+# See http_load.FULL / QUICK for the fixed-rate keys.
+FULL = {
+    "rounds": 3,
+    "duration": 6,
+    "warmup": 3,
+    "connections": 8,
+    "rate_fraction": 0.5,
+    "rate_duration": 4,
+    "max_in_flight": 64,
+}
+QUICK = {
+    "rounds": 1,
+    "duration": 3,
+    "warmup": 2,
+    "connections": 8,
+    "rate": 400,
+    "rate_duration": 2.5,
+    "max_in_flight": 64,
+}
 WITHIN = 0.05
 _MAX_CONNECTIONS = 256
 
@@ -153,6 +185,10 @@ def run(*, quick: bool = False, rounds: int | None = None, log: Any = print) -> 
                 f"  backend_failing round {r + 1}: {scenario:<9} {result['rps']:8.0f} req/s  "
                 f"task p50 {result['task_p50_ms']:.3f} ms  ok={result['all_ok']}"
             )
+        # Latency at equal load: every backend gets half of what the healthy one sustains.
+        rate = fixed_rate(config, median(r["rps"] for r in samples["healthy"]))
+        basis = "fixed (--quick)" if config.get("rate") else f"{config['rate_fraction']} x healthy"
+        fixed = fixed_rate_rounds(servers, config, rate, "backend_failing", log)
         for scenario in SCENARIOS:
             end = stats(servers[scenario])
             memory[scenario]["rss_end_mb"] = end["rss_mb"]
@@ -167,7 +203,14 @@ def run(*, quick: bool = False, rounds: int | None = None, log: Any = print) -> 
             memory[scenario]["rss_after_each_round_mb"] = [
                 r["app"]["rss_mb"] for r in samples[scenario]
             ]
+            memory[scenario]["rss_after_each_fixed_rate_round_mb"] = [
+                r["app"]["rss_mb"] for r in fixed[scenario]
+            ]
+            memory[scenario]["span_queue_at_end"] = end.get("span_queue")
     figures = summarize(samples, "healthy", config)
+    # At saturation: queueing-dominated, reported for reference, not the target's figure.
+    figures["task_latency_ratio_at_saturation"] = figures.pop("task_latency_ratio")
+    figures["fixed_rate"] = summarize_fixed_rate(fixed, "healthy", rate, basis)
     figures["memory"] = memory
     figures["blackhole"] = {
         "connections_accepted": blackhole.accepted,
@@ -175,17 +218,24 @@ def run(*, quick: bool = False, rounds: int | None = None, log: Any = print) -> 
     }
     figures["within_target"] = WITHIN
     # A failing backend may make the app faster (no export work); only slower counts.
+    # Throughput at saturation; latency at the fixed rate (equal load).
     figures["meets_target"] = {
         **{
             f"throughput_{key}": value >= 1 - WITHIN
             for key, value in figures["throughput_ratio"].items()
         },
         **{
-            f"task_latency_{key}": value <= 1 + WITHIN
-            for key, value in figures["task_latency_ratio"].items()
+            f"task_latency_p50_{key}": value <= 1 + WITHIN
+            for key, value in figures["fixed_rate"]["task_p50_ratio"].items()
+        },
+        **{
+            f"task_latency_p99_{key}": value <= 1 + WITHIN
+            for key, value in figures["fixed_rate"]["task_p99_ratio"].items()
         },
     }
-    figures["no_error_surfaced"] = all(v["all_ok"] for v in figures["variants"].values())
+    figures["no_error_surfaced"] = all(v["all_ok"] for v in figures["variants"].values()) and bool(
+        figures["fixed_rate"]["all_ok"]
+    )
     figures["span_queue_limit"] = int(os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE", "2048"))
     figures["growth_vs_healthy_mb"] = {
         s: memory[s]["growth_from_start_mb"] - memory["healthy"]["growth_from_start_mb"]
@@ -211,8 +261,11 @@ def table(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
         )
     for key, value in figures["throughput_ratio"].items():
         rows.append((f"backend {key} throughput", f"{value:.3f}", f">= {1 - WITHIN:.2f}"))
-    for key, value in figures["task_latency_ratio"].items():
-        rows.append((f"backend {key} task latency p50", f"{value:.3f}", f"<= {1 + WITHIN:.2f}"))
+    for key, value in figures["task_latency_ratio_at_saturation"].items():
+        rows.append(
+            (f"backend {key} task latency p50 @ saturation", f"{value:.3f}", "(queueing; report)")
+        )
+    rows.extend(fixed_rate_rows("backend", figures["fixed_rate"], f"<= {1 + WITHIN:.2f}"))
     for key, value in figures["growth_vs_healthy_mb"].items():
         rows.append((f"backend {key} extra RSS vs healthy", f"{value:+.1f} MiB", "bounded"))
     rows.append(("backend no error surfaced", str(figures["no_error_surfaced"]), "True"))

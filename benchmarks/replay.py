@@ -116,9 +116,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
             store = SQLiteDeadLetterStore(Path(tmp) / "dlq.db")
             _fill(store, entries)
             wall0, cpu0 = time.perf_counter(), time.process_time()
-            report = asyncio.run(
-                DeadLetters(store).replay(None, run_dead_letter, offload=False)
-            )
+            report = asyncio.run(DeadLetters(store).replay(None, run_dead_letter, offload=False))
             wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
             extra = {"replayed": report.replayed, "left_in_store": store.count()}
             if report.replayed != entries or extra["left_in_store"]:

@@ -5,6 +5,8 @@
     python benchmarks/run.py --only per_task # one benchmark (comma-separated for several)
     python benchmarks/run.py --profile       # pyinstrument on the per_task `ours` variant
     python benchmarks/run.py --only contract_parts   # opt-in: what each contract part costs
+    python benchmarks/run.py --only backend_soak     # opt-in: RSS over 60 s, backend down
+    python benchmarks/run.py --only drop_path        # opt-in: the SDK's full-queue cost
 
 Every figure is a ratio against a baseline measured in the same run (see benchmarks/README.md).
 The results of the benchmarks that ran replace their entries in latest.json; the others stay.
@@ -30,7 +32,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import (  # noqa: E402 - after the sys.path fix above
     backend_failing,
+    backend_soak,
     contract_parts,
+    drop_path,
     http_load,
     memory,
     per_task,
@@ -46,7 +50,11 @@ BENCHMARKS: dict[str, Any] = {
     "backend_failing": backend_failing,
 }
 # Opt-in (--only NAME): diagnostics that the default run leaves out to stay under 10 minutes.
-EXTRA: dict[str, Any] = {"contract_parts": contract_parts}
+EXTRA: dict[str, Any] = {
+    "contract_parts": contract_parts,
+    "backend_soak": backend_soak,
+    "drop_path": drop_path,
+}
 
 
 def _git_commit() -> str:
