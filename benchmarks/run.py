@@ -1,6 +1,6 @@
 """Run the otel-bgtasks benchmarks; write benchmarks/results/latest.json and print a table.
 
-    python benchmarks/run.py                 # every benchmark (< 10 minutes on 2 cores)
+    python benchmarks/run.py                 # every benchmark (about 7 minutes on 2 cores)
     python benchmarks/run.py --quick         # a smoke run (< 2 minutes)
     python benchmarks/run.py --only per_task # one benchmark (comma-separated for several)
     python benchmarks/run.py --profile       # pyinstrument on the per_task `ours` variant
