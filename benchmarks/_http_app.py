@@ -55,11 +55,11 @@ STATS = _Stats()
 RSS_AT_START = rss_mb()
 
 resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "bench")})
-# No flush at exit: a stopped or black-holed backend would only delay the server's shutdown.
 if os.environ.get("BENCH_QUIET_SDK_DROP_LOG") == "1":
     import logging
 
     logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
+# No flush at exit: a stopped or black-holed backend would only delay the server's shutdown.
 tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
 span_processor = BatchSpanProcessor(OTLPSpanExporter())
 tracer_provider.add_span_processor(span_processor)
