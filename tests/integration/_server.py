@@ -44,6 +44,7 @@ __all__ = [
     "VENV_BIN",
     "AppProcess",
     "UvicornThread",
+    "durable_app",
     "free_port",
     "wait_for_tasks",
     "wait_until",
@@ -264,3 +265,44 @@ class AppProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop(signal.SIGKILL)
+
+
+def durable_app(
+    tmp_path: Path, *, task_seconds: float, name: str, uvicorn_args: Sequence[str] = ()
+) -> tuple[AppProcess, str, Path]:
+    """The durable-task app (tests/integration/apps/durable_app.py) as a real uvicorn process.
+
+    Returns the process (not started), its SQLite dead-letter store URL and the results file
+    its tasks append to.
+    """
+    from tests.integration.apps.durable_tasks import SECONDS_ENV
+
+    from otel_bgtasks.deadletter import DLQ_URL_ENV
+
+    store_url = f"sqlite:///{tmp_path / 'dlq.db'}"
+    results = tmp_path / "results.txt"
+    port = free_port()
+    process = AppProcess(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "tests.integration.apps.durable_app:app",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(port),
+            "--no-access-log",
+            *uvicorn_args,
+        ],
+        workdir=tmp_path,
+        port=port,
+        env={
+            DLQ_URL_ENV: store_url,
+            "BGTASKS_TEST_RESULTS": str(results),
+            SECONDS_ENV: str(task_seconds),
+        },
+        ready_path="/ready",
+        name=name,
+    )
+    return process, store_url, results

@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,11 +23,10 @@ import httpx
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.background import BackgroundTask
-from tests.integration._server import AppProcess, free_port, wait_until
-from tests.integration.apps.durable_tasks import SECONDS_ENV, read_results, record_result
+from tests.integration._server import durable_app, wait_until
+from tests.integration.apps.durable_tasks import read_results, record_result
 
 from otel_bgtasks.deadletter import (
-    DLQ_URL_ENV,
     DeadLetterReason,
     DeadLetters,
     JournalEntry,
@@ -57,31 +55,7 @@ class Crash:
 
 
 def crash_mid_burst(tmp_path: Path) -> Crash:
-    store_url = f"sqlite:///{tmp_path / 'dlq.db'}"
-    results = tmp_path / "results.txt"
-    port = free_port()
-    server = AppProcess(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "tests.integration.apps.durable_app:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-        ],
-        workdir=tmp_path,
-        port=port,
-        env={
-            DLQ_URL_ENV: store_url,
-            "BGTASKS_TEST_RESULTS": str(results),
-            SECONDS_ENV: TASK_SECONDS,
-        },
-        ready_path="/ready",
-        name="durable",
-    )
+    server, store_url, results = durable_app(tmp_path, task_seconds=TASK_SECONDS, name="durable")
     acked: dict[int, tuple[str, str]] = {}
     lock = threading.Lock()
 

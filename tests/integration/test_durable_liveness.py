@@ -14,14 +14,13 @@ fair, and the test waits a little longer than `stale_after` before recovering.
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import httpx
-from tests.integration._server import AppProcess, free_port
-from tests.integration.apps.durable_tasks import SECONDS_ENV, read_results
+from tests.integration._server import durable_app
+from tests.integration.apps.durable_tasks import read_results
 
 from otel_bgtasks._execution import _HEARTBEAT_EVERY
-from otel_bgtasks.deadletter import DLQ_URL_ENV, open_store
+from otel_bgtasks.deadletter import open_store
 from otel_bgtasks.recovery import RecoveryReport, recover_interrupted_tasks
 
 STALE_AFTER = _HEARTBEAT_EVERY + 1.0  # a live owner heartbeating on schedule is never stale
@@ -29,31 +28,7 @@ TASK_SECONDS = STALE_AFTER + 20.0  # the task outlives the wait below by far
 
 
 async def test_recovery_skips_a_live_owner_busy_with_a_long_durable_task(tmp_path, instrument):
-    store_url = f"sqlite:///{tmp_path / 'dlq.db'}"
-    results = tmp_path / "results.txt"
-    port = free_port()
-    worker = AppProcess(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "tests.integration.apps.durable_app:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-        ],
-        workdir=tmp_path,
-        port=port,
-        env={
-            DLQ_URL_ENV: store_url,
-            "BGTASKS_TEST_RESULTS": str(results),
-            SECONDS_ENV: str(TASK_SECONDS),
-        },
-        ready_path="/ready",
-        name="worker",
-    )
+    worker, store_url, results = durable_app(tmp_path, task_seconds=TASK_SECONDS, name="worker")
     store = open_store(store_url)
     instrument(dead_letter_store=store)
     with worker:

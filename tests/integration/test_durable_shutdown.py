@@ -9,43 +9,18 @@ are logged (never dropped silently); durable ones stay in the journal."
 from __future__ import annotations
 
 import signal
-import sys
 
 import httpx
-from tests.integration._server import AppProcess, free_port
-from tests.integration.apps.durable_tasks import SECONDS_ENV, read_results
+from tests.integration._server import durable_app
+from tests.integration.apps.durable_tasks import read_results
 
-from otel_bgtasks.deadletter import DLQ_URL_ENV, open_store
+from otel_bgtasks.deadletter import open_store
 from otel_bgtasks.recovery import RecoveryReport, recover_interrupted_tasks
 
 
 async def test_task_cancelled_by_graceful_shutdown_timeout_is_recovered(tmp_path, instrument):
-    store_url = f"sqlite:///{tmp_path / 'dlq.db'}"
-    results = tmp_path / "results.txt"
-    port = free_port()
-    server = AppProcess(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "tests.integration.apps.durable_app:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--timeout-graceful-shutdown",
-            "1",
-        ],
-        workdir=tmp_path,
-        port=port,
-        env={
-            DLQ_URL_ENV: store_url,
-            "BGTASKS_TEST_RESULTS": str(results),
-            SECONDS_ENV: "60",  # far longer than the shutdown grace
-        },
-        ready_path="/ready",
-        name="server",
+    server, store_url, results = durable_app(
+        tmp_path, task_seconds=60, name="server", uvicorn_args=["--timeout-graceful-shutdown", "1"]
     )
     store = open_store(store_url)
     with server:
