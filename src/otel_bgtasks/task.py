@@ -17,7 +17,14 @@ if TYPE_CHECKING:
     from otel_bgtasks.circuit import CircuitBreaker
     from otel_bgtasks.retry import RetryPolicy
 
-__all__ = ["TaskOptions", "background_task", "function_name", "task_name", "task_options"]
+__all__ = [
+    "TaskOptions",
+    "background_task",
+    "function_name",
+    "is_async_callable",
+    "task_name",
+    "task_options",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
