@@ -37,6 +37,23 @@ Without `notifiers=`, the channels come from the environment (`AlertingConfig.fr
 `OTEL_BGTASKS_ALERT_QUEUE_SIZE`, `OTEL_BGTASKS_ALERT_MAX_CONCURRENCY`,
 `OTEL_BGTASKS_ALERT_MAX_ATTEMPTS`; with none set, alerts are logged through structlog.
 
+Without `rules=`, the rules come from `OTEL_BGTASKS_ALERT_RULES` (or `config.rules`), else
+`default_rules()`. It is a comma-separated list of rule specs, each with an optional
+`@info` / `@warning` / `@error` / `@critical` severity; omitted values take the defaults::
+
+    consecutive_failures[:N]                      # ConsecutiveFailures(N), N default 3
+    failure_ratio[:RATIO[/WINDOW_S[/MIN_RUNS]]]   # FailureRatio, default 0.5/300/10
+    circuit_opened                                # CircuitOpened()
+    dead_letter_moves[:MORE_THAN[/WINDOW_S]]      # each move; or more than N in WINDOW_S (300)
+    slow_task:SECONDS                             # SlowTask(SECONDS)
+
+    OTEL_BGTASKS_ALERT_RULES="consecutive_failures:3, failure_ratio:0.5/300/10@critical,
+                              circuit_opened, dead_letter_moves:5, slow_task:30@warning"
+
+A kind listed twice is named after each spec (`dead_letter_moves`, `dead_letter_moves:5`).
+A bad spec raises `AlertingConfigError` naming it and listing the valid forms. Code wins:
+`rules=` ignores the variable. `parse_rules("slow_task:30")` reads the same grammar in code.
+
 How it works: `AlertingSpanProcessor.on_end` keeps only task spans (`bgtasks.task.name`) and
 puts them on a bounded queue; nothing else happens on the task path. A daemon thread turns
 each span into a `TaskSignal` (name, outcome, duration, error type and category, circuit
@@ -66,7 +83,10 @@ from otel_bgtasks.alerting.config import (
     AlertingConfig,
     AlertingConfigError,
     DeliveryOptions,
+    RuleSpec,
     SmtpConfig,
+    parse_rules,
+    rules_from_env,
 )
 from otel_bgtasks.alerting.notifiers import (
     DeliveryError,
@@ -118,6 +138,7 @@ __all__ = [
     "Notifier",
     "Rule",
     "RuleEngine",
+    "RuleSpec",
     "Secret",
     "Severity",
     "SlackNotifier",
@@ -129,6 +150,8 @@ __all__ = [
     "alert_text",
     "default_rules",
     "install_alerting",
+    "parse_rules",
+    "rules_from_env",
     "slack_payload",
     "webhook_payload",
 ]

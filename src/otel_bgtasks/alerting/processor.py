@@ -21,7 +21,7 @@ from otel_bgtasks import attributes as attr
 from otel_bgtasks._version import __version__
 from otel_bgtasks.alerting._delivery import Dispatcher, create_sent_counter
 from otel_bgtasks.alerting.alerts import Alert
-from otel_bgtasks.alerting.config import AlertingConfig, DeliveryOptions
+from otel_bgtasks.alerting.config import AlertingConfig, DeliveryOptions, rules_from_env
 from otel_bgtasks.alerting.notifiers import LogNotifier, Notifier
 from otel_bgtasks.alerting.rules import Clock, Rule, RuleEngine, default_rules
 from otel_bgtasks.alerting.signals import TaskSignal
@@ -219,13 +219,15 @@ def install_alerting(
 
     Args:
         tracer_provider: an SDK `TracerProvider` (default: the global one).
-        rules: default `default_rules()`: 3 consecutive failures, circuit opened, each
-            dead-letter move.
+        rules: default: the rules of `config` (`OTEL_BGTASKS_ALERT_RULES` when `config` is
+            not given), else `default_rules()`: 3 consecutive failures, circuit opened, each
+            dead-letter move. Rules given here win over any configured ones.
         notifiers: default: the channels of `config`; with no channel configured, alerts go
             to the structlog log (`LogNotifier`).
         meter_provider: for the `bgtasks.alerts.sent` counter (default: the global one).
-        config: channels and delivery options; default `AlertingConfig.from_env()` when
-            `notifiers` is not given.
+        config: channels, delivery options and rules; default `AlertingConfig.from_env()`
+            when `notifiers` is not given. With `notifiers` and without `config` or `rules`,
+            only `OTEL_BGTASKS_ALERT_RULES` is read.
         delivery: overrides `config.delivery`.
         queue_size, tick_interval, shutdown_timeout, clock: see `AlertingSpanProcessor`.
 
@@ -248,8 +250,14 @@ def install_alerting(
             notifiers = [LogNotifier()]
     if delivery is None and config is not None:
         delivery = config.delivery
+    if rules is None:
+        if config is not None:
+            rules = config.build_rules()
+        else:  # notifiers in code, rules maybe from the environment
+            specs = rules_from_env()
+            rules = [spec.build() for spec in specs] if specs is not None else default_rules()
     processor = AlertingSpanProcessor(
-        rules if rules is not None else default_rules(),
+        rules,
         notifiers,
         meter_provider=meter_provider,
         delivery=delivery,
