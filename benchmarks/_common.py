@@ -8,6 +8,7 @@ over rounds is reported; per-round values are kept in the JSON so the spread can
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -44,6 +45,7 @@ __all__ = [
     "ratio",
     "rss_mb",
     "run_worker",
+    "worker_main",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +106,21 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+def worker_main(
+    doc: str | None,
+    worker: Callable[[dict[str, Any]], Mapping[str, Any]],
+    run: Callable[[], Mapping[str, Any]],
+) -> None:
+    """`python -m benchmarks.X`: the whole benchmark, or with --worker one variant."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--worker", help="JSON config: run one variant in this process")
+    args = parser.parse_args()
+    if args.worker:
+        emit(worker(json.loads(args.worker)))
+        return
+    print(json.dumps(run(), indent=2))
 
 
 def emit(result: Mapping[str, Any]) -> None:

@@ -15,10 +15,8 @@ batches run after the main loop (bytes retained per task, ~0 when nothing is kep
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
-import json
 import time
 import tracemalloc
 from typing import Any
@@ -27,7 +25,7 @@ from opentelemetry.trace import SpanKind
 from starlette.background import BackgroundTask
 
 from benchmarks import _tasks
-from benchmarks._common import emit, noop_providers, rss_mb, run_worker
+from benchmarks._common import noop_providers, rss_mb, run_worker, worker_main
 
 __all__ = ["run"]
 
@@ -196,13 +194,7 @@ def table(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", help="JSON config: run in this process")
-    args = parser.parse_args()
-    if args.worker:
-        emit(worker(json.loads(args.worker)))
-        return
-    print(json.dumps(run(quick=True), indent=2))
+    worker_main(__doc__, worker, lambda: run(quick=True))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ the store's share per entry (1/replay - 1/executor, in microseconds).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import random
 import tempfile
 import time
@@ -28,13 +26,13 @@ from typing import Any
 
 from benchmarks import _tasks
 from benchmarks._common import (
-    emit,
     interleaved,
     median,
     noop_providers,
     per_round,
     ratio,
     run_worker,
+    worker_main,
 )
 
 __all__ = ["VARIANTS", "run"]
@@ -185,13 +183,7 @@ def table(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", help="JSON config: run one variant in this process")
-    args = parser.parse_args()
-    if args.worker:
-        emit(worker(json.loads(args.worker)))
-        return
-    print(json.dumps(run(), indent=2))
+    worker_main(__doc__, worker, run)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,15 @@ from otel_bgtasks.task import (
 if TYPE_CHECKING:
     from otel_bgtasks.deadletter import DeadLetter, DeadLetterStore, Serializer
 
-__all__ = ["TRACE_MODES", "Executor", "TaskHook", "TraceMode", "call_hook", "current_task"]
+__all__ = [
+    "TRACE_MODES",
+    "Executor",
+    "TaskHook",
+    "TraceMode",
+    "call_hook",
+    "check_trace_mode",
+    "current_task",
+]
 
 TraceMode = Literal["link", "child"]
 TRACE_MODES: tuple[TraceMode, ...] = ("link", "child")
@@ -97,6 +105,14 @@ def current_task() -> TaskCallState | None:
 
 def _new_task_id() -> str:
     return f"{random.getrandbits(128):032x}"
+
+
+def check_trace_mode(trace_mode: object) -> None:
+    """Raises `ValueError` naming the valid trace modes."""
+    if trace_mode not in TRACE_MODES:
+        raise ValueError(
+            f"trace_mode={trace_mode!r} is not valid; use one of {', '.join(TRACE_MODES)}"
+        )
 
 
 _Description = tuple[TaskOptions, str, str, bool]
@@ -152,10 +168,7 @@ class Executor:
         serializer: Serializer | None = None,
         error_classifier: ErrorClassifier = classify_error,
     ) -> None:
-        if trace_mode not in TRACE_MODES:
-            raise ValueError(
-                f"trace_mode={trace_mode!r} is not valid; use one of {', '.join(TRACE_MODES)}"
-            )
+        check_trace_mode(trace_mode)
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout={timeout!r}: must be > 0 seconds or None")
         if durable and dead_letter_store is None:
@@ -664,15 +677,16 @@ class Executor:
         exc = state.exception
         self.instruments.task_ended(state.name)
         result_attrs = {attr.TASK_NAME: state.name, attr.TASK_OUTCOME: outcome.value}
-        if outcome is not Outcome.SUCCESS and exc is not None:
-            result_attrs[attr.ERROR_TYPE] = error_type(exc)
+        kind = error_type(exc) if outcome is not Outcome.SUCCESS and exc is not None else None
+        if kind is not None:
+            result_attrs[attr.ERROR_TYPE] = kind
         self.instruments.duration.record(duration, result_attrs, span_context)
         if span.is_recording():
             span.set_attribute(attr.TASK_ATTEMPTS, state.attempt)
             span.set_attribute(attr.TASK_OUTCOME, outcome.value)
             if outcome is not Outcome.SUCCESS:
-                if exc is not None:
-                    span.set_attribute(attr.ERROR_TYPE, error_type(exc))
+                if exc is not None and kind is not None:
+                    span.set_attribute(attr.ERROR_TYPE, kind)
                     span.record_exception(exc)
                     description = f"{type(exc).__name__}: {exc}"
                 else:

@@ -82,6 +82,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_Record = TypeVar("_Record", "DeadLetter", "JournalEntry")
 
 DLQ_URL_ENV = "OTEL_BGTASKS_DLQ_URL"
 """Environment variable holding the default store URL (the CLI reads it)."""
@@ -416,30 +417,27 @@ def _loads_object(text: str | bytes) -> dict[str, Any]:
     return data
 
 
+def _decode(row_id: str, raw: str | bytes | None, kind: type[_Record], id_field: str) -> _Record:
+    if raw is None:
+        raise CorruptEntryError(row_id, "no data")
+    try:
+        record = kind.from_json(raw)
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise CorruptEntryError(row_id, f"{type(exc).__name__}: {exc}") from exc
+    stored = getattr(record, id_field)
+    if stored != row_id:
+        raise CorruptEntryError(row_id, f"stored data has {id_field} {stored!r}")
+    return record
+
+
 def decode_entry(entry_id: str, raw: str | bytes | None) -> DeadLetter:
     """Decode a stored dead letter, raising `CorruptEntryError` naming the row on failure."""
-    if raw is None:
-        raise CorruptEntryError(entry_id, "no data")
-    try:
-        entry = DeadLetter.from_json(raw)
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise CorruptEntryError(entry_id, f"{type(exc).__name__}: {exc}") from exc
-    if entry.id != entry_id:
-        raise CorruptEntryError(entry_id, f"stored data has id {entry.id!r}")
-    return entry
+    return _decode(entry_id, raw, DeadLetter, "id")
 
 
 def decode_journal(task_id: str, raw: str | bytes | None) -> JournalEntry:
     """Decode a stored journal entry, raising `CorruptEntryError` naming the row on failure."""
-    if raw is None:
-        raise CorruptEntryError(task_id, "no data")
-    try:
-        entry = JournalEntry.from_json(raw)
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise CorruptEntryError(task_id, f"{type(exc).__name__}: {exc}") from exc
-    if entry.task_id != task_id:
-        raise CorruptEntryError(task_id, f"stored data has task_id {entry.task_id!r}")
-    return entry
+    return _decode(task_id, raw, JournalEntry, "task_id")
 
 
 # -- serializers ----------------------------------------------------------------------------

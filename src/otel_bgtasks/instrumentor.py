@@ -42,7 +42,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from starlette.background import BackgroundTask
 
-from otel_bgtasks._execution import TRACE_MODES, Executor, TaskHook
+from otel_bgtasks._execution import Executor, TaskHook, check_trace_mode
 from otel_bgtasks._version import __version__
 from otel_bgtasks.deadletter import DLQ_URL_ENV, DeadLetterStore, open_store
 from otel_bgtasks.errors import classify_error
@@ -136,10 +136,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _instrument(self, **kwargs: Any) -> None:
         global _executor
         trace_mode = kwargs.get("trace_mode", "link")
-        if trace_mode not in TRACE_MODES:
-            raise ValueError(
-                f"trace_mode={trace_mode!r} is not valid; use one of {', '.join(TRACE_MODES)}"
-            )
+        check_trace_mode(trace_mode)  # before a store is opened
         tracer = trace.get_tracer(
             _SCOPE,
             __version__,
@@ -158,21 +155,27 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._owned_store = store if not isinstance(given, DeadLetterStore) else None
         start_hook: TaskHook | None = kwargs.get("start_hook")
         end_hook: TaskHook | None = kwargs.get("end_hook")
-        executor = Executor(
-            tracer,
-            Instruments(meter),
-            trace_mode=trace_mode,
-            propagate_exceptions=bool(kwargs.get("propagate_exceptions", False)),
-            start_hook=start_hook,
-            end_hook=end_hook,
-            retry=kwargs.get("retry"),
-            circuit=kwargs.get("circuit"),
-            timeout=kwargs.get("timeout"),
-            durable=bool(kwargs.get("durable", False)),
-            dead_letter_store=store,
-            serializer=kwargs.get("serializer"),
-            error_classifier=kwargs.get("error_classifier", classify_error),
-        )
+        try:
+            executor = Executor(
+                tracer,
+                Instruments(meter),
+                trace_mode=trace_mode,
+                propagate_exceptions=bool(kwargs.get("propagate_exceptions", False)),
+                start_hook=start_hook,
+                end_hook=end_hook,
+                retry=kwargs.get("retry"),
+                circuit=kwargs.get("circuit"),
+                timeout=kwargs.get("timeout"),
+                durable=bool(kwargs.get("durable", False)),
+                dead_letter_store=store,
+                serializer=kwargs.get("serializer"),
+                error_classifier=kwargs.get("error_classifier", classify_error),
+            )
+        except Exception:  # a bad setting: do not leave the store we opened behind
+            if self._owned_store is not None:
+                self._owned_store.close()
+                self._owned_store = None
+            raise
         self._patch(executor)
         _executor = executor
 

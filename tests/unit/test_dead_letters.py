@@ -193,3 +193,14 @@ def test_unknown_store_url_and_value(telemetry):
     with pytest.raises(TypeError, match="DeadLetterStore, a URL"):
         BackgroundTasksInstrumentor().instrument(dead_letter_store=42)
     assert not BackgroundTasksInstrumentor().is_instrumented_by_opentelemetry
+
+
+def test_a_refused_setting_leaves_nothing_instrumented(tmp_path, telemetry):
+    from otel_bgtasks import BackgroundTasksInstrumentor
+
+    with pytest.raises(ValueError, match=r"timeout=-1: must be > 0"):
+        BackgroundTasksInstrumentor().instrument(
+            dead_letter_store=f"sqlite:///{tmp_path / 'dlq.db'}", timeout=-1
+        )
+    assert not BackgroundTasksInstrumentor().is_instrumented_by_opentelemetry
+    assert BackgroundTasksInstrumentor._owned_store is None
