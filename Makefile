@@ -27,6 +27,7 @@ infra:
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: $(VENV)/.installed infra lint
 	@if [ -f "$(CACHE)/env.sh" ]; then . "$(CACHE)/env.sh"; fi; \

@@ -104,7 +104,7 @@ async def stats() -> dict[str, Any]:
     latency = list(STATS.latency)
     failures = 0
     if VARIANT == "ours":
-        from otel_bgtasks.instrumentor import current_executor
+        from otel_bgtasks._execution import active_executor as current_executor
 
         executor = current_executor()
         failures = len(executor.recent_failures) if executor is not None else -1

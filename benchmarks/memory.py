@@ -68,8 +68,8 @@ def _live(cls: type) -> int:
 
 
 def worker(config: dict[str, Any]) -> dict[str, Any]:
-    from otel_bgtasks import BackgroundTasksInstrumentor, TaskCallState, _execution
-    from otel_bgtasks.instrumentor import current_executor
+    from otel_bgtasks import BackgroundTasksInstrumentor, TaskCallState
+    from otel_bgtasks._execution import active_executor as current_executor
 
     tracer_provider, meter_provider, _reader = noop_providers()
     tracer = tracer_provider.get_tracer("bench.request")
@@ -94,7 +94,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
             step = min(every, total - done)
             await _loop(tracer, done, step)
             done += step
-            described_max = max(described_max, len(_execution._described))
+            described_max = max(described_max, len(executor._described))
             samples.append((done, rss_mb()))
 
     asyncio.run(main())

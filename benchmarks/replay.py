@@ -43,7 +43,8 @@ QUICK = {"entries": 500, "rounds": 2, "warmup": 100}
 
 
 def _fill(store: Any, count: int) -> None:
-    from otel_bgtasks.deadletter import DeadLetter, DeadLetterReason, JSONSerializer, func_ref
+    from otel_bgtasks.calls import JSONSerializer, func_ref
+    from otel_bgtasks.records import DeadLetter, DeadLetterReason
 
     serializer = JSONSerializer()
     ref = func_ref(_tasks.replay_target)
@@ -70,7 +71,7 @@ def _fill(store: Any, count: int) -> None:
 
 
 async def _executor_loop(count: int, link: Any) -> None:
-    from otel_bgtasks.instrumentor import current_executor
+    from otel_bgtasks._execution import active_executor as current_executor
 
     executor = current_executor()
     assert executor is not None
@@ -90,8 +91,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     from opentelemetry.trace import SpanContext, TraceFlags
 
     from otel_bgtasks import BackgroundTasksInstrumentor
-    from otel_bgtasks.deadletter import DeadLetters
-    from otel_bgtasks.replay_runner import run_dead_letter
+    from otel_bgtasks.replay import DeadLetters, run_dead_letter
     from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 
     variant = config["variant"]

@@ -2,53 +2,81 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from otel_bgtasks._execution import TaskHook, current_task
 from otel_bgtasks._version import __version__
 from otel_bgtasks.alerting import AlertingSpanProcessor, install_alerting
 from otel_bgtasks.attributes import ErrorCategory, Outcome
+from otel_bgtasks.calls import JSONSerializer, Serializer, register_serializer
 from otel_bgtasks.circuit import CircuitBreaker, CircuitState, RedisCircuitBackend
-from otel_bgtasks.deadletter import (
-    DeadLetter,
-    DeadLetterReason,
-    DeadLetters,
-    DeadLetterStore,
-    JSONSerializer,
-    Serializer,
+from otel_bgtasks.errors import (
+    BgTasksError,
+    BusinessError,
+    CircuitOpenError,
+    ConfigurationError,
+    CorruptEntryError,
+    NotReplayableError,
+    SerializationError,
+    StoreUnavailableError,
     TaskImportError,
-    open_store,
+    TaskTimeoutError,
+    classify_error,
 )
-from otel_bgtasks.errors import BusinessError, CircuitOpenError, TaskTimeoutError, classify_error
-from otel_bgtasks.instrumentor import BackgroundTasksInstrumentor, ScheduledTask, schedule
+from otel_bgtasks.instrumentor import (
+    BackgroundTasksInstrumentor,
+    InstrumentOptions,
+    ScheduledTask,
+    schedule,
+)
 from otel_bgtasks.logs import TraceContextFilter, TraceContextProcessor, configure_structlog_json
-from otel_bgtasks.recovery import recover_interrupted_tasks
-from otel_bgtasks.retry import RetryPolicy
+from otel_bgtasks.options import EffectiveOptions
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.recovery import RecoveryReport, recover_interrupted_tasks
+from otel_bgtasks.replay import DeadLetters, ReplayReport, run_dead_letter
+from otel_bgtasks.retry import RetryPolicy, retry_if_category
 from otel_bgtasks.sampling import LinkAwareSampler
 from otel_bgtasks.state import TaskCallState
-from otel_bgtasks.stores import RedisDeadLetterStore, SQLiteDeadLetterStore
+from otel_bgtasks.stores import SQLiteDeadLetterStore, open_store
+from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.task import TaskOptions, background_task
 from otel_bgtasks.telemetry import Telemetry, configure_telemetry
+
+if TYPE_CHECKING:
+    from otel_bgtasks.stores.redis import RedisDeadLetterStore
 
 __all__ = [
     "AlertingSpanProcessor",
     "BackgroundTasksInstrumentor",
+    "BgTasksError",
     "BusinessError",
     "CircuitBreaker",
     "CircuitOpenError",
     "CircuitState",
+    "ConfigurationError",
+    "CorruptEntryError",
     "DeadLetter",
     "DeadLetterReason",
     "DeadLetterStore",
     "DeadLetters",
+    "EffectiveOptions",
     "ErrorCategory",
+    "InstrumentOptions",
     "JSONSerializer",
+    "JournalEntry",
     "LinkAwareSampler",
+    "NotReplayableError",
     "Outcome",
+    "RecoveryReport",
     "RedisCircuitBackend",
     "RedisDeadLetterStore",
+    "ReplayReport",
     "RetryPolicy",
     "SQLiteDeadLetterStore",
     "ScheduledTask",
+    "SerializationError",
     "Serializer",
+    "StoreUnavailableError",
     "TaskCallState",
     "TaskHook",
     "TaskImportError",
@@ -66,5 +94,17 @@ __all__ = [
     "install_alerting",
     "open_store",
     "recover_interrupted_tasks",
+    "register_serializer",
+    "retry_if_category",
+    "run_dead_letter",
     "schedule",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The redis extra is imported when a Redis store is first used, not by `import otel_bgtasks`.
+    if name == "RedisDeadLetterStore":
+        from otel_bgtasks.stores.redis import RedisDeadLetterStore
+
+        return RedisDeadLetterStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,57 +1,61 @@
-"""The one execution path every background task takes: span, metrics, logs, policies."""
+"""The one execution path every background task takes: span, metrics, logs, policies.
+
+Also the registry of the active executor (`active_executor`), next to `current_task`: modules
+that run tasks outside Starlette (replay, recovery, the health router) find it here, below the
+instrumentor that sets it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import FunctionType, MethodType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.metrics import Observation
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
 from starlette.concurrency import run_in_threadpool
 from tenacity import RetryCallState
 
 from otel_bgtasks import attributes as attr
+from otel_bgtasks._ids import new_task_id, span_id_hex, trace_id_hex
 from otel_bgtasks.attributes import ErrorCategory, Outcome
+from otel_bgtasks.calls import JSONSerializer, Serializer, describe_call
 from otel_bgtasks.circuit import CircuitBreaker, CircuitState
 from otel_bgtasks.errors import (
     CircuitOpenError,
+    ConfigurationError,
     ErrorClassifier,
     TaskTimeoutError,
     classify_error,
     error_type,
 )
+from otel_bgtasks.journal import Journal
 from otel_bgtasks.metrics import Instruments
+from otel_bgtasks.options import EffectiveOptions, TaskDefaults, effective_options
+from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
-from otel_bgtasks.task import (
-    TaskOptions,
-    function_name,
-    is_async_callable,
-    task_name,
-    task_options,
-)
-
-if TYPE_CHECKING:
-    from otel_bgtasks.deadletter import DeadLetter, DeadLetterStore, Serializer
+from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = [
     "TRACE_MODES",
     "Executor",
     "TaskHook",
     "TraceMode",
+    "active_executor",
     "call_hook",
     "check_trace_mode",
     "current_task",
+    "set_active_executor",
 ]
 
 TraceMode = Literal["link", "child"]
@@ -94,8 +98,12 @@ _current: ContextVar[TaskCallState | None] = ContextVar("otel_bgtasks_task", def
 
 # Errors that say nothing about the downstream's health do not trip a breaker.
 _NOT_BREAKER_FAILURES = frozenset({ErrorCategory.VALIDATION, ErrorCategory.BUSINESS})
-_DEFAULT_RETRY = RetryPolicy()
-_HEARTBEAT_EVERY = 10.0  # seconds between journal heartbeats of this process
+# Without a policy a task runs once; its dead letter's reason still says whether a retry could
+# have helped (`exhausted`: a connection or timeout error) or not (`permanent`).
+_TRANSIENT = RetryPolicy()
+_DESCRIBED_MAX = 1024  # functions whose options are cached per executor
+
+_active: Executor | None = None
 
 
 def current_task() -> TaskCallState | None:
@@ -103,39 +111,23 @@ def current_task() -> TaskCallState | None:
     return _current.get()
 
 
-def _new_task_id() -> str:
-    return f"{random.getrandbits(128):032x}"
+def active_executor() -> Executor | None:
+    """The executor of the active instrumentation (None when not instrumented)."""
+    return _active
+
+
+def set_active_executor(executor: Executor | None) -> None:
+    """Make `executor` the active one (the instrumentor does, at instrument/uninstrument)."""
+    global _active
+    _active = executor
 
 
 def check_trace_mode(trace_mode: object) -> None:
-    """Raises `ValueError` naming the valid trace modes."""
+    """Raises `ConfigurationError` (a `ValueError`) naming the valid trace modes."""
     if trace_mode not in TRACE_MODES:
-        raise ValueError(
+        raise ConfigurationError(
             f"trace_mode={trace_mode!r} is not valid; use one of {', '.join(TRACE_MODES)}"
         )
-
-
-_Description = tuple[TaskOptions, str, str, bool]
-_described: dict[Any, _Description] = {}
-
-
-def _describe(func: Callable[..., Any]) -> _Description:
-    """Options, task name, module-qualified name and asyncness of `func`, cached.
-
-    Functions are cached by identity; the cache is bounded because closures made per request
-    are functions too (a million of them must not be retained).
-    """
-    try:
-        return _described[func]
-    except (KeyError, TypeError):  # TypeError: an unhashable callable object
-        pass
-    options = task_options(func)
-    description = (options, task_name(func, options), function_name(func), is_async_callable(func))
-    if isinstance(func, FunctionType | MethodType):
-        if len(_described) >= 1024:
-            _described.clear()
-        _described[func] = description
-    return description
 
 
 def call_hook(hook: TaskHook | None, span: Span, state: TaskCallState) -> None:
@@ -169,31 +161,30 @@ class Executor:
         error_classifier: ErrorClassifier = classify_error,
     ) -> None:
         check_trace_mode(trace_mode)
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout={timeout!r}: must be > 0 seconds or None")
+        self.defaults = TaskDefaults(retry=retry, circuit=circuit, timeout=timeout, durable=durable)
         if durable and dead_letter_store is None:
-            raise ValueError("durable=True needs a dead_letter_store to journal tasks in")
+            raise ConfigurationError("durable=True needs a dead_letter_store to journal tasks in")
+        if serializer is not None and not isinstance(serializer, Serializer):
+            raise ConfigurationError(
+                f"serializer={serializer!r}: pass an object with name, dumps() and loads()"
+                " (see otel_bgtasks.Serializer)"
+            )
         self.tracer = tracer
         self.instruments = instruments
         self.trace_mode = trace_mode
-        self.propagate_exceptions = propagate_exceptions
+        self.propagate_exceptions = bool(propagate_exceptions)
         self.start_hook = start_hook
         self.end_hook = end_hook
-        self.retry = retry
-        self.circuit = circuit
-        self.timeout = timeout
-        self.durable = durable
         self.store = dead_letter_store
-        self.serializer = serializer
+        self.serializer: Serializer = serializer if serializer is not None else JSONSerializer()
         self.classify = error_classifier
+        self.journal = Journal(dead_letter_store, self.serializer) if dead_letter_store else None
         self.breakers: dict[str, CircuitBreaker] = {}
         self._breaker_lock = threading.Lock()
+        self._described: dict[Any, EffectiveOptions] = {}
         # Scheduled or running tasks, for the health endpoint and the shutdown report.
         self.inflight: dict[str, TaskCallState] = {}
         self.recent_failures: list[dict[str, Any]] = []
-        self._journaled = 0  # durable tasks scheduled and not finished
-        self._heartbeat: threading.Thread | None = None
-        self._closed = threading.Event()
         if dead_letter_store is not None:
             self.instruments.add_depth_source(self._observe_depth)
             if hasattr(dead_letter_store, "write_errors"):  # a BufferedStore
@@ -217,13 +208,13 @@ class Executor:
         """
         current = trace.get_current_span()
         state = self.prepare(func, args, kwargs, link=current.get_span_context(), is_async=is_async)
-        options, name, task_id = state.options, state.name, state.task_id
-        durable = options.durable if options.durable is not None else self.durable
-        if durable:
+        if state.options.durable:
             self._journal(state)
         if current.is_recording():
-            current.add_event(attr.EVENT_ENQUEUED, {attr.TASK_NAME: name, attr.TASK_ID: task_id})
-        self.inflight[task_id] = state
+            current.add_event(
+                attr.EVENT_ENQUEUED, {attr.TASK_NAME: state.name, attr.TASK_ID: state.task_id}
+            )
+        self.inflight[state.task_id] = state
         return state
 
     def prepare(
@@ -236,93 +227,56 @@ class Executor:
         is_async: bool | None = None,
     ) -> TaskCallState:
         """The state of a task about to be scheduled, without side effects."""
-        options, name, function, detected_async = _describe(func)
+        options = self.options_for(func)
         return TaskCallState(
-            name=name,
-            task_id=_new_task_id(),
+            task_id=new_task_id(),
             func=func,
-            function=function,
             args=args,
             kwargs=kwargs,
             options=options,
             link=link if link is not None and link.is_valid else None,
             enqueued_at=time.perf_counter(),
             enqueued_wall=time.time(),
-            is_async=detected_async if is_async is None else is_async,
+            is_async=options.is_async if is_async is None else is_async,
         )
 
-    def _journal(self, state: TaskCallState) -> None:
-        from otel_bgtasks.deadletter import JournalEntry, dump_call, func_ref, process_identity
+    def options_for(self, func: Callable[..., Any]) -> EffectiveOptions:
+        """`func`'s effective options, resolved once per function.
 
-        store = self.store
-        if store is None:
-            raise ValueError(
+        Functions are cached by identity; the cache is bounded because closures made per
+        request are functions too (a million of them must not be retained).
+        """
+        try:
+            return self._described[func]
+        except (KeyError, TypeError):  # TypeError: an unhashable callable object
+            pass
+        options = effective_options(func, self.defaults, self._breaker)
+        if isinstance(func, FunctionType | MethodType):
+            if len(self._described) >= _DESCRIBED_MAX:
+                self._described.clear()
+            self._described[func] = options
+        return options
+
+    def _journal(self, state: TaskCallState) -> None:
+        if self.journal is None:
+            raise ConfigurationError(
                 f"task {state.name!r} is durable but no dead_letter_store is configured; "
                 "pass dead_letter_store= to the instrumentor"
             )
-        serializer = self._serializer()
-        ref = func_ref(state.func)
-        payload = dump_call(serializer, state.func, state.args, state.kwargs, task_name=state.name)
-        link = state.link
-        store.journal_add(
-            JournalEntry(
-                task_id=state.task_id,
-                task_name=state.name,
-                func_ref=ref,
-                payload=payload,
-                serializer=serializer.name,
-                owner=process_identity(),
-                enqueued_at=state.enqueued_wall,
-                trace_id=format(link.trace_id, "032x") if link else "",
-                span_id=format(link.span_id, "016x") if link else "",
-            )
-        )
-        state.extra["journaled"] = True
-        self._journaled += 1
-        if self._heartbeat is None or not self._heartbeat.is_alive():
-            store.heartbeat(process_identity())
-            self._heartbeat = threading.Thread(
-                target=self._beat, args=(store,), name="otel-bgtasks-heartbeat", daemon=True
-            )
-            self._heartbeat.start()
-
-    def _beat(self, store: DeadLetterStore) -> None:
-        """Heartbeat while durable tasks are in flight, so a long task's owner looks alive.
-
-        One daemon thread per executor, from its first durable task until `close()`.
-        """
-        from otel_bgtasks.deadletter import process_identity
-
-        while not self._closed.wait(_HEARTBEAT_EVERY):
-            if self._journaled <= 0:
-                continue
-            try:
-                store.heartbeat(process_identity())
-            except Exception:  # a store outage: recovery elsewhere may see us as stale
-                _log.exception("journal heartbeat failed")
-
-    def _serializer(self) -> Serializer:
-        serializer = self.serializer
-        if serializer is None:
-            from otel_bgtasks.deadletter import JSONSerializer
-
-            serializer = self.serializer = JSONSerializer()
-        return serializer
+        self.journal.add(state)
 
     # -- policies ---------------------------------------------------------------------------
 
-    def breaker_for(self, state: TaskCallState) -> CircuitBreaker | None:
-        """The breaker guarding this task: its own, or one shared by name."""
-        template = state.options.circuit or self.circuit
-        if template is None:
-            return None
-        key = template.name or state.name
+    def _breaker(self, template: CircuitBreaker, task: str) -> CircuitBreaker:
+        """The breaker a task uses: `template` itself when named (shared by every task using
+        that name), else a copy named after the task."""
+        key = template.name or task
         breaker = self.breakers.get(key)
         if breaker is None:
             with self._breaker_lock:
                 breaker = self.breakers.get(key)
                 if breaker is None:
-                    breaker = template if template.name else template.named(state.name)
+                    breaker = template if template.name else template.named(task)
                     if self._on_transition not in breaker.listeners:
                         breaker.listeners.append(self._on_transition)
                     self.breakers[key] = breaker
@@ -358,7 +312,8 @@ class Executor:
 
     def close(self) -> None:
         """Detach from breakers and report tasks that never finished (never silently)."""
-        self._closed.set()
+        if self.journal is not None:
+            self.journal.close()
         for breaker in self.breakers.values():
             if self._on_transition in breaker.listeners:
                 breaker.listeners.remove(self._on_transition)
@@ -376,7 +331,7 @@ class Executor:
                         "task_name": s.name,
                         "task_id": s.task_id,
                         "attempt": s.attempt,
-                        "durable": bool(s.extra.get("journaled")),
+                        "durable": s.journaled,
                     }
                     for s in pending
                 ],
@@ -387,7 +342,7 @@ class Executor:
 
     def _start_span(self, state: TaskCallState, wait: float) -> Span:
         link = state.link
-        if self.trace_mode == "child" and link is not None and not state.extra.get("replay"):
+        if self.trace_mode == "child" and link is not None and not state.replay:
             parent = trace.set_span_in_context(trace.NonRecordingSpan(link))
         else:
             parent = otel_context.Context()  # a new trace, joined to the request by the link
@@ -447,15 +402,13 @@ class Executor:
         return state
 
     async def _run_policies(self, state: TaskCallState, span: Span, inline: bool) -> None:
-        breaker = self.breaker_for(state)
-        timeout = state.options.timeout or self.timeout
+        options = state.options
         try:
-            await self._attempt(state, span, breaker, timeout, inline)
+            await self._attempt(state, span, options.breaker, options.timeout, inline)
         except Exception as first:
-            policy = state.options.retry or self.retry
-            if policy is None or not policy.is_retryable(first):
+            if options.retry is None:
                 raise
-            await self._retry(state, span, policy, first, breaker, timeout, inline)
+            await self._retry(state, span, options.retry, first, inline)
 
     async def _retry(
         self,
@@ -463,10 +416,10 @@ class Executor:
         span: Span,
         policy: RetryPolicy,
         first: Exception,
-        breaker: CircuitBreaker | None,
-        timeout: float | None,
         inline: bool,
     ) -> None:
+        breaker, timeout = state.options.breaker, state.options.timeout
+
         def before_sleep(retry_state: RetryCallState) -> None:
             failure = retry_state.outcome.exception() if retry_state.outcome else None
             delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
@@ -484,8 +437,8 @@ class Executor:
             self.instruments.retries.add(1, {attr.TASK_NAME: state.name, attr.ERROR_TYPE: kind})
 
         pending: Exception | None = first
-        # tenacity drives the whole loop; the first attempt (already run, outside it so a
-        # successful task pays nothing for the policy) is replayed as its attempt 1.
+        # tenacity drives the whole loop and alone decides "again?"; the first attempt (already
+        # run, outside it so a successful task pays nothing for the policy) is its attempt 1.
         async for attempt in policy.retrying(before_sleep):
             with attempt:
                 if pending is not None:
@@ -573,21 +526,18 @@ class Executor:
     async def _fail(
         self, state: TaskCallState, span: Span, exc: Exception, dead_letter: bool
     ) -> None:
-        from otel_bgtasks.deadletter import DeadLetterReason
-
         state.exception = exc
-        category = self.classify(exc)
-        state.extra["category"] = category
+        category = state.category = self.classify(exc)
         if isinstance(exc, CircuitOpenError):
             outcome, reason = Outcome.REJECTED, DeadLetterReason.CIRCUIT_OPEN
         elif isinstance(exc, TaskTimeoutError):
             outcome, reason = Outcome.TIMEOUT, DeadLetterReason.TIMEOUT
         else:
             outcome = Outcome.FAILURE
-            policy = state.options.retry or self.retry or _DEFAULT_RETRY
-            retryable = policy.is_retryable(exc)
+            policy = state.options.retry or _TRANSIENT
+            retryable = policy.retries(exc, attempt=state.attempt)
             reason = DeadLetterReason.EXHAUSTED if retryable else DeadLetterReason.PERMANENT
-        state.extra["reason"] = reason
+        state.reason = reason
         if dead_letter and self.store is not None:
             entry = self._dead_letter(state, span, exc, category, reason)
             stored = await run_in_threadpool(self._put, entry)
@@ -621,42 +571,30 @@ class Executor:
         span: Span,
         exc: BaseException,
         category: ErrorCategory,
-        reason: Any,
+        reason: DeadLetterReason,
     ) -> DeadLetter:
-        from otel_bgtasks.deadletter import DeadLetter, func_ref
-
         ctx = span.get_span_context()
-        try:
-            ref = func_ref(state.func)
-        except TypeError:  # a lambda or local function: kept for inspection, not replayable
-            ref = ""
-        serializer = self._serializer()
-        try:
-            payload, serializer_name = serializer.dumps(state.args, state.kwargs), serializer.name
-        except TypeError:
-            payload, serializer_name = repr((state.args, state.kwargs)), "repr"
+        call = describe_call(
+            self.serializer, state.func, state.args, state.kwargs, task_name=state.name
+        )
         return DeadLetter.from_exception(
             exc,
             task_name=state.name,
-            func_ref=ref,
-            payload=payload,
-            serializer=serializer_name,
+            func_ref=call.func_ref,
+            payload=call.payload,
+            serializer=call.serializer,
             reason=reason,
             attempts=state.attempt,
-            first_failure=state.extra.get("first_failure"),
+            first_failure=state.first_failure,
             category=category.value,
-            trace_id=format(ctx.trace_id, "032x"),
-            span_id=format(ctx.span_id, "016x"),
+            trace_id=trace_id_hex(ctx),
+            span_id=span_id_hex(ctx),
         )
 
-    def _observe_write_errors(self) -> list[Any]:
-        from opentelemetry.metrics import Observation
-
+    def _observe_write_errors(self) -> list[Observation]:
         return [Observation(getattr(self.store, "write_errors", 0))]
 
-    def _observe_depth(self) -> list[Any]:
-        from opentelemetry.metrics import Observation
-
+    def _observe_depth(self) -> list[Observation]:
         store = self.store
         if store is None:
             return []
@@ -695,25 +633,11 @@ class Executor:
         call_hook(self.end_hook, span, state)
         span.end()
         self.inflight.pop(state.task_id, None)
-        if state.extra.get("journaled"):
-            self._journaled -= 1
-            if not isinstance(exc, asyncio.CancelledError):  # cancelled: recovery re-runs it
-                self._unjournal(state)
+        if state.journaled and self.journal is not None:
+            # cancelled (shutdown): the row stays for recovery to re-run
+            self.journal.finished(state, keep=isinstance(exc, asyncio.CancelledError))
         if outcome is not Outcome.SUCCESS:
             self._report_failure(span, state, outcome, exc)
-
-    def _unjournal(self, state: TaskCallState) -> None:
-        store = self.store
-        if store is None:
-            return
-        try:
-            store.journal_remove(state.task_id)
-        except Exception:  # recovery will find it again; a duplicate beats a lost task
-            _log.exception(
-                "durable task could not be removed from the journal",
-                task_id=state.task_id,
-                task_name=state.name,
-            )
 
     def _report_failure(
         self, span: Span, state: TaskCallState, outcome: Outcome, exc: BaseException | None
@@ -726,7 +650,7 @@ class Executor:
             "attempts": state.attempt,
             "error_type": error_type(exc) if exc is not None else None,
             "at": time.time(),
-            "trace_id": format(ctx.trace_id, "032x"),
+            "trace_id": trace_id_hex(ctx),
         }
         self.recent_failures.append(record)
         del self.recent_failures[:-50]
@@ -736,8 +660,8 @@ class Executor:
             task_id=state.task_id,
             outcome=outcome.value,
             attempts=state.attempt,
-            category=str(state.extra.get("category", "")),
+            category=str(state.category or ""),
             trace_id=record["trace_id"],
-            span_id=format(ctx.span_id, "016x"),
+            span_id=span_id_hex(ctx),
             exc_info=exc,
         )

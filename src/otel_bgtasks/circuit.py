@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from enum import IntEnum
 from typing import Any, Literal, Protocol
 
 import structlog
+
+from otel_bgtasks.errors import ConfigurationError
 
 __all__ = [
     "CircuitBackend",
@@ -155,8 +158,17 @@ class RedisCircuitBackend:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisCircuitBackend:
-        """Connect with short timeouts: a slow Redis must not hold tasks up."""
-        import redis
+        """Connect with short timeouts: a slow Redis must not hold tasks up.
+
+        Raises:
+            ImportError: the ``redis`` extra is not installed (the message says what to run).
+        """
+        try:
+            import redis
+        except ImportError as exc:  # pragma: no cover - installed with the dev extra
+            raise ImportError(
+                "RedisCircuitBackend needs the redis package: pip install 'otel-bgtasks[redis]'"
+            ) from exc
 
         client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         return cls(client, **kwargs)
@@ -218,6 +230,11 @@ class RedisCircuitBackend:
             return self._fallback.get(name)
 
 
+def _check_count(label: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"CircuitBreaker({label}={value!r}): must be an integer >= 1")
+
+
 TransitionListener = Callable[[str, CircuitState, CircuitState], None]
 """Called with (breaker name, from, to) on every state change."""
 
@@ -236,7 +253,8 @@ class CircuitBreaker:
         backend: where the state lives; default in memory.
 
     Raises:
-        ValueError: a threshold, duration or probe limit that is not positive.
+        ConfigurationError: a threshold or probe limit that is not an integer >= 1, a duration
+            that is not a finite number > 0 (a `ValueError`).
     """
 
     def __init__(
@@ -249,16 +267,18 @@ class CircuitBreaker:
         clock: Clock = time.time,
         backend: CircuitBackend | None = None,
     ) -> None:
-        if failure_threshold < 1:
-            raise ValueError(f"CircuitBreaker(failure_threshold={failure_threshold}): must be >= 1")
-        if not open_duration > 0:
-            raise ValueError(f"CircuitBreaker(open_duration={open_duration}): must be > 0 seconds")
-        if half_open_max_calls < 1:
-            raise ValueError(
-                f"CircuitBreaker(half_open_max_calls={half_open_max_calls}): must be >= 1"
+        _check_count("failure_threshold", failure_threshold)
+        if (
+            isinstance(open_duration, bool)
+            or not isinstance(open_duration, int | float)
+            or not (math.isfinite(open_duration) and open_duration > 0)
+        ):
+            raise ConfigurationError(
+                f"CircuitBreaker(open_duration={open_duration!r}): must be > 0 seconds, finite"
             )
-        if name is not None and not name.strip():
-            raise ValueError("CircuitBreaker(name=...) must be a non-empty string or None")
+        _check_count("half_open_max_calls", half_open_max_calls)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ConfigurationError("CircuitBreaker(name=...) must be a non-empty string or None")
         self.name = name
         self.config = _Config(failure_threshold, open_duration, half_open_max_calls)
         self.clock = clock

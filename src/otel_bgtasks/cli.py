@@ -40,19 +40,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from otel_bgtasks.deadletter import (
-    DLQ_URL_ENV,
-    CorruptEntryError,
-    DeadLetter,
-    DeadLetterReason,
+from otel_bgtasks.errors import CorruptEntryError, StoreUnavailableError
+from otel_bgtasks.records import DeadLetter, DeadLetterReason
+from otel_bgtasks.recovery import recover_interrupted_tasks
+from otel_bgtasks.replay import (
     DeadLetters,
-    DeadLetterStore,
     ReplayOutcome,
     ReplayRunner,
     ReplayStatus,
-    StoreUnavailableError,
-    open_store,
+    run_dead_letter,
 )
+from otel_bgtasks.stores import DLQ_URL_ENV, open_store
+from otel_bgtasks.stores.base import DeadLetterStore
+from otel_bgtasks.telemetry import configure_telemetry
 
 __all__ = ["main"]
 
@@ -272,7 +272,7 @@ def main(
 
     Args:
         argv: arguments without the program name (default: ``sys.argv[1:]``).
-        runner: replays one entry (default: ``otel_bgtasks.replay_runner.run_dead_letter``).
+        runner: replays one entry (default: ``otel_bgtasks.replay.run_dead_letter``).
         environ: environment for ``OTEL_BGTASKS_DLQ_URL`` (default: ``os.environ``).
     """
     parser = build_parser()
@@ -488,14 +488,7 @@ def _cmd_delete(ctx: _Context) -> int:
 def _load_runner(ctx: _Context) -> ReplayRunner:
     if ctx.runner is not None:
         return ctx.runner
-    try:
-        module = importlib.import_module("otel_bgtasks.replay_runner")
-    except ModuleNotFoundError as exc:
-        if exc.name != "otel_bgtasks.replay_runner":
-            raise
-        raise CLIError("replay is not available: otel_bgtasks.replay_runner is missing") from None
-    runner: ReplayRunner = module.run_dead_letter
-    return runner
+    return run_dead_letter
 
 
 _OTLP_VARS = (
@@ -520,8 +513,6 @@ def _exported(ctx: _Context) -> Iterator[None]:
     ):
         yield
         return
-    from otel_bgtasks.telemetry import configure_telemetry
-
     telemetry = configure_telemetry(service_name=PROG, export=True)
     try:
         yield
@@ -614,8 +605,6 @@ def _cmd_purge(ctx: _Context) -> int:
 
 
 def _cmd_recover(ctx: _Context) -> int:
-    from otel_bgtasks.recovery import recover_interrupted_tasks
-
     store = ctx.store()
     with _exported(ctx):
         report = asyncio.run(

@@ -1,16 +1,30 @@
-"""Error classification (`bgtasks.error.category`) and the package's own exceptions."""
+"""The package's own exceptions, error classification (`bgtasks.error.category`) and `error.type`.
+
+Every error the package raises for something a caller can fix derives from `BgTasksError` and
+also from the built-in it always was (`except ValueError` code keeps working).
+`BusinessError` is different: it is the base *task code* subclasses, not an error of ours.
+"""
 
 from __future__ import annotations
 
 import socket
+import sys
+import threading
 from collections.abc import Callable
 
 from otel_bgtasks.attributes import ErrorCategory
 
 __all__ = [
+    "BgTasksError",
     "BusinessError",
     "CircuitOpenError",
+    "ConfigurationError",
+    "CorruptEntryError",
     "ErrorClassifier",
+    "NotReplayableError",
+    "SerializationError",
+    "StoreUnavailableError",
+    "TaskImportError",
     "TaskTimeoutError",
     "classify_error",
     "error_type",
@@ -18,6 +32,14 @@ __all__ = [
 
 ErrorClassifier = Callable[[BaseException], ErrorCategory]
 """Maps a task's error to its category; replace the default with `error_classifier=`."""
+
+
+class BgTasksError(Exception):
+    """Base of every error otel_bgtasks raises (each also keeps its built-in base)."""
+
+
+class ConfigurationError(BgTasksError, ValueError):
+    """An option, URL or environment variable has a value that cannot work; says which."""
 
 
 class BusinessError(Exception):
@@ -28,70 +50,122 @@ class BusinessError(Exception):
     """
 
 
-class TaskTimeoutError(TimeoutError):
+class TaskTimeoutError(BgTasksError, TimeoutError):
     """An async task attempt ran past its `timeout` and was cancelled."""
 
 
-class CircuitOpenError(RuntimeError):
+class CircuitOpenError(BgTasksError, RuntimeError):
     """The task's circuit breaker refused the call; the task was not run."""
 
 
-def _optional_types() -> dict[ErrorCategory, tuple[type[BaseException], ...]]:
-    found: dict[ErrorCategory, list[type[BaseException]]] = {
-        ErrorCategory.VALIDATION: [],
-        ErrorCategory.CONNECTION: [],
-        ErrorCategory.TIMEOUT: [],
-    }
-    try:
-        import pydantic
-
-        found[ErrorCategory.VALIDATION].append(pydantic.ValidationError)
-    except ImportError:  # pragma: no cover - pydantic comes with FastAPI
-        pass
-    try:
-        import httpx
-
-        # TimeoutException subclasses TransportError: the timeout check runs first.
-        found[ErrorCategory.TIMEOUT].append(httpx.TimeoutException)
-        found[ErrorCategory.CONNECTION].append(httpx.TransportError)
-    except ImportError:  # pragma: no cover - httpx is a dependency
-        pass
-    try:
-        import redis.exceptions
-
-        found[ErrorCategory.TIMEOUT].append(redis.exceptions.TimeoutError)
-        found[ErrorCategory.CONNECTION].append(redis.exceptions.ConnectionError)
-    except ImportError:  # pragma: no cover - redis is a dependency
-        pass
-    return {category: tuple(types) for category, types in found.items()}
+class TaskImportError(BgTasksError, LookupError):
+    """A stored call names a function that cannot be imported here; the entry is kept."""
 
 
-_OPTIONAL = _optional_types()
+class NotReplayableError(BgTasksError, LookupError):
+    """A stored call was kept for inspection only (its arguments could not be serialized)."""
+
+
+class SerializationError(BgTasksError, TypeError):
+    """A task argument cannot be serialized for a durable or replayable task.
+
+    Attributes:
+        position: index of the offending positional argument, or None.
+        keyword: name of the offending keyword argument, or None.
+        path: where inside the argument the bad value sits (e.g. ``["user"].address``), or "".
+        value_type: the type name of the value that cannot be serialized, or what is wrong
+            with it (``nested deeper than 64``, ``int too large``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        position: int | None = None,
+        keyword: str | None = None,
+        path: str = "",
+        value_type: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.position = position
+        self.keyword = keyword
+        self.path = path
+        self.value_type = value_type
+
+
+class CorruptEntryError(BgTasksError, ValueError):
+    """A stored row cannot be decoded (bad JSON, missing or invalid fields).
+
+    Attributes:
+        entry_id: the row's id in the store.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, entry_id: str, reason: str) -> None:
+        super().__init__(f"dead-letter entry {entry_id!r} is corrupt: {reason}")
+        self.entry_id = entry_id
+        self.reason = reason
+
+
+class StoreUnavailableError(BgTasksError, RuntimeError):
+    """The backing store cannot be reached (raised by reads; writes are buffered)."""
+
+
 _Types = tuple[type[BaseException], ...]
-_TIMEOUT: _Types = (TimeoutError, socket.timeout, *_OPTIONAL[ErrorCategory.TIMEOUT])
-_CONNECTION: _Types = (ConnectionError, socket.gaierror, *_OPTIONAL[ErrorCategory.CONNECTION])
-_VALIDATION: _Types = (ValueError, UnicodeError, *_OPTIONAL[ErrorCategory.VALIDATION])
-_SYSTEM = (MemoryError, OSError, SystemError, RecursionError, ImportError)
+
+# Exceptions of libraries we classify without importing them: an exception of a module that
+# was never imported cannot exist, so each is looked up only once its module is loaded.
+_OPTIONAL: tuple[tuple[str, str, ErrorCategory], ...] = (
+    # httpx: TimeoutException subclasses TransportError, so timeouts are checked first.
+    ("httpx", "TimeoutException", ErrorCategory.TIMEOUT),
+    ("httpx", "TransportError", ErrorCategory.CONNECTION),
+    ("redis.exceptions", "TimeoutError", ErrorCategory.TIMEOUT),
+    ("redis.exceptions", "ConnectionError", ErrorCategory.CONNECTION),
+    ("pydantic", "ValidationError", ErrorCategory.VALIDATION),
+)
+_found: dict[ErrorCategory, _Types] = {}
+_pending = list(_OPTIONAL)
+_pending_lock = threading.Lock()
+
+_TIMEOUT: _Types = (TimeoutError, socket.timeout)
+_CONNECTION: _Types = (ConnectionError, socket.gaierror)
+_VALIDATION: _Types = (ValueError, UnicodeError)
+_SYSTEM: _Types = (MemoryError, OSError, SystemError, RecursionError, ImportError)
+
+
+def _optional(category: ErrorCategory) -> _Types:
+    if _pending:
+        with _pending_lock:
+            for item in list(_pending):
+                module_name, attribute, found_category = item
+                module = sys.modules.get(module_name)
+                if module is None:
+                    continue
+                _pending.remove(item)
+                kind = getattr(module, attribute, None)
+                if isinstance(kind, type) and issubclass(kind, BaseException):
+                    _found[found_category] = (*_found.get(found_category, ()), kind)
+    return _found.get(category, ())
 
 
 def classify_error(exc: BaseException) -> ErrorCategory:
     """The default classifier.
 
     timeout: `TimeoutError`, socket, httpx and redis timeouts; connection: `ConnectionError`,
-    DNS errors, httpx transport errors, redis connection errors; business: `BusinessError`;
-    validation: pydantic `ValidationError`, `ValueError`; system: `MemoryError`, other
-    `OSError`s, `ImportError`; anything else: unknown. Only timeout and connection errors are
-    retried by default (`RetryPolicy(retry_on=...)` changes that).
+    DNS errors, httpx transport errors, redis connection errors, an open circuit; business:
+    `BusinessError`; validation: pydantic `ValidationError`, `ValueError`; system:
+    `MemoryError`, other `OSError`s, `ImportError`; anything else: unknown. Only timeout and
+    connection errors are retried by default (`RetryPolicy(retry_on=...)` changes that).
     """
     if isinstance(exc, BusinessError):
         return ErrorCategory.BUSINESS
     if isinstance(exc, CircuitOpenError):  # the downstream is known to be unavailable
         return ErrorCategory.CONNECTION
-    if isinstance(exc, _TIMEOUT):
+    if isinstance(exc, (*_TIMEOUT, *_optional(ErrorCategory.TIMEOUT))):
         return ErrorCategory.TIMEOUT
-    if isinstance(exc, _CONNECTION):
+    if isinstance(exc, (*_CONNECTION, *_optional(ErrorCategory.CONNECTION))):
         return ErrorCategory.CONNECTION
-    if isinstance(exc, _VALIDATION):
+    if isinstance(exc, (*_VALIDATION, *_optional(ErrorCategory.VALIDATION))):
         return ErrorCategory.VALIDATION
     if isinstance(exc, _SYSTEM):
         return ErrorCategory.SYSTEM

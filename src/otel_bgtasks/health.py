@@ -23,7 +23,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from otel_bgtasks.deadletter import DeadLetters, DeadLetterStore
+from otel_bgtasks._execution import Executor, active_executor
+from otel_bgtasks.replay import DeadLetters, run_dead_letter
+from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = ["bearer_token_auth", "bgtasks_router"]
 
@@ -51,10 +53,8 @@ def bearer_token_auth(token: str) -> Callable[..., None]:
     return check
 
 
-def _executor() -> Any:
-    from otel_bgtasks.instrumentor import current_executor
-
-    return current_executor()
+def _executor() -> Executor | None:
+    return active_executor()
 
 
 def _store(explicit: DeadLetterStore | None) -> DeadLetterStore:
@@ -137,8 +137,6 @@ def bgtasks_router(
 
     @router.post("/dead-letters/{entry_id}/replay", dependencies=guarded)
     async def replay_one(entry_id: str) -> dict[str, Any]:
-        from otel_bgtasks.replay_runner import run_dead_letter
-
         report = await DeadLetters(_store(store)).replay([entry_id], run_dead_letter)
         (outcome,) = report.outcomes
         if outcome.status == "missing":
@@ -147,8 +145,6 @@ def bgtasks_router(
 
     @router.post("/dead-letters/replay", dependencies=guarded)
     async def replay_all(task: str | None = None, reason: str | None = None) -> dict[str, Any]:
-        from otel_bgtasks.replay_runner import run_dead_letter
-
         letters = DeadLetters(_store(store))
         report = await letters.replay(None, run_dead_letter, task=task, reason=reason)
         return {

@@ -36,21 +36,40 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
 from starlette.background import BackgroundTask
 
-from otel_bgtasks._execution import Executor, TaskHook, check_trace_mode
+from otel_bgtasks._execution import (
+    Executor,
+    TaskHook,
+    TraceMode,
+    active_executor,
+    check_trace_mode,
+    set_active_executor,
+)
 from otel_bgtasks._version import __version__
-from otel_bgtasks.deadletter import DLQ_URL_ENV, DeadLetterStore, open_store
-from otel_bgtasks.errors import classify_error
+from otel_bgtasks.calls import Serializer
+from otel_bgtasks.circuit import CircuitBreaker
+from otel_bgtasks.errors import ErrorClassifier, classify_error
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.package import _instruments
+from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
+from otel_bgtasks.stores import DLQ_URL_ENV, open_store
+from otel_bgtasks.stores.base import DeadLetterStore
 
-__all__ = ["BackgroundTasksInstrumentor", "ScheduledTask", "schedule"]
+__all__ = [
+    "BackgroundTasksInstrumentor",
+    "InstrumentOptions",
+    "ScheduledTask",
+    "current_executor",
+    "schedule",
+]
 
 _SCOPE = "otel_bgtasks"
 # Upstream's FastAPI instrumentor stores Starlette's original __call__ here and patches only
@@ -58,31 +77,64 @@ _SCOPE = "otel_bgtasks"
 _UPSTREAM_ATTR = "_otel_original_call"
 _STATE_ATTR = "_bgtasks_state"
 
-_executor: Executor | None = None
-
-_DEFAULT_STORE = object()
 DEFAULT_STORE_URL = "sqlite:///bgtasks-deadletters.db"
 
 
-def _store(value: Any) -> DeadLetterStore | None:
-    """The dead-letter store from an instrument() argument, a URL or the default."""
-    if value is None:
-        return None
-    if value is _DEFAULT_STORE:
-        value = os.environ.get(DLQ_URL_ENV) or DEFAULT_STORE_URL
-    if isinstance(value, str):
-        return open_store(value)
-    if not isinstance(value, DeadLetterStore):
+class InstrumentOptions(TypedDict, total=False):
+    """The keyword arguments of `BackgroundTasksInstrumentor.instrument` (README table)."""
+
+    tracer_provider: TracerProvider | None
+    meter_provider: MeterProvider | None
+    trace_mode: TraceMode
+    propagate_exceptions: bool
+    start_hook: TaskHook | None
+    end_hook: TaskHook | None
+    retry: RetryPolicy | None
+    circuit: CircuitBreaker | None
+    timeout: float | None
+    durable: bool
+    dead_letter_store: DeadLetterStore | str | None
+    serializer: Serializer | None
+    error_classifier: ErrorClassifier
+    # BaseInstrumentor's own switches
+    skip_dep_check: bool
+    raise_exception_on_conflict: bool
+
+
+_KNOWN = frozenset(InstrumentOptions.__annotations__)
+
+
+def _check_keywords(kwargs: dict[str, Any]) -> None:
+    unknown = sorted(set(kwargs) - _KNOWN)
+    if unknown:
         raise TypeError(
-            f"dead_letter_store={value!r}: pass a DeadLetterStore, a URL "
+            f"instrument() got unexpected keyword argument(s) {', '.join(map(repr, unknown))};"
+            f" valid ones: {', '.join(sorted(_KNOWN))}"
+        )
+
+
+def _store(given: Any) -> DeadLetterStore | None:
+    """The dead-letter store from an instrument() argument: a store, a URL, None or absent."""
+    if given is None:
+        return None
+    if given is _ABSENT:
+        given = os.environ.get(DLQ_URL_ENV) or DEFAULT_STORE_URL
+    if isinstance(given, str):
+        return open_store(given)
+    if not isinstance(given, DeadLetterStore):
+        raise TypeError(
+            f"dead_letter_store={given!r}: pass a DeadLetterStore, a URL "
             "(sqlite:///path.db, redis://host:port/db) or None to disable dead letters"
         )
-    return value
+    return given
+
+
+_ABSENT: Any = object()
 
 
 def current_executor() -> Executor | None:
     """The executor of the active instrumentation (None when not instrumented)."""
-    return _executor
+    return active_executor()
 
 
 class ScheduledTask:
@@ -112,7 +164,7 @@ def schedule(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Schedule
     Raises:
         RuntimeError: the package is not instrumented yet.
     """
-    executor = _executor
+    executor = active_executor()
     if executor is None:
         raise RuntimeError(
             "otel_bgtasks is not instrumented: call BackgroundTasksInstrumentor().instrument() "
@@ -133,43 +185,53 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
 
+    def instrument(self, **kwargs: Unpack[InstrumentOptions]) -> None:
+        """Instrument Starlette's background tasks (see the module docstring for the options).
+
+        Raises:
+            TypeError: an unknown keyword (the message lists the valid ones), or a value of
+                the wrong type.
+            ValueError: a value out of range (`ConfigurationError`).
+        """
+        _check_keywords(dict(kwargs))
+        super().instrument(**kwargs)
+
     def _instrument(self, **kwargs: Any) -> None:
-        global _executor
-        trace_mode = kwargs.get("trace_mode", "link")
+        _check_keywords(kwargs)  # also when BaseInstrumentor is called directly
+        options: InstrumentOptions = kwargs  # type: ignore[assignment]
+        trace_mode = options.get("trace_mode", "link")
         check_trace_mode(trace_mode)  # before a store is opened
         tracer = trace.get_tracer(
             _SCOPE,
             __version__,
-            kwargs.get("tracer_provider"),
+            options.get("tracer_provider"),
             schema_url="https://opentelemetry.io/schemas/1.11.0",
         )
         meter = metrics.get_meter(
             _SCOPE,
             __version__,
-            kwargs.get("meter_provider"),
+            options.get("meter_provider"),
             schema_url="https://opentelemetry.io/schemas/1.11.0",
         )
-        given = kwargs.get("dead_letter_store", _DEFAULT_STORE)
+        given = options.get("dead_letter_store", _ABSENT)
         store = _store(given)
         # A store opened here from a URL is ours to close; one passed in is the caller's.
         self._owned_store = store if not isinstance(given, DeadLetterStore) else None
-        start_hook: TaskHook | None = kwargs.get("start_hook")
-        end_hook: TaskHook | None = kwargs.get("end_hook")
         try:
             executor = Executor(
                 tracer,
                 Instruments(meter),
                 trace_mode=trace_mode,
-                propagate_exceptions=bool(kwargs.get("propagate_exceptions", False)),
-                start_hook=start_hook,
-                end_hook=end_hook,
-                retry=kwargs.get("retry"),
-                circuit=kwargs.get("circuit"),
-                timeout=kwargs.get("timeout"),
-                durable=bool(kwargs.get("durable", False)),
+                propagate_exceptions=options.get("propagate_exceptions", False),
+                start_hook=options.get("start_hook"),
+                end_hook=options.get("end_hook"),
+                retry=options.get("retry"),
+                circuit=options.get("circuit"),
+                timeout=options.get("timeout"),
+                durable=options.get("durable", False),
                 dead_letter_store=store,
-                serializer=kwargs.get("serializer"),
-                error_classifier=kwargs.get("error_classifier", classify_error),
+                serializer=options.get("serializer"),
+                error_classifier=options.get("error_classifier", classify_error),
             )
         except Exception:  # a bad setting: do not leave the store we opened behind
             if self._owned_store is not None:
@@ -177,11 +239,11 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 self._owned_store = None
             raise
         self._patch(executor)
-        _executor = executor
+        set_active_executor(executor)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        global _executor
-        executor, _executor = _executor, None
+        executor = active_executor()
+        set_active_executor(None)
         self._unpatch()
         if executor is not None:
             executor.close()
@@ -200,7 +262,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
         def __init__(self: BackgroundTask, func: Callable[..., Any], *a: Any, **kw: Any) -> None:
             original_init(self, func, *a, **kw)
-            current = _executor
+            current = active_executor()
             if current is not None:
                 if cls.__call__ is not __call__:
                     owner._reclaim(__call__)
@@ -208,7 +270,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
         async def __call__(self: BackgroundTask) -> None:
             state: TaskCallState | None = getattr(self, _STATE_ATTR, None)
-            current = _executor
+            current = active_executor()
             if state is None or current is None:  # created before instrumentation
                 await original_call(self)
                 return

@@ -8,33 +8,36 @@ Call it at startup, e.g. in the FastAPI lifespan::
         yield
 
 or from the shell: ``otel-bgtasks recover --store URL [--rerun]``.
+
+Both modes walk the journal the same way (one loop): for each dead owner, each of its entries
+is handled (re-run, or moved to the dead letters with reason `interrupted`), then removed; the
+owner is forgotten once its entries are done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 
-from otel_bgtasks._execution import Executor
-from otel_bgtasks.deadletter import (
-    DeadLetter,
-    DeadLetterReason,
-    DeadLetterStore,
-    JournalEntry,
-    get_serializer,
-    recover_interrupted,
-    resolve,
-)
-from otel_bgtasks.replay_runner import _span_context, standalone_executor
+from otel_bgtasks._execution import Executor, active_executor
+from otel_bgtasks._ids import from_hex
+from otel_bgtasks.attributes import Outcome
+from otel_bgtasks.calls import decode_call
+from otel_bgtasks.errors import ConfigurationError
+from otel_bgtasks.records import DeadLetter, JournalEntry
+from otel_bgtasks.replay import standalone_executor
+from otel_bgtasks.stores.base import DeadLetterStore
 
-__all__ = ["RecoveryMode", "RecoveryReport", "recover_interrupted_tasks"]
+__all__ = ["RecoveryMode", "RecoveryReport", "recover_interrupted", "recover_interrupted_tasks"]
 
 RecoveryMode = Literal["rerun", "dead_letter"]
 
+_T = TypeVar("_T")
 _log = structlog.get_logger("otel_bgtasks")
 
 
@@ -51,6 +54,67 @@ class RecoveryReport:
         return self.rerun_succeeded + self.rerun_failed + self.dead_lettered
 
 
+Handler = Callable[[JournalEntry, str], Awaitable[None]]
+
+
+async def _recover(
+    store: DeadLetterStore,
+    stale_after: float,
+    handle: Handler,
+    *,
+    now: float | None = None,
+    offload: bool = True,
+) -> list[str]:
+    """The one recovery loop; returns the dead owners it recovered."""
+
+    async def call(fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        return await asyncio.to_thread(fn, *args, **kwargs) if offload else fn(*args, **kwargs)
+
+    owners = await call(store.dead_owners, stale_after, now=now)
+    for owner in owners:
+        for journaled in await call(store.journal_list, owner=owner):
+            # handled before removed: a crash in between leaves a duplicate, not a loss
+            await handle(journaled, owner)
+            await call(store.journal_remove, journaled.task_id)
+        await call(store.forget_owner, owner)
+    return owners
+
+
+def _dead_letterer(
+    store: DeadLetterStore, moved: list[DeadLetter], at: float | None, offload: bool
+) -> Handler:
+    async def handle(journaled: JournalEntry, owner: str) -> None:
+        entry = DeadLetter.from_journal(journaled, at=time.time() if at is None else at)
+        if offload:
+            await asyncio.to_thread(store.put, entry)
+        else:
+            store.put(entry)
+        moved.append(entry)
+        _log.warning(
+            "durable task interrupted, moved to dead letters",
+            task_name=entry.task_name,
+            task_id=entry.id,
+            owner=owner,
+        )
+
+    return handle
+
+
+def recover_interrupted(
+    store: DeadLetterStore, *, stale_after: float, now: float | None = None
+) -> list[DeadLetter]:
+    """Move the journal entries of dead owners to the dead letters (reason `interrupted`).
+
+    Synchronous (from async code use ``recover_interrupted_tasks(mode="dead_letter")``).
+    Safe to run from several processes at once: the dead letter's id is the task id, so a
+    race stores the same entry twice, not two entries. Returns the entries moved here.
+    """
+    moved: list[DeadLetter] = []
+    handle = _dead_letterer(store, moved, now, offload=False)
+    asyncio.run(_recover(store, stale_after, handle, now=now, offload=False))
+    return moved
+
+
 async def recover_interrupted_tasks(
     *,
     mode: RecoveryMode = "rerun",
@@ -65,66 +129,60 @@ async def recover_interrupted_tasks(
     linked to the original request, policies, dead letters on failure).
 
     Raises:
-        ValueError: `mode` is unknown, or no store is given or configured.
+        ConfigurationError: `mode` is unknown, or no store is given or configured (a
+            `ValueError`).
     """
     if mode not in ("rerun", "dead_letter"):
-        raise ValueError(f"mode={mode!r}: use 'rerun' or 'dead_letter'")
+        raise ConfigurationError(f"mode={mode!r}: use 'rerun' or 'dead_letter'")
     if executor is None:
-        from otel_bgtasks.instrumentor import current_executor
-
-        executor = current_executor()
+        executor = active_executor()
     store = store or (executor.store if executor else None)
     if store is None:
-        raise ValueError("no dead-letter store: pass store= or instrument with dead_letter_store=")
+        raise ConfigurationError(
+            "no dead-letter store: pass store= or instrument with dead_letter_store="
+        )
     if mode == "dead_letter":
-        moved = await asyncio.to_thread(recover_interrupted, store, stale_after=stale_after)
+        moved: list[DeadLetter] = []
+        await _recover(store, stale_after, _dead_letterer(store, moved, None, offload=True))
         return RecoveryReport(dead_lettered=len(moved))
     # Without an instrumented app (the CLI), re-runs that fail still reach the dead letters.
     runner = executor if executor is not None and executor.store is store else None
     runner = runner or standalone_executor(store)
-    succeeded = failed = dead = 0
-    owners = await asyncio.to_thread(store.dead_owners, stale_after)
-    for owner in owners:
-        for journaled in await asyncio.to_thread(store.journal_list, owner=owner):
-            ok = await _rerun(runner, store, journaled)
-            if ok is None:
-                dead += 1
-            elif ok:
-                succeeded += 1
-            else:
-                failed += 1
-            await asyncio.to_thread(store.journal_remove, journaled.task_id)
-        await asyncio.to_thread(store.forget_owner, owner)
-    report = RecoveryReport(succeeded, failed, dead)
+    counts = {"ok": 0, "failed": 0, "dead": 0}
+
+    async def rerun(journaled: JournalEntry, owner: str) -> None:
+        counts[await _rerun(runner, store, journaled)] += 1
+
+    owners = await _recover(store, stale_after, rerun)
+    report = RecoveryReport(counts["ok"], counts["failed"], counts["dead"])
     if report.total:
         _log.warning(
             "recovered interrupted durable tasks",
             owners=owners,
-            rerun=succeeded,
-            rerun_failed=failed,
-            dead_lettered=dead,
+            rerun=report.rerun_succeeded,
+            rerun_failed=report.rerun_failed,
+            dead_lettered=report.dead_lettered,
         )
     return report
 
 
 async def _rerun(
     executor: Executor, store: DeadLetterStore, journaled: JournalEntry
-) -> bool | None:
-    """True/False: re-ran with that result; None: could not re-run, dead-lettered instead."""
+) -> Literal["ok", "failed", "dead"]:
+    """Re-run one entry: "ok"/"failed" by its result; "dead": it could not be re-run and was
+    dead-lettered instead."""
     try:
-        func = resolve(journaled.func_ref)
-        args, kwargs = get_serializer(journaled.serializer).loads(journaled.payload)
-    except Exception as exc:  # gone or undecodable: keep it where an operator will see it
-        entry = DeadLetter.from_journal(
-            journaled, at=time.time(), reason=DeadLetterReason.INTERRUPTED
+        func, args, kwargs = decode_call(
+            journaled.func_ref, journaled.serializer, journaled.payload
         )
+    except Exception as exc:  # gone or undecodable: keep it where an operator will see it
+        entry = DeadLetter.from_journal(journaled, at=time.time())
         await asyncio.to_thread(
             store.put, entry.replace(error_type=type(exc).__name__, error_message=str(exc))
         )
-        return None
+        return "dead"
     state = executor.prepare(
-        func, tuple(args), kwargs, link=_span_context(journaled.trace_id, journaled.span_id)
+        func, args, kwargs, link=from_hex(journaled.trace_id, journaled.span_id)
     )
-    state.extra["recovered"] = True
     await executor.run(state)
-    return state.outcome == "success"
+    return "ok" if state.outcome is Outcome.SUCCESS else "failed"

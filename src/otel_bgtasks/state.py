@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.trace import SpanContext
 
-from otel_bgtasks.attributes import Outcome
-from otel_bgtasks.task import TaskOptions
+from otel_bgtasks.attributes import ErrorCategory, Outcome
+from otel_bgtasks.options import EffectiveOptions
+from otel_bgtasks.records import DeadLetterReason
 
 __all__ = ["TaskCallState"]
 
@@ -19,24 +20,26 @@ class TaskCallState:
     """Everything known about one scheduled task, updated as it runs.
 
     Attributes:
-        name: the task name (span `process {name}`, metric attribute).
         task_id: unique per scheduling (`bgtasks.task.id`).
-        func, args, kwargs: what runs; `function` is its module-qualified name.
-        options: the task's `TaskOptions` (decorator), before instrumentor defaults apply.
+        func, args, kwargs: what runs.
+        options: the task's `EffectiveOptions` (decorator options, defaults applied).
         link: the span context current when the task was scheduled (None outside any span).
         enqueued_at: `time.perf_counter()` at scheduling; `enqueued_wall`: `time.time()`.
+        is_async: whether calling `func` returns an awaitable.
         attempt: attempts made so far (1 during the first attempt).
         outcome, exception: the final result once known; `exception` is the last error.
-        is_async: whether calling `func` returns an awaitable.
+        category: the last error's `bgtasks.error.category`.
+        reason: why the task went to the dead letters, when it did.
+        journaled: the task has a journal row (durable).
+        replay: the run replays a dead letter (never parented under the old request).
+        first_failure: epoch seconds of the first failure of a replayed dead letter.
     """
 
-    name: str
     task_id: str
     func: Callable[..., Any]
-    function: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    options: TaskOptions
+    options: EffectiveOptions
     link: SpanContext | None
     enqueued_at: float
     enqueued_wall: float
@@ -44,4 +47,18 @@ class TaskCallState:
     attempt: int = 0
     outcome: Outcome | None = None
     exception: BaseException | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    category: ErrorCategory | None = None
+    reason: DeadLetterReason | None = None
+    journaled: bool = False
+    replay: bool = False
+    first_failure: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The task name (span `process {name}`, metric attribute)."""
+        return self.options.name
+
+    @property
+    def function(self) -> str:
+        """The module-qualified function name (`code.function.name`)."""
+        return self.options.function

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 
-if TYPE_CHECKING:
-    from otel_bgtasks.circuit import CircuitBreaker
-    from otel_bgtasks.retry import RetryPolicy
+from otel_bgtasks.circuit import CircuitBreaker
+from otel_bgtasks.errors import ConfigurationError
+from otel_bgtasks.retry import RetryPolicy
 
 __all__ = [
     "TaskOptions",
     "background_task",
+    "check_timeout",
     "function_name",
     "is_async_callable",
     "task_name",
@@ -29,6 +31,24 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 
 _OPTIONS_ATTR = "__bgtasks_options__"
+
+
+def check_timeout(timeout: object, where: str) -> float | None:
+    """`timeout` as seconds (> 0, finite) or None.
+
+    Raises:
+        ConfigurationError: naming `where` (e.g. ``timeout``), a `ValueError`.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise ConfigurationError(
+            f"{where}={timeout!r}: must be a number of seconds or None, got"
+            f" {type(timeout).__name__}"
+        )
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigurationError(f"{where}={timeout!r}: must be > 0 seconds and finite, or None")
+    return float(timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +65,19 @@ class TaskOptions:
     durable: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.name is not None and not self.name.strip():
-            raise ValueError("background_task(name=...) must be a non-empty string")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ValueError(f"background_task(timeout={self.timeout!r}): must be > 0 seconds")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
+            raise ConfigurationError("background_task(name=...) must be a non-empty string")
+        check_timeout(self.timeout, "background_task(timeout)")
+        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
+            raise ConfigurationError(
+                f"background_task(retry={self.retry!r}): pass a RetryPolicy or None"
+            )
+        if self.circuit is not None and not isinstance(self.circuit, CircuitBreaker):
+            raise ConfigurationError(
+                f"background_task(circuit={self.circuit!r}): pass a CircuitBreaker or None"
+            )
+        if self.durable is not None and not isinstance(self.durable, bool):
+            raise ConfigurationError(f"background_task(durable={self.durable!r}): True or False")
 
 
 _NO_OPTIONS = TaskOptions()

@@ -35,6 +35,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import Sampler
 
+from otel_bgtasks._execution import active_executor
 from otel_bgtasks.sampling import LinkAwareSampler
 
 __all__ = ["Telemetry", "configure_telemetry"]
@@ -58,9 +59,7 @@ class Telemetry:
         try:
             yield
         finally:
-            from otel_bgtasks.instrumentor import current_executor
-
-            executor = current_executor()
+            executor = active_executor()
             if executor is not None:
                 executor.report_pending()
             self.shutdown()

@@ -36,7 +36,7 @@ import httpx
 import pytest
 import uvicorn
 
-from otel_bgtasks.instrumentor import current_executor
+from otel_bgtasks._execution import active_executor as current_executor
 
 __all__ = [
     "LOOPBACK",
@@ -277,7 +277,7 @@ def durable_app(
     """
     from tests.integration.apps.durable_tasks import SECONDS_ENV
 
-    from otel_bgtasks.deadletter import DLQ_URL_ENV
+    from otel_bgtasks.stores import DLQ_URL_ENV
 
     store_url = f"sqlite:///{tmp_path / 'dlq.db'}"
     results = tmp_path / "results.txt"

@@ -35,8 +35,8 @@ from otel_bgtasks.alerting import (
     install_alerting,
 )
 from otel_bgtasks.circuit import CircuitBreaker
-from otel_bgtasks.deadletter import open_store
 from otel_bgtasks.retry import RetryPolicy
+from otel_bgtasks.stores import open_store
 
 NO_BACKOFF = {"backoff_initial": 0.0, "backoff_max": 0.0}
 DOWNSTREAM = {"up": True}

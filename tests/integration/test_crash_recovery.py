@@ -26,16 +26,12 @@ from starlette.background import BackgroundTask
 from tests.integration._server import durable_app, wait_until
 from tests.integration.apps.durable_tasks import read_results, record_result
 
-from otel_bgtasks.deadletter import (
-    DeadLetterReason,
-    DeadLetters,
-    JournalEntry,
-    SerializationError,
-    open_store,
-)
-from otel_bgtasks.instrumentor import current_executor
+from otel_bgtasks._execution import active_executor as current_executor
+from otel_bgtasks.errors import SerializationError
+from otel_bgtasks.records import DeadLetterReason, JournalEntry
 from otel_bgtasks.recovery import RecoveryReport, recover_interrupted_tasks
-from otel_bgtasks.replay_runner import run_dead_letter
+from otel_bgtasks.replay import DeadLetters, run_dead_letter
+from otel_bgtasks.stores import open_store
 from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 
 N = 40  # requests in the burst

@@ -7,7 +7,7 @@ busy: its task must be neither re-run (a duplicate while the original still runs
 dead-lettered as ``interrupted``.
 
 This takes real time: the owner's liveness is its heartbeat, written at most every
-`_HEARTBEAT_EVERY` (10 s) seconds, so `stale_after` must exceed that for the question to be
+`HEARTBEAT_EVERY` (10 s) seconds, so `stale_after` must exceed that for the question to be
 fair, and the test waits a little longer than `stale_after` before recovering.
 """
 
@@ -19,11 +19,11 @@ import httpx
 from tests.integration._server import durable_app
 from tests.integration.apps.durable_tasks import read_results
 
-from otel_bgtasks._execution import _HEARTBEAT_EVERY
-from otel_bgtasks.deadletter import open_store
+from otel_bgtasks.journal import HEARTBEAT_EVERY
 from otel_bgtasks.recovery import RecoveryReport, recover_interrupted_tasks
+from otel_bgtasks.stores import open_store
 
-STALE_AFTER = _HEARTBEAT_EVERY + 1.0  # a live owner heartbeating on schedule is never stale
+STALE_AFTER = HEARTBEAT_EVERY + 1.0  # a live owner heartbeating on schedule is never stale
 TASK_SECONDS = STALE_AFTER + 20.0  # the task outlives the wait below by far
 
 

@@ -14,8 +14,8 @@ import httpx
 from tests.integration._server import durable_app
 from tests.integration.apps.durable_tasks import read_results
 
-from otel_bgtasks.deadletter import open_store
 from otel_bgtasks.recovery import RecoveryReport, recover_interrupted_tasks
+from otel_bgtasks.stores import open_store
 
 
 async def test_task_cancelled_by_graceful_shutdown_timeout_is_recovered(tmp_path, instrument):

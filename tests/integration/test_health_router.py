@@ -21,8 +21,9 @@ from tests.integration._server import UvicornThread, wait_for_tasks, wait_until
 from tests.integration.apps import tasks
 
 from otel_bgtasks import CircuitBreaker
-from otel_bgtasks.deadletter import DeadLetter, DeadLetterReason, DeadLetterStore
 from otel_bgtasks.health import bearer_token_auth, bgtasks_router
+from otel_bgtasks.records import DeadLetter, DeadLetterReason
+from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 
 TOKEN = "s3cret-token"

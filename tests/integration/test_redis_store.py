@@ -15,8 +15,8 @@ from tests.redis_server import RedisServer, free_port, running_redis
 from tests.unit.test_deadletter_contract import T0, StoreContract, make_entry, make_journal
 
 from otel_bgtasks.cli import main
-from otel_bgtasks.deadletter import StoreUnavailableError, open_store
-from otel_bgtasks.stores import BufferedStore, RedisDeadLetterStore
+from otel_bgtasks.errors import StoreUnavailableError
+from otel_bgtasks.stores import BufferedStore, RedisDeadLetterStore, open_store
 
 pytestmark = pytest.mark.redis
 

@@ -14,7 +14,8 @@ import pytest
 import structlog
 
 from otel_bgtasks.cli import main, parse_since
-from otel_bgtasks.deadletter import DeadLetter, DeadLetterReason, ReplayResult
+from otel_bgtasks.records import DeadLetter, DeadLetterReason
+from otel_bgtasks.replay import ReplayResult
 from otel_bgtasks.stores import SQLiteDeadLetterStore
 from tests.unit.test_deadletter_contract import dead_pid, make_entry, make_journal
 

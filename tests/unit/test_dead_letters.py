@@ -9,9 +9,11 @@ from opentelemetry.trace import SpanKind, StatusCode
 from starlette.background import BackgroundTask
 
 from otel_bgtasks import CircuitBreaker, schedule
-from otel_bgtasks.deadletter import DeadLetterReason, DeadLetters, TaskImportError, process_identity
+from otel_bgtasks.errors import TaskImportError
+from otel_bgtasks.identity import process_identity
+from otel_bgtasks.records import DeadLetterReason
 from otel_bgtasks.recovery import recover_interrupted_tasks
-from otel_bgtasks.replay_runner import run_dead_letter
+from otel_bgtasks.replay import DeadLetters, run_dead_letter
 from otel_bgtasks.stores import SQLiteDeadLetterStore
 from tests.unit import tasks
 

@@ -16,30 +16,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from otel_bgtasks.deadletter import (
-    DeadLetter,
-    DeadLetterReason,
-    DeadLetters,
-    JournalEntry,
+from otel_bgtasks.calls import (
     JSONSerializer,
-    ReplayOutcome,
-    ReplayResult,
-    SerializationError,
     Serializer,
-    TaskImportError,
-    dump_call,
+    encode_call,
     func_ref,
     get_serializer,
-    owner_is_dead,
-    process_identity,
     resolve,
 )
+from otel_bgtasks.errors import SerializationError, TaskImportError
+from otel_bgtasks.identity import owner_is_dead, process_identity
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.replay import DeadLetters, ReplayOutcome, ReplayResult
 from otel_bgtasks.stores import SQLiteDeadLetterStore
 from tests.unit.test_deadletter_contract import SPAN_ID, T0, TRACE_ID, make_entry, make_journal
 
 # -- module-level tasks (importable by reference) ---------------------------------------------
 
 SINK: list[Any] = []
+
+
+def many(*items: Any) -> None: ...
 
 
 def send_mail(address: str, *, subject: str = "hi") -> None:
@@ -182,7 +179,7 @@ def test_error_type_of_non_builtin_is_module_qualified() -> None:
         reason=DeadLetterReason.PERMANENT,
         attempts=1,
     )
-    assert entry.error_type == "otel_bgtasks.deadletter.SerializationError"
+    assert entry.error_type == "otel_bgtasks.errors.SerializationError"
     assert entry.first_failure == entry.last_failure
 
 
@@ -255,7 +252,11 @@ def test_json_serializer_rejects_foreign_payloads() -> None:
         JSONSerializer().loads('{"args": 1}')
 
 
-def test_dump_call_names_parameter_position_and_task() -> None:
+def dump_call(serializer: Serializer, func: Any, args: Any, kwargs: Any, *, task_name: str) -> str:
+    return encode_call(serializer, func, args, kwargs, task_name=task_name).payload
+
+
+def test_encode_call_names_parameter_position_and_task() -> None:
     with pytest.raises(SerializationError) as raised:
         dump_call(JSONSerializer(), send_mail, (User(),), {}, task_name="send-mail")
     assert str(raised.value) == (
@@ -272,9 +273,7 @@ def test_dump_call_names_parameter_position_and_task() -> None:
     )
 
 
-def test_dump_call_with_var_positional() -> None:
-    def many(*items: Any) -> None: ...
-
+def test_encode_call_with_var_positional() -> None:
     with pytest.raises(SerializationError, match=r"argument '\*items' \(position 1\)"):
         dump_call(JSONSerializer(), many, (1, User()), {}, task_name="t")
 
@@ -453,7 +452,7 @@ async def test_replay_all_deletes_successes_updates_failures_keeps_unimportable(
 async def test_replay_keeps_entries_whose_serializer_is_unknown_here(
     store: SQLiteDeadLetterStore,
 ) -> None:
-    entry = make_entry(func_ref=func_ref(send_mail), serializer="repr", payload="((), {})")
+    entry = make_entry(func_ref=func_ref(send_mail), serializer="msgpack", payload="((), {})")
     store.put(entry)
     runner_calls: list[str] = []
 
@@ -464,7 +463,7 @@ async def test_replay_keeps_entries_whose_serializer_is_unknown_here(
     with capture_logs():
         report = await DeadLetters(store).replay(None, runner)
     assert [(o.status, o.message.split(";")[0]) for o in report.outcomes] == [
-        ("import_error", "no serializer named 'repr' is registered")
+        ("import_error", "no serializer named 'msgpack' is registered")
     ]
     assert runner_calls == []
     assert store.list() == [entry]

@@ -11,14 +11,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from otel_bgtasks.deadletter import (
-    DeadLetter,
-    DeadLetterReason,
-    DeadLetterStore,
-    JournalEntry,
-    StoreUnavailableError,
-)
+from otel_bgtasks.errors import StoreUnavailableError
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
 from otel_bgtasks.stores import BufferedStore, SQLiteDeadLetterStore
+from otel_bgtasks.stores.base import DeadLetterStore
 from tests.unit.test_deadletter_contract import T0, make_entry, make_journal
 
 

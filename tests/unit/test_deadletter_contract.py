@@ -17,15 +17,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from otel_bgtasks.deadletter import (
-    CorruptEntryError,
-    DeadLetter,
-    DeadLetterReason,
-    DeadLetterStore,
-    JournalEntry,
-    process_identity,
-    recover_interrupted,
-)
+from otel_bgtasks.errors import CorruptEntryError
+from otel_bgtasks.identity import process_identity
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.recovery import recover_interrupted
+from otel_bgtasks.stores.base import DeadLetterStore
 
 T0 = 1_700_000_000.0
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"

@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from otel_bgtasks.deadletter import (
-    DeadLetterReason,
-    StoreUnavailableError,
-    open_store,
-)
-from otel_bgtasks.stores import BufferedStore, SQLiteDeadLetterStore
+from otel_bgtasks.errors import StoreUnavailableError
+from otel_bgtasks.records import DeadLetterReason
+from otel_bgtasks.stores import BufferedStore, SQLiteDeadLetterStore, open_store
 from otel_bgtasks.stores.sqlite import SCHEMA_VERSION
 from tests.unit.test_deadletter_contract import T0, StoreContract, make_entry, make_journal
 

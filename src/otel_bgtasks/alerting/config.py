@@ -46,6 +46,7 @@ from otel_bgtasks.alerting.rules import (
     default_rules,
 )
 from otel_bgtasks.alerting.secret import Secret
+from otel_bgtasks.errors import ConfigurationError
 
 __all__ = [
     "ENV_PREFIX",
@@ -77,7 +78,7 @@ def _smtp_tls(value: str) -> SmtpTls:
     )
 
 
-class AlertingConfigError(ValueError):
+class AlertingConfigError(ConfigurationError):
     """The alerting configuration is invalid; the message names the setting to fix."""
 
 

@@ -10,21 +10,34 @@ line has them masked.
 from __future__ import annotations
 
 import logging
-import smtplib
 import ssl
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
 import structlog
 
 from otel_bgtasks._version import __version__
 from otel_bgtasks.alerting.alerts import Alert, AlertStatus, Severity
 from otel_bgtasks.alerting.secret import MASK, Secret, reveal
+
+if TYPE_CHECKING:
+    import httpx
+
+
+def _httpx() -> Any:
+    """httpx, imported with the webhook feature (the ``webhooks`` extra), not the package."""
+    try:
+        import httpx
+    except ImportError as exc:  # pragma: no cover - installed with the dev extra
+        raise ImportError(
+            "Slack and webhook alerts need httpx: pip install 'otel-bgtasks[webhooks]'"
+        ) from exc
+    return httpx
+
 
 __all__ = [
     "DeliveryError",
@@ -261,7 +274,7 @@ class _HttpNotifier(Notifier):
         self.timeout = float(timeout)
         self._headers = {"User-Agent": _USER_AGENT, **(headers or {})}
         self._own_client = client is None
-        self._client = client if client is not None else httpx.Client(timeout=self.timeout)
+        self._client = client if client is not None else _httpx().Client(timeout=self.timeout)
         _httpx_filter.register(self.secret_values())
 
     def __repr__(self) -> str:
@@ -283,7 +296,7 @@ class _HttpNotifier(Notifier):
                 headers=self._headers,
                 timeout=self.timeout,
             )
-        except httpx.HTTPError as exc:
+        except _httpx().HTTPError as exc:
             # Not chained: httpx errors carry the request, and with it the secret URL.
             message = redact(f"{type(exc).__name__}: {exc}", self.secret_values())
             raise DeliveryError(message, retryable=True) from None
@@ -334,13 +347,6 @@ class SlackNotifier(_HttpNotifier):
 # -- e-mail ----------------------------------------------------------------------------------
 
 _SMTP_DEFAULT_PORTS: dict[str, int] = {"starttls": 587, "tls": 465, "none": 25}
-_SMTP_PERMANENT = (
-    smtplib.SMTPAuthenticationError,
-    smtplib.SMTPNotSupportedError,
-    smtplib.SMTPRecipientsRefused,
-    smtplib.SMTPSenderRefused,
-    ssl.SSLCertVerificationError,
-)
 
 
 def _one_line(text: str) -> str:
@@ -427,6 +433,15 @@ class EmailNotifier(Notifier):
         return self._ssl_context
 
     def send(self, alert: Alert) -> None:
+        import smtplib  # loaded with the e-mail feature, not with the package
+
+        permanent = (
+            smtplib.SMTPAuthenticationError,
+            smtplib.SMTPNotSupportedError,
+            smtplib.SMTPRecipientsRefused,
+            smtplib.SMTPSenderRefused,
+            ssl.SSLCertVerificationError,
+        )
         message = self.message(alert)
         try:
             smtp: smtplib.SMTP
@@ -444,7 +459,7 @@ class EmailNotifier(Notifier):
                 if self.username:
                     smtp.login(self.username, reveal(self._password) or "")
                 refused = smtp.send_message(message)
-        except _SMTP_PERMANENT as exc:
+        except permanent as exc:
             raise DeliveryError(self._describe(exc), retryable=False) from None
         except smtplib.SMTPResponseException as exc:
             raise DeliveryError(self._describe(exc), retryable=exc.smtp_code < 500) from None

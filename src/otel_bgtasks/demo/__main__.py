@@ -198,8 +198,7 @@ async def _wait_idle(executor: Any, timeout: float = 10.0) -> None:
 
 
 async def _traffic(base: str, executor: Any, breaker_wait: float) -> tuple[list[Any], list[Any]]:
-    from otel_bgtasks.deadletter import DeadLetters
-    from otel_bgtasks.replay_runner import run_dead_letter
+    from otel_bgtasks.replay import DeadLetters, run_dead_letter
 
     async with httpx.AsyncClient(base_url=base, timeout=10) as client:
         for path in ("/ok", "/sync", "/fail", "/flaky", "/durable"):
@@ -250,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         store = SQLiteDeadLetterStore(str(Path(tmp) / "dead-letters.db"))
         instrumentor = BackgroundTasksInstrumentor()
         instrumentor.instrument(dead_letter_store=store)
+        from otel_bgtasks._execution import active_executor as current_executor
         from otel_bgtasks.demo.app import PAYMENTS, create_app
-        from otel_bgtasks.instrumentor import current_executor
 
         PAYMENTS.config = type(PAYMENTS.config)(3, 1.0, 1)  # a short open period for the demo
         app = create_app()

@@ -1,18 +1,104 @@
-"""Dead-letter store implementations; open one by URL with `otel_bgtasks.deadletter.open_store`.
+"""Dead-letter stores, opened by URL with `open_store`.
 
 - `SQLiteDeadLetterStore`: one file, several worker processes on one host.
-- `RedisDeadLetterStore`: shared by every host.
+- `RedisDeadLetterStore`: shared by every host (needs the ``redis`` extra).
 - `BufferedStore`: wraps either so a store outage never raises into a task (the default of
   `open_store`).
 
-Another backend subclasses `otel_bgtasks.deadletter.DeadLetterStore` and decodes rows with
-`decode_entry` / `decode_journal` (which raise `CorruptEntryError` naming the row).
+Another backend subclasses `otel_bgtasks.stores.base.DeadLetterStore`.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.stores._buffer import BufferedStore
-from otel_bgtasks.stores.redis import RedisDeadLetterStore
+from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 
-__all__ = ["BufferedStore", "RedisDeadLetterStore", "SQLiteDeadLetterStore"]
+if TYPE_CHECKING:
+    from otel_bgtasks.stores.redis import RedisDeadLetterStore
+
+__all__ = [
+    "DLQ_URL_ENV",
+    "BufferedStore",
+    "DeadLetterStore",
+    "RedisDeadLetterStore",
+    "SQLiteDeadLetterStore",
+    "open_store",
+    "redact_url",
+]
+
+DLQ_URL_ENV = "OTEL_BGTASKS_DLQ_URL"
+"""Environment variable holding the default store URL (the instrumentor and the CLI read it)."""
+
+_VALID_URLS = (
+    "sqlite:///path.db, sqlite:////abs/path.db, redis://host:port/db, rediss://host:port/db"
+)
+
+
+def __getattr__(name: str) -> Any:
+    # redis is an optional dependency: imported when a Redis store is first used.
+    if name == "RedisDeadLetterStore":
+        from otel_bgtasks.stores.redis import RedisDeadLetterStore
+
+        return RedisDeadLetterStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by ``***`` (for messages and logs)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        user = parts.username or ""
+        return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
+    except ValueError:
+        return "<unparsable URL>"
+
+
+def open_store(url: str, *, buffered: bool = True, max_pending: int = 10_000) -> DeadLetterStore:
+    """Open the store a URL names.
+
+    ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (SQLAlchemy style: the
+    path is what follows ``sqlite:///``), ``redis://[:password@]host:port/db`` and
+    ``rediss://`` (TLS); ``?prefix=name`` sets the Redis key prefix (default ``bgtasks``).
+
+    With `buffered` (the default) the store is wrapped in a `BufferedStore` keeping up to
+    `max_pending` writes in memory while the backing store is down.
+
+    Raises:
+        ConfigurationError: unknown scheme or malformed URL (the message lists the valid
+            forms); a `ValueError`.
+        ImportError: a Redis URL without the ``redis`` extra installed.
+    """
+    store = _open_raw(url)
+    return BufferedStore(store, max_pending=max_pending) if buffered else store
+
+
+def _open_raw(url: str) -> DeadLetterStore:
+    shown = redact_url(url)
+    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    if scheme == "sqlite":
+        prefix = "sqlite:///"
+        if not url.lower().startswith(prefix) or len(url) == len(prefix):
+            raise ConfigurationError(f"invalid SQLite URL {shown!r}: expected sqlite:///path.db")
+        path = url[len(prefix) :]
+        if path == ":memory:" or "?" in path:
+            raise ConfigurationError(
+                f"invalid SQLite URL {shown!r}: give a file path (several processes share it),"
+                " without query parameters"
+            )
+        return SQLiteDeadLetterStore(path)
+    if scheme in ("redis", "rediss"):
+        from otel_bgtasks.stores.redis import RedisDeadLetterStore
+
+        return RedisDeadLetterStore(url)
+    raise ConfigurationError(
+        f"unsupported dead-letter store URL {shown!r}; valid forms: {_VALID_URLS}"
+    )

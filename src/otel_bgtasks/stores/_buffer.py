@@ -12,13 +12,9 @@ from typing import Literal
 
 import structlog
 
-from otel_bgtasks.deadletter import (
-    DeadLetter,
-    DeadLetterReason,
-    DeadLetterStore,
-    JournalEntry,
-    StoreUnavailableError,
-)
+from otel_bgtasks.errors import StoreUnavailableError
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = ["BufferedStore"]
 

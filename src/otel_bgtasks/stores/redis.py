@@ -22,21 +22,26 @@ from contextlib import contextmanager
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import redis
 import structlog
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from otel_bgtasks.deadletter import (
-    CorruptEntryError,
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - installed with the dev extra
+    raise ImportError(
+        "RedisDeadLetterStore needs the redis package: pip install 'otel-bgtasks[redis]'"
+    ) from exc
+
+from otel_bgtasks.errors import CorruptEntryError, StoreUnavailableError
+from otel_bgtasks.records import (
     DeadLetter,
     DeadLetterReason,
-    DeadLetterStore,
     JournalEntry,
-    StoreUnavailableError,
     decode_entry,
     decode_journal,
 )
+from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = ["RedisDeadLetterStore"]
 

@@ -20,16 +20,15 @@ from typing import Any
 
 import structlog
 
-from otel_bgtasks.deadletter import (
-    CorruptEntryError,
+from otel_bgtasks.errors import CorruptEntryError, StoreUnavailableError
+from otel_bgtasks.records import (
     DeadLetter,
     DeadLetterReason,
-    DeadLetterStore,
     JournalEntry,
-    StoreUnavailableError,
     decode_entry,
     decode_journal,
 )
+from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = ["SCHEMA_VERSION", "SQLiteDeadLetterStore"]
 

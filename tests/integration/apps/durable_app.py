@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from tests.integration.apps.durable_tasks import record_result
 
 from otel_bgtasks import BackgroundTasksInstrumentor
-from otel_bgtasks.deadletter import DLQ_URL_ENV
+from otel_bgtasks.stores import DLQ_URL_ENV
 
 RESULTS = os.environ["BGTASKS_TEST_RESULTS"]
 

@@ -1,0 +1,272 @@
+"""Replay: the operator API over a store (`DeadLetters`) and the runner that re-runs an entry.
+
+A replay is a `process {task}` span in a new trace linked to the original failed span; it
+counts in `bgtasks.dlq.replays` by outcome and is never dead-lettered again (the entry is
+updated instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import structlog
+from opentelemetry import metrics, trace
+
+from otel_bgtasks import attributes as attr
+from otel_bgtasks._execution import Executor, active_executor
+from otel_bgtasks._ids import from_hex
+from otel_bgtasks._version import __version__
+from otel_bgtasks.attributes import Outcome
+from otel_bgtasks.calls import check_replayable, decode_call
+from otel_bgtasks.errors import CorruptEntryError, TaskImportError
+from otel_bgtasks.metrics import Instruments
+from otel_bgtasks.records import DeadLetter, DeadLetterReason
+from otel_bgtasks.stores.base import DeadLetterStore
+
+__all__ = [
+    "DeadLetters",
+    "ReplayOutcome",
+    "ReplayReport",
+    "ReplayResult",
+    "ReplayRunner",
+    "ReplayStatus",
+    "run_dead_letter",
+    "standalone_executor",
+]
+
+_T = TypeVar("_T")
+
+_log = structlog.get_logger("otel_bgtasks")
+
+_standalone: dict[int, Executor] = {}
+
+
+def standalone_executor(store: DeadLetterStore | None = None) -> Executor:
+    """An executor on the global providers, for runs outside an instrumented app (the CLI).
+
+    With `store`, tasks that fail go to that store's dead letters (recovery re-runs).
+    """
+    key = id(store)
+    executor = _standalone.get(key)
+    if executor is None or executor.store is not store:
+        executor = _standalone[key] = Executor(
+            trace.get_tracer("otel_bgtasks", __version__),
+            Instruments(metrics.get_meter("otel_bgtasks", __version__)),
+            dead_letter_store=store,
+        )
+    return executor
+
+
+async def run_dead_letter(entry: DeadLetter, *, executor: Executor | None = None) -> ReplayResult:
+    """Replay one dead letter; the entry itself is deleted or updated by the caller.
+
+    Raises:
+        TaskImportError: the task's function can no longer be imported (the entry is kept).
+        NotReplayableError: the entry was kept for inspection only.
+        ValueError: the payload cannot be decoded by its serializer.
+    """
+    if executor is None:
+        executor = active_executor() or standalone_executor()
+    func, args, kwargs = decode_call(entry.func_ref, entry.serializer, entry.payload)
+    state = executor.prepare(func, args, kwargs, link=from_hex(entry.trace_id, entry.span_id))
+    state.replay = True
+    state.first_failure = entry.first_failure
+    await executor.run(state, dead_letter=False)
+    outcome = state.outcome or Outcome.FAILURE
+    executor.instruments.dlq_replays.add(
+        1, {attr.TASK_NAME: entry.task_name, attr.TASK_OUTCOME: outcome.value}
+    )
+    if outcome is Outcome.SUCCESS:
+        return ReplayResult(ok=True)
+    return ReplayResult(
+        ok=False,
+        entry=entry.with_failure(
+            state.exception,
+            attempts=max(state.attempt, 1),
+            category=str(state.category) if state.category is not None else None,
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """What a replay runner reports for one entry.
+
+    Attributes:
+        ok: the task succeeded; the entry is deleted.
+        entry: on failure, the updated entry to store (attempts, last error); None keeps the
+            stored entry with one more attempt and `last_failure` now.
+    """
+
+    ok: bool
+    entry: DeadLetter | None = None
+
+
+ReplayRunner = Callable[[DeadLetter], Awaitable[ReplayResult]]
+"""Re-runs a dead letter's task (as a new span linked to the original) and reports the result."""
+
+ReplayStatus = Literal["replayed", "failed", "import_error", "missing", "corrupt", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayOutcome:
+    """The result of replaying one entry.
+
+    `status`: ``replayed`` (succeeded, deleted), ``failed`` (task failed again, entry updated),
+    ``import_error`` (function or its serializer unavailable here, entry kept), ``missing``
+    (no such id), ``corrupt`` (row cannot be decoded, kept), ``error`` (the runner itself
+    raised; entry kept unchanged).
+    """
+
+    entry_id: str
+    status: ReplayStatus
+    task_name: str = ""
+    message: str = ""
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """All outcomes of one `DeadLetters.replay` call, in replay order."""
+
+    outcomes: list[ReplayOutcome] = field(default_factory=list)
+
+    def by_status(self, status: ReplayStatus) -> list[ReplayOutcome]:
+        return [o for o in self.outcomes if o.status == status]
+
+    @property
+    def replayed(self) -> int:
+        return len(self.by_status("replayed"))
+
+    @property
+    def ok(self) -> bool:
+        """True when every entry replayed successfully."""
+        return all(o.status == "replayed" for o in self.outcomes)
+
+
+class DeadLetters:
+    """Operator API over a store: inspect, delete, purge and replay dead letters."""
+
+    def __init__(self, store: DeadLetterStore) -> None:
+        self.store = store
+        self._offload = True
+
+    def list(
+        self,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+    ) -> list[DeadLetter]:
+        """Entries oldest first (see `DeadLetterStore.list`)."""
+        return self.store.list(task=task, reason=reason, since=since, limit=limit)
+
+    def show(self, entry_id: str) -> DeadLetter:
+        """The entry with this id.
+
+        Raises:
+            KeyError: no entry has this id.
+            CorruptEntryError: the row cannot be decoded.
+        """
+        entry = self.store.get(entry_id)
+        if entry is None:
+            raise KeyError(entry_id)
+        return entry
+
+    def delete(self, entry_id: str) -> bool:
+        return self.store.delete(entry_id)
+
+    def purge(
+        self,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+    ) -> int:
+        return self.store.purge(task=task, reason=reason, since=since)
+
+    async def replay(
+        self,
+        ids: Iterable[str] | None,
+        runner: ReplayRunner,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+        on_outcome: Callable[[ReplayOutcome], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
+        offload: bool = True,
+    ) -> ReplayReport:
+        """Replay entries one after the other (a recovering downstream gets no burst).
+
+        Args:
+            ids: entry ids, or None for every entry matching the filters (oldest first).
+            runner: runs one entry, see `ReplayRunner`.
+            on_start: called with the number of entries about to be replayed.
+            on_outcome: called after each entry (progress display).
+            offload: run store calls in a worker thread, so a server's event loop keeps
+                serving; a process that owns its loop (the CLI) passes False: the thread hop
+                costs more than the store call.
+
+        A `TaskImportError` or a runner exception affects only its entry, which is kept; the
+        others continue.
+        """
+        report = ReplayReport()
+        store = self.store
+        self._offload = offload
+        targets: list[DeadLetter | str]
+        if ids is None:
+            targets = list(await self._call(store.list, task=task, reason=reason, since=since))
+        else:
+            targets = list(dict.fromkeys(ids))
+        if on_start is not None:
+            on_start(len(targets))
+        for target in targets:
+            outcome = await self._replay_one(target, runner)
+            report.outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+        return report
+
+    async def _call(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        if self._offload:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    async def _replay_one(self, target: DeadLetter | str, runner: ReplayRunner) -> ReplayOutcome:
+        store = self.store
+        if isinstance(target, str):
+            try:
+                found = await self._call(store.get, target)
+            except CorruptEntryError as exc:
+                return ReplayOutcome(target, "corrupt", message=str(exc))
+            if found is None:
+                return ReplayOutcome(target, "missing", message=f"no dead letter {target!r}")
+            entry = found
+        else:
+            entry = target
+        try:
+            check_replayable(entry.func_ref, entry.serializer)
+        except LookupError as exc:  # not importable, not replayable, or an unknown serializer
+            _log.error("dead letter replay: task not importable", entry_id=entry.id, error=str(exc))
+            return ReplayOutcome(entry.id, "import_error", entry.task_name, str(exc))
+        try:
+            result = await runner(entry)
+        except TaskImportError as exc:
+            _log.error("dead letter replay: task not importable", entry_id=entry.id, error=str(exc))
+            return ReplayOutcome(entry.id, "import_error", entry.task_name, str(exc))
+        except Exception as exc:  # the runner broke: keep the entry untouched, go on
+            _log.exception("dead letter replay: runner failed", entry_id=entry.id)
+            return ReplayOutcome(entry.id, "error", entry.task_name, f"{type(exc).__name__}: {exc}")
+        if result.ok:
+            await self._call(store.delete, entry.id)
+            return ReplayOutcome(entry.id, "replayed", entry.task_name)
+        updated = result.entry if result.entry is not None else entry.with_failure()
+        await self._call(store.update, updated)
+        message = (
+            f"{updated.error_type}: {updated.error_message}" if updated.error_type else "failed"
+        )
+        return ReplayOutcome(entry.id, "failed", entry.task_name, message)

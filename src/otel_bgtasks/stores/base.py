@@ -1,0 +1,133 @@
+"""The store interface: dead letters, the durable-task journal and owner heartbeats.
+
+Implementations live next to this module (`sqlite`, `redis`, the `_buffer` wrapper); another
+backend subclasses `DeadLetterStore` and decodes its rows with `decode_entry` /
+`decode_journal` (which raise `CorruptEntryError` naming the row).
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import Self
+
+from otel_bgtasks.identity import owner_is_dead, process_identity
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
+
+__all__ = ["DeadLetterStore"]
+
+
+class DeadLetterStore(ABC):
+    """Persistent dead letters plus the durable-task journal and owner heartbeats.
+
+    Methods are synchronous and thread-safe: the executor calls them from worker threads.
+    `list` skips rows that cannot be decoded (logging an error naming each) and `corrupt_ids`
+    returns them, so one bad row never hides the others.
+    """
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # dead letters
+    @abstractmethod
+    def put(self, entry: DeadLetter) -> None:
+        """Store `entry` (replacing one with the same id)."""
+
+    @abstractmethod
+    def get(self, entry_id: str) -> DeadLetter | None:
+        """The entry with this id, or None.
+
+        Raises:
+            CorruptEntryError: the row exists but cannot be decoded.
+        """
+
+    @abstractmethod
+    def list(
+        self,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+    ) -> list[DeadLetter]:
+        """Entries, oldest `last_failure` first, filtered by task name, reason and
+        `last_failure >= since`; corrupt rows are skipped (see `corrupt_ids`)."""
+
+    @abstractmethod
+    def update(self, entry: DeadLetter) -> None:
+        """Replace the stored entry with the same id (stores it if it was deleted)."""
+
+    @abstractmethod
+    def delete(self, entry_id: str) -> bool:
+        """Remove an entry (corrupt rows too); True if it existed."""
+
+    @abstractmethod
+    def purge(
+        self,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+    ) -> int:
+        """Remove matching entries; without filters every row, corrupt ones included.
+        Returns the number removed."""
+
+    @abstractmethod
+    def count(self) -> int:
+        """Number of stored rows (the `bgtasks.dlq.depth` gauge)."""
+
+    @abstractmethod
+    def corrupt_ids(self) -> builtins.list[str]:
+        """Ids of rows that cannot be decoded (scans the whole store)."""
+
+    # journal
+    @abstractmethod
+    def journal_add(self, entry: JournalEntry) -> None:
+        """Record a durable task as scheduled/running (replacing one with the same id)."""
+
+    @abstractmethod
+    def journal_remove(self, task_id: str) -> bool:
+        """Forget a durable task (it finished); True if it was recorded."""
+
+    @abstractmethod
+    def journal_list(self, *, owner: str | None = None) -> builtins.list[JournalEntry]:
+        """Journaled tasks, oldest first, optionally of one owner; corrupt rows skipped."""
+
+    # owners
+    @abstractmethod
+    def heartbeat(self, owner: str, *, at: float | None = None) -> None:
+        """Record that `owner` is alive at `at` (default: now)."""
+
+    @abstractmethod
+    def last_seen(self) -> dict[str, float]:
+        """Each known owner's last sign of life: its heartbeat, or for an owner with journal
+        entries but no heartbeat, its newest `enqueued_at`."""
+
+    @abstractmethod
+    def forget_owner(self, owner: str) -> None:
+        """Drop `owner`'s heartbeat (after its journal entries were recovered)."""
+
+    def dead_owners(self, stale_after: float, *, now: float | None = None) -> builtins.list[str]:
+        """Owners whose last sign of life is older than `stale_after` seconds, or on this host
+        whose process is gone (`owner_is_dead`). This process is never listed."""
+        moment = time.time() if now is None else now
+        me = process_identity()
+        dead = [
+            owner
+            for owner, seen in self.last_seen().items()
+            if owner != me and (moment - seen > stale_after or owner_is_dead(owner))
+        ]
+        return sorted(dead)
+
+    def close(self) -> None:  # noqa: B027 - optional for stores without resources
+        """Release connections; pending buffered writes are flushed or logged."""
