@@ -27,7 +27,7 @@ from tenacity import RetryCallState
 
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._ids import new_task_id, span_id_hex, trace_id_hex
-from otel_bgtasks.attributes import ErrorCategory, Outcome
+from otel_bgtasks.attributes import ErrorCategory, Outcome, SkipReason
 from otel_bgtasks.calls import JSONSerializer, Serializer, describe_call
 from otel_bgtasks.circuit import CircuitBreaker, CircuitState
 from otel_bgtasks.errors import (
@@ -264,6 +264,29 @@ class Executor:
                 "pass dead_letter_store= to the instrumentor"
             )
         self.journal.add(state)
+
+    def skip(self, state: TaskCallState, reason: SkipReason) -> None:
+        """Account for a scheduled task that will never run: counted in `bgtasks.task.skipped`,
+        one log line, and it leaves `inflight` at once.
+
+        A durable task's journal row is removed when its request failed (its side effects
+        belong to a request the client saw fail); for `previous_task_failed` and `shutdown`
+        it stays journaled, and recovery runs it later. Skipping twice counts once.
+        """
+        if self.inflight.pop(state.task_id, None) is None:
+            return
+        self.instruments.skipped.add(
+            1, {attr.TASK_NAME: state.name, attr.SKIP_REASON: reason.value}
+        )
+        if state.journaled and self.journal is not None:
+            self.journal.finished(state, keep=reason is not SkipReason.REQUEST_FAILED)
+        _log.warning(
+            "background task skipped",
+            task_name=state.name,
+            task_id=state.task_id,
+            reason=reason.value,
+            durable=state.journaled,
+        )
 
     # -- policies ---------------------------------------------------------------------------
 

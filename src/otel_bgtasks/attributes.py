@@ -33,6 +33,7 @@ __all__ = [
     "EXCEPTION_MESSAGE",
     "RETRY_ATTEMPT",
     "RETRY_DELAY",
+    "SKIP_REASON",
     "SPAN_NAME_PREFIX",
     "TASK_ATTEMPTS",
     "TASK_ID",
@@ -41,6 +42,7 @@ __all__ = [
     "TASK_WAIT",
     "ErrorCategory",
     "Outcome",
+    "SkipReason",
 ]
 
 SPAN_NAME_PREFIX = "process "
@@ -62,6 +64,8 @@ CIRCUIT_TO = "bgtasks.circuit.to"
 DLQ_ENTRY_ID = "bgtasks.dlq.entry_id"
 DLQ_REASON = "bgtasks.dlq.reason"
 
+SKIP_REASON = "bgtasks.skip.reason"
+
 ALERT_RULE = "bgtasks.alert.rule"
 ALERT_CHANNEL = "bgtasks.alert.channel"
 ALERT_OUTCOME = "bgtasks.alert.outcome"
@@ -72,6 +76,14 @@ EVENT_CIRCUIT_STATE_CHANGE = "bgtasks.circuit.state_change"
 EVENT_CIRCUIT_REJECTED = "bgtasks.circuit.rejected"
 EVENT_DLQ_MOVED = "bgtasks.dlq.moved"
 EVENT_TIMEOUT = "bgtasks.timeout"
+
+
+class SkipReason(StrEnum):
+    """Why a scheduled task never ran (`bgtasks.skip.reason` on `bgtasks.task.skipped`)."""
+
+    REQUEST_FAILED = "request_failed"
+    PREVIOUS_TASK_FAILED = "previous_task_failed"
+    SHUTDOWN = "shutdown"
 
 
 class Outcome(StrEnum):

@@ -74,6 +74,11 @@ class Instruments:
             unit="{transition}",
             description="Circuit breaker state transitions",
         )
+        self.skipped = meter.create_counter(
+            "bgtasks.task.skipped",
+            unit="{task}",
+            description="Scheduled background tasks that never ran, by reason",
+        )
         self.dlq_moves = meter.create_counter(
             "bgtasks.dlq.moves", unit="{entry}", description="Tasks moved to the dead-letter store"
         )

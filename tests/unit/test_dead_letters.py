@@ -7,8 +7,11 @@ from collections.abc import Iterator
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.background import BackgroundTask
+from structlog.testing import capture_logs
 
 from otel_bgtasks import CircuitBreaker, schedule
+from otel_bgtasks._execution import active_executor
+from otel_bgtasks.attributes import SkipReason
 from otel_bgtasks.errors import TaskImportError
 from otel_bgtasks.identity import process_identity
 from otel_bgtasks.records import DeadLetterReason
@@ -206,3 +209,36 @@ def test_a_refused_setting_leaves_nothing_instrumented(tmp_path, telemetry):
         )
     assert not BackgroundTasksInstrumentor().is_instrumented_by_opentelemetry
     assert BackgroundTasksInstrumentor._owned_store is None
+
+
+@pytest.mark.parametrize(
+    ("reason", "journal_kept"),
+    [
+        (SkipReason.REQUEST_FAILED, False),
+        (SkipReason.PREVIOUS_TASK_FAILED, True),
+        (SkipReason.SHUTDOWN, True),
+    ],
+)
+async def test_a_skipped_task_is_counted_once_and_let_go(
+    telemetry, instrument, store, reason, journal_kept
+):
+    instrument(dead_letter_store=store)
+    executor = active_executor()
+    assert executor is not None
+    scheduled = schedule(tasks.durable_invoice, "o-9")
+    with capture_logs() as logs:
+        executor.skip(scheduled.state, reason)
+        executor.skip(scheduled.state, reason)  # accounted once
+    assert executor.inflight == {}
+    assert [e.task_id for e in store.journal_list()] == (
+        [scheduled.state.task_id] if journal_kept else []
+    )
+    (point,) = telemetry.points("bgtasks.task.skipped")
+    assert (point.value, dict(point.attributes)) == (
+        1,
+        {"bgtasks.task.name": "durable_invoice", "bgtasks.skip.reason": reason.value},
+    )
+    assert [(log["event"], log["reason"], log["durable"]) for log in logs] == [
+        ("background task skipped", reason.value, True)
+    ]
+    assert tasks.CALLS == []
