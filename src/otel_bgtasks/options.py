@@ -11,6 +11,7 @@ from otel_bgtasks.circuit import CircuitBreaker
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.task import (
+    DispatchMode,
     check_timeout,
     function_name,
     is_async_callable,
@@ -58,6 +59,7 @@ class EffectiveOptions:
         breaker: the circuit breaker guarding it (resolved, shared by name), or None.
         timeout: seconds per attempt, or None.
         durable: journaled while scheduled or running.
+        dispatch: the decorator's dispatch mode, or None for the instrumentor's default.
     """
 
     name: str
@@ -67,6 +69,7 @@ class EffectiveOptions:
     breaker: CircuitBreaker | None
     timeout: float | None
     durable: bool
+    dispatch: DispatchMode | None = None
 
 
 def effective_options(
@@ -87,4 +90,5 @@ def effective_options(
         breaker=breaker_for(circuit, name) if circuit is not None else None,
         timeout=options.timeout or defaults.timeout,
         durable=options.durable if options.durable is not None else defaults.durable,
+        dispatch=options.dispatch,
     )
