@@ -310,6 +310,10 @@ class Executor:
         """Tasks scheduled and not started yet."""
         return len(self._unstarted)
 
+    def is_pending(self, state: TaskCallState) -> bool:
+        """`state` was scheduled here and has not started (nor been skipped)."""
+        return state.task_id in self._unstarted
+
     # -- policies ---------------------------------------------------------------------------
 
     def _breaker(self, template: CircuitBreaker, task: str) -> CircuitBreaker:

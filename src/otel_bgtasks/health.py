@@ -5,7 +5,7 @@
     app.include_router(bgtasks_router(auth=bearer_token_auth(os.environ["BGTASKS_ADMIN_TOKEN"])))
     app.include_router(bgtasks_router(admin=False))        # only GET /bgtasks/health
 
-GET /bgtasks/health: running and pending tasks, oldest running age, recent failures, circuit
+GET /bgtasks/health: running and pending tasks (pending by task: `bgtasks.task.pending`), oldest running age, recent failures, circuit
 states and dead-letter depth. Admin (auth required): GET /bgtasks/dead-letters,
 GET /bgtasks/dead-letters/{id}, POST /bgtasks/dead-letters/{id}/replay,
 POST /bgtasks/dead-letters/replay (all, or filtered by task/reason),
@@ -98,7 +98,8 @@ def bgtasks_router(
             return {"status": "not_instrumented"}
         now = time.perf_counter()
         states = list(executor.inflight.values())
-        running = [s for s in states if s.attempt > 0]
+        running = [s for s in states if not executor.is_pending(s)]
+        pending = {name: n for name, n in sorted(executor.instruments.pending().items()) if n}
         depth: int | None = None
         if executor.store is not None:
             try:
@@ -110,6 +111,7 @@ def bgtasks_router(
             "status": "degraded" if "open" in circuits.values() else "ok",
             "running": len(running),
             "pending": len(states) - len(running),
+            "pending_by_task": pending,  # bgtasks.task.pending
             "oldest_running_seconds": max((now - s.enqueued_at for s in running), default=0.0),
             "recent_failures": executor.recent_failures[-10:],
             "circuits": circuits,
