@@ -5,8 +5,9 @@
     app.include_router(bgtasks_router(auth=bearer_token_auth(os.environ["BGTASKS_ADMIN_TOKEN"])))
     app.include_router(bgtasks_router(admin=False))        # only GET /bgtasks/health
 
-GET /bgtasks/health: running and pending tasks (pending by task: `bgtasks.task.pending`), oldest running age, recent failures, circuit
-states and dead-letter depth. Admin (auth required): GET /bgtasks/dead-letters,
+GET /bgtasks/health: running and pending tasks (pending by task, as `bgtasks.task.pending`),
+oldest running age, recent failures, circuit states and dead-letter depth.
+Admin (auth required): GET /bgtasks/dead-letters,
 GET /bgtasks/dead-letters/{id}, POST /bgtasks/dead-letters/{id}/replay,
 POST /bgtasks/dead-letters/replay (all, or filtered by task/reason),
 DELETE /bgtasks/dead-letters/{id}.
