@@ -34,6 +34,8 @@ ALERTS = {
     "BgTaskDurationP95High",
     "BgTaskStuck",
     "BgTaskTelemetryMissing",
+    "BgTaskBacklog",
+    "BgTaskSkipped",
 }
 DASHBOARD = CONFIG_DIR / "grafana" / "dashboards" / "bgtasks-overview.json"
 
@@ -77,7 +79,7 @@ def test_prometheus_config_passes_promtool(tmp_path: Path, rendered: bool) -> No
     result = run(promtool, "check", "config", config)
 
     assert_success(result)
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert f"SUCCESS: {len(ALERTS)} rules found" in result.stdout
 
 
 def test_rendered_prometheus_config_changes_only_addresses_and_intervals(tmp_path: Path) -> None:
@@ -109,7 +111,7 @@ def test_alert_rules_pass_promtool(tmp_path: Path, for_duration: str | None) -> 
     result = run(promtool, "check", "rules", rules)
 
     assert_success(result)
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert f"SUCCESS: {len(ALERTS)} rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:
@@ -409,6 +411,8 @@ def test_dashboard_covers_the_contract() -> None:
         "bgtasks_dlq_moves_total",
         "bgtasks_dlq_depth",
         "bgtasks_dlq_replays_total",
+        "bgtasks_task_pending",
+        "bgtasks_task_skipped_total",
     ):
         assert metric in exprs, metric
     for quantile in ("0.5", "0.95", "0.99"):
