@@ -62,6 +62,7 @@ N_OK = 3
 N_SYNC = 2
 N_FLAKY = 2
 N_REJECTED = 2
+N_FAILED_REQUESTS = 4  # /signup-fails: the endpoint raises after add_task
 TASKS = ("send-welcome-email", "resize_avatar", "sync_crm", "import_contacts", "charge-card")
 
 ADMIN_TOKEN = "scenario-admin-token"
@@ -359,6 +360,10 @@ def _drive(run: Scenario) -> None:
     run.hit("/sync", N_SYNC)
     run.hit("/flaky", N_FLAKY)
     run.hit("/fail")
+    # A burst of failed requests: their tasks never run and are counted as skipped.
+    for _ in range(N_FAILED_REQUESTS):
+        assert run.client.get("/signup-fails").status_code == 503
+    run.settle()
 
     # First failure on its own, scraped before the others: the moves and failure counters then
     # grow inside Prometheus (a series that first appears at its final value is invisible to
@@ -634,6 +639,20 @@ def test_every_dashboard_panel_query_returns_data(scenario: Scenario) -> None:
             timeout=15,
             message=f"data for panel {title!r}: {expr}",
         )
+
+
+def test_a_failed_request_burst_shows_as_skipped_tasks(scenario: Scenario) -> None:
+    stack, job = scenario.stack, scenario.service
+    reason = ("bgtasks_task_name", "bgtasks_skip_reason")
+
+    skipped = eventually(
+        lambda: values(stack, "bgtasks_task_skipped_total", job, reason),
+        message="bgtasks_task_skipped_total in Prometheus",
+    )
+    assert skipped == {("send-welcome-email", "request_failed"): N_FAILED_REQUESTS}
+    # Nothing waits: every scheduled task ran or was skipped.
+    pending = values(stack, "bgtasks_task_pending", job, ("bgtasks_task_name",))
+    assert pending == {(task,): 0 for task in TASKS}
 
 
 # --------------------------------------------------------------------------- alerts
