@@ -10,9 +10,9 @@ the real collector. Phases, interleaved over rounds (median reported):
 2. the same at a fixed rate (half the slower mode's saturation throughput), open loop;
 3. ``/work50`` (the endpoint awaits 5 ms, its task 50 ms) at a fixed rate: request latency p50
    as the client measured it against the p50 of upstream's ``http.server.duration`` histogram
-   (recorded with 0.5 ms buckets for this benchmark), per mode. Target for ``local``: within 10% of the
-   client's (the client also sees the connection and the loopback, ~1 ms here, which no server
-   metric can); ``inline`` reports the task's 50 ms on top of the request.
+   (recorded with 0.5 ms buckets for this benchmark), per mode. Target for ``local``: within
+   10% of the client's (the client also sees the connection and the loopback, ~1 ms here,
+   which no server metric can); ``inline`` reports the task's 50 ms on top of the request.
 """
 
 from __future__ import annotations
