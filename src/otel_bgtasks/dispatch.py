@@ -118,12 +118,14 @@ class TaskGroup:
         called: task ids the response ran inline or handed over.
         handed: (dispatcher, state) pairs handed over, in order, submitted at the end.
         failed: a task of this response raised (``propagate_exceptions=True``).
+        closed: the request's ASGI call returned; later tasks belong to no response.
     """
 
     states: list[TaskCallState] = field(default_factory=list)
     called: set[str] = field(default_factory=set)
     handed: list[tuple[Dispatcher, TaskCallState]] = field(default_factory=list)
     failed: bool = False
+    closed: bool = False
 
 
 _group: ContextVar[TaskGroup | None] = ContextVar("otel_bgtasks_group", default=None)
@@ -193,7 +195,6 @@ class _Pool:
         self.executor = executor
         self.queue: asyncio.Queue[list[TaskCallState]] = asyncio.Queue()
         self.workers = [asyncio.ensure_future(self._work()) for _ in range(limit)]
-        self.apps = 1  # lifespans started on this loop and not shut down
         self.running_groups = 0
 
     async def _work(self) -> None:
@@ -246,51 +247,52 @@ class _Pool:
 class LocalDispatcher:
     """The ``"local"`` mode: a bounded pool of workers on the event loop that serves the app.
 
-    One pool per event loop, started by the app's lifespan startup and drained by its
-    shutdown. `max_concurrency` bounds the task groups running at once (per loop, so per
-    process under uvicorn and gunicorn); groups beyond it wait in an unbounded queue.
+    One pool per event loop whose app's lifespan started, created at the first hand-off (an
+    app whose tasks all run inline never starts workers) and drained at lifespan shutdown.
+    `max_concurrency` bounds the task groups running at once (per loop, so per process under
+    uvicorn and gunicorn); groups beyond it wait in an unbounded queue.
     """
 
     name = "local"
 
     def __init__(self, max_concurrency: int = DEFAULT_MAX_CONCURRENCY) -> None:
         self.max_concurrency = check_max_concurrency(max_concurrency)
+        self._lifespans: dict[asyncio.AbstractEventLoop, int] = {}  # started, not shut down
         self._pools: dict[asyncio.AbstractEventLoop, _Pool] = {}
 
     def ready(self) -> bool:
-        """A pool runs on the current event loop (its app's lifespan started)."""
+        """An app's lifespan runs on the current event loop (so a drain will come)."""
         try:
-            return asyncio.get_running_loop() in self._pools
+            return asyncio.get_running_loop() in self._lifespans
         except RuntimeError:
             return False
 
     def started(self, executor: Executor) -> None:
         """An app's lifespan started on the running loop."""
         loop = asyncio.get_running_loop()
-        pool = self._pools.get(loop)
-        if pool is None:
-            self._pools[loop] = _Pool(executor, self.max_concurrency)
-        else:
-            pool.apps += 1
+        self._lifespans[loop] = self._lifespans.get(loop, 0) + 1
 
     def submit(self, executor: Executor, states: Sequence[TaskCallState]) -> None:
-        pool = self._pools.get(asyncio.get_running_loop())
-        if pool is None:  # the pool was drained meanwhile: nothing will run them
-            for state in states:
-                executor.skip(state, SkipReason.SHUTDOWN)
-            return
+        loop = asyncio.get_running_loop()
+        pool = self._pools.get(loop)
+        if pool is None:
+            if loop not in self._lifespans:  # drained meanwhile: nothing will run them
+                for state in states:
+                    executor.skip(state, SkipReason.SHUTDOWN)
+                return
+            pool = self._pools[loop] = _Pool(executor, self.max_concurrency)
         pool.queue.put_nowait(list(states))
 
     async def drain(self, executor: Executor, timeout: float) -> None:
         loop = asyncio.get_running_loop()
-        pool = self._pools.get(loop)
-        if pool is None:
+        count = self._lifespans.get(loop, 0) - 1
+        if count > 0:
+            self._lifespans[loop] = count
             return
-        pool.apps -= 1
-        if pool.apps > 0:
-            return
-        del self._pools[loop]
-        await pool.drain(timeout)
+        self._lifespans.pop(loop, None)
+        pool = self._pools.pop(loop, None)
+        if pool is not None:
+            await pool.drain(timeout)
 
 
 class _Inline:
@@ -344,12 +346,14 @@ class DispatchSeam:
     def scheduled(self, state: TaskCallState) -> None:
         """A task was scheduled: it joins the current request's group, if any."""
         group = _group.get()
-        if group is not None:
+        if group is not None and not group.closed:
             group.states.append(state)
 
     async def call(self, state: TaskCallState) -> None:
         """The response runs (inline) or hands over (other modes) one of its tasks."""
         group = _group.get()
+        if group is not None and group.closed:  # run later by the app itself, outside a response
+            group = None
         mode = state.options.dispatch
         dispatcher = self.by_mode[mode] if mode is not None else self.default
         if (
@@ -372,6 +376,7 @@ class DispatchSeam:
     def close_group(self, group: TaskGroup, error: BaseException | None) -> None:
         """The request's ASGI call returned (or raised `error`): submit what the response
         handed over, skip what it never ran."""
+        group.closed = True
         executor = self.executor
         handed = group.handed
         if handed:
@@ -433,6 +438,8 @@ class DispatchSeam:
             _group.reset(token)
             if group.states:
                 self.close_group(group, error)
+            else:
+                group.closed = True
 
     def _lifespan_receive(self, receive: Callable[[], Any]) -> Callable[[], Any]:
         seam = self
