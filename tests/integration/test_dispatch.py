@@ -12,17 +12,20 @@ other), never on a wall-clock threshold.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from fastapi import BackgroundTasks, FastAPI, HTTPException
+from fastapi.responses import StreamingResponse
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
+from starlette.background import BackgroundTask
 from starlette.exceptions import StarletteDeprecationWarning
 from tests.integration._server import UvicornThread, wait_for_tasks, wait_until
 
@@ -110,6 +113,15 @@ def build_app() -> FastAPI:
     async def http_error(tasks: BackgroundTasks) -> dict[str, str]:
         tasks.add_task(step, "never")
         raise HTTPException(409, "conflict")
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(400):  # bounded: 8 s at most
+                yield b"chunk\n"
+                await asyncio.sleep(0.02)
+
+        return StreamingResponse(chunks(), background=BackgroundTask(step, "after-stream"))
 
     @app.get("/gate/{n}")
     async def gated(n: int, tasks: BackgroundTasks) -> dict[str, int]:
@@ -278,6 +290,23 @@ def test_tasks_of_a_failed_request_are_skipped_and_let_go(telemetry, instrument,
     assert store.journal_list() == []  # the failed requests' durable tasks will not recover
     assert pending(telemetry) == {"step": 0, "durable-step": 0}
     store.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_stream_cut_by_the_client_still_runs_its_tasks_under_uvicorn(telemetry, instrument, mode):
+    """Documented: uvicorn speaks ASGI 2.3, so Starlette notices the disconnect by listening,
+    cancels the stream and still runs the response's tasks (ran, not skipped). Servers of ASGI
+    2.4 raise on send instead: tests/unit/test_dispatch.py covers that skip."""
+    with serving(telemetry, instrument, dispatch=mode) as client:
+        host, port = client.base_url.host, client.base_url.port
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(f"GET /stream HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert b"chunk" in sock.recv(4096)
+        wait_until(lambda: done, what="the task after the stream")
+        wait_for_tasks()
+
+    assert done == ["after-stream"]
+    assert skipped(telemetry) == {}
 
 
 # -- the local pool's bound -----------------------------------------------------------------

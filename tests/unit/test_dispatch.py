@@ -6,13 +6,17 @@ local pool, its exit drains it); the uvicorn tests are in tests/integration/test
 
 from __future__ import annotations
 
+import asyncio
 import warnings
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 import structlog
 from fastapi import BackgroundTasks, FastAPI
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import StarletteDeprecationWarning
+from starlette.requests import ClientDisconnect
 
 from otel_bgtasks import BackgroundTasksInstrumentor, background_task
 from otel_bgtasks._execution import Executor, active_executor
@@ -168,6 +172,125 @@ def test_a_custom_dispatcher_gets_each_response_in_order(instrument):
     assert recorder.batches == [["t0", "t2"], ["t0", "t2"]]
     assert recorder.drained == 1
     assert done == ["response", "t1", "response", "t1"]
+
+
+# -- responses that never got to their tasks -----------------------------------------------
+
+
+def streaming_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/stream")
+    async def stream(tasks: BackgroundTasks) -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(100):
+                yield b"chunk"
+                await asyncio.sleep(0.01)
+
+        tasks.add_task(step, "after-stream")
+        return StreamingResponse(chunks(), background=tasks)
+
+    return app
+
+
+async def call_asgi(app: FastAPI, send: Any, spec_version: str = "2.4") -> None:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": spec_version},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/stream",
+        "raw_path": b"/stream",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"test")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # never disconnects by message
+        raise AssertionError
+
+    await app(scope, receive, send)
+
+
+def skipped(telemetry) -> dict[tuple[str, str], int]:
+    return {
+        (p.attributes["bgtasks.task.name"], p.attributes["bgtasks.skip.reason"]): p.value
+        for p in telemetry.points("bgtasks.task.skipped")
+    }
+
+
+async def test_a_client_gone_mid_stream_asgi_2_4_skips_the_tasks(telemetry, instrument):
+    """An ASGI 2.4 server raises OSError on send once the client is gone (the spec)."""
+    done.clear()
+    instrument()
+    sent: list[str] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+        if len(sent) > 2:
+            raise OSError("client disconnected")
+
+    with pytest.raises(ClientDisconnect):
+        await call_asgi(streaming_app(), send)
+    assert done == []
+    assert skipped(telemetry) == {("step", "request_failed"): 1}
+    assert active_executor().inflight == {}
+
+
+async def test_a_cancelled_response_skips_its_tasks(telemetry, instrument):
+    done.clear()
+    instrument()
+    started = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        started.set()
+
+    call = asyncio.ensure_future(call_asgi(streaming_app(), send, spec_version="2.3"))
+    await started.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert done == []
+    assert skipped(telemetry) == {("step", "request_failed"): 1}
+    assert active_executor().inflight == {}
+
+
+async def test_tasks_cancelled_by_the_server_are_skipped_for_shutdown(telemetry, instrument):
+    """uvicorn's --timeout-graceful-shutdown cancels responses still running their tasks."""
+    done.clear()
+    instrument()
+    running = asyncio.Event()
+
+    async def hold(name: str) -> None:
+        running.set()
+        await asyncio.Event().wait()
+
+    app = FastAPI()
+
+    @app.get("/stream")
+    async def endpoint(tasks: BackgroundTasks) -> dict[str, bool]:
+        tasks.add_task(hold, "held")
+        tasks.add_task(step, "after")
+        return {"ok": True}
+
+    call = asyncio.ensure_future(call_asgi(app, lambda message: asyncio.sleep(0)))
+    await running.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert done == []
+    assert skipped(telemetry) == {("step", "shutdown"): 1}
+    (held,) = telemetry.spans()
+    assert (
+        held.name
+        == "process test_tasks_cancelled_by_the_server_are_skipped_for_shutdown.<locals>.hold"
+    )
+    assert held.attributes["bgtasks.task.outcome"] == "failure"
+    assert active_executor().inflight == {}
 
 
 # -- the shutdown summary -------------------------------------------------------------------
