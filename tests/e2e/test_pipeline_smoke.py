@@ -98,6 +98,10 @@ def _record_contract_metrics(meter_provider: MeterProvider) -> None:
     )
     wait.record(0.01, task)
     meter.create_up_down_counter("bgtasks.task.active", unit="{task}").add(1, task)
+    meter.create_up_down_counter("bgtasks.task.pending", unit="{task}").add(3, task)
+    meter.create_counter("bgtasks.task.skipped", unit="{task}").add(
+        2, {**task, "bgtasks.skip.reason": "request_failed"}
+    )
     meter.create_counter("bgtasks.task.retries", unit="{retry}").add(
         2, {**task, "error.type": "ConnectionError"}
     )
@@ -188,6 +192,12 @@ def test_contract_metrics_reach_prometheus_with_their_names_and_labels(
             "1",
         ),
         ("bgtasks_dlq_depth", {}, "1"),
+        ("bgtasks_task_pending", {"bgtasks_task_name": TASK}, "3"),
+        (
+            "bgtasks_task_skipped_total",
+            {"bgtasks_task_name": TASK, "bgtasks_skip_reason": "request_failed"},
+            "2",
+        ),
     ]:
         (series,) = _series(stack, f"{name}{{{selector}}}")
         assert series["metric"].items() >= labels.items(), name
