@@ -15,10 +15,13 @@ Usage::
         timeout=30.0,
         dead_letter_store="sqlite:///var/lib/app/dlq.db",  # or a store; None disables
         durable=False,
+        dispatch="inline",                               # or "local": a bounded pool after
+        max_concurrency=64, drain_timeout=30.0,          # the response (otel_bgtasks.dispatch)
     )
 
 or, with no code change, ``opentelemetry-instrument uvicorn app:app`` (this package registers an
-``opentelemetry_instrumentor`` entry point).
+``opentelemetry_instrumentor`` entry point; ``OTEL_BGTASKS_DISPATCH`` and
+``OTEL_BGTASKS_MAX_CONCURRENCY`` set ``dispatch`` and ``max_concurrency`` when not passed).
 
 Every Starlette ``BackgroundTask`` is covered: ``BackgroundTasks.add_task`` in endpoints and
 dependencies, ``Response(background=...)``, async and sync functions, partials and callable
