@@ -221,6 +221,21 @@ def test_inline_keeps_starlettes_behaviour_the_request_includes_the_task(telemet
     assert request_duration_sum(telemetry, "/slow") >= task_seconds
 
 
+@pytest.mark.parametrize(("mode", "active_while_the_task_runs"), [("inline", 1), ("local", 0)])
+def test_active_requests_while_the_task_runs(
+    telemetry, instrument, mode, active_while_the_task_runs
+):
+    gate.__init__()
+    with serving(telemetry, instrument, dispatch=mode) as client:
+        assert client.get("/gate/1").status_code == 200  # the body came before the task
+        wait_until(lambda: gate.running == 1, what="the task to run")
+        (active,) = telemetry.points("http.server.active_requests")
+        assert active.value == active_while_the_task_runs
+        gate.release.set()
+        wait_for_tasks()
+    assert done == ["gate 1", "after 1"]
+
+
 # -- order and failure semantics: the same body in both modes -------------------------------
 
 
