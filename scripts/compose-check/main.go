@@ -140,18 +140,19 @@ func check(file string, profiles, envFiles []string) (*Report, []string) {
 	}
 	ctx := context.Background()
 	project, err := load(ctx, abs, profiles, envFiles, true)
-	warnings := dedupe(hook.messages)
 	var problems []string
 	if err != nil {
 		problems = append(problems, fmt.Sprintf("%s: %v", file, err))
+	}
+	for _, message := range dedupe(hook.messages) {
+		problems = append(problems, fmt.Sprintf("%s: the loader warns: %s", file, message))
+	}
+	if err != nil {
 		// The loader stops at its first error; load again without its consistency checks so
 		// the checks below can still name every dependency and mount problem.
 		if project, err = load(ctx, abs, profiles, envFiles, false); err != nil {
-			return nil, append(problems, warnings...)
+			return nil, problems
 		}
-	}
-	for _, message := range warnings {
-		problems = append(problems, fmt.Sprintf("%s: the loader warns: %s", file, message))
 	}
 
 	report := &Report{
