@@ -18,6 +18,7 @@ from otel_bgtasks import (
     ErrorCategory,
     Outcome,
     RetryPolicy,
+    SQLiteDeadLetterStore,
     background_task,
     schedule,
 )
@@ -284,3 +285,15 @@ async def test_harness_uninstruments_on_exit():
         bgtasks.task("send-mail").assert_linked_to_request()
     assert not BackgroundTasksInstrumentor().is_instrumented_by_opentelemetry
     assert not getattr(app, "_is_instrumented_by_opentelemetry", False)
+
+
+async def test_dead_letters_come_from_the_store_the_tasks_write_to(bgtasks, tmp_path):
+    sqlite = SQLiteDeadLetterStore(tmp_path / "dlq.db")
+    bgtasks.instrument(dead_letter_store=sqlite)
+    await post_signup(make_app(fail_on(resize_avatar, exc=ValueError("bad id"))))
+    entry = bgtasks.task("resize_avatar").assert_dead_lettered(DeadLetterReason.PERMANENT)
+    assert bgtasks.dead_letters() == sqlite.list() == [entry]
+    assert bgtasks.store.list() == []
+    bgtasks.instrument(dead_letter_store=None)
+    assert bgtasks.dead_letters() == []
+    sqlite.close()

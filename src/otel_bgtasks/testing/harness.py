@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from otel_bgtasks import BackgroundTasksInstrumentor, DeadLetter
+from otel_bgtasks import BackgroundTasksInstrumentor, DeadLetter, DeadLetterStore
 from otel_bgtasks.testing.runs import TaskRun, describe_runs
 from otel_bgtasks.testing.store import InMemoryDeadLetterStore
 
@@ -136,6 +136,7 @@ class BgTasks:
         self.meter_provider = MeterProvider(metric_readers=[self.metric_reader])
         self.instrumentor = BackgroundTasksInstrumentor()
         self._options = options
+        self._dead_letter_store: DeadLetterStore | None = self.store
         self._apps: list[Any] = []
         self._entered = False
 
@@ -179,6 +180,9 @@ class BgTasks:
             "dead_letter_store": self.store,
         }
         kwargs.update(options)
+        given = kwargs["dead_letter_store"]
+        # Runs and dead_letters() read the store the tasks write to (a URL's is not reachable).
+        self._dead_letter_store = given if isinstance(given, DeadLetterStore) else None
         self.instrumentor.instrument(**kwargs)
 
     def instrument(self, **options: Any) -> None:
@@ -273,7 +277,7 @@ class BgTasks:
     def runs(self, name: str | None = None) -> list[TaskRun]:
         """Finished task runs (of task `name`, when given), in the order they started."""
         spans = self.spans()
-        entries = {entry.id: entry for entry in self.store.list()}
+        entries = {entry.id: entry for entry in self.dead_letters()}
         tasks = sorted(
             (s for s in spans if _task_id(s) is not None), key=lambda s: s.start_time or 0
         )
@@ -312,8 +316,10 @@ class BgTasks:
             )
 
     def dead_letters(self, task: str | None = None) -> list[DeadLetter]:
-        """The dead letters in the test's store (of `task`, when given), oldest first."""
-        return self.store.list(task=task)
+        """The dead letters in the store tasks write to (of `task`, when given), oldest first:
+        the in-memory `store`, or the `DeadLetterStore` passed as ``dead_letter_store=``."""
+        store = self._dead_letter_store
+        return [] if store is None else store.list(task=task)
 
     def clear(self) -> None:
         """Forget the spans and dead letters recorded so far (metrics are cumulative)."""
