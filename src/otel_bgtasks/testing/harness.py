@@ -212,6 +212,8 @@ class BgTasks:
     def _done(self, names: Sequence[str]) -> bool:
         if self._tracker.pending():
             return False
+        if not names:
+            return True
         ran = {run.name for run in self.runs()}
         return all(name in ran for name in names)
 
