@@ -12,15 +12,14 @@ import time
 
 import structlog
 
-from otel_bgtasks import DeadLetter, DeadLetterReason, DeadLetterStore
-
-# The documented extension points for store backends (see `otel_bgtasks.stores`).
-from otel_bgtasks.deadletter import (
+from otel_bgtasks import (
     CorruptEntryError,
+    DeadLetter,
+    DeadLetterReason,
+    DeadLetterStore,
     JournalEntry,
-    decode_entry,
-    decode_journal,
 )
+from otel_bgtasks.records import decode_entry, decode_journal
 
 __all__ = ["InMemoryDeadLetterStore"]
 
