@@ -38,9 +38,8 @@ takes an instance): it receives a response's states in order and owns them from 
 each ends through `Executor.run` (here or in a worker), `Executor.skip` or `Executor.release`
 (published elsewhere). No executor change is needed for a new engine.
 
-Zero-code: `dispatch_from_env` reads ``OTEL_BGTASKS_DISPATCH`` (``inline`` | ``local``) and
-``OTEL_BGTASKS_MAX_CONCURRENCY`` (an integer >= 1) when ``instrument()`` is called without
-those keywords (the ``opentelemetry-instrument`` entry point).
+Zero-code: ``OTEL_BGTASKS_DISPATCH`` (``inline`` | ``local``), ``OTEL_BGTASKS_MAX_CONCURRENCY``
+and ``OTEL_BGTASKS_DRAIN_TIMEOUT`` set the keywords (`otel_bgtasks.environment`).
 """
 
 from __future__ import annotations
@@ -48,8 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -66,8 +64,6 @@ from otel_bgtasks.task import DISPATCH_MODES, DispatchMode
 __all__ = [
     "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_MAX_CONCURRENCY",
-    "DISPATCH_ENV",
-    "MAX_CONCURRENCY_ENV",
     "DispatchSeam",
     "Dispatcher",
     "LocalDispatcher",
@@ -75,11 +71,8 @@ __all__ = [
     "check_drain_timeout",
     "check_max_concurrency",
     "current_group",
-    "dispatch_from_env",
 ]
 
-DISPATCH_ENV = "OTEL_BGTASKS_DISPATCH"
-MAX_CONCURRENCY_ENV = "OTEL_BGTASKS_MAX_CONCURRENCY"
 DEFAULT_MAX_CONCURRENCY = 64
 DEFAULT_DRAIN_TIMEOUT = 30.0
 
@@ -153,39 +146,6 @@ def check_drain_timeout(value: object, where: str = "drain_timeout") -> float:
     ):
         raise ConfigurationError(f"{where}={value!r}: must be a finite number of seconds >= 0")
     return float(value)
-
-
-def dispatch_from_env(
-    environ: Mapping[str, str] | None = None,
-) -> tuple[DispatchMode | None, int | None]:
-    """``OTEL_BGTASKS_DISPATCH`` and ``OTEL_BGTASKS_MAX_CONCURRENCY``; None where unset or empty.
-
-    Raises:
-        ConfigurationError: a bad value; the message names the variable and the valid values.
-    """
-    env = os.environ if environ is None else environ
-    mode: DispatchMode | None = None
-    raw = env.get(DISPATCH_ENV, "").strip().lower()
-    if raw:
-        if raw not in DISPATCH_MODES:
-            raise ConfigurationError(
-                f"{DISPATCH_ENV}={env[DISPATCH_ENV]!r} is not valid; use one of"
-                f" {', '.join(DISPATCH_MODES)}"
-            )
-        mode = raw
-    limit: int | None = None
-    raw = env.get(MAX_CONCURRENCY_ENV, "").strip()
-    if raw:
-        try:
-            limit = int(raw)
-        except ValueError:
-            limit = 0
-        if limit < 1:
-            raise ConfigurationError(
-                f"{MAX_CONCURRENCY_ENV}={env[MAX_CONCURRENCY_ENV]!r} is not valid; use an"
-                " integer >= 1 (task groups run at once per process)"
-            )
-    return mode, limit
 
 
 class _Pool:

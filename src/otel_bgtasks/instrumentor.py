@@ -37,7 +37,6 @@ instrumented first.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable, Collection
 from typing import Any, TypedDict, Unpack
 
@@ -63,14 +62,14 @@ from otel_bgtasks.dispatch import (
     DEFAULT_MAX_CONCURRENCY,
     Dispatcher,
     DispatchSeam,
-    dispatch_from_env,
 )
+from otel_bgtasks.environment import options_from_env
 from otel_bgtasks.errors import ErrorClassifier, classify_error
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.package import _instruments
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
-from otel_bgtasks.stores import DLQ_URL_ENV, open_store
+from otel_bgtasks.stores import open_store
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.task import DispatchMode
 
@@ -137,7 +136,7 @@ def _store(given: Any) -> DeadLetterStore | None:
     if given is None:
         return None
     if given is _ABSENT:
-        given = os.environ.get(DLQ_URL_ENV) or DEFAULT_STORE_URL
+        given = DEFAULT_STORE_URL
     if isinstance(given, str):
         return open_store(given)
     if not isinstance(given, DeadLetterStore):
@@ -219,12 +218,12 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         _check_keywords(kwargs)  # also when BaseInstrumentor is called directly
-        options: InstrumentOptions = kwargs  # type: ignore[assignment]
+        # OTEL_BGTASKS_* variables (how opentelemetry-instrument configures us); code wins.
+        options: InstrumentOptions = {**options_from_env(), **kwargs}  # type: ignore[typeddict-item]
         trace_mode = options.get("trace_mode", "link")
         check_trace_mode(trace_mode)  # before a store is opened
-        env_dispatch, env_limit = dispatch_from_env()  # keywords win over the variables
-        dispatch = options.get("dispatch", env_dispatch or "inline")
-        max_concurrency = options.get("max_concurrency", env_limit or DEFAULT_MAX_CONCURRENCY)
+        dispatch = options.get("dispatch", "inline")
+        max_concurrency = options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
         drain_timeout = options.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
         tracer = trace.get_tracer(
             _SCOPE,

@@ -20,12 +20,8 @@ from starlette.requests import ClientDisconnect
 
 from otel_bgtasks import BackgroundTasksInstrumentor, background_task
 from otel_bgtasks._execution import Executor, active_executor
-from otel_bgtasks.dispatch import (
-    DISPATCH_ENV,
-    MAX_CONCURRENCY_ENV,
-    Dispatcher,
-    dispatch_from_env,
-)
+from otel_bgtasks.dispatch import Dispatcher
+from otel_bgtasks.environment import options_from_env
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.state import TaskCallState
 
@@ -33,6 +29,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)  # Starlette 1.10 wants httpx2
     from fastapi.testclient import TestClient
 
+DISPATCH_ENV = "OTEL_BGTASKS_DISPATCH"
+MAX_CONCURRENCY_ENV = "OTEL_BGTASKS_MAX_CONCURRENCY"
 done: list[str] = []
 
 
@@ -62,20 +60,20 @@ def app_with(*funcs) -> FastAPI:
 
 
 def test_environment_variables_are_read_and_checked():
-    assert dispatch_from_env({}) == (None, None)
-    assert dispatch_from_env({DISPATCH_ENV: " Local ", MAX_CONCURRENCY_ENV: "4"}) == ("local", 4)
-    assert dispatch_from_env({DISPATCH_ENV: "", MAX_CONCURRENCY_ENV: ""}) == (None, None)
+    assert options_from_env(
+        {DISPATCH_ENV: " Local ", MAX_CONCURRENCY_ENV: "4", "OTEL_BGTASKS_DRAIN_TIMEOUT": "2.5"}
+    ) == {"dispatch": "local", "max_concurrency": 4, "drain_timeout": 2.5}
+    assert options_from_env({DISPATCH_ENV: "", MAX_CONCURRENCY_ENV: ""}) == {}
     with pytest.raises(ConfigurationError) as bad_mode:
-        dispatch_from_env({DISPATCH_ENV: "celery"})
+        options_from_env({DISPATCH_ENV: "celery"})
     assert str(bad_mode.value) == (
-        "OTEL_BGTASKS_DISPATCH='celery' is not valid; use one of inline, local"
+        "OTEL_BGTASKS_DISPATCH='celery' is not valid; expected inline or local"
     )
     for value in ("0", "-1", "two", "1.5"):
         with pytest.raises(ConfigurationError) as bad_limit:
-            dispatch_from_env({MAX_CONCURRENCY_ENV: value})
+            options_from_env({MAX_CONCURRENCY_ENV: value})
         assert str(bad_limit.value) == (
-            f"OTEL_BGTASKS_MAX_CONCURRENCY={value!r} is not valid; use an integer >= 1"
-            " (task groups run at once per process)"
+            f"OTEL_BGTASKS_MAX_CONCURRENCY={value!r} is not valid; expected an integer >= 1"
         )
 
 
