@@ -87,9 +87,33 @@ class FlakyStore(DeadLetterStore):
         self._check("last_seen")
         return self.inner.last_seen()
 
-    def forget_owner(self, owner: str) -> None:
+    def forget_owner(self, owner: str, *, seen_before: float | None = None) -> None:
         self._check("forget_owner")
-        self.inner.forget_owner(owner)
+        self.inner.forget_owner(owner, seen_before=seen_before)
+
+    def claim(self, entry_id: str, owner: str, **kwargs: Any) -> DeadLetter | None:
+        self._check("claim")
+        return self.inner.claim(entry_id, owner, **kwargs)
+
+    def release(self, entry_id: str, owner: str, **kwargs: Any) -> bool:
+        self._check("release")
+        return self.inner.release(entry_id, owner, **kwargs)
+
+    def delete_claimed(self, entry_id: str, owner: str) -> bool:
+        self._check("delete_claimed")
+        return self.inner.delete_claimed(entry_id, owner)
+
+    def journal_claim(self, task_id: str, owner: str, **kwargs: Any) -> JournalEntry | None:
+        self._check("journal_claim")
+        return self.inner.journal_claim(task_id, owner, **kwargs)
+
+    def journal_release(self, task_id: str, owner: str) -> bool:
+        self._check("journal_release")
+        return self.inner.journal_release(task_id, owner)
+
+    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
+        self._check("journal_remove_claimed")
+        return self.inner.journal_remove_claimed(task_id, owner)
 
     def close(self) -> None:
         self.calls.append("close")
