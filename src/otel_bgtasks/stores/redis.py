@@ -10,9 +10,10 @@ Keys (``{prefix}`` defaults to ``bgtasks``):
   the lease of the replayer/recoverer working on the row;
 - ``{prefix}:heartbeats``: hash, owner -> last heartbeat (epoch seconds).
 
-Each write is one MULTI/EXEC transaction; claims are Lua scripts (atomic on the server). Connect and command timeouts are short (1 s by
-default) with a single immediate reconnect attempt, so an outage costs a task about a second
-at most; `open_store` adds the `BufferedStore` that keeps those writes until Redis is back.
+Each write is one MULTI/EXEC transaction; claims are Lua scripts (atomic on the server).
+Connect and command timeouts are short (1 s by default) with a single immediate reconnect
+attempt, so an outage costs a task about a second at most; `open_store` adds the
+`BufferedStore` that keeps those writes until Redis is back.
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ if ARGV[3] ~= '' then
   redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 end
 return 1
+"""
+
+# KEYS: heartbeats. ARGV: owner, seen_before.
+_FORGET = """
+local at = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+if at and at < tonumber(ARGV[2]) then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
 """
 
 # KEYS: entries, by_time, claims. ARGV: id, owner.
@@ -157,6 +165,7 @@ class RedisDeadLetterStore(DeadLetterStore):
         self._claim_script = self.client.register_script(_CLAIM)
         self._release_script = self.client.register_script(_RELEASE)
         self._delete_claimed_script = self.client.register_script(_DELETE_CLAIMED)
+        self._forget_script = self.client.register_script(_FORGET)
 
     def __repr__(self) -> str:
         kwargs = self.client.connection_pool.connection_kwargs
@@ -434,14 +443,5 @@ class RedisDeadLetterStore(DeadLetterStore):
             if seen_before is None:
                 r.hdel(self._heartbeats, owner)
                 return
-            with r.pipeline(transaction=True) as pipe:
-                try:  # WATCH: a heartbeat written meanwhile keeps the owner
-                    pipe.watch(self._heartbeats)
-                    at = pipe.hget(self._heartbeats, owner)
-                    if at is None or float(_text(at)) >= seen_before:
-                        return
-                    pipe.multi()
-                    pipe.hdel(self._heartbeats, owner)
-                    pipe.execute()
-                except redis.WatchError:
-                    return
+            # atomic: a heartbeat written meanwhile keeps the owner
+            self._forget_script(keys=[self._heartbeats], args=[owner, repr(seen_before)])
