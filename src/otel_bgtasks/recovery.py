@@ -37,7 +37,7 @@ from otel_bgtasks._ids import from_hex
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import decode_call
 from otel_bgtasks.errors import ConfigurationError, CorruptEntryError
-from otel_bgtasks.identity import process_identity
+from otel_bgtasks.identity import owner_is_dead, process_identity
 from otel_bgtasks.records import DeadLetter, JournalEntry
 from otel_bgtasks.replay import renewing, standalone_executor
 from otel_bgtasks.stores.base import DeadLetterStore
@@ -125,8 +125,9 @@ async def _recover(
                 group.create_task(one(journaled.task_id, owner))
         if not await call(store.journal_list, owner=owner):
             moment = time.time() if now is None else now
-            # an owner that heartbeat meanwhile is alive: keep its heartbeat
-            await call(store.forget_owner, owner, seen_before=moment - stale_after)
+            # judged by heartbeat age: if it heartbeat meanwhile it is alive, keep its heartbeat
+            seen_before = None if owner_is_dead(owner) else moment - stale_after
+            await call(store.forget_owner, owner, seen_before=seen_before)
     return owners
 
 

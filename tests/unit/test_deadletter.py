@@ -354,8 +354,35 @@ def test_process_identity_is_stable_and_parsable() -> None:
     assert me == process_identity()
     host, pid, token = me.split(":")
     assert (host, int(pid)) == (socket.gethostname(), os.getpid())
-    assert len(token) == 12
+    boot, pidns, start, rand = token.split(".")
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert boot == f.read().strip().replace("-", "")[:16]
+    assert pidns == os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    assert start.isdigit() and len(rand) == 12
     assert owner_is_dead(me) is False
+
+
+def _identity_of(pid: int, *, pidns: str | None = None, start: str | None = None) -> str:
+    """The identity a process `pid` would have, with some of its token's parts replaced."""
+    mine = process_identity().rsplit(":", 1)[1].split(".")
+    with open(f"/proc/{pid}/stat") as f:
+        real_start = f.read().rpartition(")")[2].split()[19]
+    parts = [mine[0], pidns or mine[1], start or real_start, "0123456789ab"]
+    return f"{socket.gethostname()}:{pid}:{'.'.join(parts)}"
+
+
+def test_a_live_process_is_never_taken_for_dead() -> None:
+    parent = os.getppid()
+    assert owner_is_dead(_identity_of(parent)) is False
+    # same hostname, pid 1, another PID namespace (another container): only heartbeats tell
+    assert owner_is_dead(_identity_of(1, pidns="4026599999")) is False
+    assert owner_is_dead(_identity_of(os.getpid(), pidns="4026599999")) is False
+
+
+def test_a_reused_pid_is_not_its_former_owner() -> None:
+    # the parent's pid, but started at another time: the owner was an earlier process
+    assert owner_is_dead(_identity_of(os.getppid(), start="1")) is True
+    assert owner_is_dead(_identity_of(os.getpid(), start="1")) is True  # an earlier self
 
 
 def test_owner_is_dead() -> None:
