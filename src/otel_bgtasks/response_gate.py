@@ -57,7 +57,7 @@ async def wait_for_writes() -> None:
         future = pending.pop()
         try:
             await asyncio.wrap_future(future)
-        except Exception:  # noqa: S112 - logged where the write ran
+        except Exception:  # logged where the write ran
             continue
 
 

@@ -358,7 +358,8 @@ def test_process_identity_is_stable_and_parsable() -> None:
     with open("/proc/sys/kernel/random/boot_id") as f:
         assert boot == f.read().strip().replace("-", "")[:16]
     assert pidns == os.readlink("/proc/self/ns/pid").strip("pid:[]")
-    assert start.isdigit() and len(rand) == 12
+    assert start.isdigit()
+    assert len(rand) == 12
     assert owner_is_dead(me) is False
 
 
