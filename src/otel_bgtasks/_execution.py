@@ -189,6 +189,7 @@ class Executor:
             self.instruments.add_depth_source(self._observe_depth)
             if hasattr(dead_letter_store, "write_errors"):  # a BufferedStore
                 self.instruments.add_write_error_source(self._observe_write_errors)
+                self.instruments.add_dropped_source(self._observe_dropped)
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -333,10 +334,22 @@ class Executor:
             to_state=after.label,
         )
 
-    def close(self) -> None:
-        """Detach from breakers and report tasks that never finished (never silently)."""
+    def flush_store(self) -> None:
+        """At shutdown: let the journal's queued writes finish, then flush the store's buffer
+        within a bounded time, logging whole what it could not write (never silently)."""
         if self.journal is not None:
             self.journal.close()
+        flush = getattr(self.store, "flush_or_log", None)  # a BufferedStore
+        if flush is not None:
+            try:
+                flush()
+            except Exception:  # shutdown goes on; the buffer logs what it holds
+                _log.exception("dead-letter buffer flush at shutdown failed")
+
+    def close(self) -> None:
+        """Detach from breakers, flush the store's buffer and report tasks that never
+        finished (never silently)."""
+        self.flush_store()
         for breaker in self.breakers.values():
             if self._on_transition in breaker.listeners:
                 breaker.listeners.remove(self._on_transition)
@@ -616,6 +629,9 @@ class Executor:
 
     def _observe_write_errors(self) -> list[Observation]:
         return [Observation(getattr(self.store, "write_errors", 0))]
+
+    def _observe_dropped(self) -> list[Observation]:
+        return [Observation(getattr(self.store, "dropped", 0))]
 
     def _observe_depth(self) -> list[Observation]:
         store = self.store
