@@ -304,7 +304,8 @@ class Executor:
                     if self._on_transition not in breaker.listeners:
                         breaker.listeners.append(self._on_transition)
                     self.breakers[key] = breaker
-                    self.instruments.circuit_state.set(int(breaker.state), {attr.CIRCUIT_NAME: key})
+                    state = breaker.last_state if breaker.blocking else breaker.state
+                    self.instruments.circuit_state.set(int(state), {attr.CIRCUIT_NAME: key})
         return breaker
 
     def _on_transition(self, name: str, before: CircuitState, after: CircuitState) -> None:
@@ -490,7 +491,14 @@ class Executor:
         timeout: float | None,
         inline: bool,
     ) -> None:
-        if breaker is not None and not breaker.allow():
+        allowed = True
+        if breaker is not None:
+            allowed = await breaker.allow_async()
+            if breaker.blocking:  # shared state: another replica may have changed it
+                self.instruments.circuit_state.set(
+                    int(breaker.last_state), {attr.CIRCUIT_NAME: breaker.key}
+                )
+        if breaker is not None and not allowed:
             if span.is_recording():
                 span.add_event(attr.EVENT_CIRCUIT_REJECTED, {attr.CIRCUIT_NAME: breaker.key})
             raise CircuitOpenError(
@@ -504,12 +512,12 @@ class Executor:
                 await self._invoke(state, inline)
         except Exception as exc:
             if breaker is not None and self.classify(exc) not in _NOT_BREAKER_FAILURES:
-                breaker.record_failure()
+                await breaker.record_failure_async()
             elif breaker is not None:
-                breaker.record_success()  # the downstream answered; the input was bad
+                await breaker.record_success_async()  # the downstream answered; the input was bad
             raise
         if breaker is not None:
-            breaker.record_success()
+            await breaker.record_success_async()
 
     async def _invoke_with_timeout(
         self, state: TaskCallState, span: Span, timeout: float, inline: bool

@@ -15,6 +15,7 @@ using one Redis opens and closes together.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -148,8 +149,12 @@ class RedisCircuitBackend:
     """Snapshots in Redis, changed with WATCH/MULTI so replicas share one breaker.
 
     When Redis cannot be reached the breaker falls back to this process's memory (logged),
-    so a Redis outage never stops tasks from running.
+    so a Redis outage never stops tasks from running. Its calls block on the network
+    (`blocking`): from async code the executor makes them in a worker thread, never on the
+    event loop.
     """
+
+    blocking = True
 
     def __init__(self, client: Any, *, prefix: str = "bgtasks:circuit:") -> None:
         self._client = client
@@ -284,6 +289,7 @@ class CircuitBreaker:
         self.clock = clock
         self.backend: CircuitBackend = backend if backend is not None else MemoryCircuitBackend()
         self.listeners: list[TransitionListener] = []
+        self.last_state = CircuitState.CLOSED  # as last seen by this process, no store call
 
     def named(self, name: str) -> CircuitBreaker:
         """This breaker's settings under another name (how per-task breakers are made)."""
@@ -307,10 +313,31 @@ class CircuitBreaker:
         before, after, allowed = self.backend.apply(
             self.key, lambda snap: transition(snap, event, now, self.config)
         )
+        self.last_state = after.state
         if before.state is not after.state:
             for listener in self.listeners:
                 listener(self.key, before.state, after.state)
         return allowed
+
+    @property
+    def blocking(self) -> bool:
+        """Its backend makes network calls (Redis): run them off the event loop."""
+        return bool(getattr(self.backend, "blocking", False))
+
+    async def _apply_async(self, event: Event) -> bool:
+        if self.blocking:
+            return await asyncio.to_thread(self._apply, event)
+        return self._apply(event)
+
+    async def allow_async(self) -> bool:
+        """`allow`, off the event loop when the backend blocks."""
+        return await self._apply_async("allow")
+
+    async def record_success_async(self) -> None:
+        await self._apply_async("success")
+
+    async def record_failure_async(self) -> None:
+        await self._apply_async("failure")
 
     def allow(self) -> bool:
         """May a call run now? (While half open this reserves one probe.)"""

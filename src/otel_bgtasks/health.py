@@ -115,7 +115,11 @@ def bgtasks_router(
                 )
             except Exception:  # an unreachable or slow store is reported, not raised
                 depth = None
-        circuits = {name: b.state.label for name, b in executor.breakers.items()}
+        # a Redis-backed breaker's state as this process last saw it: no Redis call here
+        circuits = {
+            name: (b.last_state if b.blocking else b.state).label
+            for name, b in executor.breakers.items()
+        }
         failing = buffer is not None and bool(buffer["pending"] or buffer["store_down"])
         return {
             "status": "degraded" if failing or "open" in circuits.values() else "ok",
