@@ -17,7 +17,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
-__all__ = ["owner_is_dead", "process_identity"]
+__all__ = ["owner_is_alive", "owner_is_dead", "process_identity"]
 
 _identity_lock = threading.Lock()
 _identity: tuple[int, str] | None = None
@@ -127,3 +127,21 @@ def owner_is_dead(owner: str) -> bool:
         return True
     started = _start_time(pid)
     return bool(started) and started != theirs.start
+
+
+def owner_is_alive(owner: str) -> bool:
+    """True when `owner` surely is running: this process, or one on this machine (same
+    hostname, kernel boot and PID namespace) whose pid exists with the start time its identity
+    records. Such an owner is never recovered, however old its heartbeat."""
+    me = process_identity()
+    if owner == me:
+        return True
+    parsed = _parse_identity(owner)
+    if parsed is None or parsed[0] != socket.gethostname():
+        return False
+    _, pid, token = parsed
+    theirs = _Token.parse(token)
+    mine = _Token.parse(me.rsplit(":", 1)[1])
+    if theirs is None or mine is None or (theirs.boot, theirs.pidns) != (mine.boot, mine.pidns):
+        return False
+    return pid != os.getpid() and _pid_alive(pid) and _start_time(pid) == theirs.start

@@ -25,7 +25,7 @@ from otel_bgtasks.calls import (
     resolve,
 )
 from otel_bgtasks.errors import SerializationError, TaskImportError
-from otel_bgtasks.identity import owner_is_dead, process_identity
+from otel_bgtasks.identity import owner_is_alive, owner_is_dead, process_identity
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
 from otel_bgtasks.replay import DeadLetters, ReplayOutcome, ReplayResult
 from otel_bgtasks.stores import SQLiteDeadLetterStore
@@ -375,6 +375,10 @@ def _identity_of(pid: int, *, pidns: str | None = None, start: str | None = None
 def test_a_live_process_is_never_taken_for_dead() -> None:
     parent = os.getppid()
     assert owner_is_dead(_identity_of(parent)) is False
+    assert owner_is_alive(_identity_of(parent)) is True
+    assert owner_is_alive(_identity_of(parent, start="1")) is False
+    assert owner_is_alive(_identity_of(1, pidns="4026599999")) is False  # cannot tell
+    assert owner_is_alive(process_identity()) is True
     # same hostname, pid 1, another PID namespace (another container): only heartbeats tell
     assert owner_is_dead(_identity_of(1, pidns="4026599999")) is False
     assert owner_is_dead(_identity_of(os.getpid(), pidns="4026599999")) is False

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
 
-from otel_bgtasks.identity import owner_is_dead, process_identity
+from otel_bgtasks.identity import owner_is_alive, owner_is_dead, process_identity
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
 
 __all__ = ["DeadLetterStore"]
@@ -160,14 +160,18 @@ class DeadLetterStore(ABC):
         `seen_before`, only if its last heartbeat is older than that (it did not come back)."""
 
     def dead_owners(self, stale_after: float, *, now: float | None = None) -> builtins.list[str]:
-        """Owners whose last sign of life is older than `stale_after` seconds, or on this host
-        whose process is gone (`owner_is_dead`). This process is never listed."""
+        """Owners whose last sign of life (heartbeat or newest journal row) is older than
+        `stale_after` seconds, or on this host whose process is gone (`owner_is_dead`). This
+        process, and a process on this machine known to be running (`owner_is_alive`), are
+        never listed, however old their heartbeat."""
         moment = time.time() if now is None else now
         me = process_identity()
         dead = [
             owner
             for owner, seen in self.last_seen().items()
-            if owner != me and (moment - seen > stale_after or owner_is_dead(owner))
+            if owner != me
+            and (moment - seen > stale_after or owner_is_dead(owner))
+            and not owner_is_alive(owner)
         ]
         return sorted(dead)
 
