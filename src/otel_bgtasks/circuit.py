@@ -149,17 +149,25 @@ class RedisCircuitBackend:
     """Snapshots in Redis, changed with WATCH/MULTI so replicas share one breaker.
 
     When Redis cannot be reached the breaker falls back to this process's memory (logged),
-    so a Redis outage never stops tasks from running. Its calls block on the network
-    (`blocking`): from async code the executor makes them in a worker thread, never on the
-    event loop.
+    so a Redis outage never stops tasks from running; for `retry_after` seconds after a
+    failure Redis is not even tried (a black-holed Redis costs one timeout per interval, not
+    one per task). Its calls block on the network (`blocking`): from async code the executor
+    makes them in a worker thread, never on the event loop.
     """
 
     blocking = True
 
-    def __init__(self, client: Any, *, prefix: str = "bgtasks:circuit:") -> None:
+    def __init__(
+        self, client: Any, *, prefix: str = "bgtasks:circuit:", retry_after: float = 5.0
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._fallback = MemoryCircuitBackend()
+        self.retry_after = retry_after
+        self._down_until = float("-inf")
+
+    def _is_down(self) -> bool:
+        return time.monotonic() < self._down_until
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisCircuitBackend:
@@ -203,6 +211,8 @@ class RedisCircuitBackend:
     ) -> tuple[CircuitSnapshot, CircuitSnapshot, bool]:
         import redis
 
+        if self._is_down():
+            return self._fallback.apply(name, change)
         key = self._prefix + name
         try:
             with self._client.pipeline() as pipe:
@@ -221,17 +231,24 @@ class RedisCircuitBackend:
                     except redis.WatchError:
                         continue  # another replica changed it: recompute from its state
         except redis.RedisError as exc:
+            self._down_until = time.monotonic() + self.retry_after
             _log.error(
-                "circuit state backend unreachable, using local state", circuit=name, error=str(exc)
+                "circuit state backend unreachable, using local state",
+                circuit=name,
+                error=str(exc),
+                retry_after=self.retry_after,
             )
             return self._fallback.apply(name, change)
 
     def get(self, name: str) -> CircuitSnapshot:
         import redis
 
+        if self._is_down():
+            return self._fallback.get(name)
         try:
             return self._decode(self._client.get(self._prefix + name))
         except redis.RedisError:
+            self._down_until = time.monotonic() + self.retry_after
             return self._fallback.get(name)
 
 

@@ -388,6 +388,7 @@ class StoreContract:
         assert store.last_seen() == {"h:1:a": T0 + 10}
         store.forget_owner("h:1:a", seen_before=T0 + 11)
         assert store.last_seen() == {}
+        store.forget_owner("nobody", seen_before=T0)  # unknown owners are fine
 
 
 def _json(data: dict[str, Any]) -> str:
