@@ -165,9 +165,24 @@ class RedisCircuitBackend:
         self._fallback = MemoryCircuitBackend()
         self.retry_after = retry_after
         self._down_until = float("-inf")
+        self._probing = False
+        self._health_lock = threading.Lock()
 
     def _is_down(self) -> bool:
-        return time.monotonic() < self._down_until
+        """True while Redis is left alone: inside the interval after a failure, and after it
+        while another call is the one probing Redis (one call waits on a dead Redis, not all)."""
+        with self._health_lock:
+            if self._down_until == float("-inf"):
+                return False
+            if time.monotonic() < self._down_until or self._probing:
+                return True
+            self._probing = True
+            return False
+
+    def _mark(self, ok: bool) -> None:
+        with self._health_lock:
+            self._probing = False
+            self._down_until = float("-inf") if ok else time.monotonic() + self.retry_after
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisCircuitBackend:
@@ -223,15 +238,17 @@ class RedisCircuitBackend:
                         after, allowed = change(before)
                         if after == before:
                             pipe.unwatch()
+                            self._mark(True)
                             return before, after, allowed
                         pipe.multi()
                         pipe.set(key, self._encode(after))
                         pipe.execute()
+                        self._mark(True)
                         return before, after, allowed
                     except redis.WatchError:
                         continue  # another replica changed it: recompute from its state
         except redis.RedisError as exc:
-            self._down_until = time.monotonic() + self.retry_after
+            self._mark(False)
             _log.error(
                 "circuit state backend unreachable, using local state",
                 circuit=name,
@@ -239,6 +256,9 @@ class RedisCircuitBackend:
                 retry_after=self.retry_after,
             )
             return self._fallback.apply(name, change)
+        except BaseException:  # a broken stored snapshot: never leave the probe taken
+            self._mark(False)
+            raise
 
     def get(self, name: str) -> CircuitSnapshot:
         import redis
@@ -246,10 +266,15 @@ class RedisCircuitBackend:
         if self._is_down():
             return self._fallback.get(name)
         try:
-            return self._decode(self._client.get(self._prefix + name))
+            snap = self._decode(self._client.get(self._prefix + name))
         except redis.RedisError:
-            self._down_until = time.monotonic() + self.retry_after
+            self._mark(False)
             return self._fallback.get(name)
+        except BaseException:
+            self._mark(False)
+            raise
+        self._mark(True)
+        return snap
 
 
 def _check_count(label: str, value: object) -> None:
