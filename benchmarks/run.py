@@ -7,6 +7,7 @@
     python benchmarks/run.py --only contract_parts   # opt-in: what each contract part costs
     python benchmarks/run.py --only backend_soak     # opt-in: RSS over 60 s, backend down
     python benchmarks/run.py --only drop_path        # opt-in: the SDK's full-queue cost
+    python benchmarks/run.py --only store_stall      # opt-in: /ping p99 while the store stalls
 
 Every figure is a ratio against a baseline measured in the same run (see benchmarks/README.md).
 The results of the benchmarks that ran replace their entries in latest.json; the others stay.
@@ -40,6 +41,7 @@ from benchmarks import (  # noqa: E402 - after the sys.path fix above
     memory,
     per_task,
     replay,
+    store_stall,
 )
 from benchmarks._common import RESULTS_DIR, run_worker  # noqa: E402
 
@@ -56,6 +58,7 @@ EXTRA: dict[str, Any] = {
     "contract_parts": contract_parts,
     "backend_soak": backend_soak,
     "drop_path": drop_path,
+    "store_stall": store_stall,
 }
 
 

@@ -33,8 +33,14 @@ from otel_bgtasks.instrumentor import (
 from otel_bgtasks.logs import TraceContextFilter, TraceContextProcessor, configure_structlog_json
 from otel_bgtasks.options import EffectiveOptions
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
-from otel_bgtasks.recovery import RecoveryReport, recover_interrupted_tasks
+from otel_bgtasks.recovery import (
+    RecoveryReport,
+    RecoveryTask,
+    recover_interrupted_tasks,
+    start_recovery,
+)
 from otel_bgtasks.replay import DeadLetters, ReplayReport, run_dead_letter
+from otel_bgtasks.response_gate import JournalGate
 from otel_bgtasks.retry import RetryPolicy, retry_if_category
 from otel_bgtasks.sampling import LinkAwareSampler
 from otel_bgtasks.state import TaskCallState
@@ -67,10 +73,12 @@ __all__ = [
     "InstrumentOptions",
     "JSONSerializer",
     "JournalEntry",
+    "JournalGate",
     "LinkAwareSampler",
     "NotReplayableError",
     "Outcome",
     "RecoveryReport",
+    "RecoveryTask",
     "RedisCircuitBackend",
     "RedisDeadLetterStore",
     "ReplayReport",
@@ -101,6 +109,7 @@ __all__ = [
     "retry_if_category",
     "run_dead_letter",
     "schedule",
+    "start_recovery",
 ]
 
 

@@ -187,6 +187,7 @@ class Executor:
             self.instruments.add_depth_source(self._observe_depth)
             if hasattr(dead_letter_store, "write_errors"):  # a BufferedStore
                 self.instruments.add_write_error_source(self._observe_write_errors)
+                self.instruments.add_dropped_source(self._observe_dropped)
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -325,7 +326,8 @@ class Executor:
                     if self._on_transition not in breaker.listeners:
                         breaker.listeners.append(self._on_transition)
                     self.breakers[key] = breaker
-                    self.instruments.circuit_state.set(int(breaker.state), {attr.CIRCUIT_NAME: key})
+                    state = breaker.last_state if breaker.blocking else breaker.state
+                    self.instruments.circuit_state.set(int(state), {attr.CIRCUIT_NAME: key})
         return breaker
 
     def _on_transition(self, name: str, before: CircuitState, after: CircuitState) -> None:
@@ -355,10 +357,22 @@ class Executor:
             to_state=after.label,
         )
 
-    def close(self) -> None:
-        """Detach from breakers and report tasks that never finished (never silently)."""
+    def flush_store(self) -> None:
+        """At shutdown: let the journal's queued writes finish, then flush the store's buffer
+        within a bounded time, logging whole what it could not write (never silently)."""
         if self.journal is not None:
             self.journal.close()
+        flush = getattr(self.store, "flush_or_log", None)  # a BufferedStore
+        if flush is not None:
+            try:
+                flush()
+            except Exception:  # shutdown goes on; the buffer logs what it holds
+                _log.exception("dead-letter buffer flush at shutdown failed")
+
+    def close(self) -> None:
+        """Detach from breakers, flush the store's buffer and report tasks that never
+        finished (never silently)."""
+        self.flush_store()
         for breaker in self.breakers.values():
             if self._on_transition in breaker.listeners:
                 breaker.listeners.remove(self._on_transition)
@@ -503,7 +517,14 @@ class Executor:
         timeout: float | None,
         inline: bool,
     ) -> None:
-        if breaker is not None and not breaker.allow():
+        allowed = True
+        if breaker is not None:
+            allowed = await breaker.allow_async()
+            if breaker.blocking:  # shared state: another replica may have changed it
+                self.instruments.circuit_state.set(
+                    int(breaker.last_state), {attr.CIRCUIT_NAME: breaker.key}
+                )
+        if breaker is not None and not allowed:
             if span.is_recording():
                 span.add_event(attr.EVENT_CIRCUIT_REJECTED, {attr.CIRCUIT_NAME: breaker.key})
             raise CircuitOpenError(
@@ -517,12 +538,12 @@ class Executor:
                 await self._invoke(state, inline)
         except Exception as exc:
             if breaker is not None and self.classify(exc) not in _NOT_BREAKER_FAILURES:
-                breaker.record_failure()
+                await breaker.record_failure_async()
             elif breaker is not None:
-                breaker.record_success()  # the downstream answered; the input was bad
+                await breaker.record_success_async()  # the downstream answered; the input was bad
             raise
         if breaker is not None:
-            breaker.record_success()
+            await breaker.record_success_async()
 
     async def _invoke_with_timeout(
         self, state: TaskCallState, span: Span, timeout: float, inline: bool
@@ -642,6 +663,9 @@ class Executor:
 
     def _observe_write_errors(self) -> list[Observation]:
         return [Observation(getattr(self.store, "write_errors", 0))]
+
+    def _observe_dropped(self) -> list[Observation]:
+        return [Observation(getattr(self.store, "dropped", 0))]
 
     def _observe_depth(self) -> list[Observation]:
         store = self.store

@@ -579,6 +579,7 @@ _STATUSES: tuple[ReplayStatus, ...] = (
     "error",
     "missing",
     "corrupt",
+    "claimed",
 )
 
 

@@ -101,6 +101,13 @@ class Instruments:
             unit="{write}",
             description="Dead-letter or journal writes that failed when submitted (kept in memory)",
         )
+        self._dropped_sources: list[DepthSource] = []
+        meter.create_observable_counter(
+            "bgtasks.dlq.dropped",
+            callbacks=[self._observe_dropped],
+            unit="{entry}",
+            description="Buffered dead-letter or journal writes never stored (logged whole)",
+        )
         meter.create_observable_gauge(
             "bgtasks.dlq.depth",
             callbacks=[self._observe_depth],
@@ -151,6 +158,17 @@ class Instruments:
         """Report a store's failed writes through `bgtasks.dlq.write_errors`."""
         with self._lock:
             self._write_error_sources.append(source)
+
+    def add_dropped_source(self, source: DepthSource) -> None:
+        """Report a store's dropped buffered writes through `bgtasks.dlq.dropped`."""
+        with self._lock:
+            self._dropped_sources.append(source)
+
+    def _observe_dropped(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            sources = list(self._dropped_sources)
+        for source in sources:
+            yield from source()
 
     def _observe_write_errors(self, options: CallbackOptions) -> Iterable[Observation]:
         with self._lock:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 import traceback as _traceback
 import uuid
@@ -267,6 +268,19 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+_MIN_TIMESTAMP = -62_135_596_800.0  # 0001-01-01T00:00:00Z
+_MAX_TIMESTAMP = 253_402_300_799.0  # 9999-12-31T23:59:59Z: the last one datetime can show
+
+
+def _timestamp(name: str, value: float) -> float:
+    """Every float field is an epoch timestamp: NaN, infinities and values no date can show
+    (1e300) make the row corrupt rather than crash whoever displays it."""
+    number = float(value)
+    if not math.isfinite(number) or not _MIN_TIMESTAMP <= number <= _MAX_TIMESTAMP:
+        raise ValueError(f"field {name!r} is not a valid timestamp: {value!r}")
+    return number
+
+
 def _decode_fields(
     cls: type[Any], data: Mapping[str, Any], converters: dict[str, Callable[[Any], Any]]
 ) -> dict[str, Any]:
@@ -287,7 +301,7 @@ def _decode_fields(
             if allowed and (not isinstance(value, allowed) or isinstance(value, bool)):
                 raise ValueError(f"field {f.name!r} must be {f.type}, got {type(value).__name__}")
             if str(f.type) == "float":
-                value = float(value)
+                value = _timestamp(f.name, value)
         out[f.name] = value
     return out
 

@@ -7,6 +7,7 @@ and the replay links are those the package produced itself.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from tests.integration.apps import tasks
 from otel_bgtasks import CircuitBreaker
 from otel_bgtasks.health import bearer_token_auth, bgtasks_router
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
+from otel_bgtasks.stores import BufferedStore
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 
@@ -134,6 +136,7 @@ def test_health_reports_running_pending_failures_and_depth(serve):
         "recent_failures": [],
         "circuits": {},
         "dead_letter_depth": 0,
+        "dead_letter_buffer": None,
     }
 
     served.hit("/fail")
@@ -157,6 +160,7 @@ def test_health_reports_running_pending_failures_and_depth(serve):
         "oldest_running_seconds": 0.0,
         "circuits": {},
         "dead_letter_depth": 1,
+        "dead_letter_buffer": None,
     }
 
     assert served.client.get("/hold").status_code == 200
@@ -348,3 +352,38 @@ def test_replay_of_a_task_that_can_no_longer_be_imported_keeps_the_entry(serve):
     )
     assert [e.id for e in served.store.list()] == [gone.id]
     assert [s.name for s in served.telemetry.spans() if "vanished" in s.name] == []
+
+
+def test_health_is_degraded_with_the_buffer_while_the_store_is_locked(
+    tmp_path, telemetry, instrument
+):
+    """Another process holds SQLite's write lock: the dead letter waits in memory, health
+    says so at once (never waiting on the store), then drains in the background."""
+    tasks.reset()
+    path = tmp_path / "dlq.db"
+    store = BufferedStore(SQLiteDeadLetterStore(path, timeout=0.2), retry_after=0.2)
+    instrument(dead_letter_store=store)
+    server = UvicornThread(build_app())
+    server.start()
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        served = Served(server.client(), store, telemetry)
+        locker.execute("BEGIN EXCLUSIVE")
+        served.hit("/fail")
+        health = served.health()
+        buffer = health["dead_letter_buffer"]
+        assert buffer.pop("pending_bytes") > 0
+        assert buffer.pop("last_error").startswith("StoreUnavailableError(")
+        assert (health["status"], health["dead_letter_depth"], buffer) == (
+            "degraded",
+            None,
+            {"pending": 1, "dropped": 0, "write_errors": 1, "store_down": True},
+        )
+        locker.execute("ROLLBACK")
+        wait_until(lambda: store.pending == 0, what="the buffer to drain by itself")
+        health = served.health()
+        assert (health["status"], health["dead_letter_depth"]) == ("ok", 1)
+    finally:
+        locker.close()
+        server.stop()
+        store.close()

@@ -177,6 +177,31 @@ def test_list_reports_corrupt_rows_on_stderr(
     assert run(capsys, "--store", url, "dlq", "list", "--json")[2] == ""
 
 
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "1e300"])
+def test_a_row_with_an_impossible_timestamp_is_corrupt_not_a_crash(
+    capsys: pytest.CaptureFixture[str], url: str, db: Path, entries: list[DeadLetter], bad: str
+) -> None:
+    fields = entries[1].to_dict()
+    fields["last_failure"] = float(bad.lower() if "e" in bad else bad)
+    data = json.dumps(fields)  # Python writes NaN and Infinity as bare words
+    assert bad in data or "1e+300" in data
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE dead_letters SET data = ? WHERE id = ?", (data, entries[1].id))
+    conn.close()
+    code, out, err = run(capsys, "--store", url, "dlq", "list", "--json")
+    assert code == 0
+    assert "NaN" not in out
+    assert "Infinity" not in out
+    assert [e["id"] for e in json.loads(out)] == [entries[0].id, entries[2].id]
+    assert f"warning: 1 corrupt entry skipped: {entries[1].id}" in err
+    code, out, err = run(capsys, "--store", url, "dlq", "list")
+    assert code == 0
+    assert "Traceback" not in out + err
+    code, _, err = run(capsys, "--store", url, "dlq", "show", entries[1].id)
+    assert code == 2
+    assert "is not a valid timestamp" in err
+
+
 # -- show / delete --------------------------------------------------------------------------------
 
 

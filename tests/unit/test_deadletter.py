@@ -25,7 +25,7 @@ from otel_bgtasks.calls import (
     resolve,
 )
 from otel_bgtasks.errors import SerializationError, TaskImportError
-from otel_bgtasks.identity import owner_is_dead, process_identity
+from otel_bgtasks.identity import owner_is_alive, owner_is_dead, process_identity
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
 from otel_bgtasks.replay import DeadLetters, ReplayOutcome, ReplayResult
 from otel_bgtasks.stores import SQLiteDeadLetterStore
@@ -354,8 +354,40 @@ def test_process_identity_is_stable_and_parsable() -> None:
     assert me == process_identity()
     host, pid, token = me.split(":")
     assert (host, int(pid)) == (socket.gethostname(), os.getpid())
-    assert len(token) == 12
+    boot, pidns, start, rand = token.split(".")
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert boot == f.read().strip().replace("-", "")[:16]
+    assert pidns == os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    assert start.isdigit()
+    assert len(rand) == 12
     assert owner_is_dead(me) is False
+
+
+def _identity_of(pid: int, *, pidns: str | None = None, start: str | None = None) -> str:
+    """The identity a process `pid` would have, with some of its token's parts replaced."""
+    mine = process_identity().rsplit(":", 1)[1].split(".")
+    with open(f"/proc/{pid}/stat") as f:
+        real_start = f.read().rpartition(")")[2].split()[19]
+    parts = [mine[0], pidns or mine[1], start or real_start, "0123456789ab"]
+    return f"{socket.gethostname()}:{pid}:{'.'.join(parts)}"
+
+
+def test_a_live_process_is_never_taken_for_dead() -> None:
+    parent = os.getppid()
+    assert owner_is_dead(_identity_of(parent)) is False
+    assert owner_is_alive(_identity_of(parent)) is True
+    assert owner_is_alive(_identity_of(parent, start="1")) is False
+    assert owner_is_alive(_identity_of(1, pidns="4026599999")) is False  # cannot tell
+    assert owner_is_alive(process_identity()) is True
+    # same hostname, pid 1, another PID namespace (another container): only heartbeats tell
+    assert owner_is_dead(_identity_of(1, pidns="4026599999")) is False
+    assert owner_is_dead(_identity_of(os.getpid(), pidns="4026599999")) is False
+
+
+def test_a_reused_pid_is_not_its_former_owner() -> None:
+    # the parent's pid, but started at another time: the owner was an earlier process
+    assert owner_is_dead(_identity_of(os.getppid(), start="1")) is True
+    assert owner_is_dead(_identity_of(os.getpid(), start="1")) is True  # an earlier self
 
 
 def test_owner_is_dead() -> None:
