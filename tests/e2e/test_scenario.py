@@ -214,6 +214,16 @@ def replicas_reporting(stack: TelemetryStack, job: str) -> Values:
     return keyed(stack.prometheus.query(f'bgtasks_dlq_depth{{job="{job}"}}'), ("instance",))
 
 
+def wait_for_depth(stack: TelemetryStack, job: str, depth: int) -> None:
+    """Wait until every replica has reported ``depth`` entries in the shared store."""
+
+    def reported() -> bool:
+        reports = replicas_reporting(stack, job)
+        return len(reports) == REPLICAS and set(reports.values()) == {depth}
+
+    eventually(reported, message=f"every replica reports {depth} dead letters")
+
+
 def contract_values(stack: TelemetryStack, job: str) -> dict[str, Values]:
     return {metric: values(stack, metric, job) for metric in CONTRACT}
 
@@ -443,11 +453,7 @@ def _drive(run: Scenario) -> None:
     run.open_phase = contract_values(stack, job)
 
     # The rules must see the depth reported by both replicas.
-    def depth_from_every_replica() -> bool:
-        reports = replicas_reporting(stack, job)
-        return len(reports) == REPLICAS and set(reports.values()) == {DEAD_LETTERS}
-
-    eventually(depth_from_every_replica, message=f"both replicas report {DEAD_LETTERS} entries")
+    wait_for_depth(stack, job, DEAD_LETTERS)
     run.open_phase_rules = rule_values(stack, job)
     run.fired = {name: _wait_for_alert(run, name) for name in ALERTS}
 
@@ -467,6 +473,8 @@ def _drive(run: Scenario) -> None:
         ),
         message="every replay counted in Prometheus",
     )
+    # The peer exports the store's new depth on its own schedule.
+    wait_for_depth(stack, job, int(FINAL["bgtasks_dlq_depth"][()]))
 
 
 def rule_exprs() -> dict[str, str]:
