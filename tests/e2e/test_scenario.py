@@ -421,8 +421,17 @@ def _drive(run: Scenario) -> None:
     run.hit("/sync", N_SYNC, peer)
     run.hit("/flaky", N_FLAKY, peer)
     run.hit("/fail", client=peer)
-    # A burst of failed requests: their tasks never run and are counted as skipped.
-    for _ in range(N_FAILED_REQUESTS):
+    # A burst of failed requests: their tasks never run and are counted as skipped. The first
+    # one on its own, exported before the others, so the counter grows inside Prometheus on
+    # both paths (a series first seen at its final value is invisible to increase()).
+    assert run.client.get("/signup-fails").status_code == 503
+    skip_labels = ("bgtasks_task_name", "bgtasks_skip_reason")
+    eventually(
+        lambda: values(stack, "bgtasks_task_skipped_total", job, skip_labels)
+        == {("send-welcome-email", "request_failed"): 1},
+        message="Prometheus shows the first skipped task",
+    )
+    for _ in range(N_FAILED_REQUESTS - 1):
         assert run.client.get("/signup-fails").status_code == 503
     run.settle()
 
@@ -496,6 +505,8 @@ RULE_SUBJECT = {
     "BgTaskDurationP95High": "bgtasks_task_name",
     "BgTaskStuck": "bgtasks_task_name",
     "BgTaskTelemetryMissing": "instance",
+    "BgTaskBacklog": "bgtasks_task_name",
+    "BgTaskSkipped": "bgtasks_task_name",
 }
 
 
@@ -825,6 +836,8 @@ def test_every_alert_rule_gives_the_scenario_figures_while_the_circuit_is_open(
 ) -> None:
     rules = dict(scenario.open_phase_rules)
     dead_letters = rules.pop("BgTaskDeadLettersAccumulating")
+    # The failed-request burst's skips, within the rule's 10 minutes (an extrapolated increase).
+    assert set(rules.pop("BgTaskSkipped")) == {("send-welcome-email",)}
 
     assert rules == {
         # Every charge-card run failed; import_contacts's one failure never grew (rate 0/0).
@@ -833,6 +846,7 @@ def test_every_alert_rule_gives_the_scenario_figures_while_the_circuit_is_open(
         "BgTaskDurationP95High": {},
         "BgTaskStuck": {},
         "BgTaskTelemetryMissing": {},
+        "BgTaskBacklog": {},
     }
     # The moves of charge-card grew; the store's depth grew, reported once for both replicas.
     assert set(dead_letters) == {("charge-card",), ("",)}
