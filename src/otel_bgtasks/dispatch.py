@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -58,6 +59,7 @@ from starlette.applications import Starlette
 from otel_bgtasks._execution import Executor
 from otel_bgtasks.attributes import SkipReason
 from otel_bgtasks.errors import ConfigurationError
+from otel_bgtasks.response_gate import gate_active, gated
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.task import DISPATCH_MODES, DispatchMode
 
@@ -390,7 +392,10 @@ class DispatchSeam:
         token = _group.set(group)
         error: BaseException | None = None
         try:
-            await original(app, scope, receive, send)
+            if gate_active():  # an outer JournalGate (or app) already holds the response
+                await original(app, scope, receive, send)
+            else:
+                await gated(functools.partial(original, app), scope, receive, send)
         except BaseException as exc:
             error = exc
             raise

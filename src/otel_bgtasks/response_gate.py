@@ -7,8 +7,11 @@ by `JournalGate` the journal hands its writes to a worker thread and registers t
 the gate awaits them (off the loop) when the response starts. Without a gate, writes from
 the event loop stay synchronous: the guarantee is kept either way.
 
-    app = FastAPI()
-    app.add_middleware(JournalGate)      # or: app = JournalGate(app)
+The instrumentor opens a gate around every Starlette/FastAPI request (`gated`, called by the
+dispatch seam), so an instrumented app needs nothing more. `JournalGate` is the same gate as
+ASGI middleware, for apps that wrap other ASGI frameworks:
+
+    app = JournalGate(app)
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["JournalGate", "gate_active", "track_write", "wait_for_writes"]
+__all__ = ["JournalGate", "gate_active", "gated", "track_write", "wait_for_writes"]
 
 _Scope = MutableMapping[str, Any]
 _Message = MutableMapping[str, Any]
@@ -61,6 +64,26 @@ async def wait_for_writes() -> None:
             continue
 
 
+async def gated(app: _ASGIApp, scope: _Scope, receive: _Receive, send: _Send) -> None:
+    """Run one HTTP request with a gate open: its journal writes go to a worker thread and
+    its first response message waits until they are committed."""
+    token = _writes.set([])
+    started = False
+
+    async def gated_send(message: _Message) -> None:
+        nonlocal started
+        if not started and message.get("type") == "http.response.start":
+            started = True
+            await wait_for_writes()
+        await send(message)
+
+    try:
+        await app(scope, receive, gated_send)
+    finally:
+        await wait_for_writes()  # background tasks added after the response started
+        _writes.reset(token)
+
+
 class JournalGate:
     """ASGI middleware: defer durable journal writes off the event loop, and send a
     response's first message only once they are committed."""
@@ -69,21 +92,7 @@ class JournalGate:
         self.app = app
 
     async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
-        if scope.get("type") != "http":
+        if scope.get("type") != "http" or gate_active():  # not HTTP, or already gated
             await self.app(scope, receive, send)
             return
-        token = _writes.set([])
-        started = False
-
-        async def gated_send(message: _Message) -> None:
-            nonlocal started
-            if not started and message.get("type") == "http.response.start":
-                started = True
-                await wait_for_writes()
-            await send(message)
-
-        try:
-            await self.app(scope, receive, gated_send)
-        finally:
-            await wait_for_writes()  # background tasks added after the response started
-            _writes.reset(token)
+        await gated(self.app, scope, receive, send)

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 from fastapi import BackgroundTasks, FastAPI
 
-from otel_bgtasks.instrumentor import current_executor
+from otel_bgtasks.instrumentor import current_executor, schedule
 from otel_bgtasks.records import JournalEntry
 from otel_bgtasks.response_gate import JournalGate, gate_active
 from otel_bgtasks.stores import SQLiteDeadLetterStore
@@ -75,23 +75,40 @@ async def test_the_row_is_committed_off_the_loop_before_the_response_starts(
     store.close()
 
 
-async def test_without_the_gate_the_write_stays_synchronous(
+async def test_an_instrumented_app_is_gated_without_middleware(
     tmp_path: Path, instrument: Any
 ) -> None:
     events: list[str] = []
     store = RecordingStore(tmp_path / "dlq.db", events)
     instrument(dead_letter_store=store)
     app = FastAPI()
+    seen: list[bool] = []
 
     @app.get("/work")
     async def work(tasks: BackgroundTasks) -> dict[str, bool]:
-        assert not gate_active()
+        seen.append(gate_active())
         tasks.add_task(durable_invoice, "o-1")
         return {"ok": True}
 
+    loop_thread = threading.get_ident()
     transport = httpx.ASGITransport(app=recorder(app, events))
     async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
         assert (await client.get("/work")).json() == {"ok": True}
+    assert seen == [True]
     assert events == ["journal committed", "response started"]
+    assert loop_thread not in store.threads
+    store.close()
+
+
+async def test_outside_a_request_the_write_stays_synchronous(
+    tmp_path: Path, instrument: Any
+) -> None:
+    events: list[str] = []
+    store = RecordingStore(tmp_path / "dlq.db", events)
+    instrument(dead_letter_store=store)
+    assert not gate_active()
+    scheduled = schedule(durable_invoice, "o-2")
+    assert events == ["journal committed"]  # committed when schedule() returned
     assert store.threads == [threading.get_ident()]  # on the loop: the guarantee first
+    await scheduled.run()
     store.close()
