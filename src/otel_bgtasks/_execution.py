@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -21,12 +22,17 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.metrics import Observation
+from opentelemetry.semconv.attributes.exception_attributes import (
+    EXCEPTION_STACKTRACE,
+    EXCEPTION_TYPE,
+)
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
 from starlette.concurrency import run_in_threadpool
 from tenacity import RetryCallState
 
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._ids import new_task_id, span_id_hex, trace_id_hex
+from otel_bgtasks._tracebacks import REDACTED, bounded_message, bounded_traceback
 from otel_bgtasks.attributes import ErrorCategory, Outcome, SkipReason
 from otel_bgtasks.calls import JSONSerializer, Serializer, describe_call
 from otel_bgtasks.circuit import CircuitBreaker, CircuitState
@@ -42,6 +48,7 @@ from otel_bgtasks.journal import Journal
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.options import EffectiveOptions, TaskDefaults, effective_options
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
+from otel_bgtasks.registry import note_scheduled
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.stores.base import DeadLetterStore
@@ -55,6 +62,7 @@ __all__ = [
     "call_hook",
     "check_trace_mode",
     "current_task",
+    "exception_fields",
     "set_active_executor",
 ]
 
@@ -68,7 +76,13 @@ _structlog = structlog.get_logger("otel_bgtasks")
 
 
 class _SafeLogger:
-    """The package's own logging: a broken user log processor never breaks a task."""
+    """The package's own logging: a broken user log processor never breaks a task.
+
+    An exception is logged as ``error_type``, ``error_message`` (bounded) and ``traceback``
+    (a bounded string without locals), never as ``exc_info``: structlog's default console
+    renderer and ``dict_tracebacks`` would render every frame's local variables (task
+    arguments, secrets) at a cost without bound. `exc_info` is passed only on opt-in.
+    """
 
     def _emit(self, method: str, event: str, **fields: Any) -> None:
         try:
@@ -89,7 +103,26 @@ class _SafeLogger:
         self._emit("warning", event, **fields)
 
     def exception(self, event: str, **fields: Any) -> None:
-        self._emit("exception", event, **fields)
+        """Log at error level with the exception being handled, rendered bounded."""
+        exc = sys.exc_info()[1]
+        if exc is not None:
+            fields.update(exception_fields(exc))
+        self._emit("error", event, **fields)
+
+
+def exception_fields(
+    exc: BaseException, *, redact: bool = False, with_locals: bool = False
+) -> dict[str, Any]:
+    """The log fields of an exception: type, bounded message, bounded traceback without
+    locals; with `with_locals`, also ``exc_info`` (the user's renderer shows what it shows)."""
+    fields: dict[str, Any] = {
+        "error_type": error_type(exc),
+        "error_message": REDACTED if redact else bounded_message(exc),
+        "exception": bounded_traceback(exc, redact=redact),
+    }
+    if with_locals:
+        fields["exc_info"] = exc
+    return fields
 
 
 _log = _SafeLogger()
@@ -159,6 +192,8 @@ class Executor:
         dead_letter_store: DeadLetterStore | None = None,
         serializer: Serializer | None = None,
         error_classifier: ErrorClassifier = classify_error,
+        redact_exception_messages: bool = False,
+        log_locals: bool = False,
     ) -> None:
         check_trace_mode(trace_mode)
         self.defaults = TaskDefaults(retry=retry, circuit=circuit, timeout=timeout, durable=durable)
@@ -178,6 +213,8 @@ class Executor:
         self.store = dead_letter_store
         self.serializer: Serializer = serializer if serializer is not None else JSONSerializer()
         self.classify = error_classifier
+        self.redact_exception_messages = bool(redact_exception_messages)
+        self.log_locals = bool(log_locals)
         self.journal = Journal(dead_letter_store, self.serializer) if dead_letter_store else None
         self.breakers: dict[str, CircuitBreaker] = {}
         self._breaker_lock = threading.Lock()
@@ -251,6 +288,7 @@ class Executor:
         except (KeyError, TypeError):  # TypeError: an unhashable callable object
             pass
         options = effective_options(func, self.defaults, self._breaker)
+        note_scheduled(func)  # this app's own task: its dead letters stay replayable here
         if isinstance(func, FunctionType | MethodType):
             if len(self._described) >= _DESCRIBED_MAX:
                 self._described.clear()
@@ -454,7 +492,7 @@ class Executor:
                         attr.RETRY_ATTEMPT: retry_state.attempt_number + 1,
                         attr.RETRY_DELAY: delay,
                         attr.ERROR_TYPE: kind,
-                        attr.EXCEPTION_MESSAGE: str(failure),
+                        attr.EXCEPTION_MESSAGE: self._message(failure),
                     },
                 )
             self.instruments.retries.add(1, {attr.TASK_NAME: state.name, attr.ERROR_TYPE: kind})
@@ -612,6 +650,24 @@ class Executor:
             category=category.value,
             trace_id=trace_id_hex(ctx),
             span_id=span_id_hex(ctx),
+        ).signed()  # with a signing key set: replay verifies it before decoding anything
+
+    def _message(self, exc: BaseException | None) -> str:
+        """An exception message as spans carry it: bounded, or redacted on request."""
+        if exc is None:
+            return ""
+        return REDACTED if self.redact_exception_messages else bounded_message(exc)
+
+    def _record_exception(self, span: Span, exc: BaseException) -> None:
+        """The standard `exception` event, bounded and without locals (the SDK's own
+        `record_exception` formats the whole traceback and the whole message)."""
+        span.add_event(
+            "exception",
+            {
+                EXCEPTION_TYPE: error_type(exc),
+                attr.EXCEPTION_MESSAGE: self._message(exc),
+                EXCEPTION_STACKTRACE: bounded_traceback(exc, redact=self.redact_exception_messages),
+            },
         )
 
     def _observe_write_errors(self) -> list[Observation]:
@@ -648,8 +704,8 @@ class Executor:
             if outcome is not Outcome.SUCCESS:
                 if exc is not None and kind is not None:
                     span.set_attribute(attr.ERROR_TYPE, kind)
-                    span.record_exception(exc)
-                    description = f"{type(exc).__name__}: {exc}"
+                    self._record_exception(span, exc)
+                    description = f"{type(exc).__name__}: {self._message(exc)}"
                 else:
                     description = outcome.value
                 span.set_status(Status(StatusCode.ERROR, description))
@@ -686,5 +742,11 @@ class Executor:
             category=str(state.category or ""),
             trace_id=record["trace_id"],
             span_id=span_id_hex(ctx),
-            exc_info=exc,
+            **(
+                exception_fields(
+                    exc, redact=self.redact_exception_messages, with_locals=self.log_locals
+                )
+                if exc is not None
+                else {}
+            ),
         )

@@ -96,6 +96,8 @@ class InstrumentOptions(TypedDict, total=False):
     dead_letter_store: DeadLetterStore | str | None
     serializer: Serializer | None
     error_classifier: ErrorClassifier
+    redact_exception_messages: bool
+    log_locals: bool
     # BaseInstrumentor's own switches
     skip_dep_check: bool
     raise_exception_on_conflict: bool
@@ -232,6 +234,8 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 dead_letter_store=store,
                 serializer=options.get("serializer"),
                 error_classifier=options.get("error_classifier", classify_error),
+                redact_exception_messages=options.get("redact_exception_messages", False),
+                log_locals=options.get("log_locals", False),
             )
         except Exception:  # a bad setting: do not leave the store we opened behind
             if self._owned_store is not None:

@@ -56,7 +56,7 @@ class Journal:
                 enqueued_at=state.enqueued_wall,
                 trace_id=trace_id_hex(state.link),
                 span_id=span_id_hex(state.link),
-            )
+            ).signed()  # with a signing key set; recovery verifies it before decoding
         )
         state.journaled = True
         self.in_flight += 1

@@ -1,0 +1,103 @@
+"""Bounded, locals-free renderings of an exception: what logs, spans and dead letters carry.
+
+A failing task's exception is rendered once per failure, whatever it holds: a message of
+megabytes, a `__str__` that raises, a RecursionError 1,000 frames deep. Every rendering here
+has a fixed upper bound in characters and never includes local variables.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+__all__ = [
+    "MESSAGE_LIMIT",
+    "REDACTED",
+    "TRACEBACK_LIMIT",
+    "bounded_message",
+    "bounded_text",
+    "bounded_traceback",
+]
+
+MESSAGE_LIMIT = 1_024
+"""Characters of an exception message in logs, spans and dead letters."""
+
+TRACEBACK_LIMIT = 8_192
+"""Characters of a traceback (its head and its tail are kept: where it started, where it broke)."""
+
+REDACTED = "<redacted>"
+"""What replaces an exception message when messages are redacted."""
+
+_FRAMES = 64  # frames formatted at most: the first and last 32 (a RecursionError has 1,000)
+
+
+def bounded_text(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    note = f"… [{len(text) - limit} characters cut]"
+    return text[: max(limit - len(note), 0)] + note
+
+
+def bounded_message(exc: BaseException, limit: int = MESSAGE_LIMIT) -> str:
+    """``str(exc)`` cut to `limit` characters; a `__str__` that raises gives a placeholder."""
+    try:
+        text = str(exc)
+    except Exception:  # an exception whose __str__ raises (or an int too long to print)
+        return f"<{type(exc).__name__} message that cannot be shown>"
+    return bounded_text(text, limit)
+
+
+def bounded_traceback(
+    exc: BaseException, *, redact: bool = False, limit: int = TRACEBACK_LIMIT
+) -> str:
+    """The traceback of `exc` (and its causes) without locals, at most `limit` characters.
+
+    With `redact`, exception messages are replaced by ``<redacted>``.
+    """
+    try:
+        parts = _format(exc, redact, depth=0, seen=set())
+    except Exception:  # a traceback we cannot render must not lose the failure
+        return f"{type(exc).__name__}: <traceback that cannot be shown>"
+    text = "".join(parts)
+    if len(text) <= limit:
+        return text
+    head = limit // 4
+    tail = limit - head - 64
+    return f"{text[:head]}\n  … [{len(text) - head - tail} characters cut] …\n{text[-tail:]}"
+
+
+def _format(exc: BaseException, redact: bool, depth: int, seen: set[int]) -> list[str]:
+    seen.add(id(exc))
+    parts: list[str] = []
+    cause = exc.__cause__
+    context = None if exc.__suppress_context__ else exc.__context__
+    chained = cause if cause is not None else context
+    if chained is not None and id(chained) not in seen and depth < 4:
+        parts.extend(_format(chained, redact, depth + 1, seen))
+        parts.append(
+            "\nThe above exception was the direct cause of the following exception:\n\n"
+            if cause is not None
+            else "\nDuring handling of the above exception, another exception occurred:\n\n"
+        )
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        parts.append("Traceback (most recent call last):\n")
+    if len(frames) > _FRAMES:
+        half = _FRAMES // 2
+        parts.extend(traceback.format_list(frames[:half]))
+        parts.append(f"  … [{len(frames) - _FRAMES} frames cut] …\n")
+        parts.extend(traceback.format_list(frames[-half:]))
+    else:
+        parts.extend(traceback.format_list(frames))
+    name = _qualified(exc)
+    message = REDACTED if redact else bounded_message(exc)
+    parts.append(f"{name}: {message}\n" if message else f"{name}\n")
+    return parts
+
+
+def _qualified(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    if module in ("builtins", "__main__"):
+        return cls.__qualname__
+    return f"{module}.{cls.__qualname__}"
