@@ -382,9 +382,7 @@ def _verdict(entry: DeadLetter, *, check_function: bool) -> tuple[str, str]:
     return ("ok" if keys is not None or check_function else "-"), ""
 
 
-def _entries_table(
-    entries: list[DeadLetter], width: int, verdicts: list[tuple[str, str]]
-) -> Table:
+def _entries_table(entries: list[DeadLetter], width: int, verdicts: list[tuple[str, str]]) -> Table:
     """One line per entry; task, function and error share what the fixed columns leave (the
     last failure time only on terminals 120 columns wide or more)."""
     with_time = width >= 120
@@ -432,11 +430,11 @@ def _entries_table(
             width=col_width,
             justify="right" if header == "Tries" else "left",
         )
+    check_column = headers.index("Check")
     for row in rows:
         cells = [Text(_clip(value, widths[i])) for i, value in enumerate(row)]
-        check = headers.index("Check")
-        if row[check] == "refused":
-            cells[check].stylize("bold red")
+        if row[check_column] == "refused":
+            cells[check_column].stylize("bold red")
         table.add_row(*cells)
     return table
 

@@ -297,7 +297,7 @@ def test_func_ref_and_resolve_round_trip() -> None:
     assert func_ref(Jobs.nightly) == "tests.unit.test_deadletter:Jobs.nightly"
     assert resolve("tests.unit.test_deadletter:Jobs.nightly") is Jobs.nightly
     assert resolve(func_ref(send_mail)) is send_mail
-    with pytest.raises(TaskImportError, match="'os.path:join' is not a registered task"):
+    with pytest.raises(TaskImportError, match=r"'os\.path:join' is not a registered task"):
         resolve("os.path:join")  # importable, but not one of the app's tasks
 
 
