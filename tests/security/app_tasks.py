@@ -41,4 +41,3 @@ def recurse(depth: int) -> None:
 def undecorated(value: Any) -> None:
     """A plain module-level function of a declared task module: replayable by the rule."""
     RAN.append(("undecorated", value))
-

@@ -154,9 +154,7 @@ def test_cli_recover_rerun_refuses_planted_journal_rows(
     for row in rows:
         store.journal_add(row)
 
-    code = main(
-        ["--store", f"sqlite:///{store.path}", "--tasks", TASKS, "recover", "--rerun"]
-    )
+    code = main(["--store", f"sqlite:///{store.path}", "--tasks", TASKS, "recover", "--rerun"])
     out, _ = capsys.readouterr()
 
     assert code == 1
@@ -188,7 +186,7 @@ async def test_dead_letters_api_refuses_planted_entries(
         (e.id, "refused", refusal(e.func_ref, "none")) for e in entries
     )
     for entry in entries:  # the runner itself refuses too, whoever calls it
-        with pytest.raises(LookupError, match="^refused: task .* is not a registered task"):
+        with pytest.raises(LookupError, match=r"^refused: task .* is not a registered task"):
             await run_dead_letter(entry)
     assert sorted_by_id(store.list()) == sorted_by_id(entries)
     assert planted.untouched()

@@ -66,8 +66,10 @@ async def test_an_entry_the_app_signed_replays(store: SQLiteDeadLetterStore) -> 
         (lambda e: signed(e).replace(task_name="other"), MISMATCH),
         (lambda e: signed(e).replace(id="f" * 32), MISMATCH),  # a signed call moved elsewhere
         (lambda e: signed(e).replace(signature="v1:" + "0" * 64), MISMATCH),
-        (lambda e: signed(e).replace(signature="sha1:abc"), "refused: the entry's signature"
-         " has an unknown format"),
+        (
+            lambda e: signed(e).replace(signature="sha1:abc"),
+            "refused: the entry's signature has an unknown format",
+        ),
     ],
     ids=["unsigned", "wrong key", "payload", "function", "task name", "id", "forged", "format"],
 )
