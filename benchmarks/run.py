@@ -35,6 +35,7 @@ from benchmarks import (  # noqa: E402 - after the sys.path fix above
     backend_soak,
     contract_parts,
     drop_path,
+    failure_cost,
     http_load,
     memory,
     per_task,
@@ -48,6 +49,7 @@ BENCHMARKS: dict[str, Any] = {
     "memory": memory,
     "http": http_load,
     "backend_failing": backend_failing,
+    "failure_cost": failure_cost,
 }
 # Opt-in (--only NAME): diagnostics that the default run leaves out to stay under 10 minutes.
 EXTRA: dict[str, Any] = {

@@ -7,7 +7,9 @@ has a fixed upper bound in characters and never includes local variables.
 
 from __future__ import annotations
 
+import threading
 import traceback
+from collections.abc import Sequence
 
 __all__ = [
     "MESSAGE_LIMIT",
@@ -52,18 +54,43 @@ def bounded_traceback(
 ) -> str:
     """The traceback of `exc` (and its causes) without locals, at most `limit` characters.
 
-    With `redact`, exception messages are replaced by ``<redacted>``.
+    With `redact`, exception messages are replaced by ``<redacted>``. A failure is rendered
+    for its dead letter, its span and its log line: the last rendering is reused.
     """
+    key = (redact, limit)
+    last = _last.value
+    if last is not None and last[0] is exc and last[1] == key:
+        return last[2]
     try:
         parts = _format(exc, redact, depth=0, seen=set())
     except Exception:  # a traceback we cannot render must not lose the failure
         return f"{type(exc).__name__}: <traceback that cannot be shown>"
     text = "".join(parts)
-    if len(text) <= limit:
-        return text
-    head = limit // 4
-    tail = limit - head - 64
-    return f"{text[:head]}\n  … [{len(text) - head - tail} characters cut] …\n{text[-tail:]}"
+    if len(text) > limit:
+        head = limit // 4
+        tail = limit - head - 64
+        text = f"{text[:head]}\n  … [{len(text) - head - tail} characters cut] …\n{text[-tail:]}"
+    _last.value = (exc, key, text)
+    return text
+
+
+class _Last(threading.local):
+    """The last rendering of this thread (one exception kept alive at most per thread)."""
+
+    value: tuple[BaseException, tuple[bool, int], str] | None = None
+
+
+_last = _Last()
+
+
+def _frames(frames: Sequence[traceback.FrameSummary]) -> list[str]:
+    # Plain lines, no 3.11 carets: computing them parses each line's source (costly per frame).
+    out = []
+    for frame in frames:
+        line = (frame.line or "").strip()
+        where = f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n'
+        out.append(f"{where}    {line}\n" if line else where)
+    return out
 
 
 def _format(exc: BaseException, redact: bool, depth: int, seen: set[int]) -> list[str]:
@@ -84,11 +111,11 @@ def _format(exc: BaseException, redact: bool, depth: int, seen: set[int]) -> lis
         parts.append("Traceback (most recent call last):\n")
     if len(frames) > _FRAMES:
         half = _FRAMES // 2
-        parts.extend(traceback.format_list(frames[:half]))
+        parts.extend(_frames(frames[:half]))
         parts.append(f"  … [{len(frames) - _FRAMES} frames cut] …\n")
-        parts.extend(traceback.format_list(frames[-half:]))
+        parts.extend(_frames(frames[-half:]))
     else:
-        parts.extend(traceback.format_list(frames))
+        parts.extend(_frames(frames))
     name = _qualified(exc)
     message = REDACTED if redact else bounded_message(exc)
     parts.append(f"{name}: {message}\n" if message else f"{name}\n")
