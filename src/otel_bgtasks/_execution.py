@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -32,7 +31,12 @@ from tenacity import RetryCallState
 
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._ids import new_task_id, span_id_hex, trace_id_hex
-from otel_bgtasks._tracebacks import REDACTED, bounded_message, bounded_traceback
+from otel_bgtasks._tracebacks import (
+    REDACTED,
+    bounded_message,
+    bounded_traceback,
+    exception_fields,
+)
 from otel_bgtasks.attributes import ErrorCategory, Outcome, SkipReason
 from otel_bgtasks.calls import JSONSerializer, Serializer, describe_call
 from otel_bgtasks.circuit import CircuitBreaker, CircuitState
@@ -62,7 +66,6 @@ __all__ = [
     "call_hook",
     "check_trace_mode",
     "current_task",
-    "exception_fields",
     "set_active_executor",
 ]
 
@@ -104,25 +107,7 @@ class _SafeLogger:
 
     def exception(self, event: str, **fields: Any) -> None:
         """Log at error level with the exception being handled, rendered bounded."""
-        exc = sys.exc_info()[1]
-        if exc is not None:
-            fields.update(exception_fields(exc))
-        self._emit("error", event, **fields)
-
-
-def exception_fields(
-    exc: BaseException, *, redact: bool = False, with_locals: bool = False
-) -> dict[str, Any]:
-    """The log fields of an exception: type, bounded message, bounded traceback without
-    locals; with `with_locals`, also ``exc_info`` (the user's renderer shows what it shows)."""
-    fields: dict[str, Any] = {
-        "error_type": error_type(exc),
-        "error_message": REDACTED if redact else bounded_message(exc),
-        "exception": bounded_traceback(exc, redact=redact),
-    }
-    if with_locals:
-        fields["exc_info"] = exc
-    return fields
+        self._emit("error", event, **fields, **exception_fields())
 
 
 _log = _SafeLogger()

@@ -7,9 +7,13 @@ has a fixed upper bound in characters and never includes local variables.
 
 from __future__ import annotations
 
+import sys
 import threading
 import traceback
 from collections.abc import Sequence
+from typing import Any
+
+from otel_bgtasks.errors import error_type
 
 __all__ = [
     "MESSAGE_LIMIT",
@@ -18,6 +22,7 @@ __all__ = [
     "bounded_message",
     "bounded_text",
     "bounded_traceback",
+    "exception_fields",
 ]
 
 MESSAGE_LIMIT = 1_024
@@ -128,3 +133,27 @@ def _qualified(exc: BaseException) -> str:
     if module in ("builtins", "__main__"):
         return cls.__qualname__
     return f"{module}.{cls.__qualname__}"
+
+
+def exception_fields(
+    exc: BaseException | None = None, *, redact: bool = False, with_locals: bool = False
+) -> dict[str, Any]:
+    """The log fields of `exc` (default: the exception being handled): ``error_type``, a
+    bounded ``error_message`` and ``exception``, a bounded traceback string without locals.
+
+    The package's log lines use these instead of ``exc_info``: structlog's default console
+    renderer and ``dict_tracebacks`` render every frame's locals (task arguments, secrets),
+    at a cost without bound. `with_locals` adds ``exc_info`` (an explicit opt-in).
+    """
+    if exc is None:
+        exc = sys.exc_info()[1]
+        if exc is None:
+            return {}
+    fields: dict[str, Any] = {
+        "error_type": error_type(exc),
+        "error_message": REDACTED if redact else bounded_message(exc),
+        "exception": bounded_traceback(exc, redact=redact),
+    }
+    if with_locals:
+        fields["exc_info"] = exc
+    return fields

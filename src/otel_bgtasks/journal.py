@@ -8,6 +8,7 @@ import threading
 import structlog
 
 from otel_bgtasks._ids import span_id_hex, trace_id_hex
+from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks.calls import Serializer, encode_call
 from otel_bgtasks.identity import process_identity
 from otel_bgtasks.records import JournalEntry
@@ -75,10 +76,11 @@ class Journal:
         try:
             self.store.journal_remove(state.task_id)
         except Exception:  # recovery will find it again; a duplicate beats a lost task
-            _log.exception(
+            _log.error(
                 "durable task could not be removed from the journal",
                 task_id=state.task_id,
                 task_name=state.name,
+                **exception_fields(),
             )
 
     def close(self) -> None:
@@ -92,4 +94,4 @@ class Journal:
             try:
                 self.store.heartbeat(process_identity())
             except Exception:  # a store outage: recovery elsewhere may see us as stale
-                _log.exception("journal heartbeat failed")
+                _log.error("journal heartbeat failed", **exception_fields())

@@ -18,6 +18,7 @@ from opentelemetry import metrics, trace
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._execution import Executor, active_executor
 from otel_bgtasks._ids import from_hex
+from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks._version import __version__
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import check_replayable, decode_call
@@ -270,7 +271,9 @@ class DeadLetters:
             _log.error("dead letter replay: task not importable", entry_id=entry.id, error=str(exc))
             return ReplayOutcome(entry.id, "import_error", entry.task_name, str(exc))
         except Exception as exc:  # the runner broke: keep the entry untouched, go on
-            _log.exception("dead letter replay: runner failed", entry_id=entry.id)
+            _log.error(
+                "dead letter replay: runner failed", entry_id=entry.id, **exception_fields(exc)
+            )
             return ReplayOutcome(entry.id, "error", entry.task_name, f"{type(exc).__name__}: {exc}")
         if result.ok:
             await self._call(store.delete, entry.id)
