@@ -41,3 +41,9 @@ def recurse(depth: int) -> None:
 def undecorated(value: Any) -> None:
     """A plain module-level function of a declared task module: replayable by the rule."""
     RAN.append(("undecorated", value))
+
+
+def undecorated_fail(value: Any) -> None:
+    """Undecorated and failing: replayable only where the app scheduled it (or declared)."""
+    RAN.append(("undecorated_fail", value))
+    raise ConnectionError("still failing")

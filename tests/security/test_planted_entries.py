@@ -7,7 +7,10 @@ runs, the module they name is never imported, the entry is kept and the refusal 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
 import time
 import uuid
 from typing import Any
@@ -250,3 +253,34 @@ def test_admin_router_refuses_planted_entries(
     )
     assert sorted(e["id"] for e in listed.json()) == sorted(e.id for e in entries)
     assert planted.untouched()
+
+
+def test_a_task_the_app_scheduled_stays_replayable_in_that_process(
+    store: SQLiteDeadLetterStore, instrument: Any
+) -> None:
+    from starlette.background import BackgroundTask
+
+    from otel_bgtasks.registry import isolated
+
+    async def fail_then_replay() -> list[str]:
+        await BackgroundTask(app_tasks.undecorated_fail, 1)()
+        report = await DeadLetters(store).replay(None, run_dead_letter)
+        return [o.status for o in report.outcomes]
+
+    with isolated():  # a fresh process: nothing registered, nothing declared
+        instrument(dead_letter_store=store)
+        assert asyncio.run(fail_then_replay()) == ["failed"]  # it ran again, in this process
+    assert app_tasks.RAN == [("undecorated_fail", 1), ("undecorated_fail", 1)]
+    (entry,) = store.list()
+
+    # another process (the CLI) without --tasks has not scheduled it: refused there
+    url = f"sqlite:///{store.path}"
+    cli = subprocess.run(
+        [sys.executable, "-m", "otel_bgtasks.cli", "--store", url, "dlq", "replay", "--all"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (cli.returncode, cli.stdout) == (1, "replay: 1 refused\n")
+    assert store.list() == [entry]

@@ -212,3 +212,23 @@ def test_log_locals_is_an_opt_in(
         structlog.reset_defaults()
     logs = "".join(capsys.readouterr())
     assert CARD in logs  # structlog's console renderer shows the frames' locals, as asked
+
+
+def broken_hook(span: Any, state: Any) -> None:
+    card_in_a_local = state.args[0]
+    raise RuntimeError(f"hook broke on a card of {len(card_in_a_local)} digits")
+
+
+def test_every_log_line_of_the_package_leaves_locals_out(
+    capsys: pytest.CaptureFixture[str],
+    telemetry: Telemetry,
+    instrument: Any,
+    store: SQLiteDeadLetterStore,
+    logging_setup: str,
+) -> None:
+    run_checkout(telemetry, instrument, store, start_hook=broken_hook)
+    logs = "".join(capsys.readouterr())
+    assert "bgtasks hook failed" in logs
+    assert "hook broke on a card of 16 digits" in logs
+    for secret in ARGUMENTS:
+        assert secret not in logs
