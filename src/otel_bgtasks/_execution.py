@@ -53,6 +53,7 @@ from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.options import EffectiveOptions, TaskDefaults, effective_options
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.registry import note_scheduled
+from otel_bgtasks.signing import signing_keys
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.stores.base import DeadLetterStore
@@ -181,6 +182,7 @@ class Executor:
         log_locals: bool = False,
     ) -> None:
         check_trace_mode(trace_mode)
+        signing_keys()  # a bad OTEL_BGTASKS_SIGNING_KEY fails here, not in a task's failure path
         self.defaults = TaskDefaults(retry=retry, circuit=circuit, timeout=timeout, durable=durable)
         if durable and dead_letter_store is None:
             raise ConfigurationError("durable=True needs a dead_letter_store to journal tasks in")

@@ -228,3 +228,24 @@ def test_cli_refuses_a_bad_key_with_exit_2(
     )
     assert code == 2
     assert "a signing key must be at least 16 bytes" in capsys.readouterr().err
+
+
+def test_a_bad_key_fails_at_instrument_time(
+    instrument: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_BGTASKS_SIGNING_KEY", "too-short")
+    with pytest.raises(ConfigurationError, match="at least 16 bytes"):
+        instrument()
+
+
+async def test_the_environment_key_signs_and_verifies(
+    store: SQLiteDeadLetterStore, instrument: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_BGTASKS_SIGNING_KEY", f"{KEY},{OLD_KEY}")
+    instrument(dead_letter_store=store)
+    await BackgroundTask(app_tasks.fail_with, 4)()
+    (entry,) = store.list()
+    SigningKeys.of(KEY).verify(entry.call_fields(), entry.signature)
+    store.put(entry.replace(payload='{"args":[5],"kwargs":{}}'))
+    report = await DeadLetters(store).replay(None, run_dead_letter)
+    assert [(o.status, o.message) for o in report.outcomes] == [("refused", MISMATCH)]
