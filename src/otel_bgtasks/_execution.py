@@ -53,8 +53,8 @@ from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.options import EffectiveOptions, TaskDefaults, effective_options
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.registry import note_scheduled
-from otel_bgtasks.signing import signing_keys
 from otel_bgtasks.retry import RetryPolicy
+from otel_bgtasks.signing import signing_keys
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.stores.base import DeadLetterStore
 
