@@ -284,3 +284,16 @@ def test_a_task_the_app_scheduled_stays_replayable_in_that_process(
     )
     assert (cli.returncode, cli.stdout) == (1, "replay: 1 refused\n")
     assert store.list() == [entry]
+
+
+def test_cli_task_modules_that_cannot_be_imported_are_a_usage_error(
+    capsys: pytest.CaptureFixture[str], store: SQLiteDeadLetterStore
+) -> None:
+    code = main(
+        ["--store", f"sqlite:///{store.path}", "--tasks", "no_such_module_xyz", "dlq", "list"]
+    )
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "otel-bgtasks: error: task module 'no_such_module_xyz' cannot be imported:"
+        " ModuleNotFoundError: No module named 'no_such_module_xyz'\n"
+    )
