@@ -120,6 +120,39 @@ build_jaeger() {
   log "jaeger: built in $(elapsed "$start")s"
 }
 
+# Step `compose` (part of `all`): scripts/compose-check, the Compose file checker built on
+# compose-go, the loader `docker compose` uses (tests/e2e/test_compose.py runs it on
+# docker-compose.yml). Cached by compose-go version and a hash of the checker's source.
+COMPOSE_CHECK_SRC=$REPO_ROOT/scripts/compose-check
+
+compose_check_dir() {
+  local version hash
+  version=$(sed -n 's|^[[:space:]]*github.com/compose-spec/compose-go/v2 \(v[^ ]*\).*|\1|p' \
+    "$COMPOSE_CHECK_SRC/go.mod" | head -n1)
+  hash=$(cat "$COMPOSE_CHECK_SRC/go.mod" "$COMPOSE_CHECK_SRC/go.sum" "$COMPOSE_CHECK_SRC"/*.go |
+    sha256sum | cut -c1-12)
+  echo "$CACHE/compose-check-compose-go-$version-$hash"
+}
+
+build_compose_check() {
+  local dir start tmp
+  dir=$(compose_check_dir)
+  if [[ -x $dir/compose-check ]]; then
+    log "compose-check: cached at $dir"
+    return
+  fi
+  need_go "compose-check"
+  start=$SECONDS
+  tmp=$dir.tmp
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  log "compose-check: building $COMPOSE_CHECK_SRC"
+  (cd "$COMPOSE_CHECK_SRC" && go build -trimpath -buildvcs=false -o "$tmp/compose-check" .) >&2
+  rm -rf "$dir"
+  mv "$tmp" "$dir"
+  log "compose-check: built in $(elapsed "$start")s"
+}
+
 apt_missing() {
   local missing=() pkg
   for pkg in "${APT_PACKAGES[@]}"; do
@@ -208,6 +241,7 @@ write_env() {
     for entry in \
       "OTELCOL_BIN:otelcol-bgtasks:$(otelcol_dir)" \
       "JAEGER_BIN:jaeger:$(jaeger_dir)" \
+      "COMPOSE_CHECK_BIN:compose-check:$(compose_check_dir)" \
       "PROMETHEUS_BIN:prometheus:" \
       "PROMTOOL_BIN:promtool:" \
       "ALERTMANAGER_BIN:prometheus-alertmanager:" \
@@ -242,9 +276,11 @@ main() {
       install_apt
       build_otelcol
       build_jaeger
+      build_compose_check
       ;;
     otelcol) build_otelcol ;;
     jaeger) build_jaeger ;;
+    compose) build_compose_check ;;
     apt) install_apt ;;
     env) ;;
     -h | --help)

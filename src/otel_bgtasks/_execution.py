@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import FunctionType, MethodType
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 from opentelemetry import context as otel_context
@@ -50,7 +50,14 @@ from otel_bgtasks.errors import (
 )
 from otel_bgtasks.journal import Journal
 from otel_bgtasks.metrics import Instruments
-from otel_bgtasks.options import EffectiveOptions, TaskDefaults, effective_options
+from otel_bgtasks.options import (
+    TRACE_MODES,
+    EffectiveOptions,
+    TaskDefaults,
+    TraceMode,
+    check_trace_mode,
+    effective_options,
+)
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.registry import note_scheduled
 from otel_bgtasks.retry import RetryPolicy
@@ -69,9 +76,6 @@ __all__ = [
     "current_task",
     "set_active_executor",
 ]
-
-TraceMode = Literal["link", "child"]
-TRACE_MODES: tuple[TraceMode, ...] = ("link", "child")
 
 TaskHook = Callable[[Span, TaskCallState], None]
 """Called with the task span and state: at start (`start_hook`) and at the end (`end_hook`)."""
@@ -139,14 +143,6 @@ def set_active_executor(executor: Executor | None) -> None:
     """Make `executor` the active one (the instrumentor does, at instrument/uninstrument)."""
     global _active
     _active = executor
-
-
-def check_trace_mode(trace_mode: object) -> None:
-    """Raises `ConfigurationError` (a `ValueError`) naming the valid trace modes."""
-    if trace_mode not in TRACE_MODES:
-        raise ConfigurationError(
-            f"trace_mode={trace_mode!r} is not valid; use one of {', '.join(TRACE_MODES)}"
-        )
 
 
 def call_hook(hook: TaskHook | None, span: Span, state: TaskCallState) -> None:

@@ -34,7 +34,6 @@ instrumented first.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable, Collection
 from typing import Any, TypedDict, Unpack
 
@@ -55,12 +54,13 @@ from otel_bgtasks._execution import (
 from otel_bgtasks._version import __version__
 from otel_bgtasks.calls import Serializer
 from otel_bgtasks.circuit import CircuitBreaker
+from otel_bgtasks.environment import options_from_env
 from otel_bgtasks.errors import ErrorClassifier, classify_error
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.package import _instruments
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
-from otel_bgtasks.stores import DLQ_URL_ENV, open_store
+from otel_bgtasks.stores import open_store
 from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = [
@@ -120,7 +120,7 @@ def _store(given: Any) -> DeadLetterStore | None:
     if given is None:
         return None
     if given is _ABSENT:
-        given = os.environ.get(DLQ_URL_ENV) or DEFAULT_STORE_URL
+        given = DEFAULT_STORE_URL
     if isinstance(given, str):
         return open_store(given)
     if not isinstance(given, DeadLetterStore):
@@ -200,7 +200,8 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         _check_keywords(kwargs)  # also when BaseInstrumentor is called directly
-        options: InstrumentOptions = kwargs  # type: ignore[assignment]
+        # OTEL_BGTASKS_* variables (how opentelemetry-instrument configures us); code wins.
+        options: InstrumentOptions = {**options_from_env(), **kwargs}  # type: ignore[typeddict-item]
         trace_mode = options.get("trace_mode", "link")
         check_trace_mode(trace_mode)  # before a store is opened
         tracer = trace.get_tracer(

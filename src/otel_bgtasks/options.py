@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from otel_bgtasks.circuit import CircuitBreaker
 from otel_bgtasks.errors import ConfigurationError
@@ -18,7 +18,25 @@ from otel_bgtasks.task import (
     task_options,
 )
 
-__all__ = ["EffectiveOptions", "TaskDefaults", "effective_options"]
+__all__ = [
+    "TRACE_MODES",
+    "EffectiveOptions",
+    "TaskDefaults",
+    "TraceMode",
+    "check_trace_mode",
+    "effective_options",
+]
+
+TraceMode = Literal["link", "child"]
+TRACE_MODES: tuple[TraceMode, ...] = ("link", "child")
+
+
+def check_trace_mode(trace_mode: object) -> None:
+    """Raises `ConfigurationError` (a `ValueError`) naming the valid trace modes."""
+    if trace_mode not in TRACE_MODES:
+        raise ConfigurationError(
+            f"trace_mode={trace_mode!r} is not valid; use one of {', '.join(TRACE_MODES)}"
+        )
 
 
 @dataclass(frozen=True, slots=True)

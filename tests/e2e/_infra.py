@@ -103,6 +103,7 @@ class _Binary:
 _BINARIES: dict[str, _Binary] = {
     "otelcol": _Binary("OTELCOL_BIN", ("otelcol-bgtasks",)),
     "jaeger": _Binary("JAEGER_BIN", ("jaeger",)),
+    "compose-check": _Binary("COMPOSE_CHECK_BIN", ("compose-check",)),
     "prometheus": _Binary("PROMETHEUS_BIN", ("prometheus",)),
     "promtool": _Binary("PROMTOOL_BIN", ("promtool",)),
     # Debian names the binary prometheus-alertmanager.
