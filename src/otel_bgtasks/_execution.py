@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from types import FunctionType, MethodType
+from types import FrameType, FunctionType, MethodType
 from typing import Any
 
 import structlog
@@ -143,6 +145,28 @@ def set_active_executor(executor: Executor | None) -> None:
     """Make `executor` the active one (the instrumentor does, at instrument/uninstrument)."""
     global _active
     _active = executor
+
+
+def _release_frames(exc: BaseException, caught_in: FrameType | None) -> None:
+    """Free a handled failure's frames now (it was rendered, stored and logged already).
+
+    Its traceback holds every frame from the executor down to the task, each with its locals
+    (the arguments), and the executor's frame holds the state holding the exception: a cycle
+    that keeps the arguments alive until the next cyclic collection (measured with a 900-deep
+    list argument: twice the collector's time, gen-2 pauses over 100 ms). Dropping our own
+    frame and clearing the others' locals lets reference counting free them at once; the
+    traceback still shows every line (as on the span and in the dead letter).
+    """
+    current: BaseException | None = exc
+    for _ in range(8):  # the exception and its causes
+        if current is None:
+            return
+        tb = current.__traceback__
+        if tb is not None and tb.tb_frame is caught_in:
+            current.__traceback__ = tb = tb.tb_next
+        if tb is not None:
+            traceback.clear_frames(tb)
+        current = current.__cause__ or current.__context__
 
 
 def call_hook(hook: TaskHook | None, span: Span, state: TaskCallState) -> None:
@@ -443,6 +467,8 @@ class Executor:
             self._finish(span, span_context, state, started)
         if error is not None and (self.propagate_exceptions or not isinstance(error, Exception)):
             raise error
+        if error is not None:
+            _release_frames(error, inspect.currentframe())
         return state
 
     async def _run_policies(self, state: TaskCallState, span: Span, inline: bool) -> None:

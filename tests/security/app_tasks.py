@@ -47,3 +47,9 @@ def undecorated_fail(value: Any) -> None:
     """Undecorated and failing: replayable only where the app scheduled it (or declared)."""
     RAN.append(("undecorated_fail", value))
     raise ConnectionError("still failing")
+
+
+@background_task
+async def afail_with(value: Any) -> None:
+    """Fails on the event loop (no worker thread holding its arguments)."""
+    raise ValueError("cannot process the value")

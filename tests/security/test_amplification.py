@@ -6,6 +6,7 @@ still run. (Sizes are asserted, not times: a bounded output is what keeps the ti
 from __future__ import annotations
 
 import json
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 from tests.conftest import Telemetry
 from tests.integration._server import UvicornThread, wait_for_tasks
 from tests.security import app_tasks
-from tests.security.app_tasks import fail_with, record, recurse
+from tests.security.app_tasks import afail_with, fail_with, record, recurse
 
 LOG_BYTES_PER_FAILURE = 16_384  # the line, its bounded message and traceback
 DEEP_BODY = "[" * 900 + "]" * 900  # 1.8 kB of request body
@@ -156,3 +157,20 @@ async def test_a_message_of_megabytes_is_cut(
     assert len(line["error_message"]) == 1_024
     assert len(line["exception"]) <= 8_192
     assert "exc_info" not in line
+
+
+async def test_a_handled_failure_lets_go_of_its_arguments(
+    telemetry: Telemetry, instrument: Any, store: SQLiteDeadLetterStore
+) -> None:
+    """Once rendered, stored and logged, a failure's frames hold no locals (the arguments):
+    they are freed by reference counting, not kept until the cyclic collector runs."""
+    seen: list[Any] = []
+    instrument(dead_letter_store=store, end_hook=lambda span, state: seen.append(state))
+    await BackgroundTask(afail_with, ["a", "large", "argument"])()
+    (state,) = seen
+    frames = [frame for frame, _ in traceback.walk_tb(state.exception.__traceback__)]
+    assert [f.f_code.co_name for f in frames][-1] == "afail_with"
+    assert "run" not in [f.f_code.co_name for f in frames]  # the executor's own frame dropped
+    assert [f.f_locals for f in frames] == [{}] * len(frames)
+    (entry,) = store.list()
+    assert "in afail_with" in entry.traceback  # rendered before: every frame is shown
