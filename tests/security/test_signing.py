@@ -249,3 +249,19 @@ async def test_the_environment_key_signs_and_verifies(
     store.put(entry.replace(payload='{"args":[5],"kwargs":{}}'))
     report = await DeadLetters(store).replay(None, run_dead_letter)
     assert [(o.status, o.message) for o in report.outcomes] == [("refused", MISMATCH)]
+
+
+def test_configure_signing_in_code_wins_over_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from otel_bgtasks import configure_signing
+    from otel_bgtasks.signing import signing_keys
+
+    monkeypatch.setenv("OTEL_BGTASKS_SIGNING_KEY", OLD_KEY)
+    with signing_override(None):  # restores the process's setting afterwards
+        configure_signing([KEY, OLD_KEY])
+        assert signing_keys() == SigningKeys((KEY.encode(), OLD_KEY.encode()))
+        configure_signing(None)
+        assert signing_keys() is None  # off, whatever the environment says
+    monkeypatch.delenv("OTEL_BGTASKS_SIGNING_KEY")
+    assert signing_keys() is None
