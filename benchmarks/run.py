@@ -37,6 +37,7 @@ from benchmarks import (  # noqa: E402 - after the sys.path fix above
     contract_parts,
     dispatch_load,
     drop_path,
+    failure_cost,
     http_load,
     memory,
     per_task,
@@ -52,6 +53,7 @@ BENCHMARKS: dict[str, Any] = {
     "http": http_load,
     "backend_failing": backend_failing,
     "dispatch": dispatch_load,
+    "failure_cost": failure_cost,
 }
 # Opt-in (--only NAME): diagnostics that the default run leaves out to stay under 10 minutes.
 EXTRA: dict[str, Any] = {

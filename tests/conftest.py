@@ -14,6 +14,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from otel_bgtasks import BackgroundTasksInstrumentor
+from otel_bgtasks.registry import isolated
+
+
+@pytest.fixture(autouse=True)
+def _task_registry() -> Iterator[None]:
+    """Task modules a test declares (the CLI's --tasks) do not leak into the next test."""
+    with isolated():
+        yield
 
 
 @dataclass

@@ -22,6 +22,8 @@ from otel_bgtasks.errors import (
     StoreUnavailableError,
     TaskImportError,
     TaskTimeoutError,
+    UnregisteredTaskError,
+    UntrustedEntryError,
     classify_error,
 )
 from otel_bgtasks.instrumentor import (
@@ -39,10 +41,12 @@ from otel_bgtasks.recovery import (
     recover_interrupted_tasks,
     start_recovery,
 )
+from otel_bgtasks.registry import declare_task_modules
 from otel_bgtasks.replay import DeadLetters, ReplayReport, run_dead_letter
 from otel_bgtasks.response_gate import JournalGate
 from otel_bgtasks.retry import RetryPolicy, retry_if_category
 from otel_bgtasks.sampling import LinkAwareSampler
+from otel_bgtasks.signing import configure_signing
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.stores import SQLiteDeadLetterStore, open_store
 from otel_bgtasks.stores.base import DeadLetterStore
@@ -96,12 +100,16 @@ __all__ = [
     "Telemetry",
     "TraceContextFilter",
     "TraceContextProcessor",
+    "UnregisteredTaskError",
+    "UntrustedEntryError",
     "__version__",
     "background_task",
     "classify_error",
+    "configure_signing",
     "configure_structlog_json",
     "configure_telemetry",
     "current_task",
+    "declare_task_modules",
     "install_alerting",
     "open_store",
     "recover_interrupted_tasks",

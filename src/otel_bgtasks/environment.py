@@ -18,6 +18,8 @@ variable means "not set". A value that cannot work stops instrumentation with a
 | ``OTEL_BGTASKS_DISPATCH`` | ``dispatch`` | ``inline``, ``local`` |
 | ``OTEL_BGTASKS_MAX_CONCURRENCY`` | ``max_concurrency`` | integer >= 1 |
 | ``OTEL_BGTASKS_DRAIN_TIMEOUT`` | ``drain_timeout`` | seconds >= 0 |
+| ``OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES`` | ``redact_exception_messages`` | ``true``, ``false`` |
+| ``OTEL_BGTASKS_LOG_LOCALS`` | ``log_locals`` | ``true``, ``false`` |
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ VARIABLES: tuple[str, ...] = (
     "OTEL_BGTASKS_DISPATCH",
     "OTEL_BGTASKS_MAX_CONCURRENCY",
     "OTEL_BGTASKS_DRAIN_TIMEOUT",
+    "OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES",
+    "OTEL_BGTASKS_LOG_LOCALS",
 )
 """Every variable this module reads (the README's table)."""
 
@@ -134,6 +138,8 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]
     for name, key in (
         ("OTEL_BGTASKS_PROPAGATE_EXCEPTIONS", "propagate_exceptions"),
         ("OTEL_BGTASKS_DURABLE", "durable"),
+        ("OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES", "redact_exception_messages"),
+        ("OTEL_BGTASKS_LOG_LOCALS", "log_locals"),
     ):
         if (raw := _value(env, name)) is not None:
             options[key] = _parse(name, raw, _bool, "true or false")

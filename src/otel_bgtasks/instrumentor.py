@@ -114,6 +114,8 @@ class InstrumentOptions(TypedDict, total=False):
     dispatch: DispatchMode | Dispatcher
     max_concurrency: int
     drain_timeout: float
+    redact_exception_messages: bool
+    log_locals: bool
     # BaseInstrumentor's own switches
     skip_dep_check: bool
     raise_exception_on_conflict: bool
@@ -256,6 +258,8 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 dead_letter_store=store,
                 serializer=options.get("serializer"),
                 error_classifier=options.get("error_classifier", classify_error),
+                redact_exception_messages=options.get("redact_exception_messages", False),
+                log_locals=options.get("log_locals", False),
             )
             seam = DispatchSeam(
                 executor,

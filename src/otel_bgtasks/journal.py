@@ -18,6 +18,7 @@ import threading
 import structlog
 
 from otel_bgtasks._ids import span_id_hex, trace_id_hex
+from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks.calls import Serializer, encode_call
 from otel_bgtasks.identity import process_identity
 from otel_bgtasks.records import JournalEntry
@@ -77,7 +78,7 @@ class Journal:
             enqueued_at=state.enqueued_wall,
             trace_id=trace_id_hex(state.link),
             span_id=span_id_hex(state.link),
-        )
+        ).signed()  # with a signing key set; recovery verifies it before decoding
         if gate_active() and _on_event_loop():
             future = self._writer_pool().submit(self._write_add, entry)
             self._adds[state.task_id] = future
@@ -134,10 +135,11 @@ class Journal:
         try:
             self.store.journal_remove(task_id)
         except Exception:  # recovery will find it again; a duplicate beats a lost task
-            _log.exception(
+            _log.error(
                 "durable task could not be removed from the journal",
                 task_id=task_id,
                 task_name=task_name,
+                **exception_fields(),
             )
 
     def close(self) -> None:
@@ -153,6 +155,6 @@ class Journal:
             try:
                 self.store.heartbeat(process_identity())
             except Exception:  # a store outage: recovery elsewhere may see us as stale
-                _log.exception("journal heartbeat failed")
+                _log.error("journal heartbeat failed", **exception_fields())
             if self._closed.wait(HEARTBEAT_EVERY):
                 return

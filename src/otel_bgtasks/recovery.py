@@ -36,7 +36,7 @@ from otel_bgtasks._execution import Executor, active_executor
 from otel_bgtasks._ids import from_hex
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import decode_call
-from otel_bgtasks.errors import ConfigurationError, CorruptEntryError
+from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, UntrustedEntryError
 from otel_bgtasks.identity import owner_is_dead, process_identity
 from otel_bgtasks.records import DeadLetter, JournalEntry
 from otel_bgtasks.replay import renewing, standalone_executor
@@ -68,10 +68,12 @@ class RecoveryReport:
     rerun_succeeded: int = 0
     rerun_failed: int = 0
     dead_lettered: int = 0
+    refused: int = 0
+    """Entries not re-run (unsigned/tampered, or not a registered task): kept as dead letters."""
 
     @property
     def total(self) -> int:
-        return self.rerun_succeeded + self.rerun_failed + self.dead_lettered
+        return self.rerun_succeeded + self.rerun_failed + self.dead_lettered + self.refused
 
 
 Handler = Callable[[JournalEntry, str], Awaitable[None]]
@@ -207,13 +209,13 @@ async def recover_interrupted_tasks(
     # Without an instrumented app (the CLI), re-runs that fail still reach the dead letters.
     runner = executor if executor is not None and executor.store is store else None
     runner = runner or standalone_executor(store)
-    counts = {"ok": 0, "failed": 0, "dead": 0}
+    counts = {"ok": 0, "failed": 0, "dead": 0, "refused": 0}
 
     async def rerun(journaled: JournalEntry, owner: str) -> None:
         counts[await _rerun(runner, store, journaled)] += 1
 
     owners = await _recover(store, stale_after, rerun, concurrency=concurrency)
-    report = RecoveryReport(counts["ok"], counts["failed"], counts["dead"])
+    report = RecoveryReport(counts["ok"], counts["failed"], counts["dead"], counts["refused"])
     if report.total:
         _log.warning(
             "recovered interrupted durable tasks",
@@ -221,24 +223,27 @@ async def recover_interrupted_tasks(
             rerun=report.rerun_succeeded,
             rerun_failed=report.rerun_failed,
             dead_lettered=report.dead_lettered,
+            refused=report.refused,
         )
     return report
 
 
 async def _rerun(
     executor: Executor, store: DeadLetterStore, journaled: JournalEntry
-) -> Literal["ok", "failed", "dead"]:
+) -> Literal["ok", "failed", "dead", "refused"]:
     """Re-run one entry: "ok"/"failed" by its result; "dead": it could not be re-run and was
-    dead-lettered instead."""
+    dead-lettered instead; "refused": the same, for an untrusted entry (nothing of it ran)."""
     try:
-        func, args, kwargs = decode_call(
-            journaled.func_ref, journaled.serializer, journaled.payload
-        )
-    except Exception as exc:  # gone or undecodable: keep it where an operator will see it
+        func, args, kwargs = decode_call(journaled)
+    except Exception as exc:  # gone, undecodable or refused: keep it where an operator looks
+        # from_journal keeps the row's signature: a refused row stays refused, never laundered
         entry = DeadLetter.from_journal(journaled, at=time.time())
         await asyncio.to_thread(
             store.put, entry.replace(error_type=type(exc).__name__, error_message=str(exc))
         )
+        if isinstance(exc, UntrustedEntryError):
+            _log.error("durable task refused", task_id=journaled.task_id, error=str(exc))
+            return "refused"
         return "dead"
     state = executor.prepare(
         func, args, kwargs, link=from_hex(journaled.trace_id, journaled.span_id)

@@ -26,10 +26,11 @@ from opentelemetry import metrics, trace
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._execution import Executor, active_executor
 from otel_bgtasks._ids import from_hex
+from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks._version import __version__
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import check_replayable, decode_call
-from otel_bgtasks.errors import CorruptEntryError, TaskImportError
+from otel_bgtasks.errors import CorruptEntryError, TaskImportError, UntrustedEntryError
 from otel_bgtasks.identity import process_identity
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
@@ -99,13 +100,15 @@ async def run_dead_letter(entry: DeadLetter, *, executor: Executor | None = None
     """Replay one dead letter; the entry itself is deleted or updated by the caller.
 
     Raises:
-        TaskImportError: the task's function can no longer be imported (the entry is kept).
+        UntrustedEntryError: unsigned or tampered while a signing key is set, or not one of
+            the app's registered tasks: nothing ran (the entry is kept).
+        TaskImportError: the entry has no function reference (the entry is kept).
         NotReplayableError: the entry was kept for inspection only.
         ValueError: the payload cannot be decoded by its serializer.
     """
     if executor is None:
         executor = active_executor() or standalone_executor()
-    func, args, kwargs = decode_call(entry.func_ref, entry.serializer, entry.payload)
+    func, args, kwargs = decode_call(entry)
     state = executor.prepare(func, args, kwargs, link=from_hex(entry.trace_id, entry.span_id))
     state.replay = True
     state.first_failure = entry.first_failure
@@ -144,7 +147,7 @@ ReplayRunner = Callable[[DeadLetter], Awaitable[ReplayResult]]
 """Re-runs a dead letter's task (as a new span linked to the original) and reports the result."""
 
 ReplayStatus = Literal[
-    "replayed", "failed", "import_error", "missing", "corrupt", "error", "claimed"
+    "replayed", "failed", "refused", "import_error", "missing", "corrupt", "error", "claimed"
 ]
 
 
@@ -153,10 +156,12 @@ class ReplayOutcome:
     """The result of replaying one entry.
 
     `status`: ``replayed`` (succeeded, deleted), ``failed`` (task failed again, entry updated),
-    ``import_error`` (function or its serializer unavailable here, entry kept), ``missing``
-    (no such id), ``corrupt`` (row cannot be decoded, kept), ``error`` (the runner itself
-    raised; entry kept unchanged), ``claimed`` (another replayer holds it, or, replaying
-    every entry, it was replayed and deleted by another meanwhile: not run here).
+    ``refused`` (unsigned or tampered while a signing key is set, or not a registered task of
+    this app: nothing ran, entry kept), ``import_error`` (no function reference, or its
+    serializer unavailable here, entry kept), ``missing`` (no such id), ``corrupt`` (row
+    cannot be decoded, kept), ``error`` (the runner itself raised; entry kept unchanged),
+    ``claimed`` (another replayer holds it, or, replaying every entry, it was replayed and
+    deleted by another meanwhile: not run here).
     """
 
     entry_id: str
@@ -310,7 +315,11 @@ class DeadLetters:
     async def _run_claimed(self, entry: DeadLetter, runner: ReplayRunner) -> ReplayOutcome:
         store = self.store
         try:
-            check_replayable(entry.func_ref, entry.serializer)
+            check_replayable(entry)
+        except UntrustedEntryError as exc:  # nothing of it ran or was imported
+            _log.error("dead letter replay refused", entry_id=entry.id, error=str(exc))
+            await self._call(store.release, entry.id, self.owner)
+            return ReplayOutcome(entry.id, "refused", entry.task_name, str(exc))
         except LookupError as exc:  # not importable, not replayable, or an unknown serializer
             _log.error("dead letter replay: task not importable", entry_id=entry.id, error=str(exc))
             await self._call(store.release, entry.id, self.owner)
@@ -319,12 +328,18 @@ class DeadLetters:
             renew = functools.partial(store.claim, entry.id, self.owner, lease=self.lease)
             async with renewing(renew, self.lease / 3):
                 result = await runner(entry)
+        except UntrustedEntryError as exc:
+            _log.error("dead letter replay refused", entry_id=entry.id, error=str(exc))
+            await self._call(store.release, entry.id, self.owner)
+            return ReplayOutcome(entry.id, "refused", entry.task_name, str(exc))
         except TaskImportError as exc:
             _log.error("dead letter replay: task not importable", entry_id=entry.id, error=str(exc))
             await self._call(store.release, entry.id, self.owner)
             return ReplayOutcome(entry.id, "import_error", entry.task_name, str(exc))
         except Exception as exc:  # the runner broke: keep the entry untouched, go on
-            _log.exception("dead letter replay: runner failed", entry_id=entry.id)
+            _log.error(
+                "dead letter replay: runner failed", entry_id=entry.id, **exception_fields(exc)
+            )
             await self._call(store.release, entry.id, self.owner)
             return ReplayOutcome(entry.id, "error", entry.task_name, f"{type(exc).__name__}: {exc}")
         if result.ok:

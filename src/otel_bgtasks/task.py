@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, overload
 
 from otel_bgtasks.circuit import CircuitBreaker
 from otel_bgtasks.errors import ConfigurationError
+from otel_bgtasks.registry import register_task
 from otel_bgtasks.retry import RetryPolicy
 
 __all__ = [
@@ -126,7 +127,9 @@ def background_task(
 
     Usable bare (`@background_task`) or with arguments (`@background_task(name="send-mail")`).
     Options left out use the instrumentor's defaults. `dispatch` ("inline" or "local") says
-    where the task runs once its response is done (`otel_bgtasks.dispatch`).
+    where the task runs once its response is done (`otel_bgtasks.dispatch`). The function
+    becomes one of the app's registered tasks: its dead letters and journal rows can be
+    replayed and recovered (see `otel_bgtasks.registry`).
 
     Raises:
         ValueError: an option is invalid (empty name, non-positive timeout); raised here, at
@@ -145,6 +148,7 @@ def background_task(
         if not callable(f):
             raise TypeError(f"background_task() decorates callables, got {type(f).__name__}")
         setattr(f, _OPTIONS_ATTR, options)
+        register_task(f)  # replayable by its reference: one of the app's tasks
         return f
 
     return decorate(func) if func is not None else decorate

@@ -954,6 +954,8 @@ def cli_replay(scenario: Scenario) -> CLIReplay:
             # Import the demo's tasks without the demo app configuring telemetry on import,
             # as any application's task module: the CLI has to set up the export itself.
             "OTEL_BGTASKS_DEMO_NO_INSTRUMENT": "1",
+            # The app's task module, imported on purpose (entries never choose what is imported)
+            "OTEL_BGTASKS_TASK_MODULES": "otel_bgtasks.demo.app",
         },
     )
     return CLIReplay(before, result, listing(), service)

@@ -339,16 +339,16 @@ def test_replay_of_a_task_that_can_no_longer_be_imported_keeps_the_entry(serve):
 
     one = client.post(f"/bgtasks/dead-letters/{gone.id}/replay", headers=AUTH).json()
     assert one["id"] == gone.id
-    assert one["status"] == "import_error"
+    assert one["status"] == "refused"  # not one of the app's tasks: never imported
     assert GONE_REF in one["message"]
-    assert "can no longer be imported" in one["message"]
+    assert "is not a registered task of this app" in one["message"]
     assert served.store.get(gone.id) == gone  # kept, untouched
 
     # Replay all: the importable one runs and goes, the other is reported and kept.
     everything = client.post("/bgtasks/dead-letters/replay", headers=AUTH).json()
     assert everything["replayed"] == 1
     assert sorted((o["id"], o["status"]) for o in everything["outcomes"]) == sorted(
-        [(gone.id, "import_error"), (broken.id, "replayed")]
+        [(gone.id, "refused"), (broken.id, "replayed")]
     )
     assert [e.id for e in served.store.list()] == [gone.id]
     assert [s.name for s in served.telemetry.spans() if "vanished" in s.name] == []

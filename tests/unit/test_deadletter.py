@@ -27,6 +27,7 @@ from otel_bgtasks.calls import (
 from otel_bgtasks.errors import SerializationError, TaskImportError
 from otel_bgtasks.identity import owner_is_alive, owner_is_dead, process_identity
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.registry import declare_task_modules, register_task
 from otel_bgtasks.replay import DeadLetters, ReplayOutcome, ReplayResult
 from otel_bgtasks.stores import SQLiteDeadLetterStore
 from tests.unit.test_deadletter_contract import SPAN_ID, T0, TRACE_ID, make_entry, make_journal
@@ -63,6 +64,14 @@ class User:
 
 
 @pytest.fixture(autouse=True)
+def _app_tasks() -> None:
+    """This module is a declared task module (its own functions are replayable); a static
+    method, which that rule does not cover, is registered as @background_task does."""
+    declare_task_modules([__name__])
+    register_task(Jobs.nightly)
+
+
+@pytest.fixture(autouse=True)
 def _clear_sink() -> Iterator[None]:
     SINK.clear()
     yield
@@ -91,6 +100,7 @@ def test_dead_letter_json_round_trip() -> None:
         "reason": "circuit_open",
         "trace_id": TRACE_ID,
         "span_id": SPAN_ID,
+        "signature": "",
     }
     assert DeadLetter.from_json(entry.to_json()) == entry
     assert DeadLetter.from_dict({**data, "last_failure": 5}).last_failure == 5.0
@@ -287,7 +297,8 @@ def test_func_ref_and_resolve_round_trip() -> None:
     assert func_ref(Jobs.nightly) == "tests.unit.test_deadletter:Jobs.nightly"
     assert resolve("tests.unit.test_deadletter:Jobs.nightly") is Jobs.nightly
     assert resolve(func_ref(send_mail)) is send_mail
-    assert resolve("os.path:join") is os.path.join
+    with pytest.raises(TaskImportError, match=r"'os\.path:join' is not a registered task"):
+        resolve("os.path:join")  # importable, but not one of the app's tasks
 
 
 def test_func_ref_refuses_what_another_process_cannot_import() -> None:
@@ -327,16 +338,16 @@ def test_func_ref_refuses_bound_methods_and_main() -> None:
     [
         (
             "no_such_module_xyz:f",
-            r"task 'no_such_module_xyz:f' can no longer be imported: "
-            r"ModuleNotFoundError: .*; the entry is kept",
+            r"^refused: task 'no_such_module_xyz:f' is not a registered task of this app"
+            r" \(declared task modules: .*tests.unit.test_deadletter.*\); decorate it with"
+            r" @background_task in a module given by --tasks or OTEL_BGTASKS_TASK_MODULES;"
+            r" the entry is kept$",
         ),
-        (
-            "tests.unit.test_deadletter:gone",
-            r"module 'tests.unit.test_deadletter' has no "
-            r"attribute 'gone'; the entry is kept",
-        ),
-        ("tests.unit.test_deadletter:SINK", r"'SINK' is not callable"),
-        ("missing_colon", r"malformed reference"),
+        ("tests.unit.test_deadletter:gone", r"'tests.unit.test_deadletter:gone' is not a reg"),
+        ("tests.unit.test_deadletter:SINK", r"'tests.unit.test_deadletter:SINK' is not a reg"),
+        ("tests.unit.test_deadletter:User", r"'tests.unit.test_deadletter:User' is not a reg"),
+        ("tests.unit.test_deadletter:os", r"'tests.unit.test_deadletter:os' is not a reg"),
+        ("missing_colon", r"'missing_colon' is not a registered task"),
         ("", r"the entry has no function reference"),
     ],
 )
@@ -458,14 +469,14 @@ async def test_replay_all_deletes_successes_updates_failures_keeps_unimportable(
     assert [(o.entry_id, o.status) for o in report.outcomes] == [
         (ok_sync.id, "replayed"),
         (fails.id, "failed"),
-        (gone.id, "import_error"),
+        (gone.id, "refused"),  # no longer one of the app's tasks
         (ok_async.id, "replayed"),
     ]
     assert seen == report.outcomes
     assert report.replayed == 2
     assert report.ok is False
     assert report.outcomes[1].message == "ConnectionError: downstream still down for 7"
-    assert "module 'tests.unit.test_deadletter' has no attribute 'removed'" in (
+    assert "'tests.unit.test_deadletter:removed' is not a registered task" in (
         report.outcomes[2].message
     )
     assert SINK == [("a@x", "s"), 42]
@@ -477,7 +488,7 @@ async def test_replay_all_deletes_successes_updates_failures_keeps_unimportable(
     assert kept[fails.id].error_message == "downstream still down for 7"
     assert kept[fails.id].last_failure > fails.last_failure
     assert [(log["event"], log["entry_id"]) for log in logs] == [
-        ("dead letter replay: task not importable", gone.id)
+        ("dead letter replay refused", gone.id)
     ]
 
 

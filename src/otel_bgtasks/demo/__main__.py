@@ -81,9 +81,7 @@ def _configure_logs() -> None:
             structlog.processors.add_log_level,
             TraceContextProcessor(),
             fewer_ids,
-            structlog.dev.ConsoleRenderer(
-                exception_formatter=one_line, colors=sys.stdout.isatty()
-            ),
+            structlog.dev.ConsoleRenderer(exception_formatter=one_line, colors=sys.stdout.isatty()),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
     )
