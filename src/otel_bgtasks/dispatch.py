@@ -417,6 +417,9 @@ class DispatchSeam:
             elif kind == "lifespan.shutdown":
                 # Before the app's own shutdown (its lifespan flushes telemetry, closes pools).
                 await seam.drain()
+                # uvicorn re-raises SIGTERM after shutdown, skipping atexit: flush the journal's
+                # queued writes and the store's buffer now, whatever lifespan the app has.
+                await asyncio.to_thread(seam.executor.flush_store)
             return message
 
         return wrapped

@@ -106,11 +106,12 @@ class Journal:
         try:
             self.store.journal_add(entry)
         except Exception:
-            _log.exception(
+            _log.error(
                 "durable task could not be journaled",
                 task_id=entry.task_id,
                 task_name=entry.task_name,
                 entry=entry.to_json(),
+                **exception_fields(),
             )
             raise
 

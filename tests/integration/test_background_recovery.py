@@ -20,6 +20,7 @@ from tests.integration.apps.claim_tasks import SECONDS_ENV, read_lines
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.records import JournalEntry
 from otel_bgtasks.recovery import start_recovery
+from otel_bgtasks.registry import declare_task_modules
 from otel_bgtasks.stores import SQLiteDeadLetterStore
 
 DEAD = "another-host:7:gone"
@@ -43,6 +44,7 @@ def test_app_serves_while_recovery_runs_and_shutdown_interrupts_it(
             )
         )
     monkeypatch.setenv(SECONDS_ENV, "0.5")  # re-runs happen in this process
+    declare_task_modules("tests.integration.apps.claim_tasks")  # the app's task module
     instrument(dead_letter_store=store)
 
     @asynccontextmanager

@@ -33,11 +33,21 @@ from otel_bgtasks.health import bearer_token_auth, bgtasks_router
 from otel_bgtasks.identity import process_identity
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
 from otel_bgtasks.recovery import recover_interrupted_tasks
+from otel_bgtasks.registry import TASK_MODULES_ENV, declare_task_modules
 from otel_bgtasks.replay import DeadLetters, run_dead_letter
 from otel_bgtasks.stores import open_store
 from otel_bgtasks.stores.base import DeadLetterStore
 
 TASKS = "tests.integration.apps.claim_tasks"
+# The task modules replay and recovery may run from (the store is untrusted: issue 10).
+MODULES = f"{TASKS},tests.integration.apps.durable_tasks"
+
+
+@pytest.fixture(autouse=True)
+def _declared_tasks() -> None:
+    declare_task_modules(MODULES)  # in this process; undone by the registry fixture
+
+
 ENTRIES = 300
 
 
@@ -78,7 +88,7 @@ def cli(url: str, *argv: str, env: dict[str, str] | None = None) -> subprocess.P
     return subprocess.Popen(
         [sys.executable, "-m", "otel_bgtasks.cli", "--store", url, *argv],
         cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), TASK_MODULES_ENV: MODULES, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -234,7 +244,12 @@ def kill_mid_replay(store_url: str, results: Path, lease: float) -> None:
     replayer = subprocess.Popen(
         [sys.executable, "-c", REPLAYER, store_url, str(lease)],
         cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), SECONDS_ENV: "0.5"},
+        env={
+            **os.environ,
+            "PYTHONPATH": str(REPO_ROOT),
+            TASK_MODULES_ENV: MODULES,
+            SECONDS_ENV: "0.5",
+        },
     )
     wait_until(lambda: len(runs(results, "start")) >= 4, what="a few replays to start")
     replayer.send_signal(signal.SIGKILL)
