@@ -18,6 +18,12 @@ from otel_bgtasks.registry import isolated
 
 
 @pytest.fixture(autouse=True)
+def _state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default dead-letter store lives in the user's state directory: never the real one."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture(autouse=True)
 def _task_registry() -> Iterator[None]:
     """Task modules a test declares (the CLI's --tasks) do not leak into the next test."""
     with isolated():

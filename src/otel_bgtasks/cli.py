@@ -64,7 +64,7 @@ from otel_bgtasks.replay import (
     run_dead_letter,
 )
 from otel_bgtasks.signing import SIGNING_KEY_ENV, SigningKeys, signing_keys, signing_override
-from otel_bgtasks.stores import DLQ_URL_ENV, open_store
+from otel_bgtasks.stores import DLQ_URL_ENV, default_store_path, default_store_url, open_store
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.telemetry import configure_telemetry
 
@@ -337,11 +337,15 @@ def _declare_tasks(ctx: _Context) -> None:
 
 def _open(url: str | None, environ: Mapping[str, str]) -> DeadLetterStore:
     url = url or environ.get(DLQ_URL_ENV) or None
-    if url is None:
-        raise CLIError(
-            f"no dead-letter store: pass --store URL or set {DLQ_URL_ENV}"
-            " (e.g. sqlite:////var/lib/app/dlq.db or redis://localhost:6379/0)"
-        )
+    if url is None:  # the store an app instrumented without settings writes to
+        default = default_store_path()
+        if not default.exists():
+            raise CLIError(
+                f"no dead-letter store: pass --store URL or set {DLQ_URL_ENV}"
+                " (e.g. sqlite:////var/lib/app/dlq.db or redis://localhost:6379/0); the default"
+                f" store {str(default)!r} does not exist (no dead letter was stored there yet)"
+            )
+        url = default_store_url()
     if url.lower().startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
         if path and not os.path.exists(path):

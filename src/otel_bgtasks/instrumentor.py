@@ -69,7 +69,7 @@ from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.package import _instruments
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
-from otel_bgtasks.stores import open_store
+from otel_bgtasks.stores import default_store_url, open_store
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.task import DispatchMode
 
@@ -91,8 +91,6 @@ _SCOPE = "otel_bgtasks"
 # when the attribute is absent; by holding it we keep one task span per run (ours).
 _UPSTREAM_ATTR = "_otel_original_call"
 _STATE_ATTR = "_bgtasks_state"
-
-DEFAULT_STORE_URL = "sqlite:///bgtasks-deadletters.db"
 
 
 class InstrumentOptions(TypedDict, total=False):
@@ -137,8 +135,8 @@ def _store(given: Any) -> DeadLetterStore | None:
     """The dead-letter store from an instrument() argument: a store, a URL, None or absent."""
     if given is None:
         return None
-    if given is _ABSENT:
-        given = DEFAULT_STORE_URL
+    if given is _ABSENT:  # nothing configured: the user's state directory, created lazily
+        return open_store(default_store_url(), lazy=True)
     if isinstance(given, str):
         return open_store(given)
     if not isinstance(given, DeadLetterStore):

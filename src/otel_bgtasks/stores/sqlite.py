@@ -98,8 +98,11 @@ class SQLiteDeadLetterStore(DeadLetterStore):
     """Dead letters in an SQLite file (created with its schema if missing).
 
     Args:
-        path: the database file; its directory must exist.
+        path: the database file; its directory must exist (unless `lazy`).
         timeout: seconds a writer waits for another process's write lock.
+        lazy: create the file (and its directory) only at the first write: a dead letter, a
+            journal row or a heartbeat. Until then reads see an empty store. The creation is
+            logged once, with the path (how the instrumentor's default store is opened).
 
     Raises:
         ValueError: the directory does not exist, the file is not an SQLite database, or it
@@ -107,11 +110,13 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         StoreUnavailableError: any other SQLite error (raised by every method too).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, timeout: float = 5.0, lazy: bool = False
+    ) -> None:
         self.path = os.fspath(path)
         self.timeout = timeout
         directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
+        if not lazy and not os.path.isdir(directory):
             raise ValueError(
                 f"cannot open dead-letter store {self.path!r}: directory {directory!r} does not"
                 " exist"
@@ -120,6 +125,14 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         self._connections: list[tuple[int, sqlite3.Connection]] = []
         self._connections_lock = threading.Lock()
         self._closed = False
+        # lazy and not created yet: reads answer from an empty in-memory schema
+        self._deferred = lazy and not os.path.exists(self.path)
+        self._create_lock = threading.Lock()
+        if self._deferred:
+            return
+        self._open_file()
+
+    def _open_file(self) -> None:
         try:
             self._init_schema()
         except sqlite3.DatabaseError as exc:
@@ -191,8 +204,38 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                 f"SQLite dead-letter store {self.path!r} was replaced and cannot be reopened: {exc}"
             ) from exc
 
+    def _create(self) -> None:
+        """The first write of a lazy store: create the directory and the file, log it once."""
+        with self._create_lock:
+            if not self._deferred:
+                return
+            directory = os.path.dirname(os.path.abspath(self.path))
+            try:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise StoreUnavailableError(
+                    f"cannot create the dead-letter store's directory {directory!r}: {exc};"
+                    " set OTEL_BGTASKS_DLQ_URL or pass dead_letter_store="
+                ) from exc
+            self._open_file()
+            self._deferred = False
+        _log.info("dead-letter store created", path=os.path.abspath(self.path))
+
+    def _empty(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "empty", None)
+        if conn is None:
+            conn = sqlite3.connect(":memory:", isolation_level=None)
+            conn.executescript(_SCHEMA)
+            self._local.empty = conn
+        return conn
+
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def _db(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+        if self._deferred:
+            if not write and not os.path.exists(self.path):
+                yield self._empty()  # nothing stored yet: an empty store, nothing created
+                return
+            self._create()  # a first write, or another process created the file meanwhile
         try:
             yield self._conn()
         except sqlite3.Error as exc:
@@ -237,7 +280,7 @@ class SQLiteDeadLetterStore(DeadLetterStore):
     # -- dead letters -----------------------------------------------------------------------
 
     def put(self, entry: DeadLetter) -> None:
-        with self._db() as db:
+        with self._db(write=True) as db:
             db.execute(
                 "INSERT OR REPLACE INTO dead_letters (id, task_name, reason, last_failure, data)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -409,7 +452,7 @@ class SQLiteDeadLetterStore(DeadLetterStore):
     # -- journal and owners -------------------------------------------------------------------
 
     def journal_add(self, entry: JournalEntry) -> None:
-        with self._db() as db:
+        with self._db(write=True) as db:
             db.execute(
                 "INSERT OR REPLACE INTO journal (task_id, owner, enqueued_at, data)"
                 " VALUES (?, ?, ?, ?)",
@@ -436,7 +479,7 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         return out
 
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
-        with self._db() as db:
+        with self._db(write=True) as db:
             db.execute(
                 "INSERT OR REPLACE INTO heartbeats (owner, at) VALUES (?, ?)",
                 (owner, time.time() if at is None else at),
