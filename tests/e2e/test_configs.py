@@ -429,7 +429,10 @@ def test_dockerfile_runs_the_demo_app() -> None:
 
     assert (REPO_ROOT / "src/otel_bgtasks/demo/app.py").is_file()
     assert '"otel_bgtasks.demo.app:app"' in dockerfile
-    assert 'pip install ".[demo]"' in dockerfile
+    # the demo's server and traffic (demo), and the compose file's Redis dead-letter store
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    assert compose["services"]["app"]["environment"]["OTEL_BGTASKS_DLQ_URL"].startswith("redis://")
+    assert 'pip install ".[demo,redis]"' in dockerfile
 
 
 # --------------------------------------------------------------------------- Grafana
