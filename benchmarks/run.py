@@ -1,6 +1,6 @@
 """Run the otel-bgtasks benchmarks; write benchmarks/results/latest.json and print a table.
 
-    python benchmarks/run.py                 # every benchmark (about 7 minutes on 2 cores)
+    python benchmarks/run.py                 # every benchmark (about 9 minutes on 2 cores)
     python benchmarks/run.py --quick         # a smoke run (< 2 minutes)
     python benchmarks/run.py --only per_task # one benchmark (comma-separated for several)
     python benchmarks/run.py --profile       # pyinstrument on the per_task `ours` variant
@@ -35,6 +35,7 @@ from benchmarks import (  # noqa: E402 - after the sys.path fix above
     backend_failing,
     backend_soak,
     contract_parts,
+    dispatch_load,
     drop_path,
     http_load,
     memory,
@@ -50,6 +51,7 @@ BENCHMARKS: dict[str, Any] = {
     "memory": memory,
     "http": http_load,
     "backend_failing": backend_failing,
+    "dispatch": dispatch_load,
 }
 # Opt-in (--only NAME): diagnostics that the default run leaves out to stay under 10 minutes.
 EXTRA: dict[str, Any] = {

@@ -10,6 +10,7 @@ from otel_bgtasks.alerting import AlertingSpanProcessor, install_alerting
 from otel_bgtasks.attributes import ErrorCategory, Outcome
 from otel_bgtasks.calls import JSONSerializer, Serializer, register_serializer
 from otel_bgtasks.circuit import CircuitBreaker, CircuitState, RedisCircuitBackend
+from otel_bgtasks.dispatch import Dispatcher
 from otel_bgtasks.errors import (
     BgTasksError,
     BusinessError,
@@ -45,7 +46,7 @@ from otel_bgtasks.sampling import LinkAwareSampler
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.stores import SQLiteDeadLetterStore, open_store
 from otel_bgtasks.stores.base import DeadLetterStore
-from otel_bgtasks.task import TaskOptions, background_task
+from otel_bgtasks.task import DispatchMode, TaskOptions, background_task
 from otel_bgtasks.telemetry import Telemetry, configure_telemetry
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ __all__ = [
     "DeadLetterReason",
     "DeadLetterStore",
     "DeadLetters",
+    "DispatchMode",
+    "Dispatcher",
     "EffectiveOptions",
     "ErrorCategory",
     "InstrumentOptions",

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import FunctionType, MethodType
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 from opentelemetry import context as otel_context
@@ -40,7 +40,14 @@ from otel_bgtasks.errors import (
 )
 from otel_bgtasks.journal import Journal
 from otel_bgtasks.metrics import Instruments
-from otel_bgtasks.options import EffectiveOptions, TaskDefaults, effective_options
+from otel_bgtasks.options import (
+    TRACE_MODES,
+    EffectiveOptions,
+    TaskDefaults,
+    TraceMode,
+    check_trace_mode,
+    effective_options,
+)
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
@@ -57,9 +64,6 @@ __all__ = [
     "current_task",
     "set_active_executor",
 ]
-
-TraceMode = Literal["link", "child"]
-TRACE_MODES: tuple[TraceMode, ...] = ("link", "child")
 
 TaskHook = Callable[[Span, TaskCallState], None]
 """Called with the task span and state: at start (`start_hook`) and at the end (`end_hook`)."""
@@ -122,14 +126,6 @@ def set_active_executor(executor: Executor | None) -> None:
     _active = executor
 
 
-def check_trace_mode(trace_mode: object) -> None:
-    """Raises `ConfigurationError` (a `ValueError`) naming the valid trace modes."""
-    if trace_mode not in TRACE_MODES:
-        raise ConfigurationError(
-            f"trace_mode={trace_mode!r} is not valid; use one of {', '.join(TRACE_MODES)}"
-        )
-
-
 def call_hook(hook: TaskHook | None, span: Span, state: TaskCallState) -> None:
     """Run a user hook; a hook that raises is logged and never breaks the task."""
     if hook is None:
@@ -184,6 +180,8 @@ class Executor:
         self._described: dict[Any, EffectiveOptions] = {}
         # Scheduled or running tasks, for the health endpoint and the shutdown report.
         self.inflight: dict[str, TaskCallState] = {}
+        # Ids of scheduled tasks not started yet (`bgtasks.task.pending`).
+        self._unstarted: set[str] = set()
         self.recent_failures: list[dict[str, Any]] = []
         if dead_letter_store is not None:
             self.instruments.add_depth_source(self._observe_depth)
@@ -216,6 +214,8 @@ class Executor:
                 attr.EVENT_ENQUEUED, {attr.TASK_NAME: state.name, attr.TASK_ID: state.task_id}
             )
         self.inflight[state.task_id] = state
+        self._unstarted.add(state.task_id)
+        self.instruments.task_pending(state.name, 1)
         return state
 
     def prepare(
@@ -276,6 +276,7 @@ class Executor:
         """
         if self.inflight.pop(state.task_id, None) is None:
             return
+        self._leave_pending(state)
         self.instruments.skipped.add(
             1, {attr.TASK_NAME: state.name, attr.SKIP_REASON: reason.value}
         )
@@ -288,6 +289,27 @@ class Executor:
             reason=reason.value,
             durable=state.journaled,
         )
+
+    def release(self, state: TaskCallState) -> None:
+        """A scheduled task left this process without running here (a distributed
+        dispatcher published it): it leaves `inflight` and `bgtasks.task.pending`, no span."""
+        if self.inflight.pop(state.task_id, None) is not None:
+            self._leave_pending(state)
+
+    def _leave_pending(self, state: TaskCallState) -> None:
+        try:
+            self._unstarted.remove(state.task_id)
+        except KeyError:  # not scheduled here (a replay, a recovery) or already started
+            return
+        self.instruments.task_pending(state.name, -1)
+
+    def pending_count(self) -> int:
+        """Tasks scheduled and not started yet."""
+        return len(self._unstarted)
+
+    def is_pending(self, state: TaskCallState) -> bool:
+        """`state` was scheduled here and has not started (nor been skipped)."""
+        return state.task_id in self._unstarted
 
     # -- policies ---------------------------------------------------------------------------
 
@@ -356,24 +378,26 @@ class Executor:
                 breaker.listeners.remove(self._on_transition)
         self.report_pending()
 
-    def report_pending(self) -> None:
-        """Log every task still scheduled or running (at shutdown: never dropped silently)."""
+    def report_pending(self, *, sample: int = 5) -> None:
+        """Log one summary of the tasks still scheduled or running (at shutdown: never
+        dropped silently): counts by task, running/pending/durable counts, a few ids."""
         pending = list(self.inflight.values())
-        if pending:
-            _log.warning(
-                "background tasks still pending or running at shutdown",
-                count=len(pending),
-                tasks=[
-                    {
-                        "task_name": s.name,
-                        "task_id": s.task_id,
-                        "attempt": s.attempt,
-                        "durable": s.journaled,
-                    }
-                    for s in pending
-                ],
-                hint="durable tasks stay journaled and are recovered by `otel-bgtasks recover`",
-            )
+        if not pending:
+            return
+        by_task: dict[str, int] = {}
+        for s in pending:
+            by_task[s.name] = by_task.get(s.name, 0) + 1
+        running = sum(1 for s in pending if s.task_id not in self._unstarted)
+        _log.warning(
+            "background tasks still pending or running at shutdown",
+            count=len(pending),
+            running=running,
+            pending=len(pending) - running,
+            durable=sum(1 for s in pending if s.journaled),
+            by_task=dict(sorted(by_task.items(), key=lambda kv: (-kv[1], kv[0]))[:20]),
+            sample_ids=[s.task_id for s in pending[:sample]],
+            hint="durable tasks stay journaled and are recovered by `otel-bgtasks recover`",
+        )
 
     # -- running ----------------------------------------------------------------------------
 
@@ -411,6 +435,8 @@ class Executor:
         """
         started = time.perf_counter()
         wait = started - state.enqueued_at
+        if state.task_id in self._unstarted:
+            self._leave_pending(state)
         span = self._start_span(state, wait)
         span_context = trace.set_span_in_context(span)
         # Recorded in the task span's context: exemplars point at the task's trace.

@@ -5,10 +5,11 @@
     app.include_router(bgtasks_router(auth=bearer_token_auth(os.environ["BGTASKS_ADMIN_TOKEN"])))
     app.include_router(bgtasks_router(admin=False))        # only GET /bgtasks/health
 
-GET /bgtasks/health: running and pending tasks, oldest running age, recent failures, circuit
-states, dead-letter depth and the write buffer (`degraded` while writes wait in memory or a
-circuit is open). It never waits on the store more than `HEALTH_STORE_TIMEOUT` seconds, and
-never on the event loop. Admin (auth required): GET /bgtasks/dead-letters,
+GET /bgtasks/health: running and pending tasks (pending by task, as `bgtasks.task.pending`),
+oldest running age, recent failures, circuit states, dead-letter depth and the write buffer
+(`degraded` while writes wait in memory or a circuit is open). It never waits on the store more
+than `HEALTH_STORE_TIMEOUT` seconds, and never on the event loop. Admin (auth required):
+GET /bgtasks/dead-letters,
 GET /bgtasks/dead-letters/{id}, POST /bgtasks/dead-letters/{id}/replay,
 POST /bgtasks/dead-letters/replay (all, or filtered by task/reason),
 DELETE /bgtasks/dead-letters/{id}.
@@ -103,7 +104,8 @@ def bgtasks_router(
             return {"status": "not_instrumented"}
         now = time.perf_counter()
         states = list(executor.inflight.values())
-        running = [s for s in states if s.attempt > 0]
+        running = [s for s in states if not executor.is_pending(s)]
+        pending = {name: n for name, n in sorted(executor.instruments.pending().items()) if n}
         depth: int | None = None
         buffer: dict[str, object] | None = None
         if executor.store is not None:
@@ -125,6 +127,7 @@ def bgtasks_router(
             "status": "degraded" if failing or "open" in circuits.values() else "ok",
             "running": len(running),
             "pending": len(states) - len(running),
+            "pending_by_task": pending,  # bgtasks.task.pending
             "oldest_running_seconds": max((now - s.enqueued_at for s in running), default=0.0),
             "recent_failures": executor.recent_failures[-10:],
             "circuits": circuits,

@@ -15,10 +15,13 @@ Usage::
         timeout=30.0,
         dead_letter_store="sqlite:///var/lib/app/dlq.db",  # or a store; None disables
         durable=False,
+        dispatch="inline",                               # or "local": a bounded pool after
+        max_concurrency=64, drain_timeout=30.0,          # the response (otel_bgtasks.dispatch)
     )
 
 or, with no code change, ``opentelemetry-instrument uvicorn app:app`` (this package registers an
-``opentelemetry_instrumentor`` entry point).
+``opentelemetry_instrumentor`` entry point; ``OTEL_BGTASKS_DISPATCH`` and
+``OTEL_BGTASKS_MAX_CONCURRENCY`` set ``dispatch`` and ``max_concurrency`` when not passed).
 
 Every Starlette ``BackgroundTask`` is covered: ``BackgroundTasks.add_task`` in endpoints and
 dependencies, ``Response(background=...)``, async and sync functions, partials and callable
@@ -34,7 +37,6 @@ instrumented first.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable, Collection
 from typing import Any, TypedDict, Unpack
 
@@ -42,7 +44,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
-from starlette.background import BackgroundTask
+from starlette.background import BackgroundTask, BackgroundTasks
 
 from otel_bgtasks._execution import (
     Executor,
@@ -55,13 +57,26 @@ from otel_bgtasks._execution import (
 from otel_bgtasks._version import __version__
 from otel_bgtasks.calls import Serializer
 from otel_bgtasks.circuit import CircuitBreaker
+from otel_bgtasks.dispatch import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MAX_CONCURRENCY,
+    Dispatcher,
+    DispatchSeam,
+)
+from otel_bgtasks.environment import options_from_env
 from otel_bgtasks.errors import ErrorClassifier, classify_error
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.package import _instruments
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
-from otel_bgtasks.stores import DLQ_URL_ENV, open_store
+from otel_bgtasks.stores import open_store
 from otel_bgtasks.stores.base import DeadLetterStore
+from otel_bgtasks.task import DispatchMode
+
+try:  # FastAPI >= 0.165 wraps each task in its own `fastapi.background_task` span
+    from fastapi.background import BackgroundTasks as FastAPIBackgroundTasks
+except ImportError:  # pragma: no cover - FastAPI is a dependency
+    FastAPIBackgroundTasks = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "BackgroundTasksInstrumentor",
@@ -96,6 +111,9 @@ class InstrumentOptions(TypedDict, total=False):
     dead_letter_store: DeadLetterStore | str | None
     serializer: Serializer | None
     error_classifier: ErrorClassifier
+    dispatch: DispatchMode | Dispatcher
+    max_concurrency: int
+    drain_timeout: float
     # BaseInstrumentor's own switches
     skip_dep_check: bool
     raise_exception_on_conflict: bool
@@ -118,7 +136,7 @@ def _store(given: Any) -> DeadLetterStore | None:
     if given is None:
         return None
     if given is _ABSENT:
-        given = os.environ.get(DLQ_URL_ENV) or DEFAULT_STORE_URL
+        given = DEFAULT_STORE_URL
     if isinstance(given, str):
         return open_store(given)
     if not isinstance(given, DeadLetterStore):
@@ -181,6 +199,8 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     _upstream_call: Any = None
     _upstream_original: Any = None
     _owned_store: DeadLetterStore | None = None
+    _seam: DispatchSeam | None = None
+    _fastapi_call: Any = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
@@ -198,9 +218,13 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         _check_keywords(kwargs)  # also when BaseInstrumentor is called directly
-        options: InstrumentOptions = kwargs  # type: ignore[assignment]
+        # OTEL_BGTASKS_* variables (how opentelemetry-instrument configures us); code wins.
+        options: InstrumentOptions = {**options_from_env(), **kwargs}  # type: ignore[typeddict-item]
         trace_mode = options.get("trace_mode", "link")
         check_trace_mode(trace_mode)  # before a store is opened
+        dispatch = options.get("dispatch", "inline")
+        max_concurrency = options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+        drain_timeout = options.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
         tracer = trace.get_tracer(
             _SCOPE,
             __version__,
@@ -233,17 +257,28 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 serializer=options.get("serializer"),
                 error_classifier=options.get("error_classifier", classify_error),
             )
+            seam = DispatchSeam(
+                executor,
+                dispatch=dispatch,
+                max_concurrency=max_concurrency,
+                drain_timeout=drain_timeout,
+            )
         except Exception:  # a bad setting: do not leave the store we opened behind
             if self._owned_store is not None:
                 self._owned_store.close()
                 self._owned_store = None
             raise
         self._patch(executor)
+        type(self)._seam = seam
+        seam.install()
         set_active_executor(executor)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         executor = active_executor()
         set_active_executor(None)
+        seam, type(self)._seam = type(self)._seam, None
+        if seam is not None:
+            seam.uninstall()
         self._unpatch()
         if executor is not None:
             executor.close()
@@ -266,7 +301,11 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             if current is not None:
                 if cls.__call__ is not __call__:
                     owner._reclaim(__call__)
-                setattr(self, _STATE_ATTR, current.schedule(func, a, kw, is_async=self.is_async))
+                state = current.schedule(func, a, kw, is_async=self.is_async)
+                setattr(self, _STATE_ATTR, state)
+                seam = owner._seam
+                if seam is not None:
+                    seam.scheduled(state)
 
         async def __call__(self: BackgroundTask) -> None:
             state: TaskCallState | None = getattr(self, _STATE_ATTR, None)
@@ -274,7 +313,11 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             if state is None or current is None:  # created before instrumentation
                 await original_call(self)
                 return
-            await current.run(state)
+            seam = owner._seam
+            if seam is None:
+                await current.run(state)
+            else:
+                await seam.call(state)
 
         owner = type(self)
         owner._original_init = original_init
@@ -284,6 +327,11 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         cls.__init__ = __init__  # type: ignore[method-assign]
         cls.__call__ = __call__  # type: ignore[method-assign]
         setattr(cls, _UPSTREAM_ATTR, __call__)
+        if FastAPIBackgroundTasks is not None and "__call__" in FastAPIBackgroundTasks.__dict__:
+            # FastAPI's own telemetry wraps each task in a `fastapi.background_task` span; ours
+            # is the one task span per run, so the collection runs its tasks as Starlette's does.
+            owner._fastapi_call = FastAPIBackgroundTasks.__dict__["__call__"]
+            FastAPIBackgroundTasks.__call__ = BackgroundTasks.__call__  # type: ignore[method-assign]
 
     @classmethod
     def _reclaim(cls, ours: Callable[..., Any]) -> None:
@@ -317,3 +365,6 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 delattr(cls, _UPSTREAM_ATTR)
         owner._original_init = owner._original_call = None
         owner._upstream_call = owner._upstream_original = None
+        if owner._fastapi_call is not None and FastAPIBackgroundTasks is not None:
+            FastAPIBackgroundTasks.__call__ = owner._fastapi_call  # type: ignore[method-assign]
+            owner._fastapi_call = None

@@ -61,6 +61,14 @@ class Instruments:
             unit="{task}",
             description="Background tasks running now",
         )
+        # Scheduled and not started yet, observed the same way (`bgtasks_task_pending`).
+        self._pending: dict[str, int] = {}
+        meter.create_observable_up_down_counter(
+            "bgtasks.task.pending",
+            callbacks=[self._observe_pending],
+            unit="{task}",
+            description="Background tasks scheduled and not started yet",
+        )
         self.retries = meter.create_counter(
             "bgtasks.task.retries", unit="{retry}", description="Retries of background tasks"
         )
@@ -116,6 +124,20 @@ class Instruments:
         """Count a task as no longer running."""
         with self._lock:
             self._active[name] -= 1
+
+    def task_pending(self, name: str, delta: int) -> None:
+        """Count a task as scheduled (+1) or as no longer waiting (-1: started or skipped)."""
+        with self._lock:
+            self._pending[name] = self._pending.get(name, 0) + delta
+
+    def pending(self) -> dict[str, int]:
+        """Tasks scheduled and not started, by task name (names seen so far, zeros included)."""
+        with self._lock:
+            return dict(self._pending)
+
+    def _observe_pending(self, options: CallbackOptions) -> Iterable[Observation]:
+        for name, count in self.pending().items():
+            yield Observation(count, {TASK_NAME: name})
 
     def active(self, name: str) -> int:
         """Tasks named `name` running now."""

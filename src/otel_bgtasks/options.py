@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from otel_bgtasks.circuit import CircuitBreaker
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.task import (
+    DispatchMode,
     check_timeout,
     function_name,
     is_async_callable,
@@ -18,7 +19,25 @@ from otel_bgtasks.task import (
     task_options,
 )
 
-__all__ = ["EffectiveOptions", "TaskDefaults", "effective_options"]
+__all__ = [
+    "TRACE_MODES",
+    "EffectiveOptions",
+    "TaskDefaults",
+    "TraceMode",
+    "check_trace_mode",
+    "effective_options",
+]
+
+TraceMode = Literal["link", "child"]
+TRACE_MODES: tuple[TraceMode, ...] = ("link", "child")
+
+
+def check_trace_mode(trace_mode: object) -> None:
+    """Raises `ConfigurationError` (a `ValueError`) naming the valid trace modes."""
+    if trace_mode not in TRACE_MODES:
+        raise ConfigurationError(
+            f"trace_mode={trace_mode!r} is not valid; use one of {', '.join(TRACE_MODES)}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +77,7 @@ class EffectiveOptions:
         breaker: the circuit breaker guarding it (resolved, shared by name), or None.
         timeout: seconds per attempt, or None.
         durable: journaled while scheduled or running.
+        dispatch: the decorator's dispatch mode, or None for the instrumentor's default.
     """
 
     name: str
@@ -67,6 +87,7 @@ class EffectiveOptions:
     breaker: CircuitBreaker | None
     timeout: float | None
     durable: bool
+    dispatch: DispatchMode | None = None
 
 
 def effective_options(
@@ -87,4 +108,5 @@ def effective_options(
         breaker=breaker_for(circuit, name) if circuit is not None else None,
         timeout=options.timeout or defaults.timeout,
         durable=options.durable if options.durable is not None else defaults.durable,
+        dispatch=options.dispatch,
     )

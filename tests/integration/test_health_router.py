@@ -131,6 +131,7 @@ def test_health_reports_running_pending_failures_and_depth(serve):
         "status": "ok",
         "running": 0,
         "pending": 0,
+        "pending_by_task": {},
         "oldest_running_seconds": 0.0,
         "recent_failures": [],
         "circuits": {},
@@ -155,6 +156,7 @@ def test_health_reports_running_pending_failures_and_depth(serve):
         "status": "ok",
         "running": 0,
         "pending": 0,
+        "pending_by_task": {},
         "oldest_running_seconds": 0.0,
         "circuits": {},
         "dead_letter_depth": 1,
@@ -166,6 +168,7 @@ def test_health_reports_running_pending_failures_and_depth(serve):
         lambda: (h := served.health())["running"] == 1 and h, what="the held task to run"
     )
     assert busy["pending"] == 1  # quick waits behind hold in the same response
+    assert busy["pending_by_task"] == {"quick": 1}
     assert busy["oldest_running_seconds"] > 0
     assert busy["status"] == "ok"
     assert len(busy["recent_failures"]) == 1

@@ -136,6 +136,9 @@ def test_instrument_options_list_every_documented_keyword():
         "error_classifier",
         "skip_dep_check",
         "raise_exception_on_conflict",
+        "dispatch",
+        "max_concurrency",
+        "drain_timeout",
     }
 
 

@@ -1,5 +1,6 @@
-"""The behaviour every `DeadLetterStore` must have, run against SQLite here and Redis in
-tests/integration/test_redis_store.py.
+"""The behaviour every `DeadLetterStore` must have, run against SQLite
+(test_deadletter_sqlite.py), the in-memory store of `otel_bgtasks.testing` (below) and Redis
+(tests/integration/test_redis_store.py).
 
 A subclass provides two fixtures: `store` (an empty store) and `inject_raw`, a function
 ``(entry_id, raw_text, last_failure) -> None`` writing a row the way the backend stores it,
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,6 +24,7 @@ from otel_bgtasks.identity import process_identity
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
 from otel_bgtasks.recovery import recover_interrupted
 from otel_bgtasks.stores.base import DeadLetterStore
+from otel_bgtasks.testing import InMemoryDeadLetterStore
 
 T0 = 1_700_000_000.0
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -395,3 +398,18 @@ def _json(data: dict[str, Any]) -> str:
     import json
 
     return json.dumps(data)
+
+
+class TestInMemoryStore(StoreContract):
+    """`otel_bgtasks.testing.InMemoryDeadLetterStore`, the store of the `bgtasks` fixture."""
+
+    @pytest.fixture
+    def store(self) -> InMemoryDeadLetterStore:
+        return InMemoryDeadLetterStore()
+
+    @pytest.fixture
+    def inject_raw(self, store: InMemoryDeadLetterStore) -> Callable[[str, str, float], None]:
+        def inject(entry_id: str, raw: str, last_failure: float) -> None:
+            store.put_raw(entry_id, raw, task_name="send_mail", reason="exhausted", at=last_failure)
+
+        return inject

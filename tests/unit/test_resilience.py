@@ -10,7 +10,13 @@ from opentelemetry.trace import StatusCode
 from starlette.background import BackgroundTask
 from tenacity import wait_none
 
-from otel_bgtasks import CircuitBreaker, RetryPolicy, background_task
+from otel_bgtasks import (
+    CircuitBreaker,
+    DeadLetterReason,
+    RetryPolicy,
+    TaskTimeoutError,
+    background_task,
+)
 
 FAST = RetryPolicy(max_attempts=3, wait=wait_none())
 
@@ -103,19 +109,19 @@ async def hangs() -> None:
     await asyncio.sleep(10)
 
 
-async def test_async_timeout_cancels_and_retries(telemetry, instrument):
-    instrument()
+async def test_async_timeout_cancels_and_retries(bgtasks):
     await BackgroundTask(hangs)()
-    span = telemetry.span("process hangs")
-    assert span.attributes["bgtasks.task.outcome"] == "timeout"
-    assert span.attributes["bgtasks.task.attempts"] == 2
-    assert span.attributes["error.type"] == "otel_bgtasks.errors.TaskTimeoutError"
-    assert [e.name for e in span.events] == [
+    run = bgtasks.task("hangs").assert_ran(
+        outcome="timeout", attempts=2, retries=1, error_type=TaskTimeoutError
+    )
+    assert [e.name for e in run.span.events] == [
         "bgtasks.timeout",
         "bgtasks.retry",
         "bgtasks.timeout",
+        "bgtasks.dlq.moved",
         "exception",
     ]
+    assert run.assert_dead_lettered(DeadLetterReason.TIMEOUT).attempts == 2
 
 
 @background_task(timeout=0.01)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -20,14 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
 from rich.console import Console
-from rich.table import Table
-from rich.tree import Tree
 
 from otel_bgtasks.alerting import (
     Alert,
@@ -37,16 +34,9 @@ from otel_bgtasks.alerting import (
     Notifier,
     install_alerting,
 )
+from otel_bgtasks.demo.report import render_report
 
 __all__ = ["main"]
-
-_OUTCOME_STYLE = {
-    "success": "green",
-    "failure": "red",
-    "dead_lettered": "magenta",
-    "rejected": "yellow",
-    "timeout": "red",
-}
 
 
 class _ReportNotifier(Notifier):
@@ -69,16 +59,6 @@ def _free_port() -> int:
         return port
 
 
-def _short(attributes: Any) -> str:
-    """Attributes without the `bgtasks.` prefixes, so the table fits a terminal."""
-    return ", ".join(
-        f"{k.removeprefix('bgtasks.').removeprefix('task.')}="
-        + (f"{v:.3f}" if isinstance(v, float) else f"{v!s}")
-        for k, v in sorted(attributes.items())
-        if k != "exception.message"
-    )
-
-
 def _configure_logs() -> None:
     """Warnings and errors only, one line each: the report is the main output."""
     import logging
@@ -90,105 +70,23 @@ def _configure_logs() -> None:
     def one_line(sio: Any, exc_info: Any) -> None:
         sio.write(f"\n    {exc_info[0].__name__}: {exc_info[1]}")
 
+    def fewer_ids(logger: Any, method: str, event_dict: Any) -> Any:
+        # The trace id is what a reader follows to Jaeger; span and task ids only add width.
+        event_dict.pop("span_id", None)
+        event_dict.pop("task_id", None)
+        return event_dict
+
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             TraceContextProcessor(),
-            structlog.dev.ConsoleRenderer(exception_formatter=one_line),
+            fewer_ids,
+            structlog.dev.ConsoleRenderer(
+                exception_formatter=one_line, colors=sys.stdout.isatty()
+            ),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
     )
-
-
-def _describe(span: ReadableSpan) -> str:
-    attrs = span.attributes or {}
-    outcome = str(attrs.get("bgtasks.task.outcome", "?"))
-    style = _OUTCOME_STYLE.get(outcome, "white")
-    duration = ((span.end_time or 0) - (span.start_time or 0)) / 1e6
-    extra = ""
-    if outcome != "success":
-        extra = f" {attrs.get('error.type', '')} [{attrs.get('bgtasks.error.category', '')}]"
-    return (
-        f"[bold]{span.name}[/] [{style}]{outcome}[/]{extra} "
-        f"attempts={attrs.get('bgtasks.task.attempts')} {duration:.1f} ms "
-        f"[dim]trace {span.context.trace_id:032x}[/]"
-    )
-
-
-def _add_task(node: Tree, span: ReadableSpan, spans: Sequence[ReadableSpan]) -> None:
-    branch = node.add(_describe(span))
-    for event in span.events:
-        if event.name == "exception":
-            continue
-        details = _short(event.attributes or {})
-        branch.add(f"[cyan]{event.name}[/] [dim]{details}[/]")
-    for child in spans:
-        if child.parent is not None and child.parent.span_id == span.context.span_id:
-            branch.add(f"{child.name} [dim](child span)[/]")
-
-
-def _report(
-    console: Console,
-    spans: Sequence[ReadableSpan],
-    reader: InMemoryMetricReader,
-    dead_before: list[Any],
-    dead_after: list[Any],
-    alerts: list[str],
-) -> None:
-    tasks = [s for s in spans if s.name.startswith("process ")]
-    by_link: dict[int, list[ReadableSpan]] = {}
-    for task in tasks:
-        for link in task.links:
-            by_link.setdefault(link.context.span_id, []).append(task)
-    requests = sorted(
-        (s for s in spans if s.kind is SpanKind.SERVER), key=lambda s: s.start_time or 0
-    )
-    tree = Tree("[bold]Requests and the background tasks they scheduled[/]")
-    for request in requests:
-        node = tree.add(
-            f"[bold blue]{request.name}[/] [dim]trace {request.context.trace_id:032x}[/]"
-        )
-        for task in by_link.get(request.context.span_id, []):
-            _add_task(node, task, spans)
-            for replay in by_link.get(task.context.span_id, []):
-                _add_task(node.add("[italic]replayed from the dead letters:[/]"), replay, spans)
-    console.print(tree)
-
-    table = Table(title="Metrics (as exported)", show_lines=False)
-    for column in ("instrument", "attributes", "value"):
-        table.add_column(column)
-    data = reader.get_metrics_data()
-    for rm in data.resource_metrics if data else []:
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                for point in metric.data.data_points:
-                    attrs = _short(point.attributes or {})
-                    if isinstance(point, HistogramDataPoint):
-                        mean = point.sum / point.count if point.count else 0.0
-                        value = f"count={point.count} mean={mean * 1000:.1f} ms"
-                    else:
-                        value = str(getattr(point, "value", ""))
-                    table.add_row(f"{metric.name} [dim]{metric.unit}[/]", attrs, value)
-    console.print(table)
-
-    dlq = Table(
-        title=f"Dead letters: {len(dead_before)} stored, {len(dead_after)} left after replay"
-    )
-    for column in ("task", "reason", "category", "error", "attempts"):
-        dlq.add_column(column)
-    for entry in dead_before:
-        dlq.add_row(
-            entry.task_name,
-            entry.reason.value,
-            entry.category,
-            f"{entry.error_type}: {entry.error_message}"[:60],
-            str(entry.attempts),
-        )
-    console.print(dlq)
-    if alerts:
-        console.print("[bold]In-process alerts[/]")
-        for line in alerts:
-            console.print(f"  {line}")
 
 
 async def _wait_idle(executor: Any, timeout: float = 10.0) -> None:
@@ -223,13 +121,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.parse_args(argv)
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="list every series of the upstream HTTP instrumentation (default: one summary line)",
+    )
+    args = parser.parse_args(argv)
     import uvicorn
 
     from otel_bgtasks import BackgroundTasksInstrumentor, configure_telemetry
     from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 
     console = Console()
+    if not console.is_terminal:  # piped (make demo | less, CI logs): 80 columns cut the names
+        console = Console(width=120)
     _configure_logs()
     exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
     telemetry = configure_telemetry(
@@ -264,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             time.sleep(0.01)
         console.rule("[bold]otel-bgtasks demo")
         console.print(f"app on http://127.0.0.1:{port}; sending traffic ...")
+        console.print(
+            "[dim]The app's own log follows (warnings and errors): the failures are on purpose,"
+            " each task is made to succeed, fail, retry or trip the breaker.[/]"
+        )
         try:
             before, after = asyncio.run(
                 _traffic(f"http://127.0.0.1:{port}", current_executor(), breaker_wait=1.1)
@@ -273,7 +182,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             thread.join(5)
         telemetry.tracer_provider.force_flush()
         alerting.force_flush()
-        _report(console, exporter.get_finished_spans(), reader, before, after, alerts)
+        render_report(
+            console,
+            exporter.get_finished_spans(),
+            reader.get_metrics_data(),
+            before,
+            after,
+            alerts,
+            include_http=args.http,
+        )
         instrumentor.uninstrument()
         store.close()
     telemetry.shutdown()
