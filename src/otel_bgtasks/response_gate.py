@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["JournalGate", "gate_active", "track_write", "wait_for_writes"]
+__all__ = ["JournalGate", "RequestGate", "gate_active", "track_write", "wait_for_writes"]
 
 _Scope = MutableMapping[str, Any]
 _Message = MutableMapping[str, Any]
@@ -61,6 +61,40 @@ async def wait_for_writes() -> None:
             continue
 
 
+class RequestGate:
+    """The gate of one HTTP request, for an ASGI wrapper that already exists (the dispatch
+    seam): open it around the request, pass `wrap(send)` down, `await close()` at the end::
+
+        gate = RequestGate()
+        try:
+            await app(scope, receive, gate.wrap(send))
+        finally:
+            await gate.close()
+
+    Open it in the task that runs the request: the journal registers its writes in it.
+    """
+
+    def __init__(self) -> None:
+        self._token = _writes.set([])
+        self._started = False
+
+    def wrap(self, send: _Send) -> _Send:
+        async def gated_send(message: _Message) -> None:
+            if not self._started and message.get("type") == "http.response.start":
+                self._started = True
+                await wait_for_writes()
+            await send(message)
+
+        return gated_send
+
+    async def close(self) -> None:
+        """Wait for the writes still registered (tasks added after the response started)."""
+        try:
+            await wait_for_writes()
+        finally:
+            _writes.reset(self._token)
+
+
 class JournalGate:
     """ASGI middleware: defer durable journal writes off the event loop, and send a
     response's first message only once they are committed."""
@@ -72,18 +106,8 @@ class JournalGate:
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
-        token = _writes.set([])
-        started = False
-
-        async def gated_send(message: _Message) -> None:
-            nonlocal started
-            if not started and message.get("type") == "http.response.start":
-                started = True
-                await wait_for_writes()
-            await send(message)
-
+        gate = RequestGate()
         try:
-            await self.app(scope, receive, gated_send)
+            await self.app(scope, receive, gate.wrap(send))
         finally:
-            await wait_for_writes()  # background tasks added after the response started
-            _writes.reset(token)
+            await gate.close()
