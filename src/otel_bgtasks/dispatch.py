@@ -58,6 +58,7 @@ from starlette.applications import Starlette
 from otel_bgtasks._execution import Executor
 from otel_bgtasks.attributes import SkipReason
 from otel_bgtasks.errors import ConfigurationError
+from otel_bgtasks.response_gate import RequestGate
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.task import DISPATCH_MODES, DispatchMode
 
@@ -388,13 +389,17 @@ class DispatchSeam:
     ) -> None:
         group = TaskGroup()
         token = _group.set(group)
+        # durable journal rows are written off the loop and committed before the response
+        # starts (response_gate, DESIGN.md §6)
+        gate = RequestGate()
         error: BaseException | None = None
         try:
-            await original(app, scope, receive, send)
+            await original(app, scope, receive, gate.wrap(send))
         except BaseException as exc:
             error = exc
             raise
         finally:
+            await gate.close()
             _group.reset(token)
             if group.states:
                 self.close_group(group, error)
@@ -412,6 +417,9 @@ class DispatchSeam:
             elif kind == "lifespan.shutdown":
                 # Before the app's own shutdown (its lifespan flushes telemetry, closes pools).
                 await seam.drain()
+                # Then the journal's queued writes and the store's buffer (bounded): uvicorn
+                # ends a SIGTERM'd process without exit handlers.
+                await asyncio.to_thread(seam.executor.flush_store)
             return message
 
         return wrapped
