@@ -8,7 +8,7 @@ latency. Scenarios:
 
 - ``sqlite_healthy`` / ``sqlite_locked``: another process holds an exclusive lock on the
   SQLite file (``BEGIN EXCLUSIVE``) for the whole measurement;
-- ``sqlite_locked_nogate``: the same without `JournalGate` (journal writes on the event loop,
+- ``sqlite_locked_nogate``: the same with the response gate off (journal writes on the event loop,
   as before issue 11), for comparison;
 - ``redis_healthy`` / ``redis_blackholed``: the redis-server is stopped with SIGSTOP
   (connections accepted by the kernel, never answered) for the whole measurement.
