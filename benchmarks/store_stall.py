@@ -8,7 +8,7 @@ latency. Scenarios:
 
 - ``sqlite_healthy`` / ``sqlite_locked``: another process holds an exclusive lock on the
   SQLite file (``BEGIN EXCLUSIVE``) for the whole measurement;
-- ``sqlite_locked_nogate``: the same without `JournalGate` (journal writes on the event loop,
+- ``sqlite_locked_nogate``: the same with the response gate off (journal writes on the event loop,
   as before issue 11), for comparison;
 - ``redis_healthy`` / ``redis_blackholed``: the redis-server is stopped with SIGSTOP
   (connections accepted by the kernel, never answered) for the whole measurement.
@@ -152,10 +152,11 @@ def _measure(base: str, duration: float) -> dict[str, Any]:
         t.start()
     pings: list[float] = []
     sched: list[float] = []
+    slow: list[tuple[float, float]] = []  # (seconds into the measurement, ms), the first 20
     errors = 0
     with httpx.Client(base_url=base, timeout=30.0) as client:
-        end = time.perf_counter() + duration
-        slot = time.perf_counter()
+        start = slot = time.perf_counter()
+        end = start + duration
         while slot < end:
             time.sleep(max(0.0, slot - time.perf_counter()))
             begin = time.perf_counter()
@@ -166,6 +167,8 @@ def _measure(base: str, duration: float) -> dict[str, Any]:
                 # from the slot it was due at: a frozen server delays every slot it covers
                 # (no coordinated omission), not just the one request that waited
                 sched.append(done - slot)
+                if done - slot > 0.05 and len(slow) < 20:
+                    slow.append((round(slot - start, 2), round((done - slot) * 1000, 1)))
             except httpx.HTTPError:
                 errors += 1
             slot += PING_EVERY
@@ -185,6 +188,7 @@ def _measure(base: str, duration: float) -> dict[str, Any]:
         "health_p99_ms": _pct(health, 0.99) * 1000,
         "health_max_ms": max(health) * 1000 if health else float("nan"),
         "durable_requests": durable[0],
+        "slow_pings": slow,
     }
 
 
@@ -275,7 +279,7 @@ def run(
         for name in SCENARIOS:
             per[name].append(_scenario(name, work, config, log))
     scenarios = {
-        name: {key: median(r[key] for r in results) for key in results[0]}
+        name: {key: median(r[key] for r in results) for key in results[0] if key != "slow_pings"}
         for name, results in per.items()
     }
     ratios = {

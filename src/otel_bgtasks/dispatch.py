@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import math
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -59,7 +58,7 @@ from starlette.applications import Starlette
 from otel_bgtasks._execution import Executor
 from otel_bgtasks.attributes import SkipReason
 from otel_bgtasks.errors import ConfigurationError
-from otel_bgtasks.response_gate import gate_active, gated
+from otel_bgtasks.response_gate import RequestGate
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.task import DISPATCH_MODES, DispatchMode
 
@@ -390,16 +389,17 @@ class DispatchSeam:
     ) -> None:
         group = TaskGroup()
         token = _group.set(group)
+        # durable journal rows are written off the loop and committed before the response
+        # starts (response_gate, DESIGN.md §6)
+        gate = RequestGate()
         error: BaseException | None = None
         try:
-            if gate_active():  # an outer JournalGate (or app) already holds the response
-                await original(app, scope, receive, send)
-            else:
-                await gated(functools.partial(original, app), scope, receive, send)
+            await original(app, scope, receive, gate.wrap(send))
         except BaseException as exc:
             error = exc
             raise
         finally:
+            await gate.close()
             _group.reset(token)
             if group.states:
                 self.close_group(group, error)
@@ -417,8 +417,8 @@ class DispatchSeam:
             elif kind == "lifespan.shutdown":
                 # Before the app's own shutdown (its lifespan flushes telemetry, closes pools).
                 await seam.drain()
-                # uvicorn re-raises SIGTERM after shutdown, skipping atexit: flush the journal's
-                # queued writes and the store's buffer now, whatever lifespan the app has.
+                # Then the journal's queued writes and the store's buffer (bounded): uvicorn
+                # ends a SIGTERM'd process without exit handlers.
                 await asyncio.to_thread(seam.executor.flush_store)
             return message
 

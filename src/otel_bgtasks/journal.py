@@ -1,12 +1,13 @@
 """The durable-task journal: a row per durable task from scheduling to its end, and the
 heartbeat that tells recovery elsewhere this process is alive.
 
-Store calls never run on the event loop: inside a request held by a `JournalGate` the row is
-written by the journal's writer thread and the gate sends the response only once it is
-committed (`response_gate`); removals from the event loop go to the same writer, after the
-add (one thread, in order). Elsewhere (sync endpoints in the thread pool, plain threads) the
-journal writes synchronously, as it is off the loop already; from the event loop without a
-gate the add stays synchronous too, so the row is committed before the response either way.
+Store calls never run on the event loop: inside a gated request (every Starlette request, by
+the dispatch seam; `JournalGate` for other ASGI apps) the row is written by the journal's
+writer thread and the gate sends the response only once it is committed (`response_gate`);
+removals from the event loop go to the same writer, after the add (one thread, in order).
+Elsewhere (sync endpoints in the thread pool, plain threads) the journal writes synchronously,
+as it is off the loop already; from the event loop without a gate (`schedule()` outside a
+request) the add stays synchronous too, so the row is committed before it returns.
 """
 
 from __future__ import annotations

@@ -7,11 +7,8 @@ by `JournalGate` the journal hands its writes to a worker thread and registers t
 the gate awaits them (off the loop) when the response starts. Without a gate, writes from
 the event loop stay synchronous: the guarantee is kept either way.
 
-The instrumentor opens a gate around every Starlette/FastAPI request (`gated`, called by the
-dispatch seam), so an instrumented app needs nothing more. `JournalGate` is the same gate as
-ASGI middleware, for apps that wrap other ASGI frameworks:
-
-    app = JournalGate(app)
+    app = FastAPI()
+    app.add_middleware(JournalGate)      # or: app = JournalGate(app)
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["JournalGate", "gate_active", "gated", "track_write", "wait_for_writes"]
+__all__ = ["JournalGate", "RequestGate", "gate_active", "track_write", "wait_for_writes"]
 
 _Scope = MutableMapping[str, Any]
 _Message = MutableMapping[str, Any]
@@ -64,24 +61,38 @@ async def wait_for_writes() -> None:
             continue
 
 
-async def gated(app: _ASGIApp, scope: _Scope, receive: _Receive, send: _Send) -> None:
-    """Run one HTTP request with a gate open: its journal writes go to a worker thread and
-    its first response message waits until they are committed."""
-    token = _writes.set([])
-    started = False
+class RequestGate:
+    """The gate of one HTTP request, for an ASGI wrapper that already exists (the dispatch
+    seam): open it around the request, pass `wrap(send)` down, `await close()` at the end::
 
-    async def gated_send(message: _Message) -> None:
-        nonlocal started
-        if not started and message.get("type") == "http.response.start":
-            started = True
+        gate = RequestGate()
+        try:
+            await app(scope, receive, gate.wrap(send))
+        finally:
+            await gate.close()
+
+    Open it in the task that runs the request: the journal registers its writes in it.
+    """
+
+    def __init__(self) -> None:
+        self._token = _writes.set([])
+        self._started = False
+
+    def wrap(self, send: _Send) -> _Send:
+        async def gated_send(message: _Message) -> None:
+            if not self._started and message.get("type") == "http.response.start":
+                self._started = True
+                await wait_for_writes()
+            await send(message)
+
+        return gated_send
+
+    async def close(self) -> None:
+        """Wait for the writes still registered (tasks added after the response started)."""
+        try:
             await wait_for_writes()
-        await send(message)
-
-    try:
-        await app(scope, receive, gated_send)
-    finally:
-        await wait_for_writes()  # background tasks added after the response started
-        _writes.reset(token)
+        finally:
+            _writes.reset(self._token)
 
 
 class JournalGate:
@@ -92,7 +103,11 @@ class JournalGate:
         self.app = app
 
     async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
-        if scope.get("type") != "http" or gate_active():  # not HTTP, or already gated
+        if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
-        await gated(self.app, scope, receive, send)
+        gate = RequestGate()
+        try:
+            await self.app(scope, receive, gate.wrap(send))
+        finally:
+            await gate.close()

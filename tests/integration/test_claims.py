@@ -343,3 +343,36 @@ async def test_sigkill_mid_burst_of_500_durable_tasks_accounts_for_all(
     assert store.journal_list() == []
     assert process_identity() not in {j.owner for j in journaled}
     store.close()
+
+
+def test_cli_and_router_replaying_everything_at_once_run_each_entry_once(
+    store_url: str, tmp_path: Path, instrument: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = tmp_path / "results.txt"
+    store = open_store(store_url)
+    keys = fill(store, "slow_count", results, count=200)
+    monkeypatch.setenv(SECONDS_ENV, "0.01")  # both replayers take a while over 200 entries
+    instrument(dead_letter_store=store)
+    app = FastAPI()
+    app.include_router(bgtasks_router(auth=bearer_token_auth("t0ken")))
+    with UvicornThread(app) as server:
+        replayer = cli(store_url, "dlq", "replay", "--all")
+        wait_until(lambda: len(runs(results)) >= 5, what="the CLI to start replaying")
+        response = httpx.post(
+            f"{server.url}/bgtasks/dead-letters/replay",
+            headers={"Authorization": "Bearer t0ken"},
+            timeout=120.0,
+        )
+        code, output = finish(replayer)
+    assert response.status_code == 200
+    assert code == 0, output
+    statuses = collections.Counter(o["status"] for o in response.json()["outcomes"])
+    assert set(statuses) <= {"replayed", "claimed"}
+    ran = runs(results)
+    assert sorted(ran) == sorted(keys)
+    assert set(ran.values()) == {1}
+    assert store.count() == 0
+    by_process = collections.Counter(pid for w, _, pid in read_lines(str(results)) if w == "ran")
+    assert len(by_process) == 2  # both took part
+    print(f"\n[cli vs router] runs per process: {sorted(by_process.values())}")
+    store.close()

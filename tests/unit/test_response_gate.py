@@ -1,5 +1,6 @@
-"""`JournalGate`: a durable task's journal row is written off the event loop, and committed
-before the response's first message goes out (DESIGN.md §6)."""
+"""The response gate: a durable task's journal row is written off the event loop, and committed
+before the response's first message goes out (DESIGN.md §6). Every Starlette/FastAPI request
+is gated by the dispatch seam; `JournalGate` does the same for another ASGI app."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ async def test_the_row_is_committed_off_the_loop_before_the_response_starts(
         return {"ok": True}
 
     loop_thread = threading.get_ident()
-    transport = httpx.ASGITransport(app=recorder(JournalGate(app), events))
+    transport = httpx.ASGITransport(app=recorder(app, events))  # gated by the dispatch seam
     async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
         assert (await client.get("/work")).json() == {"ok": True}
     assert seen == [True]
@@ -75,31 +76,6 @@ async def test_the_row_is_committed_off_the_loop_before_the_response_starts(
     store.close()
 
 
-async def test_an_instrumented_app_is_gated_without_middleware(
-    tmp_path: Path, instrument: Any
-) -> None:
-    events: list[str] = []
-    store = RecordingStore(tmp_path / "dlq.db", events)
-    instrument(dead_letter_store=store)
-    app = FastAPI()
-    seen: list[bool] = []
-
-    @app.get("/work")
-    async def work(tasks: BackgroundTasks) -> dict[str, bool]:
-        seen.append(gate_active())
-        tasks.add_task(durable_invoice, "o-1")
-        return {"ok": True}
-
-    loop_thread = threading.get_ident()
-    transport = httpx.ASGITransport(app=recorder(app, events))
-    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-        assert (await client.get("/work")).json() == {"ok": True}
-    assert seen == [True]
-    assert events == ["journal committed", "response started"]
-    assert loop_thread not in store.threads
-    store.close()
-
-
 async def test_outside_a_request_the_write_stays_synchronous(
     tmp_path: Path, instrument: Any
 ) -> None:
@@ -107,8 +83,27 @@ async def test_outside_a_request_the_write_stays_synchronous(
     store = RecordingStore(tmp_path / "dlq.db", events)
     instrument(dead_letter_store=store)
     assert not gate_active()
-    scheduled = schedule(durable_invoice, "o-2")
-    assert events == ["journal committed"]  # committed when schedule() returned
-    assert store.threads == [threading.get_ident()]  # on the loop: the guarantee first
-    await scheduled.run()
+    task = schedule(durable_invoice, "o-2")  # e.g. a script or a consumer loop
+    assert events == ["journal committed"]  # committed when schedule() returns
+    assert store.threads == [threading.get_ident()]
+    await task.run()
+    store.close()
+
+
+async def test_journal_gate_holds_another_asgi_app(tmp_path: Path, instrument: Any) -> None:
+    events: list[str] = []
+    store = RecordingStore(tmp_path / "dlq.db", events)
+    instrument(dead_letter_store=store)
+
+    async def bare(scope: Any, receive: Any, send: Any) -> None:  # not a Starlette app
+        assert gate_active()
+        schedule(durable_invoice, "o-3")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    transport = httpx.ASGITransport(app=recorder(JournalGate(bare), events))
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        assert (await client.get("/")).status_code == 204
+    assert events == ["journal committed", "response started"]
+    assert threading.get_ident() not in store.threads
     store.close()
