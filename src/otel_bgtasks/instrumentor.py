@@ -73,10 +73,17 @@ from otel_bgtasks.stores import default_store_url, open_store
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.task import DispatchMode
 
-try:  # FastAPI >= 0.165 wraps each task in its own `fastapi.background_task` span
-    from fastapi.background import BackgroundTasks as FastAPIBackgroundTasks
-except ImportError:  # pragma: no cover - FastAPI is a dependency
-    FastAPIBackgroundTasks = None  # type: ignore[assignment,misc]
+
+def _fastapi_background_tasks() -> type[BackgroundTasks] | None:
+    """FastAPI's `BackgroundTasks` (>= 0.165 wraps each task in its own
+    `fastapi.background_task` span), imported at instrumentation, not with this module: a
+    Starlette app, or the CLI, does not load FastAPI."""
+    try:
+        from fastapi.background import BackgroundTasks as FastAPIBackgroundTasks
+    except ImportError:  # pragma: no cover - FastAPI is a dependency
+        return None
+    return FastAPIBackgroundTasks
+
 
 __all__ = [
     "BackgroundTasksInstrumentor",
@@ -329,11 +336,12 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         cls.__init__ = __init__  # type: ignore[method-assign]
         cls.__call__ = __call__  # type: ignore[method-assign]
         setattr(cls, _UPSTREAM_ATTR, __call__)
-        if FastAPIBackgroundTasks is not None and "__call__" in FastAPIBackgroundTasks.__dict__:
+        fastapi_tasks = _fastapi_background_tasks()
+        if fastapi_tasks is not None and "__call__" in fastapi_tasks.__dict__:
             # FastAPI's own telemetry wraps each task in a `fastapi.background_task` span; ours
             # is the one task span per run, so the collection runs its tasks as Starlette's does.
-            owner._fastapi_call = FastAPIBackgroundTasks.__dict__["__call__"]
-            FastAPIBackgroundTasks.__call__ = BackgroundTasks.__call__  # type: ignore[method-assign]
+            owner._fastapi_call = fastapi_tasks.__dict__["__call__"]
+            fastapi_tasks.__call__ = BackgroundTasks.__call__  # type: ignore[method-assign]
 
     @classmethod
     def _reclaim(cls, ours: Callable[..., Any]) -> None:
@@ -367,6 +375,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 delattr(cls, _UPSTREAM_ATTR)
         owner._original_init = owner._original_call = None
         owner._upstream_call = owner._upstream_original = None
-        if owner._fastapi_call is not None and FastAPIBackgroundTasks is not None:
-            FastAPIBackgroundTasks.__call__ = owner._fastapi_call  # type: ignore[method-assign]
+        fastapi_tasks = _fastapi_background_tasks()
+        if owner._fastapi_call is not None and fastapi_tasks is not None:
+            fastapi_tasks.__call__ = owner._fastapi_call  # type: ignore[method-assign]
             owner._fastapi_call = None
