@@ -123,6 +123,7 @@ def test_sigterm_under_load_accounts_for_every_acknowledged_task(tmp_path, serve
     assert set(journaled) <= {"dispatch-durable"}
     if zero_code:
         assert counts == {"plain": (len(plain), 0, 0), "durable": (len(durable), 0)}
-    else:  # the backlog (40 groups, 2 at a time, 0.3 s each) outlasts the 1 s drain
-        assert skipped_plain, counts
-        assert journaled, counts
+    # How many of the backlog (40 groups, 2 at a time, 0.3 s each) the 1 s drain leaves
+    # cancelled, skipped or journaled depends on when the signal lands (with two workers, each
+    # has half of it): the sums above are the guarantee; tests/unit/test_dispatch.py drives the
+    # skipped-at-shutdown path deterministically.
