@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from otel_bgtasks import BackgroundTasksInstrumentor, background_task
 from otel_bgtasks._execution import Executor, active_executor
-from otel_bgtasks.dispatch import Dispatcher
+from otel_bgtasks.dispatch import Dispatcher, LocalDispatcher
 from otel_bgtasks.environment import options_from_env
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.state import TaskCallState
@@ -289,6 +289,35 @@ async def test_tasks_cancelled_by_the_server_are_skipped_for_shutdown(telemetry,
     )
     assert held.attributes["bgtasks.task.outcome"] == "failure"
     assert active_executor().inflight == {}
+
+
+async def hold_forever(name: str) -> None:
+    done.append(f"{name} started")
+    await asyncio.Event().wait()
+
+
+async def test_a_drain_past_its_timeout_cancels_the_running_and_skips_the_queued(
+    telemetry, instrument
+):
+    """Deterministic: one worker, three groups; the drain's 50 ms cannot finish the first."""
+    done.clear()
+    instrument()
+    executor = active_executor()
+    local = LocalDispatcher(max_concurrency=1)
+    local.started(executor)
+    groups = [
+        [executor.schedule(hold_forever, (f"g{n}",), {}), executor.schedule(step, (f"g{n}",), {})]
+        for n in range(3)
+    ]
+    for states in groups:
+        local.submit(executor, states)
+    await asyncio.sleep(0.01)  # the worker takes the first group
+    await local.drain(executor, 0.05)
+    assert done == ["g0 started"]
+    (held,) = telemetry.spans()
+    assert held.attributes["bgtasks.task.outcome"] == "failure"  # cancelled while running
+    assert skipped(telemetry) == {("step", "shutdown"): 3, ("hold_forever", "shutdown"): 2}
+    assert executor.inflight == {}
 
 
 # -- the shutdown summary -------------------------------------------------------------------
