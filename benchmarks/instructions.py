@@ -17,9 +17,12 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from benchmarks._common import REPO_ROOT
 
@@ -28,16 +31,22 @@ __all__ = ["instructions", "per_task_instructions"]
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
-def instructions(variant: str, tasks: int) -> int:
-    """Instructions (Ir) of a whole worker process running `tasks` iterations of `variant`."""
+def instructions(variant: str, tasks: int) -> tuple[int, int]:
+    """Instructions (Ir) of a worker process running `tasks` iterations of `variant`:
+    (all threads, the main thread)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONHASHSEED"] = "0"  # the same hashing, hence the same dict and set probing
+    # This checkout's src first: a copy of the tree measures its own code, not the installed one.
+    paths = (str(REPO_ROOT / "src"), str(REPO_ROOT), env.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     config = {"variant": variant, "tasks": tasks, "count_only": True}
+    out = tempfile.mkdtemp(prefix="bgtasks-callgrind-")
     proc = subprocess.run(
         [
             "valgrind",
             "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
+            "--separate-threads=yes",
+            f"--callgrind-out-file={out}/cg.out",
             sys.executable,
             "-m",
             "benchmarks.per_task",
@@ -52,16 +61,26 @@ def instructions(variant: str, tasks: int) -> int:
         check=False,
     )
     found = _COLLECTED.search(proc.stderr)
-    if proc.returncode != 0 or found is None:
-        raise RuntimeError(f"{variant}: valgrind failed\n{proc.stderr[-3000:]}")
-    return int(found.group(1))
+    try:
+        if proc.returncode != 0 or found is None:
+            raise RuntimeError(f"{variant}: valgrind failed\n{proc.stderr[-3000:]}")
+        main = 0
+        for path in Path(out).iterdir():
+            if path.name.endswith("-01"):  # thread 1: the event loop's
+                for line in path.read_text().splitlines():
+                    if line.startswith(("summary:", "totals:")):
+                        main = int(line.split()[1])
+                        break
+        return int(found.group(1)), main
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
-def per_task_instructions(variant: str, tasks: int) -> float:
-    """(Ir(2 tasks) - Ir(tasks)) / tasks."""
+def per_task_instructions(variant: str, tasks: int) -> tuple[float, float]:
+    """(Ir(2 tasks) - Ir(tasks)) / tasks: all threads, main thread."""
     with ThreadPoolExecutor(2) as pool:
         small, large = pool.map(lambda n: instructions(variant, n), (tasks, 2 * tasks))
-    return (large - small) / tasks
+    return (large[0] - small[0]) / tasks, (large[1] - small[1]) / tasks
 
 
 def main() -> None:
@@ -72,12 +91,10 @@ def main() -> None:
     results = {}
     for variant in args.variants:
         results[variant] = per_task_instructions(variant, args.tasks)
-        print(f"{variant:<14} {results[variant]:12,.0f} instructions/task", flush=True)
-    base = results.get("none")
-    if base is not None:
-        for variant, value in results.items():
-            if variant != "none":
-                print(f"{variant:<14} overhead {value - base:12,.0f}")
+        total, main = results[variant]
+        print(
+            f"{variant:<14} {total:12,.0f} instructions/task ({main:,.0f} main thread)", flush=True
+        )
     print(json.dumps(results))
 
 
