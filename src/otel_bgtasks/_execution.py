@@ -230,6 +230,8 @@ class Executor:
             args=args,
             kwargs=kwargs,
             options=options,
+            name=options.name,
+            function=options.function,
             link=link if link is not None and link.is_valid else None,
             enqueued_at=time.perf_counter(),
             enqueued_wall=time.time(),

@@ -23,6 +23,9 @@ class TaskCallState:
         task_id: unique per scheduling (`bgtasks.task.id`).
         func, args, kwargs: what runs.
         options: the task's `EffectiveOptions` (decorator options, defaults applied).
+        name: the task name (span `process {name}`, metric attribute), `options.name`.
+        function: the module-qualified function name (`code.function.name`),
+            `options.function`.
         link: the span context current when the task was scheduled (None outside any span).
         enqueued_at: `time.perf_counter()` at scheduling; `enqueued_wall`: `time.time()`.
         is_async: whether calling `func` returns an awaitable.
@@ -40,6 +43,8 @@ class TaskCallState:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     options: EffectiveOptions
+    name: str
+    function: str
     link: SpanContext | None
     enqueued_at: float
     enqueued_wall: float
@@ -52,13 +57,3 @@ class TaskCallState:
     journaled: bool = False
     replay: bool = False
     first_failure: float | None = None
-
-    @property
-    def name(self) -> str:
-        """The task name (span `process {name}`, metric attribute)."""
-        return self.options.name
-
-    @property
-    def function(self) -> str:
-        """The module-qualified function name (`code.function.name`)."""
-        return self.options.function
