@@ -178,8 +178,11 @@ class Executor:
         self.breakers: dict[str, CircuitBreaker] = {}
         self._breaker_lock = threading.Lock()
         self._described: dict[Any, EffectiveOptions] = {}
-        # Scheduled or running tasks, for the health endpoint and the shutdown report.
+        # Scheduled or running tasks, for the health endpoint and the shutdown report; those
+        # with `started_at` set are running (`bgtasks.task.active`, counted at collection).
         self.inflight: dict[str, TaskCallState] = {}
+        self._ran: set[str] = set()  # task names that ever ran (their series stay, at 0)
+        self.instruments.set_active_source(self.active_counts)
         self.recent_failures: list[dict[str, Any]] = []
         if dead_letter_store is not None:
             self.instruments.add_depth_source(self._observe_depth)
@@ -285,6 +288,18 @@ class Executor:
             reason=reason.value,
             durable=state.journaled,
         )
+
+    def active_counts(self) -> dict[str, int]:
+        """Tasks running now by task name; every name that ran is there (0 when none runs).
+
+        Counted from `inflight` at each metric collection instead of per task: a copy of the
+        dict and of the set is atomic under the GIL, whichever thread runs tasks.
+        """
+        counts = dict.fromkeys(self._ran, 0)
+        for state in list(self.inflight.values()):
+            if state.started_at is not None:
+                counts[state.name] = counts.get(state.name, 0) + 1
+        return counts
 
     # -- policies ---------------------------------------------------------------------------
 
@@ -399,7 +414,11 @@ class Executor:
         span_context = trace.set_span_in_context(span)
         # Recorded in the task span's context: exemplars point at the task's trace.
         self.instruments.wait.record(wait, {attr.TASK_NAME: state.name}, span_context)
-        self.instruments.task_started(state.name)
+        # Running from here to `_finish` (`bgtasks.task.active`); replays are not scheduled.
+        state.started_at = started
+        self.inflight[state.task_id] = state
+        if state.name not in self._ran:
+            self._ran.add(state.name)
         token = otel_context.attach(span_context)
         task_token = _current.set(state)
         call_hook(self.start_hook, span, state)
@@ -634,7 +653,6 @@ class Executor:
         duration = time.perf_counter() - started
         outcome = state.outcome or Outcome.FAILURE
         exc = state.exception
-        self.instruments.task_ended(state.name)
         result_attrs = {attr.TASK_NAME: state.name, attr.TASK_OUTCOME: outcome.value}
         kind = error_type(exc) if outcome is not Outcome.SUCCESS and exc is not None else None
         if kind is not None:

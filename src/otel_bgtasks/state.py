@@ -28,6 +28,9 @@ class TaskCallState:
             `options.function`.
         link: the span context current when the task was scheduled (None outside any span).
         enqueued_at: `time.perf_counter()` at scheduling; `enqueued_wall`: `time.time()`.
+        started_at: `time.perf_counter()` when its span started (None until it runs); a task
+            with `started_at` set that is still in `Executor.inflight` counts as running
+            (`bgtasks.task.active`).
         is_async: whether calling `func` returns an awaitable.
         attempt: attempts made so far (1 during the first attempt).
         outcome, exception: the final result once known; `exception` is the last error.
@@ -49,6 +52,7 @@ class TaskCallState:
     enqueued_at: float
     enqueued_wall: float
     is_async: bool
+    started_at: float | None = None
     attempt: int = 0
     outcome: Outcome | None = None
     exception: BaseException | None = None
