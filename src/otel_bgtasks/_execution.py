@@ -376,25 +376,6 @@ class Executor:
 
     # -- running ----------------------------------------------------------------------------
 
-    def _start_span(self, state: TaskCallState, wait: float) -> Span:
-        link = state.link
-        if self.trace_mode == "child" and link is not None and not state.replay:
-            parent = trace.set_span_in_context(trace.NonRecordingSpan(link))
-        else:
-            parent = otel_context.Context()  # a new trace, joined to the request by the link
-        return self.tracer.start_span(
-            attr.SPAN_NAME_PREFIX + state.name,
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            links=[Link(link)] if link is not None else None,
-            attributes={
-                attr.TASK_NAME: state.name,
-                attr.TASK_ID: state.task_id,
-                attr.CODE_FUNCTION_NAME: state.function,
-                attr.TASK_WAIT: wait,
-            },
-        )
-
     async def run(
         self, state: TaskCallState, *, inline: bool = False, dead_letter: bool = True
     ) -> TaskCallState:
@@ -410,21 +391,54 @@ class Executor:
         """
         started = time.perf_counter()
         wait = started - state.enqueued_at
-        span = self._start_span(state, wait)
+        name = state.name
+        link = state.link
+        if self.trace_mode == "child" and link is not None and not state.replay:
+            parent = trace.set_span_in_context(trace.NonRecordingSpan(link))
+        else:
+            parent = otel_context.Context()  # a new trace, joined to the request by the link
+        span = self.tracer.start_span(
+            attr.SPAN_NAME_PREFIX + name,
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            links=[Link(link)] if link is not None else None,
+            attributes={
+                attr.TASK_NAME: name,
+                attr.TASK_ID: state.task_id,
+                attr.CODE_FUNCTION_NAME: state.function,
+                attr.TASK_WAIT: wait,
+            },
+        )
         span_context = trace.set_span_in_context(span)
         # Recorded in the task span's context: exemplars point at the task's trace.
-        self.instruments.wait.record(wait, {attr.TASK_NAME: state.name}, span_context)
+        self.instruments.wait.record(wait, {attr.TASK_NAME: name}, span_context)
         # Running from here to `_finish` (`bgtasks.task.active`); replays are not scheduled.
         state.started_at = started
         self.inflight[state.task_id] = state
-        if state.name not in self._ran:
-            self._ran.add(state.name)
+        if name not in self._ran:
+            self._ran.add(name)
         token = otel_context.attach(span_context)
         task_token = _current.set(state)
-        call_hook(self.start_hook, span, state)
+        if self.start_hook is not None:
+            call_hook(self.start_hook, span, state)
+        options = state.options
         error: BaseException | None = None
         try:
-            await self._run_policies(state, span, inline)
+            try:
+                if options.breaker is None and options.timeout is None:
+                    # The common case, and every retry policy's first attempt: no layer between
+                    # the span and the task (`_attempt` for a breaker or a timeout).
+                    state.attempt += 1
+                    if state.is_async:
+                        await state.func(*state.args, **state.kwargs)
+                    else:
+                        await self._invoke(state, inline)
+                else:
+                    await self._attempt(state, span, options.breaker, options.timeout, inline)
+            except Exception as first:
+                if options.retry is None:
+                    raise
+                await self._retry(state, span, options.retry, first, inline)
             state.outcome = Outcome.SUCCESS
         except Exception as exc:
             error = exc
@@ -440,15 +454,6 @@ class Executor:
         if error is not None and (self.propagate_exceptions or not isinstance(error, Exception)):
             raise error
         return state
-
-    async def _run_policies(self, state: TaskCallState, span: Span, inline: bool) -> None:
-        options = state.options
-        try:
-            await self._attempt(state, span, options.breaker, options.timeout, inline)
-        except Exception as first:
-            if options.retry is None:
-                raise
-            await self._retry(state, span, options.retry, first, inline)
 
     async def _retry(
         self,
@@ -478,7 +483,8 @@ class Executor:
 
         pending: Exception | None = first
         # tenacity drives the whole loop and alone decides "again?"; the first attempt (already
-        # run, outside it so a successful task pays nothing for the policy) is its attempt 1.
+        # run by `run`, outside it so a successful task pays nothing for the policy) is its
+        # attempt 1.
         async for attempt in policy.retrying(before_sleep):
             with attempt:
                 if pending is not None:
