@@ -110,6 +110,7 @@ _DESCRIBED_MAX = 1024  # functions whose options are cached per executor
 
 _active: Executor | None = None
 _getrandbits = random.getrandbits
+_OUTCOME_VALUE = {outcome: outcome.value for outcome in Outcome}  # `.value` is a call
 
 
 def current_task() -> TaskCallState | None:
@@ -664,14 +665,14 @@ class Executor:
         duration = time.perf_counter() - started
         outcome = state.outcome or Outcome.FAILURE
         exc = state.exception
-        result_attrs = {attr.TASK_NAME: state.name, attr.TASK_OUTCOME: outcome.value}
+        value = _OUTCOME_VALUE[outcome]
+        result_attrs = {attr.TASK_NAME: state.name, attr.TASK_OUTCOME: value}
         kind = error_type(exc) if outcome is not Outcome.SUCCESS and exc is not None else None
         if kind is not None:
             result_attrs[attr.ERROR_TYPE] = kind
         self.instruments.duration.record(duration, result_attrs, span_context)
         if span.is_recording():
-            span.set_attribute(attr.TASK_ATTEMPTS, state.attempt)
-            span.set_attribute(attr.TASK_OUTCOME, outcome.value)
+            span.set_attributes({attr.TASK_ATTEMPTS: state.attempt, attr.TASK_OUTCOME: value})
             if outcome is not Outcome.SUCCESS:
                 if exc is not None and kind is not None:
                     span.set_attribute(attr.ERROR_TYPE, kind)
@@ -680,7 +681,8 @@ class Executor:
                 else:
                     description = outcome.value
                 span.set_status(Status(StatusCode.ERROR, description))
-        call_hook(self.end_hook, span, state)
+        if self.end_hook is not None:
+            call_hook(self.end_hook, span, state)
         span.end()
         self.inflight.pop(state.task_id, None)
         if state.journaled and self.journal is not None:
