@@ -307,9 +307,12 @@ async def _measure(
 
 def worker(config: dict[str, Any]) -> dict[str, Any]:
     """Run one variant in this process; with ``profile`` write a pyinstrument report."""
-    # Counting instructions, a periodic collection would add a time-dependent share.
-    interval = 10**9 if config.get("count_only") else 1000
-    tracer_provider, meter_provider, _reader = noop_providers(export_interval_ms=interval)
+    # Counting instructions: no time-dependent work (periodic collections, an export thread
+    # whose interleaving with the loop varies from run to run).
+    count_only = bool(config.get("count_only"))
+    tracer_provider, meter_provider, _reader = noop_providers(
+        export_interval_ms=10**9 if count_only else 1000, simple=count_only
+    )
     tracer = tracer_provider.get_tracer("bench.request")
     with tempfile.TemporaryDirectory(prefix="bgtasks-bench-") as tmp:
         install(config["variant"], tracer_provider, meter_provider, Path(tmp))
