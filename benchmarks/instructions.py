@@ -3,12 +3,13 @@
     python -m benchmarks.instructions ours floor         # variants of benchmarks/per_task.py
     python -m benchmarks.instructions --tasks 2000 ours
 
-Each variant runs twice under ``valgrind --tool=callgrind`` (all threads), with ``tasks`` and ``2 * tasks`` iterations of the per_task
-loop; instructions per task = (Ir(2n) - Ir(n)) / n, which cancels start-up, imports and the
-warm-up. Nothing time-dependent runs: the periodic metric reader has a very long interval and
-spans go through a SimpleSpanProcessor (exported to the no-op exporter on the loop's thread)
-instead of the batch processor's thread, whose interleaving with the loop varies. Used to decide optimisations on a shared machine, where CPU time varies by
-tens of percent between runs; valgrind's own overhead makes it about 50x slower than native.
+Each variant runs twice under ``valgrind --tool=callgrind`` (all threads), with ``tasks`` and
+``2 * tasks`` iterations of the per_task loop; instructions per task = (Ir(2n) - Ir(n)) / n,
+which cancels start-up, imports and the warm-up. Nothing time-dependent runs: the periodic
+metric reader has a very long interval and spans go through a SimpleSpanProcessor (exported to
+the no-op exporter on the loop's thread) instead of the batch processor's thread, whose
+interleaving with the loop varies. Used to decide optimisations on a shared machine, where CPU
+time varies by tens of percent between runs; valgrind makes it about 50x slower than native.
 """
 
 from __future__ import annotations
