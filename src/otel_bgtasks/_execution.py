@@ -533,7 +533,7 @@ class Executor:
         if state.is_async:
             try:
                 async with asyncio.timeout(timeout) as scope:
-                    await self._invoke(state, inline)
+                    await state.func(*state.args, **state.kwargs)
             except TimeoutError as exc:
                 if not scope.expired():
                     raise  # the task's own TimeoutError, not ours
