@@ -34,7 +34,7 @@ instrumented first.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypedDict, Unpack
 
 from opentelemetry import metrics, trace
@@ -269,13 +269,13 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                     owner._reclaim(__call__)
                 setattr(self, _STATE_ATTR, current.schedule(func, a, kw, is_async=self.is_async))
 
-        async def __call__(self: BackgroundTask) -> None:
+        def __call__(self: BackgroundTask) -> Awaitable[Any]:
+            # Returns the coroutine to await (no `async def` layer that would only forward).
             state: TaskCallState | None = getattr(self, _STATE_ATTR, None)
             current = active_executor()
             if state is None or current is None:  # created before instrumentation
-                await original_call(self)
-                return
-            await current.run(state)
+                return original_call(self)
+            return current.run(state)
 
         owner = type(self)
         owner._original_init = original_init
@@ -283,7 +283,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         owner._upstream_call = cls.__call__ if upstream_original is not None else None
         owner._upstream_original = upstream_original
         cls.__init__ = __init__  # type: ignore[method-assign]
-        cls.__call__ = __call__  # type: ignore[method-assign]
+        cls.__call__ = __call__  # type: ignore[method-assign,assignment]
         setattr(cls, _UPSTREAM_ATTR, __call__)
 
     @classmethod
