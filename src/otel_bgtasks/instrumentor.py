@@ -43,6 +43,7 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 from starlette.background import BackgroundTask
 
+from otel_bgtasks import _execution
 from otel_bgtasks._execution import (
     Executor,
     TaskHook,
@@ -263,7 +264,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
         def __init__(self: BackgroundTask, func: Callable[..., Any], *a: Any, **kw: Any) -> None:
             original_init(self, func, *a, **kw)
-            current = active_executor()
+            current = _execution._active  # active_executor(), without the call (per task)
             if current is not None:
                 if cls.__call__ is not __call__:
                     owner._reclaim(__call__)
@@ -272,7 +273,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         def __call__(self: BackgroundTask) -> Awaitable[Any]:
             # Returns the coroutine to await (no `async def` layer that would only forward).
             state: TaskCallState | None = getattr(self, _STATE_ATTR, None)
-            current = active_executor()
+            current = _execution._active
             if state is None or current is None:  # created before instrumentation
                 return original_call(self)
             return current.run(state)
