@@ -209,8 +209,26 @@ class Executor:
                 serialized (the message names it).
         """
         current = trace.get_current_span()
-        state = self.prepare(func, args, kwargs, link=current.get_span_context(), is_async=is_async)
-        if state.options.durable:
+        link = current.get_span_context()
+        # `prepare`, inline (one call less per task).
+        try:
+            options = self._described[func]
+        except (KeyError, TypeError):
+            options = self.options_for(func)
+        state = TaskCallState(
+            task_id=f"{_getrandbits(128):032x}",
+            func=func,
+            args=args,
+            kwargs=kwargs,
+            options=options,
+            name=options.name,
+            function=options.function,
+            link=link if link.is_valid else None,
+            enqueued_at=time.perf_counter(),
+            enqueued_wall=time.time(),
+            is_async=options.is_async if is_async is None else is_async,
+        )
+        if options.durable:
             self._journal(state)
         if current.is_recording():
             current.add_event(
@@ -228,7 +246,8 @@ class Executor:
         link: SpanContext | None = None,
         is_async: bool | None = None,
     ) -> TaskCallState:
-        """The state of a task about to be scheduled, without side effects."""
+        """The state of a task about to be scheduled, without side effects (`schedule` makes
+        the same state inline)."""
         try:  # `options_for`'s cache, read here: one call less per task
             options = self._described[func]
         except (KeyError, TypeError):
