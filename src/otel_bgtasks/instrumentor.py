@@ -174,6 +174,22 @@ def schedule(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Schedule
     return ScheduledTask(executor, executor.schedule(func, args, kwargs))
 
 
+def _probe() -> None:
+    """A sync function to initialise a probe task with (`_is_starlette_init`)."""
+
+
+def _is_starlette_init(init: Callable[..., None]) -> bool:
+    """`init` is Starlette's own `BackgroundTask.__init__` (not another instrumentation's
+    wrapper) and sets exactly func, args, kwargs and is_async: ours may then set them itself."""
+    if getattr(init, "__module__", None) != "starlette.background":
+        return False
+    if getattr(init, "__qualname__", None) != "BackgroundTask.__init__":
+        return False
+    probe = BackgroundTask.__new__(BackgroundTask)
+    init(probe, _probe, 1, k=2)
+    return vars(probe) == {"func": _probe, "args": (1,), "kwargs": {"k": 2}, "is_async": False}
+
+
 class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """An instrumentor for Starlette/FastAPI background tasks."""
 
@@ -262,13 +278,25 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         # Starlette's own __call__, even when upstream already wrapped it in its bare span.
         original_call = upstream_original if upstream_original is not None else cls.__call__
 
+        plain_init = _is_starlette_init(original_init)
+
         def __init__(self: BackgroundTask, func: Callable[..., Any], *a: Any, **kw: Any) -> None:
-            original_init(self, func, *a, **kw)
             current = _execution._active  # active_executor(), without the call (per task)
-            if current is not None:
-                if cls.__call__ is not __call__:
-                    owner._reclaim(__call__)
-                setattr(self, _STATE_ATTR, current.schedule(func, a, kw, is_async=self.is_async))
+            if current is None:
+                original_init(self, func, *a, **kw)
+                return
+            if plain_init:
+                # Starlette's own __init__ minus its is_async_callable(func) per task (about 5k
+                # instructions): the executor resolves it once per function.
+                self.func, self.args, self.kwargs = func, a, kw  # type: ignore[assignment]
+                state = current.schedule(func, a, kw)
+                self.is_async = state.is_async
+            else:
+                original_init(self, func, *a, **kw)
+                state = current.schedule(func, a, kw, is_async=self.is_async)
+            if cls.__call__ is not __call__:
+                owner._reclaim(__call__)
+            setattr(self, _STATE_ATTR, state)
 
         def __call__(self: BackgroundTask) -> Awaitable[Any]:
             # Returns the coroutine to await (no `async def` layer that would only forward).
