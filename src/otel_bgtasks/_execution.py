@@ -111,6 +111,9 @@ _DESCRIBED_MAX = 1024  # functions whose options are cached per executor
 _active: Executor | None = None
 _getrandbits = random.getrandbits
 _OUTCOME_VALUE = {outcome: outcome.value for outcome in Outcome}  # `.value` is a call
+# Enum classes have a Python-level __getattr__ hook (3.11): module constants on the hot path.
+_SUCCESS = Outcome.SUCCESS
+_FAILURE = Outcome.FAILURE
 
 
 def current_task() -> TaskCallState | None:
@@ -464,7 +467,7 @@ class Executor:
                 if options.retry is None:
                     raise
                 await self._retry(state, span, options.retry, first, inline)
-            state.outcome = Outcome.SUCCESS
+            state.outcome = _SUCCESS
         except Exception as exc:
             error = exc
             await self._fail(state, span, exc, dead_letter)
@@ -682,11 +685,11 @@ class Executor:
         started: float,
     ) -> None:
         duration = time.perf_counter() - started
-        outcome = state.outcome or Outcome.FAILURE
+        outcome = state.outcome or _FAILURE
         exc = state.exception
         value = _OUTCOME_VALUE[outcome]
         result_attrs = {attr.TASK_NAME: state.name, attr.TASK_OUTCOME: value}
-        kind = error_type(exc) if outcome is not Outcome.SUCCESS and exc is not None else None
+        kind = error_type(exc) if outcome is not _SUCCESS and exc is not None else None
         if kind is not None:
             result_attrs[attr.ERROR_TYPE] = kind
         self.instruments.duration.record(duration, result_attrs, span_context)
@@ -695,7 +698,7 @@ class Executor:
             # SDK's Sequence/Mapping checks), about 25k instructions against 20k.
             span.set_attribute(attr.TASK_ATTEMPTS, state.attempt)
             span.set_attribute(attr.TASK_OUTCOME, value)
-            if outcome is not Outcome.SUCCESS:
+            if outcome is not _SUCCESS:
                 if exc is not None and kind is not None:
                     span.set_attribute(attr.ERROR_TYPE, kind)
                     span.record_exception(exc)
@@ -710,7 +713,7 @@ class Executor:
         if state.journaled and self.journal is not None:
             # cancelled (shutdown): the row stays for recovery to re-run
             self.journal.finished(state, keep=isinstance(exc, asyncio.CancelledError))
-        if outcome is not Outcome.SUCCESS:
+        if outcome is not _SUCCESS:
             self._report_failure(span, state, outcome, exc)
 
     def _report_failure(
