@@ -7,6 +7,8 @@
     python benchmarks/run.py --only contract_parts   # opt-in: what each contract part costs
     python benchmarks/run.py --only backend_soak     # opt-in: RSS over 60 s, backend down
     python benchmarks/run.py --only drop_path        # opt-in: the SDK's full-queue cost
+    python benchmarks/run.py --only export_parts     # opt-in: export cost of each span kind
+    python benchmarks/run.py --only tail_parts       # opt-in: where the fixed-rate p99 goes
 
 Every figure is a ratio against a baseline measured in the same run (see benchmarks/README.md).
 The results of the benchmarks that ran replace their entries in latest.json; the others stay.
@@ -35,10 +37,12 @@ from benchmarks import (  # noqa: E402 - after the sys.path fix above
     backend_soak,
     contract_parts,
     drop_path,
+    export_parts,
     http_load,
     memory,
     per_task,
     replay,
+    tail_parts,
 )
 from benchmarks._common import RESULTS_DIR, run_worker  # noqa: E402
 
@@ -54,6 +58,8 @@ EXTRA: dict[str, Any] = {
     "contract_parts": contract_parts,
     "backend_soak": backend_soak,
     "drop_path": drop_path,
+    "export_parts": export_parts,
+    "tail_parts": tail_parts,
 }
 
 
