@@ -114,6 +114,7 @@ _OUTCOME_VALUE = {outcome: outcome.value for outcome in Outcome}  # `.value` is 
 # Enum classes have a Python-level __getattr__ hook (3.11): module constants on the hot path.
 _SUCCESS = Outcome.SUCCESS
 _FAILURE = Outcome.FAILURE
+_CONSUMER = SpanKind.CONSUMER
 
 
 def current_task() -> TaskCallState | None:
@@ -428,7 +429,7 @@ class Executor:
         span = self.tracer.start_span(
             attr.SPAN_NAME_PREFIX + name,
             context=parent,
-            kind=SpanKind.CONSUMER,
+            kind=_CONSUMER,
             links=[Link(link)] if link is not None else None,
             attributes={
                 attr.TASK_NAME: name,
