@@ -214,6 +214,7 @@ class Executor:
         """
         current = trace.get_current_span()
         link = current.get_span_context()
+        recording = current.is_recording()  # a recording span's context is valid
         # `prepare`, inline (one call less per task).
         try:
             options = self._described[func]
@@ -227,14 +228,14 @@ class Executor:
             options=options,
             name=options.name,
             function=options.function,
-            link=link if link.is_valid else None,
+            link=link if recording or link.is_valid else None,
             enqueued_at=time.perf_counter(),
             enqueued_wall=time.time(),
             is_async=options.is_async if is_async is None else is_async,
         )
         if options.durable:
             self._journal(state)
-        if current.is_recording():
+        if recording:
             current.add_event(
                 attr.EVENT_ENQUEUED, {attr.TASK_NAME: state.name, attr.TASK_ID: state.task_id}
             )
