@@ -76,7 +76,7 @@ _SCOPE = "otel_bgtasks"
 # Upstream's FastAPI instrumentor stores Starlette's original __call__ here and patches only
 # when the attribute is absent; by holding it we keep one task span per run (ours).
 _UPSTREAM_ATTR = "_otel_original_call"
-_STATE_ATTR = "_bgtasks_state"
+_STATE_ATTR = "_bgtasks_state"  # set and read as a plain attribute in `_patch`
 
 DEFAULT_STORE_URL = "sqlite:///bgtasks-deadletters.db"
 
@@ -296,13 +296,16 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 state = current.schedule(func, a, kw, is_async=self.is_async)
             if cls.__call__ is not __call__:
                 owner._reclaim(__call__)
-            setattr(self, _STATE_ATTR, state)
+            self._bgtasks_state = state  # type: ignore[attr-defined]  # _STATE_ATTR
 
         def __call__(self: BackgroundTask) -> Awaitable[Any]:
             # Returns the coroutine to await (no `async def` layer that would only forward).
-            state: TaskCallState | None = getattr(self, _STATE_ATTR, None)
+            try:
+                state: TaskCallState = self._bgtasks_state  # type: ignore[attr-defined]
+            except AttributeError:  # created before instrumentation
+                return original_call(self)
             current = _execution._active
-            if state is None or current is None:  # created before instrumentation
+            if current is None:
                 return original_call(self)
             return current.run(state)
 
