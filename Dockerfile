@@ -10,9 +10,10 @@ WORKDIR /src
 # .dockerignore keeps the context to what the package build needs.
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install ".[demo]" && rm -rf /src
+RUN pip install ".[demo,redis]" && rm -rf /src  # redis: the compose file's dead-letter store
 
-# Run unprivileged from a writable home: file-backed dead-letter stores live in the cwd.
+# Run unprivileged from a writable home: without OTEL_BGTASKS_DLQ_URL the dead letters go to
+# ~/.local/state/otel-bgtasks/dead-letters.db.
 RUN useradd --system --create-home --home-dir /home/app app
 USER app
 WORKDIR /home/app

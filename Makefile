@@ -1,7 +1,7 @@
 # The two commands of the README. Each sets itself up: a virtual environment in .venv with the
 # package and its dev tools; `make test` also obtains the real telemetry components
-# (scripts/infra.sh: collector and Jaeger built with Go, Prometheus, Alertmanager and Redis
-# from apt). Without Go or apt those tests skip with a reason, unless
+# (scripts/infra.sh: collector, Jaeger, Prometheus and Alertmanager built with Go, Redis from
+# apt). Without Go or apt those tests skip with a reason, unless
 # OTEL_BGTASKS_REQUIRE_INFRA=1 (as in CI) turns the skip into a failure.
 PYTHON ?= python3
 VENV ?= .venv

@@ -13,6 +13,9 @@ alive after start-up to the permanent generation (``gc.freeze()``), so collectio
 objects made since.
 
     GET  /work    schedules `task_done(perf_counter())` and answers {"ok": true}
+    GET  /work50  the endpoint works 5 ms (asyncio.sleep), its task 50 ms (dispatch benchmark)
+    GET  /request-metric  upstream's request-duration histogram for /work50 (cumulative bucket
+                  counts, ms), with ``BENCH_REQUEST_METRIC=1`` (fine 0.5 ms buckets up to 300 ms)
     GET  /stats   requests served, tasks done, task latency (scheduling -> task end), RSS
     GET  /mem     RSS, counters and the span queue's length only (cheap: polled during load)
     POST /reset   zero the counters (after a warm-up)
@@ -20,6 +23,7 @@ objects made since.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import deque
@@ -72,9 +76,26 @@ if os.environ.get("BENCH_NOOP_SPAN_EXPORT") == "1":
 else:
     span_processor = BatchSpanProcessor(OTLPSpanExporter())
 tracer_provider.add_span_processor(span_processor)
+REQUEST_METRIC_BOUNDS = [i * 0.5 for i in range(601)]  # ms: 0 .. 300 in 0.5 ms steps
+_readers: list[Any] = [PeriodicExportingMetricReader(OTLPMetricExporter())]
+_views: list[Any] = []
+request_metric_reader: Any = None
+if os.environ.get("BENCH_REQUEST_METRIC") == "1":
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+
+    request_metric_reader = InMemoryMetricReader()
+    _readers.append(request_metric_reader)
+    _views.append(
+        View(
+            instrument_name="http.server.duration",
+            aggregation=ExplicitBucketHistogramAggregation(REQUEST_METRIC_BOUNDS),
+        )
+    )
 meter_provider = MeterProvider(
     resource=resource,
-    metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())],
+    metric_readers=_readers,
+    views=_views,
     shutdown_on_exit=False,
 )
 
@@ -99,6 +120,38 @@ async def work(background: BackgroundTasks) -> dict[str, bool]:
     STATS.requests += 1
     background.add_task(task_done, time.perf_counter())
     return {"ok": True}
+
+
+async def task_50ms(scheduled: float) -> None:
+    await asyncio.sleep(0.05)
+    STATS.tasks += 1
+    STATS.latency.append(time.perf_counter() - scheduled)
+
+
+@app.get("/work50")
+async def work50(background: BackgroundTasks) -> dict[str, bool]:
+    STATS.requests += 1
+    await asyncio.sleep(0.005)  # the request's own work, so its latency is the endpoint's
+    background.add_task(task_50ms, time.perf_counter())
+    return {"ok": True}
+
+
+@app.get("/request-metric")
+async def request_metric() -> dict[str, Any]:
+    """Cumulative bucket counts of upstream's http.server.duration (ms) for /work50."""
+    if request_metric_reader is None:
+        return {"bounds": [], "counts": []}
+    counts = [0] * (len(REQUEST_METRIC_BOUNDS) + 1)
+    data = request_metric_reader.get_metrics_data()
+    for rm in data.resource_metrics if data else ():
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.name != "http.server.duration":
+                    continue
+                for point in metric.data.data_points:
+                    if point.attributes.get("http.target") == "/work50":
+                        counts = [a + b for a, b in zip(counts, point.bucket_counts, strict=True)]
+    return {"bounds": REQUEST_METRIC_BOUNDS, "counts": counts}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -159,7 +212,7 @@ if VARIANT in ("upstream", "ours"):
         app,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
-        excluded_urls="/stats,/reset,/mem",
+        excluded_urls="/stats,/reset,/mem,/request-metric",
     )
 if VARIANT == "ours":
     from otel_bgtasks import BackgroundTasksInstrumentor

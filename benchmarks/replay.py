@@ -91,9 +91,11 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     from opentelemetry.trace import SpanContext, TraceFlags
 
     from otel_bgtasks import BackgroundTasksInstrumentor
+    from otel_bgtasks.registry import declare_task_modules
     from otel_bgtasks.replay import DeadLetters, run_dead_letter
     from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 
+    declare_task_modules(_tasks.__name__)  # the app's task module, as the CLI's --tasks
     variant = config["variant"]
     entries = int(config["entries"])
     tracer_provider, meter_provider, _reader = noop_providers()

@@ -1,12 +1,13 @@
 """Run the otel-bgtasks benchmarks; write benchmarks/results/latest.json and print a table.
 
-    python benchmarks/run.py                 # every benchmark (about 7 minutes on 2 cores)
+    python benchmarks/run.py                 # every benchmark (about 9 minutes on 2 cores)
     python benchmarks/run.py --quick         # a smoke run (< 2 minutes)
     python benchmarks/run.py --only per_task # one benchmark (comma-separated for several)
     python benchmarks/run.py --profile       # pyinstrument on the per_task `ours` variant
     python benchmarks/run.py --only contract_parts   # opt-in: what each contract part costs
     python benchmarks/run.py --only backend_soak     # opt-in: RSS over 60 s, backend down
     python benchmarks/run.py --only drop_path        # opt-in: the SDK's full-queue cost
+    python benchmarks/run.py --only store_stall      # opt-in: /ping p99 while the store stalls
     python benchmarks/run.py --only export_parts     # opt-in: export cost of each span kind
     python benchmarks/run.py --only tail_parts       # opt-in: where the fixed-rate p99 goes
 
@@ -36,12 +37,15 @@ from benchmarks import (  # noqa: E402 - after the sys.path fix above
     backend_failing,
     backend_soak,
     contract_parts,
+    dispatch_load,
     drop_path,
     export_parts,
+    failure_cost,
     http_load,
     memory,
     per_task,
     replay,
+    store_stall,
     tail_parts,
 )
 from benchmarks._common import RESULTS_DIR, run_worker  # noqa: E402
@@ -52,12 +56,15 @@ BENCHMARKS: dict[str, Any] = {
     "memory": memory,
     "http": http_load,
     "backend_failing": backend_failing,
+    "dispatch": dispatch_load,
+    "failure_cost": failure_cost,
 }
 # Opt-in (--only NAME): diagnostics that the default run leaves out to stay under 10 minutes.
 EXTRA: dict[str, Any] = {
     "contract_parts": contract_parts,
     "backend_soak": backend_soak,
     "drop_path": drop_path,
+    "store_stall": store_stall,
     "export_parts": export_parts,
     "tail_parts": tail_parts,
 }

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Obtain the real telemetry components the e2e tests and the example run against.
 #
-#   scripts/infra.sh [all|otelcol|jaeger|apt|env]...     (default: all)
+#   scripts/infra.sh [all|otelcol|jaeger|prometheus|alertmanager|compose|apt|env]...   (default: all)
 #
-# - otelcol: the OpenTelemetry Collector built with the Collector Builder from
+# - otelcol:      the OpenTelemetry Collector built with the Collector Builder from
 #   collector-config/builder-config.yaml
-# - jaeger:  Jaeger v2 built from its Go module (go install cannot build it: its go.mod has a
-#   replace directive)
-# - apt:     prometheus, prometheus-alertmanager, redis-server from Debian, installed without
-#   letting their system daemons start
-# - env:     write $CACHE/env.sh exporting the binary paths (every other step does this too)
+# - jaeger:       Jaeger v2 built from its Go module (go install cannot build it: its go.mod has
+#   a replace directive)
+# - prometheus:   Prometheus 3 (prometheus, promtool) built from its Go module, without the
+#   web UI's assets (the e2e tests use the HTTP API only)
+# - alertmanager: Alertmanager (alertmanager, amtool) built from its Go module, with a
+#   placeholder page instead of the web UI
+# - apt:          redis-server and wrk from Debian, installed without letting their system
+#   daemons start
+# - env:          write $CACHE/env.sh exporting the binary paths (every other step does this too)
 #
 # Go binaries are cached outside the repository, one directory per component and version:
 #   ${OTEL_BGTASKS_CACHE:-$HOME/.cache/otel-bgtasks}/<component>-<version>/
@@ -26,7 +30,12 @@ OCB_VERSION=0.165.0
 JAEGER_MODULE=github.com/jaegertracing/jaeger
 JAEGER_MODULE_VERSION=v1.76.0 # Go module version of Jaeger v2.13.0
 JAEGER_VERSION=2.13.0
-APT_PACKAGES=(prometheus prometheus-alertmanager redis-server wrk) # wrk: benchmarks
+PROMETHEUS_MODULE=github.com/prometheus/prometheus
+PROMETHEUS_MODULE_VERSION=v0.316.0 # Go module version of Prometheus 3.16.0
+PROMETHEUS_VERSION=3.16.0
+ALERTMANAGER_MODULE=github.com/prometheus/alertmanager
+ALERTMANAGER_VERSION=0.35.0
+APT_PACKAGES=(redis-server wrk) # wrk: benchmarks
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MANIFEST=$REPO_ROOT/collector-config/builder-config.yaml
@@ -47,6 +56,8 @@ otelcol_version() { sed -n 's/^  version: *\([^ #]*\).*/\1/p' "$MANIFEST" | head
 
 otelcol_dir() { echo "$CACHE/otelcol-$(otelcol_version)-$(manifest_hash)"; }
 jaeger_dir() { echo "$CACHE/jaeger-$JAEGER_VERSION"; }
+prometheus_dir() { echo "$CACHE/prometheus-$PROMETHEUS_VERSION"; }
+alertmanager_dir() { echo "$CACHE/alertmanager-$ALERTMANAGER_VERSION"; }
 
 # Seconds since $1 (a value of $SECONDS).
 elapsed() { echo $((SECONDS - $1)); }
@@ -90,8 +101,24 @@ build_otelcol() {
   log "collector: built in $(elapsed "$start")s"
 }
 
+# Copy Go module $1@$2 into $3/src, writable: the module cache is read-only, and a module
+# must be the main module for its replace directives to apply.
+module_src() {
+  local module=$1 version=$2 tmp=$3 moddir
+  moddir=$(cd "$tmp" && go mod download -json "$module@$version" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')
+  [[ -n $moddir && -d $moddir ]] || die "go mod download did not report a directory for $module"
+  cp -r "$moddir" "$tmp/src"
+  chmod -R u+w "$tmp/src"
+}
+
+# ldflags stamping a Prometheus-project binary (prometheus/common/version) with version $1.
+prometheus_common_ldflags() {
+  echo "-X github.com/prometheus/common/version.Version=$1 -X github.com/prometheus/common/version.Branch=HEAD -X github.com/prometheus/common/version.BuildUser=otel-bgtasks"
+}
+
 build_jaeger() {
-  local dir start tmp moddir
+  local dir start tmp
   dir=$(jaeger_dir)
   if [[ -x $dir/jaeger ]]; then
     log "jaeger: cached at $dir"
@@ -103,13 +130,7 @@ build_jaeger() {
   rm -rf "$tmp"
   mkdir -p "$tmp"
   log "jaeger: downloading $JAEGER_MODULE@$JAEGER_MODULE_VERSION"
-  moddir=$(cd "$tmp" && go mod download -json "$JAEGER_MODULE@$JAEGER_MODULE_VERSION" |
-    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')
-  [[ -n $moddir && -d $moddir ]] || die "go mod download did not report a module directory"
-  # The module cache is read-only and the module must be the main module for its replace
-  # directive to apply, so build from a writable copy.
-  cp -r "$moddir" "$tmp/src"
-  chmod -R u+w "$tmp/src"
+  module_src "$JAEGER_MODULE" "$JAEGER_MODULE_VERSION" "$tmp"
   log "jaeger: building ./cmd/jaeger (several minutes when cold)"
   (cd "$tmp/src" && go build -trimpath \
     -ldflags "-X $JAEGER_MODULE/internal/version.latestVersion=v$JAEGER_VERSION" \
@@ -151,6 +172,64 @@ build_compose_check() {
   rm -rf "$dir"
   mv "$tmp" "$dir"
   log "compose-check: built in $(elapsed "$start")s"
+}
+
+build_prometheus() {
+  local dir start tmp
+  dir=$(prometheus_dir)
+  if [[ -x $dir/prometheus && -x $dir/promtool ]]; then
+    log "prometheus: cached at $dir"
+    return
+  fi
+  need_go "Prometheus"
+  start=$SECONDS
+  tmp=$dir.tmp
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  log "prometheus: downloading $PROMETHEUS_MODULE@$PROMETHEUS_MODULE_VERSION"
+  module_src "$PROMETHEUS_MODULE" "$PROMETHEUS_MODULE_VERSION" "$tmp"
+  # Without the builtinassets tag the UI is served from web/ui on disk, which is absent: the
+  # HTTP API works, the UI pages answer 404/500. Building the assets needs Node.js.
+  # The module ships the repository's go.work, whose other modules are not in the module zip.
+  log "prometheus: building ./cmd/prometheus ./cmd/promtool (several minutes when cold)"
+  (cd "$tmp/src" && GOWORK=off go build -trimpath -tags netgo \
+    -ldflags "$(prometheus_common_ldflags "$PROMETHEUS_VERSION")" \
+    -o "$tmp/" ./cmd/prometheus ./cmd/promtool) >&2
+  rm -rf "$tmp/src"
+  rm -rf "$dir"
+  mv "$tmp" "$dir"
+  log "prometheus: built in $(elapsed "$start")s"
+}
+
+build_alertmanager() {
+  local dir start tmp sub
+  dir=$(alertmanager_dir)
+  if [[ -x $dir/alertmanager && -x $dir/amtool ]]; then
+    log "alertmanager: cached at $dir"
+    return
+  fi
+  need_go "Alertmanager"
+  start=$SECONDS
+  tmp=$dir.tmp
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  log "alertmanager: downloading $ALERTMANAGER_MODULE@v$ALERTMANAGER_VERSION"
+  module_src "$ALERTMANAGER_MODULE" "v$ALERTMANAGER_VERSION" "$tmp"
+  # ui/web.go embeds ui/app/dist, which the UI build (Node.js) produces and the module does
+  # not ship: embed a placeholder page instead. The API and amtool are unaffected.
+  for sub in elm mantine; do
+    mkdir -p "$tmp/src/ui/app/dist/$sub"
+    printf '<!doctype html><title>Alertmanager</title><p>Built without the web UI; use the API or amtool.</p>\n' \
+      >"$tmp/src/ui/app/dist/$sub/index.html"
+  done
+  log "alertmanager: building ./cmd/alertmanager ./cmd/amtool (minutes when cold)"
+  (cd "$tmp/src" && GOWORK=off go build -trimpath -tags netgo \
+    -ldflags "$(prometheus_common_ldflags "$ALERTMANAGER_VERSION")" \
+    -o "$tmp/" ./cmd/alertmanager ./cmd/amtool) >&2
+  rm -rf "$tmp/src"
+  rm -rf "$dir"
+  mv "$tmp" "$dir"
+  log "alertmanager: built in $(elapsed "$start")s"
 }
 
 apt_missing() {
@@ -242,17 +321,13 @@ write_env() {
       "OTELCOL_BIN:otelcol-bgtasks:$(otelcol_dir)" \
       "JAEGER_BIN:jaeger:$(jaeger_dir)" \
       "COMPOSE_CHECK_BIN:compose-check:$(compose_check_dir)" \
-      "PROMETHEUS_BIN:prometheus:" \
-      "PROMTOOL_BIN:promtool:" \
-      "ALERTMANAGER_BIN:prometheus-alertmanager:" \
-      "AMTOOL_BIN:amtool:" \
+      "PROMETHEUS_BIN:prometheus:$(prometheus_dir)" \
+      "PROMTOOL_BIN:promtool:$(prometheus_dir)" \
+      "ALERTMANAGER_BIN:alertmanager:$(alertmanager_dir)" \
+      "AMTOOL_BIN:amtool:$(alertmanager_dir)" \
       "REDIS_SERVER_BIN:redis-server:"; do
       IFS=: read -r var name dir <<<"$entry"
       bin=$(find_bin "$name" "$dir")
-      # Debian names the binary prometheus-alertmanager; other installs call it alertmanager.
-      if [[ -z $bin && $name == prometheus-alertmanager ]]; then
-        bin=$(find_bin alertmanager)
-      fi
       if [[ -n $bin ]]; then
         printf 'export %s=%q\n' "$var" "$bin"
         printf '%s=%s\n' "$var" "$bin" >&2
@@ -276,10 +351,14 @@ main() {
       install_apt
       build_otelcol
       build_jaeger
+      build_prometheus
+      build_alertmanager
       build_compose_check
       ;;
     otelcol) build_otelcol ;;
     jaeger) build_jaeger ;;
+    prometheus) build_prometheus ;;
+    alertmanager) build_alertmanager ;;
     compose) build_compose_check ;;
     apt) install_apt ;;
     env) ;;
@@ -287,7 +366,7 @@ main() {
       sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
       return
       ;;
-    *) die "unknown step '$step' (expected all, otelcol, jaeger, apt or env)" ;;
+    *) die "unknown step '$step' (expected all, otelcol, jaeger, prometheus, alertmanager, compose, apt or env)" ;;
     esac
   done
   write_env

@@ -14,6 +14,20 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from otel_bgtasks import BackgroundTasksInstrumentor
+from otel_bgtasks.registry import isolated
+
+
+@pytest.fixture(autouse=True)
+def _state_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default dead-letter store lives in the user's state directory: never the real one."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture(autouse=True)
+def _task_registry() -> Iterator[None]:
+    """Task modules a test declares (the CLI's --tasks) do not leak into the next test."""
+    with isolated():
+        yield
 
 
 @dataclass

@@ -10,6 +10,7 @@ from otel_bgtasks.alerting import AlertingSpanProcessor, install_alerting
 from otel_bgtasks.attributes import ErrorCategory, Outcome
 from otel_bgtasks.calls import JSONSerializer, Serializer, register_serializer
 from otel_bgtasks.circuit import CircuitBreaker, CircuitState, RedisCircuitBackend
+from otel_bgtasks.dispatch import Dispatcher
 from otel_bgtasks.errors import (
     BgTasksError,
     BusinessError,
@@ -21,6 +22,8 @@ from otel_bgtasks.errors import (
     StoreUnavailableError,
     TaskImportError,
     TaskTimeoutError,
+    UnregisteredTaskError,
+    UntrustedEntryError,
     classify_error,
 )
 from otel_bgtasks.instrumentor import (
@@ -32,14 +35,22 @@ from otel_bgtasks.instrumentor import (
 from otel_bgtasks.logs import TraceContextFilter, TraceContextProcessor, configure_structlog_json
 from otel_bgtasks.options import EffectiveOptions
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
-from otel_bgtasks.recovery import RecoveryReport, recover_interrupted_tasks
+from otel_bgtasks.recovery import (
+    RecoveryReport,
+    RecoveryTask,
+    recover_interrupted_tasks,
+    start_recovery,
+)
+from otel_bgtasks.registry import declare_task_modules
 from otel_bgtasks.replay import DeadLetters, ReplayReport, run_dead_letter
+from otel_bgtasks.response_gate import JournalGate
 from otel_bgtasks.retry import RetryPolicy, retry_if_category
 from otel_bgtasks.sampling import LinkAwareSampler
+from otel_bgtasks.signing import configure_signing
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.stores import SQLiteDeadLetterStore, open_store
 from otel_bgtasks.stores.base import DeadLetterStore
-from otel_bgtasks.task import TaskOptions, background_task
+from otel_bgtasks.task import DispatchMode, TaskOptions, background_task
 from otel_bgtasks.telemetry import Telemetry, configure_telemetry
 
 if TYPE_CHECKING:
@@ -59,15 +70,19 @@ __all__ = [
     "DeadLetterReason",
     "DeadLetterStore",
     "DeadLetters",
+    "DispatchMode",
+    "Dispatcher",
     "EffectiveOptions",
     "ErrorCategory",
     "InstrumentOptions",
     "JSONSerializer",
     "JournalEntry",
+    "JournalGate",
     "LinkAwareSampler",
     "NotReplayableError",
     "Outcome",
     "RecoveryReport",
+    "RecoveryTask",
     "RedisCircuitBackend",
     "RedisDeadLetterStore",
     "ReplayReport",
@@ -85,12 +100,16 @@ __all__ = [
     "Telemetry",
     "TraceContextFilter",
     "TraceContextProcessor",
+    "UnregisteredTaskError",
+    "UntrustedEntryError",
     "__version__",
     "background_task",
     "classify_error",
+    "configure_signing",
     "configure_structlog_json",
     "configure_telemetry",
     "current_task",
+    "declare_task_modules",
     "install_alerting",
     "open_store",
     "recover_interrupted_tasks",
@@ -98,6 +117,7 @@ __all__ = [
     "retry_if_category",
     "run_dead_letter",
     "schedule",
+    "start_recovery",
 ]
 
 

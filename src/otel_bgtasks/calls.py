@@ -6,7 +6,9 @@ what cannot be replayed is kept as a bounded description saying why). `decode_ca
 stored call back into a function and arguments, or says why it cannot.
 
 Serializers are looked up by the name stored with the call (`register_serializer`); nothing
-here unpickles.
+here unpickles. A stored call is untrusted: `decode_call` verifies its signature first (when a
+signing key is set, `otel_bgtasks.signing`), then looks its function up among the app's tasks
+(`otel_bgtasks.registry`, which never imports what an entry names), then decodes the payload.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from otel_bgtasks.errors import NotReplayableError, SerializationError, TaskImportError
+from otel_bgtasks.registry import lookup_task
+from otel_bgtasks.signing import SigningKeys, signing_keys
 
 __all__ = [
     "UNREPLAYABLE",
     "EncodedCall",
     "JSONSerializer",
     "Serializer",
+    "StoredCall",
     "check_replayable",
     "decode_call",
     "describe_call",
@@ -191,7 +196,7 @@ def func_ref(func: Callable[..., Any]) -> str:
         raise TypeError(f"cannot reference {qualname} defined in __main__; {_HINT}")
     ref = f"{module}:{qualname}"
     try:
-        found = resolve(ref)
+        found = _import_live(ref)
     except TaskImportError as exc:
         raise TypeError(f"{exc}; {_HINT}") from None
     if found is not func:
@@ -200,11 +205,17 @@ def func_ref(func: Callable[..., Any]) -> str:
 
 
 def resolve(ref: str) -> Callable[..., Any]:
-    """Import the function named by a `func_ref` string.
+    """The app's task a stored `func_ref` names (see `otel_bgtasks.registry`); never imports.
 
     Raises:
-        TaskImportError: the module or attribute is gone, or the reference is malformed.
+        UnregisteredTaskError: `ref` is not one of the app's tasks (a `TaskImportError`).
     """
+    return lookup_task(ref)
+
+
+def _import_live(ref: str) -> Callable[..., Any]:
+    """Import what `ref` names: only for a live function's own reference (`func_ref`), whose
+    module is already imported, never for a reference read from a store."""
     module_name, sep, qualname = ref.partition(":")
     if not ref:
         raise TaskImportError("the entry has no function reference (the task was not importable)")
@@ -299,44 +310,76 @@ def describe_call(
         return EncodedCall(ref, description, UNREPLAYABLE)
 
 
-def check_replayable(ref: str, serializer_name: str) -> None:
+class StoredCall(Protocol):
+    """A call read from a store (a `DeadLetter` or a `JournalEntry`): untrusted input."""
+
+    @property
+    def func_ref(self) -> str: ...
+
+    @property
+    def serializer(self) -> str: ...
+
+    @property
+    def payload(self) -> str: ...
+
+    @property
+    def signature(self) -> str: ...
+
+    def call_fields(self) -> tuple[str, str, str, str, str]: ...
+
+
+def check_replayable(entry: StoredCall, *, keys: SigningKeys | None = None) -> None:
     """Raises what `decode_call` would, short of decoding the payload.
 
     Raises:
-        NotReplayableError, TaskImportError, LookupError: as `decode_call`.
+        UntrustedEntryError, NotReplayableError, TaskImportError, LookupError: as `decode_call`.
     """
-    if serializer_name in _LEGACY_UNREPLAYABLE:
-        raise NotReplayableError("the call cannot be replayed: its arguments were not stored")
-    get_serializer(serializer_name)
-    resolve(ref)
+    _check(entry, keys)
 
 
 def decode_call(
-    ref: str, serializer_name: str, payload: str
+    entry: StoredCall, *, keys: SigningKeys | None = None
 ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-    """The function and arguments of a stored call.
+    """The function and arguments of a stored call, in this order of checks: the signature
+    (when `keys`, default the configured ones, are set), then the function among the app's
+    registered tasks, then the serializer by name; only then is the payload decoded.
 
     Raises:
+        UntrustedEntryError: unsigned or tampered while a key is set, or the function is not
+            one of the app's tasks (`UnregisteredTaskError`); nothing was decoded or imported.
         NotReplayableError: the call was stored for inspection only (says why).
-        TaskImportError: the function cannot be imported here.
+        TaskImportError: the entry has no function reference.
         LookupError: its serializer is not registered in this process.
         ValueError: the payload cannot be decoded by its serializer.
     """
-    if serializer_name in _LEGACY_UNREPLAYABLE:
-        raise NotReplayableError(f"the call cannot be replayed: {_unreplayable_reason(payload)}")
-    serializer = get_serializer(serializer_name)
-    func = resolve(ref)
+    func, serializer = _check(entry, keys)
     try:
-        args, kwargs = serializer.loads(payload)
+        args, kwargs = serializer.loads(entry.payload)
     except (ValueError, TypeError, RecursionError) as exc:
-        raise ValueError(f"payload cannot be decoded by {serializer_name!r}: {exc}") from exc
+        raise ValueError(
+            f"payload cannot be decoded by {_short(entry.serializer)}: {_error_text(exc)}"
+        ) from exc
     return func, tuple(args), dict(kwargs)
+
+
+def _check(entry: StoredCall, keys: SigningKeys | None) -> tuple[Callable[..., Any], Serializer]:
+    keys = keys if keys is not None else signing_keys()
+    if keys is not None:
+        keys.verify(entry.call_fields(), entry.signature)
+    if entry.serializer in _LEGACY_UNREPLAYABLE:
+        raise NotReplayableError(
+            f"the call cannot be replayed: {_unreplayable_reason(entry.payload)}"
+        )
+    if not entry.func_ref:
+        raise TaskImportError("the entry has no function reference (the task was not importable)")
+    func = lookup_task(entry.func_ref)
+    return func, get_serializer(entry.serializer)
 
 
 def _unreplayable_reason(payload: str) -> str:
     try:
         data = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return "its arguments could not be serialized"
     reason = data.get("unreplayable") if isinstance(data, dict) else None
     return _bounded(reason) if isinstance(reason, str) else "its arguments could not be serialized"

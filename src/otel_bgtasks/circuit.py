@@ -15,6 +15,7 @@ using one Redis opens and closes together.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -148,13 +149,40 @@ class RedisCircuitBackend:
     """Snapshots in Redis, changed with WATCH/MULTI so replicas share one breaker.
 
     When Redis cannot be reached the breaker falls back to this process's memory (logged),
-    so a Redis outage never stops tasks from running.
+    so a Redis outage never stops tasks from running; for `retry_after` seconds after a
+    failure Redis is not even tried (a black-holed Redis costs one timeout per interval, not
+    one per task). Its calls block on the network (`blocking`): from async code the executor
+    makes them in a worker thread, never on the event loop.
     """
 
-    def __init__(self, client: Any, *, prefix: str = "bgtasks:circuit:") -> None:
+    blocking = True
+
+    def __init__(
+        self, client: Any, *, prefix: str = "bgtasks:circuit:", retry_after: float = 5.0
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._fallback = MemoryCircuitBackend()
+        self.retry_after = retry_after
+        self._down_until = float("-inf")
+        self._probing = False
+        self._health_lock = threading.Lock()
+
+    def _is_down(self) -> bool:
+        """True while Redis is left alone: inside the interval after a failure, and after it
+        while another call is the one probing Redis (one call waits on a dead Redis, not all)."""
+        with self._health_lock:
+            if self._down_until == float("-inf"):
+                return False
+            if time.monotonic() < self._down_until or self._probing:
+                return True
+            self._probing = True
+            return False
+
+    def _mark(self, ok: bool) -> None:
+        with self._health_lock:
+            self._probing = False
+            self._down_until = float("-inf") if ok else time.monotonic() + self.retry_after
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisCircuitBackend:
@@ -198,6 +226,8 @@ class RedisCircuitBackend:
     ) -> tuple[CircuitSnapshot, CircuitSnapshot, bool]:
         import redis
 
+        if self._is_down():
+            return self._fallback.apply(name, change)
         key = self._prefix + name
         try:
             with self._client.pipeline() as pipe:
@@ -208,26 +238,43 @@ class RedisCircuitBackend:
                         after, allowed = change(before)
                         if after == before:
                             pipe.unwatch()
+                            self._mark(True)
                             return before, after, allowed
                         pipe.multi()
                         pipe.set(key, self._encode(after))
                         pipe.execute()
+                        self._mark(True)
                         return before, after, allowed
                     except redis.WatchError:
                         continue  # another replica changed it: recompute from its state
         except redis.RedisError as exc:
+            self._mark(False)
             _log.error(
-                "circuit state backend unreachable, using local state", circuit=name, error=str(exc)
+                "circuit state backend unreachable, using local state",
+                circuit=name,
+                error=str(exc),
+                retry_after=self.retry_after,
             )
             return self._fallback.apply(name, change)
+        except BaseException:  # a broken stored snapshot: never leave the probe taken
+            self._mark(False)
+            raise
 
     def get(self, name: str) -> CircuitSnapshot:
         import redis
 
-        try:
-            return self._decode(self._client.get(self._prefix + name))
-        except redis.RedisError:
+        if self._is_down():
             return self._fallback.get(name)
+        try:
+            snap = self._decode(self._client.get(self._prefix + name))
+        except redis.RedisError:
+            self._mark(False)
+            return self._fallback.get(name)
+        except BaseException:
+            self._mark(False)
+            raise
+        self._mark(True)
+        return snap
 
 
 def _check_count(label: str, value: object) -> None:
@@ -284,6 +331,7 @@ class CircuitBreaker:
         self.clock = clock
         self.backend: CircuitBackend = backend if backend is not None else MemoryCircuitBackend()
         self.listeners: list[TransitionListener] = []
+        self.last_state = CircuitState.CLOSED  # as last seen by this process, no store call
 
     def named(self, name: str) -> CircuitBreaker:
         """This breaker's settings under another name (how per-task breakers are made)."""
@@ -307,10 +355,31 @@ class CircuitBreaker:
         before, after, allowed = self.backend.apply(
             self.key, lambda snap: transition(snap, event, now, self.config)
         )
+        self.last_state = after.state
         if before.state is not after.state:
             for listener in self.listeners:
                 listener(self.key, before.state, after.state)
         return allowed
+
+    @property
+    def blocking(self) -> bool:
+        """Its backend makes network calls (Redis): run them off the event loop."""
+        return bool(getattr(self.backend, "blocking", False))
+
+    async def _apply_async(self, event: Event) -> bool:
+        if self.blocking:
+            return await asyncio.to_thread(self._apply, event)
+        return self._apply(event)
+
+    async def allow_async(self) -> bool:
+        """`allow`, off the event loop when the backend blocks."""
+        return await self._apply_async("allow")
+
+    async def record_success_async(self) -> None:
+        await self._apply_async("success")
+
+    async def record_failure_async(self) -> None:
+        await self._apply_async("failure")
 
     def allow(self) -> bool:
         """May a call run now? (While half open this reserves one probe.)"""

@@ -2,8 +2,8 @@
 
 ::
 
-    otel-bgtasks [--store URL] dlq list [--task T] [--reason R] [--since 2h|ISO] [--limit N]
-                                        [--json]
+    otel-bgtasks [--store URL] [--tasks MODULE[,MODULE]] dlq list [--task T] [--reason R]
+                                        [--since 2h|ISO] [--limit N] [--json]
     otel-bgtasks dlq show ID [--json]
     otel-bgtasks dlq delete ID [ID ...]
     otel-bgtasks dlq replay (ID [ID ...] | --all [--task T] [--reason R] [--since S])
@@ -12,8 +12,13 @@
     otel-bgtasks demo [ARGS ...]
 
 The store URL comes from ``--store`` (accepted before or after the subcommand), else from the
-``OTEL_BGTASKS_DLQ_URL`` environment variable. An ID may be abbreviated to a unique prefix of
-at least 4 characters. Exit status: 0 success; 1 some replays (or re-runs) did not succeed;
+``OTEL_BGTASKS_DLQ_URL`` environment variable. The app's tasks come from the modules given by
+``--tasks`` (else ``OTEL_BGTASKS_TASK_MODULES``), imported on purpose: replay and recover run
+only those (see `otel_bgtasks.registry`), and never import a module an entry names. With
+``OTEL_BGTASKS_SIGNING_KEY`` set, entries whose signature does not verify are refused.
+Everything printed from an entry has its control characters escaped. An ID may be abbreviated
+to a unique prefix of at least 4 characters. Exit status: 0 success; 1 some replays (or re-runs)
+did not succeed, or an entry listed or shown is refused;
 2 an error (bad arguments, unknown id, store unreachable), reported on stderr without a
 traceback. Results go to stdout, everything else (progress, warnings, logs) to stderr.
 """
@@ -40,9 +45,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from otel_bgtasks.errors import CorruptEntryError, StoreUnavailableError
+from otel_bgtasks._terminal import printable
+from otel_bgtasks.calls import check_replayable
+from otel_bgtasks.errors import (
+    ConfigurationError,
+    CorruptEntryError,
+    StoreUnavailableError,
+    UntrustedEntryError,
+)
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.recovery import recover_interrupted_tasks
+from otel_bgtasks.registry import TASK_MODULES_ENV, declare_task_modules, declared_task_modules
 from otel_bgtasks.replay import (
     DeadLetters,
     ReplayOutcome,
@@ -50,7 +63,8 @@ from otel_bgtasks.replay import (
     ReplayStatus,
     run_dead_letter,
 )
-from otel_bgtasks.stores import DLQ_URL_ENV, open_store
+from otel_bgtasks.signing import SIGNING_KEY_ENV, SigningKeys, signing_keys, signing_override
+from otel_bgtasks.stores import DLQ_URL_ENV, default_store_path, default_store_url, open_store
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.telemetry import configure_telemetry
 
@@ -155,6 +169,13 @@ def _store_option() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help=f"dead-letter store URL (default: ${DLQ_URL_ENV}), e.g. sqlite:////var/lib/app/dlq.db"
         " or redis://localhost:6379/0",
+    )
+    common.add_argument(
+        "--tasks",
+        metavar="MODULE[,MODULE]",
+        default=argparse.SUPPRESS,
+        help=f"modules holding the app's tasks, imported on purpose (default: ${TASK_MODULES_ENV});"
+        " replay and recover run only their tasks",
     )
     return common
 
@@ -291,26 +312,40 @@ def main(
     handler: Handler = args.handler
     try:
         # stdout carries results only (``--json`` must parse): whatever else prints there
-        # (structlog's default logger, modules imported to replay tasks) goes to stderr.
-        with contextlib.redirect_stdout(sys.stderr):
+        # (structlog's default logger, the task modules imported) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr), signing_override(_keys(ctx.environ)):
+            _declare_tasks(ctx)
             return handler(ctx)
-    except CLIError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except StoreUnavailableError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except (CLIError, StoreUnavailableError, ConfigurationError) as exc:
+        print(f"{PROG}: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     finally:
         ctx.close()
 
 
+def _keys(environ: Mapping[str, str]) -> SigningKeys | None:
+    value = environ.get(SIGNING_KEY_ENV, "")
+    return SigningKeys.of(value) if value.strip() else None
+
+
+def _declare_tasks(ctx: _Context) -> None:
+    """Import the app's task modules: --tasks, else $OTEL_BGTASKS_TASK_MODULES."""
+    modules = getattr(ctx.args, "tasks", None) or ctx.environ.get(TASK_MODULES_ENV, "")
+    if modules.strip():
+        declare_task_modules(modules)
+
+
 def _open(url: str | None, environ: Mapping[str, str]) -> DeadLetterStore:
     url = url or environ.get(DLQ_URL_ENV) or None
-    if url is None:
-        raise CLIError(
-            f"no dead-letter store: pass --store URL or set {DLQ_URL_ENV}"
-            " (e.g. sqlite:////var/lib/app/dlq.db or redis://localhost:6379/0)"
-        )
+    if url is None:  # the store an app instrumented without settings writes to
+        default = default_store_path()
+        if not default.exists():
+            raise CLIError(
+                f"no dead-letter store: pass --store URL or set {DLQ_URL_ENV}"
+                " (e.g. sqlite:////var/lib/app/dlq.db or redis://localhost:6379/0); the default"
+                f" store {str(default)!r} does not exist (no dead letter was stored there yet)"
+            )
+        url = default_store_url()
     if url.lower().startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
         if path and not os.path.exists(path):
@@ -332,28 +367,59 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
-def _entries_table(entries: list[DeadLetter], width: int) -> Table:
-    """One line per entry; task and error share what the fixed columns leave."""
-    rows = []
-    for e in entries:
+def _verdict(entry: DeadLetter, *, check_function: bool) -> tuple[str, str]:
+    """("ok" | "refused" | "not replayable" | "-", why): what a replay here would do.
+
+    The signature is checked when a key is set; the function only when task modules are
+    declared (without them, no function is a task here and the check says nothing).
+    """
+    keys = signing_keys()
+    try:
+        if keys is not None:
+            keys.verify(entry.call_fields(), entry.signature)
+        if check_function:
+            check_replayable(entry)
+    except UntrustedEntryError as exc:
+        return "refused", str(exc)
+    except LookupError as exc:
+        return "not replayable", str(exc)
+    return ("ok" if keys is not None or check_function else "-"), ""
+
+
+def _entries_table(entries: list[DeadLetter], width: int, verdicts: list[tuple[str, str]]) -> Table:
+    """One line per entry; task, function and error share what the fixed columns leave (the
+    last failure time only on terminals 120 columns wide or more)."""
+    with_time = width >= 120
+    headers = ["ID", "Task", "Function", "Reason", "Tries", "Check", "Error"]
+    if with_time:
+        headers.insert(5, "Last failure UTC")
+    rows: list[list[str]] = []
+    for e, (check, _) in zip(entries, verdicts, strict=True):
         error = f"{e.error_type}: {e.error_message}" if e.error_type else e.error_message
         first_line = error.splitlines()[0] if error else ""
-        rows.append(
-            (
-                e.id[:_SHORT_ID],
-                e.task_name,
-                e.reason.value,
-                str(e.attempts),
-                _timestamp(e.last_failure).rstrip("Z"),
-                first_line,
-            )
-        )
-    headers = ("ID", "Task", "Reason", "Tries", "Last failure UTC", "Error")
-    fixed = [max(len(headers[i]), *(len(r[i]) for r in rows)) for i in (0, 2, 3, 4)]
-    free = width - sum(fixed) - 2 * (len(headers) - 1) - 1
-    longest_task = max(len(headers[1]), *(len(r[1]) for r in rows))
-    task_width = max(min(longest_task, 40, free // 2), 8)
-    error_width = max(min(max(len(headers[5]), *(len(r[5]) for r in rows)), free - task_width), 5)
+        row = [
+            printable(e.id[:_SHORT_ID]),
+            printable(e.task_name),
+            printable(e.func_ref) or "-",
+            e.reason.value,
+            str(e.attempts),
+            check,
+            printable(first_line),
+        ]
+        if with_time:
+            row.insert(5, _timestamp(e.last_failure).rstrip("Z"))
+        rows.append(row)
+
+    def longest(i: int) -> int:
+        return max(len(headers[i]), *(len(r[i]) for r in rows))
+
+    shared = (1, 2, len(headers) - 1)  # task, function, error
+    widths = [longest(i) for i in range(len(headers))]
+    free = width - sum(w for i, w in enumerate(widths) if i not in shared)
+    free -= 2 * (len(headers) - 1) + 1
+    widths[1] = max(min(widths[1], 40, free // 4), 8)
+    widths[2] = max(min(widths[2], 60, free // 3), 8)
+    widths[-1] = max(min(widths[-1], free - widths[1] - widths[2]), 5)
     table = Table(
         title=f"{len(entries)} dead letter{'s' if len(entries) != 1 else ''}",
         box=None,
@@ -361,26 +427,19 @@ def _entries_table(entries: list[DeadLetter], width: int) -> Table:
         header_style="bold",
         title_justify="left",
     )
-    for header, col_width in zip(
-        headers,
-        (fixed[0], task_width, fixed[1], fixed[2], fixed[3], error_width),
-        strict=True,
-    ):
+    for header, col_width in zip(headers, widths, strict=True):
         table.add_column(
             header,
             no_wrap=True,
             width=col_width,
             justify="right" if header == "Tries" else "left",
         )
+    check_column = headers.index("Check")
     for row in rows:
-        table.add_row(
-            Text(row[0]),
-            Text(_clip(row[1], task_width)),
-            Text(row[2]),
-            row[3],
-            row[4],
-            Text(_clip(row[5], error_width)),
-        )
+        cells = [Text(_clip(value, widths[i])) for i, value in enumerate(row)]
+        if row[check_column] == "refused":
+            cells[check_column].stylize("bold red")
+        table.add_row(*cells)
     return table
 
 
@@ -407,7 +466,7 @@ def _report_corrupt(ctx: _Context, store: DeadLetterStore) -> None:
         noun = "entry" if len(bad) == 1 else "entries"
         ctx.err.print(
             Text(
-                f"warning: {len(bad)} corrupt {noun} skipped: {', '.join(bad)}"
+                f"warning: {len(bad)} corrupt {noun} skipped: {printable(', '.join(bad))}"
                 f" (inspect with '{PROG} dlq show ID', remove with '{PROG} dlq delete ID')",
                 style="yellow",
             )
@@ -425,17 +484,40 @@ def _cmd_list(ctx: _Context) -> int:
     args = ctx.args
     store = ctx.store()
     entries = store.list(**_filter_kwargs(args), limit=args.limit)
+    check_function = bool(declared_task_modules())
+    verdicts = [_verdict(e, check_function=check_function) for e in entries]
     if args.json:
-        ctx.stdout.write(json.dumps([e.to_dict() for e in entries], indent=2) + "\n")
+        listed = [
+            {**e.to_dict(), "check": check, "check_reason": why}
+            for e, (check, why) in zip(entries, verdicts, strict=True)
+        ]
+        ctx.stdout.write(json.dumps(listed, indent=2) + "\n")
     elif not entries:
         ctx.out.print("No dead letters.")
     else:
-        ctx.out.print(_entries_table(entries, ctx.out.width))
+        ctx.out.print(_entries_table(entries, ctx.out.width, verdicts))
         ctx.out.print(
             Text("IDs are shortened: a unique prefix works; --json gives full ids", style="dim")
         )
     _report_corrupt(ctx, store)
-    return 0
+    return _report_refused(ctx, entries, verdicts)
+
+
+def _report_refused(
+    ctx: _Context, entries: list[DeadLetter], verdicts: list[tuple[str, str]]
+) -> int:
+    """One stderr line per refused entry with the function it names and why; 1 if any."""
+    pairs = zip(entries, verdicts, strict=True)
+    refused = [(e, why) for e, (check, why) in pairs if check == "refused"]
+    for entry, why in refused:
+        ctx.err.print(
+            Text(
+                f"refused: {printable(entry.id)} runs {printable(entry.func_ref) or '-'}: "
+                f"{printable(why)}",
+                style="red",
+            )
+        )
+    return 1 if refused else 0
 
 
 def _cmd_show(ctx: _Context) -> int:
@@ -447,9 +529,11 @@ def _cmd_show(ctx: _Context) -> int:
         raise CLIError(f"{exc}; remove it with '{PROG} dlq delete {entry_id}'") from None
     if entry is None:  # deleted meanwhile
         raise CLIError(f"no dead letter with id {entry_id!r}")
+    check, why = _verdict(entry, check_function=bool(declared_task_modules()))
     if ctx.args.json:
-        ctx.stdout.write(json.dumps(entry.to_dict(), indent=2) + "\n")
-        return 0
+        shown = {**entry.to_dict(), "check": check, "check_reason": why}
+        ctx.stdout.write(json.dumps(shown, indent=2) + "\n")
+        return 1 if check == "refused" else 0
     table = Table(show_header=False, box=None)
     table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")
@@ -457,6 +541,7 @@ def _cmd_show(ctx: _Context) -> int:
         ("id", entry.id),
         ("task", entry.task_name),
         ("function", entry.func_ref or "(not importable: cannot be replayed)"),
+        ("check", f"{check}: {why}" if why else check),
         ("reason", entry.reason.value),
         ("attempts", str(entry.attempts)),
         ("first failure", _timestamp(entry.first_failure)),
@@ -467,14 +552,15 @@ def _cmd_show(ctx: _Context) -> int:
         ("span id", entry.span_id or "-"),
         ("serializer", entry.serializer),
         ("payload", entry.payload),
+        ("signature", entry.signature or "-"),
     ]
     for name, value in rows:
-        table.add_row(name, Text(value))
+        table.add_row(name, Text(printable(value)))
     ctx.out.print(table)
     if entry.traceback:
         ctx.out.print(Text("traceback:", style="bold"))
-        ctx.out.print(Text(entry.traceback.rstrip()), soft_wrap=True)
-    return 0
+        ctx.out.print(Text(printable(entry.traceback.rstrip(), multiline=True)), soft_wrap=True)
+    return 1 if check == "refused" else 0
 
 
 def _cmd_delete(ctx: _Context) -> int:
@@ -551,9 +637,8 @@ def _cmd_replay(ctx: _Context) -> int:
         progress.advance(task_id)
         if outcome.status != "replayed":
             name = f" {outcome.task_name}" if outcome.task_name else ""
-            progress.console.print(
-                Text(f"{outcome.status}: {outcome.entry_id}{name}: {outcome.message}", style="red")
-            )
+            line = f"{outcome.status}: {outcome.entry_id}{name}: {outcome.message}"
+            progress.console.print(Text(printable(line), style="red"))
 
     with _exported(ctx), progress:
         report = asyncio.run(
@@ -575,10 +660,12 @@ def _cmd_replay(ctx: _Context) -> int:
 _STATUSES: tuple[ReplayStatus, ...] = (
     "replayed",
     "failed",
+    "refused",
     "import_error",
     "error",
     "missing",
     "corrupt",
+    "claimed",
 )
 
 
@@ -621,9 +708,10 @@ def _cmd_recover(ctx: _Context) -> int:
         "re-run ok": report.rerun_succeeded,
         "re-run failed": report.rerun_failed,
         "dead-lettered": report.dead_lettered,
+        "refused (kept as dead letters)": report.refused,
     }
     ctx.out.print("recover: " + ", ".join(f"{n} {what}" for what, n in parts.items() if n))
-    return 0 if report.rerun_failed == 0 else 1
+    return 0 if report.rerun_failed == 0 and report.refused == 0 else 1
 
 
 def _cmd_demo(ctx: _Context) -> int:

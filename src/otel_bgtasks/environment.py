@@ -15,6 +15,11 @@ variable means "not set". A value that cannot work stops instrumentation with a
 | ``OTEL_BGTASKS_TIMEOUT`` | ``timeout`` | seconds > 0 |
 | ``OTEL_BGTASKS_DURABLE`` | ``durable`` | ``true``, ``false`` |
 | ``OTEL_BGTASKS_DLQ_URL`` | ``dead_letter_store`` | a store URL, or ``none`` |
+| ``OTEL_BGTASKS_DISPATCH`` | ``dispatch`` | ``inline``, ``local`` |
+| ``OTEL_BGTASKS_MAX_CONCURRENCY`` | ``max_concurrency`` | integer >= 1 |
+| ``OTEL_BGTASKS_DRAIN_TIMEOUT`` | ``drain_timeout`` | seconds >= 0 |
+| ``OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES`` | ``redact_exception_messages`` | ``true``, ``false`` |
+| ``OTEL_BGTASKS_LOG_LOCALS`` | ``log_locals`` | ``true``, ``false`` |
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.options import TRACE_MODES
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.stores import DLQ_URL_ENV
+from otel_bgtasks.task import DISPATCH_MODES
 
 __all__ = ["ENV_PREFIX", "NO_STORE", "VARIABLES", "options_from_env"]
 
@@ -55,6 +61,11 @@ VARIABLES: tuple[str, ...] = (
     "OTEL_BGTASKS_TIMEOUT",
     "OTEL_BGTASKS_DURABLE",
     DLQ_URL_ENV,
+    "OTEL_BGTASKS_DISPATCH",
+    "OTEL_BGTASKS_MAX_CONCURRENCY",
+    "OTEL_BGTASKS_DRAIN_TIMEOUT",
+    "OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES",
+    "OTEL_BGTASKS_LOG_LOCALS",
 )
 """Every variable this module reads (the README's table)."""
 
@@ -104,6 +115,13 @@ def _trace_mode(raw: str) -> str:
     return lowered
 
 
+def _dispatch(raw: str) -> str:
+    lowered = raw.lower()
+    if lowered not in DISPATCH_MODES:
+        raise ValueError(raw)
+    return lowered
+
+
 def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The `instrument()` keyword arguments the ``OTEL_BGTASKS_*`` variables set.
 
@@ -120,6 +138,8 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]
     for name, key in (
         ("OTEL_BGTASKS_PROPAGATE_EXCEPTIONS", "propagate_exceptions"),
         ("OTEL_BGTASKS_DURABLE", "durable"),
+        ("OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES", "redact_exception_messages"),
+        ("OTEL_BGTASKS_LOG_LOCALS", "log_locals"),
     ):
         if (raw := _value(env, name)) is not None:
             options[key] = _parse(name, raw, _bool, "true or false")
@@ -135,6 +155,18 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]
         options["retry"] = retry
     if (raw := _value(env, DLQ_URL_ENV)) is not None:
         options["dead_letter_store"] = None if raw.lower() == NO_STORE else raw
+    if (raw := _value(env, "OTEL_BGTASKS_DISPATCH")) is not None:
+        options["dispatch"] = _parse(
+            "OTEL_BGTASKS_DISPATCH", raw, _dispatch, " or ".join(DISPATCH_MODES)
+        )
+    if (raw := _value(env, "OTEL_BGTASKS_MAX_CONCURRENCY")) is not None:
+        options["max_concurrency"] = _parse(
+            "OTEL_BGTASKS_MAX_CONCURRENCY", raw, _attempts, "an integer >= 1"
+        )
+    if (raw := _value(env, "OTEL_BGTASKS_DRAIN_TIMEOUT")) is not None:
+        options["drain_timeout"] = _parse(
+            "OTEL_BGTASKS_DRAIN_TIMEOUT", raw, _seconds, "a number of seconds >= 0"
+        )
     return options
 
 

@@ -26,6 +26,8 @@ __all__ = [
     "StoreUnavailableError",
     "TaskImportError",
     "TaskTimeoutError",
+    "UnregisteredTaskError",
+    "UntrustedEntryError",
     "classify_error",
     "error_type",
 ]
@@ -60,6 +62,15 @@ class CircuitOpenError(BgTasksError, RuntimeError):
 
 class TaskImportError(BgTasksError, LookupError):
     """A stored call names a function that cannot be imported here; the entry is kept."""
+
+
+class UntrustedEntryError(BgTasksError, LookupError):
+    """A stored entry is refused: unsigned or tampered while a signing key is set, or it names
+    a function that is not one of the app's tasks. Nothing of it ran; the entry is kept."""
+
+
+class UnregisteredTaskError(UntrustedEntryError, TaskImportError):
+    """A stored call names a function that is not a registered task of this app."""
 
 
 class NotReplayableError(BgTasksError, LookupError):

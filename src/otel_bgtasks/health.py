@@ -5,8 +5,11 @@
     app.include_router(bgtasks_router(auth=bearer_token_auth(os.environ["BGTASKS_ADMIN_TOKEN"])))
     app.include_router(bgtasks_router(admin=False))        # only GET /bgtasks/health
 
-GET /bgtasks/health: running and pending tasks, oldest running age, recent failures, circuit
-states and dead-letter depth. Admin (auth required): GET /bgtasks/dead-letters,
+GET /bgtasks/health: running and pending tasks (pending by task, as `bgtasks.task.pending`),
+oldest running age, recent failures, circuit states, dead-letter depth and the write buffer
+(`degraded` while writes wait in memory or a circuit is open). It never waits on the store more
+than `HEALTH_STORE_TIMEOUT` seconds, and never on the event loop. Admin (auth required):
+GET /bgtasks/dead-letters,
 GET /bgtasks/dead-letters/{id}, POST /bgtasks/dead-letters/{id}/replay,
 POST /bgtasks/dead-letters/replay (all, or filtered by task/reason),
 DELETE /bgtasks/dead-letters/{id}.
@@ -27,7 +30,10 @@ from otel_bgtasks._execution import Executor, active_executor
 from otel_bgtasks.replay import DeadLetters, run_dead_letter
 from otel_bgtasks.stores.base import DeadLetterStore
 
-__all__ = ["bearer_token_auth", "bgtasks_router"]
+__all__ = ["HEALTH_STORE_TIMEOUT", "bearer_token_auth", "bgtasks_router"]
+
+HEALTH_STORE_TIMEOUT = 1.0
+"""Seconds the health endpoint waits for the store's depth before reporting it unknown."""
 
 
 def bearer_token_auth(token: str) -> Callable[..., None]:
@@ -98,22 +104,35 @@ def bgtasks_router(
             return {"status": "not_instrumented"}
         now = time.perf_counter()
         states = list(executor.inflight.values())
-        running = [s for s in states if s.attempt > 0]
+        running = [s for s in states if not executor.is_pending(s)]
+        pending = {name: n for name, n in sorted(executor.instruments.pending().items()) if n}
         depth: int | None = None
+        buffer: dict[str, object] | None = None
         if executor.store is not None:
+            status_of = getattr(executor.store, "status", None)  # a BufferedStore
+            buffer = status_of() if callable(status_of) else None
             try:
-                depth = await asyncio.to_thread(executor.store.count)
-            except Exception:  # an unreachable store is reported, not raised
+                depth = await asyncio.wait_for(
+                    asyncio.to_thread(executor.store.count), HEALTH_STORE_TIMEOUT
+                )
+            except Exception:  # an unreachable or slow store is reported, not raised
                 depth = None
-        circuits = {name: b.state.label for name, b in executor.breakers.items()}
+        # a Redis-backed breaker's state as this process last saw it: no Redis call here
+        circuits = {
+            name: (b.last_state if b.blocking else b.state).label
+            for name, b in executor.breakers.items()
+        }
+        failing = buffer is not None and bool(buffer["pending"] or buffer["store_down"])
         return {
-            "status": "degraded" if "open" in circuits.values() else "ok",
+            "status": "degraded" if failing or "open" in circuits.values() else "ok",
             "running": len(running),
             "pending": len(states) - len(running),
+            "pending_by_task": pending,  # bgtasks.task.pending
             "oldest_running_seconds": max((now - s.enqueued_at for s in running), default=0.0),
             "recent_failures": executor.recent_failures[-10:],
             "circuits": circuits,
             "dead_letter_depth": depth,
+            "dead_letter_buffer": buffer,
         }
 
     if not admin:

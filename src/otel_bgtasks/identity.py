@@ -1,4 +1,13 @@
-"""Process identity and liveness: who owns a journaled task, and whether it is still alive."""
+"""Process identity and liveness: who owns a journaled task, and whether it is still alive.
+
+An identity is ``"hostname:pid:token"``. On Linux the token is
+``"{boot}.{pidns}.{start}.{random}"``: the kernel's boot id, the PID namespace and the
+process's start time (clock ticks since boot, from ``/proc/self/stat``). Two containers with
+the same hostname that both run as PID 1 therefore have different identities, and neither
+takes the other for dead: a pid is only checked when the owner ran under the same kernel boot
+and in the same PID namespace as us, and then its start time must match too (a reused pid is
+another process). Everything else is judged by heartbeat age (`DeadLetterStore.dead_owners`).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +15,54 @@ import os
 import secrets
 import socket
 import threading
+from dataclasses import dataclass
 
-__all__ = ["owner_is_dead", "process_identity"]
+__all__ = ["owner_is_alive", "owner_is_dead", "process_identity"]
 
 _identity_lock = threading.Lock()
 _identity: tuple[int, str] | None = None
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except (OSError, ValueError):
+        return ""
+
+
+def _boot_id() -> str:
+    return _read("/proc/sys/kernel/random/boot_id").replace("-", "")[:16]
+
+
+def _pid_namespace() -> str:
+    try:
+        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return ""
+    return "".join(ch for ch in link if ch.isdigit())
+
+
+def _start_time(pid: int | str) -> str:
+    """The process's start time in clock ticks since boot ("" when unknown or gone)."""
+    stat = _read(f"/proc/{pid}/stat")
+    _, sep, rest = stat.rpartition(")")  # the command name may hold spaces and parentheses
+    fields = rest.split()
+    return fields[19] if sep and len(fields) > 19 else ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    boot: str
+    pidns: str
+    start: str
+
+    @classmethod
+    def parse(cls, token: str) -> _Token | None:
+        parts = token.split(".")
+        if len(parts) != 4 or not all(parts[:3]):
+            return None  # an identity of an older version, or from a system without /proc
+        return cls(parts[0], parts[1], parts[2])
 
 
 def process_identity() -> str:
@@ -19,7 +71,10 @@ def process_identity() -> str:
     pid = os.getpid()
     with _identity_lock:
         if _identity is None or _identity[0] != pid:
-            _identity = (pid, f"{socket.gethostname()}:{pid}:{secrets.token_hex(6)}")
+            boot, pidns, start = _boot_id(), _pid_namespace(), _start_time("self")
+            rand = secrets.token_hex(6)
+            token = f"{boot}.{pidns}.{start}.{rand}" if boot and pidns and start else rand
+            _identity = (pid, f"{socket.gethostname()}:{pid}:{token}")
         return _identity[1]
 
 
@@ -45,19 +100,48 @@ def _pid_alive(pid: int) -> bool:
 
 
 def owner_is_dead(owner: str) -> bool:
-    """True when `owner` surely is gone: same host and its pid no longer exists, or it had
-    our pid with another token (an earlier incarnation, e.g. pid 1 of a restarted container).
+    """True when `owner` surely is gone: it ran on this machine (same hostname, and for
+    current identities the same kernel boot and PID namespace) and its pid no longer exists,
+    is ours, or belongs to a process started at another time (pid reuse, or an earlier
+    incarnation such as pid 1 of a restarted container).
 
-    Owners on other hosts cannot be checked here: `DeadLetterStore.dead_owners` uses their
-    heartbeat age. PID reuse by an unrelated process makes a dead owner look alive until its
-    heartbeat goes stale.
+    Any other owner (another host, another container, another boot with the same hostname)
+    cannot be checked here: `DeadLetterStore.dead_owners` uses its heartbeat age.
     """
-    if owner == process_identity():
+    me = process_identity()
+    if owner == me:
         return False
     parsed = _parse_identity(owner)
     if parsed is None or parsed[0] != socket.gethostname():
         return False
-    _, pid, _ = parsed
+    _, pid, token = parsed
+    theirs = _Token.parse(token)
+    mine = _Token.parse(me.rsplit(":", 1)[1])
+    if theirs is None or mine is None:  # older identities: hostname and pid only
+        return pid == os.getpid() or not _pid_alive(pid)
+    if (theirs.boot, theirs.pidns) != (mine.boot, mine.pidns):
+        return False  # another boot or another container: its pids are not ours to check
     if pid == os.getpid():
         return True
-    return not _pid_alive(pid)
+    if not _pid_alive(pid):
+        return True
+    started = _start_time(pid)
+    return bool(started) and started != theirs.start
+
+
+def owner_is_alive(owner: str) -> bool:
+    """True when `owner` surely is running: this process, or one on this machine (same
+    hostname, kernel boot and PID namespace) whose pid exists with the start time its identity
+    records. Such an owner is never recovered, however old its heartbeat."""
+    me = process_identity()
+    if owner == me:
+        return True
+    parsed = _parse_identity(owner)
+    if parsed is None or parsed[0] != socket.gethostname():
+        return False
+    _, pid, token = parsed
+    theirs = _Token.parse(token)
+    mine = _Token.parse(me.rsplit(":", 1)[1])
+    if theirs is None or mine is None or (theirs.boot, theirs.pidns) != (mine.boot, mine.pidns):
+        return False
+    return pid != os.getpid() and _pid_alive(pid) and _start_time(pid) == theirs.start

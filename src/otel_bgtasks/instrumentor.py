@@ -15,10 +15,13 @@ Usage::
         timeout=30.0,
         dead_letter_store="sqlite:///var/lib/app/dlq.db",  # or a store; None disables
         durable=False,
+        dispatch="inline",                               # or "local": a bounded pool after
+        max_concurrency=64, drain_timeout=30.0,          # the response (otel_bgtasks.dispatch)
     )
 
 or, with no code change, ``opentelemetry-instrument uvicorn app:app`` (this package registers an
-``opentelemetry_instrumentor`` entry point).
+``opentelemetry_instrumentor`` entry point; ``OTEL_BGTASKS_DISPATCH`` and
+``OTEL_BGTASKS_MAX_CONCURRENCY`` set ``dispatch`` and ``max_concurrency`` when not passed).
 
 Every Starlette ``BackgroundTask`` is covered: ``BackgroundTasks.add_task`` in endpoints and
 dependencies, ``Response(background=...)``, async and sync functions, partials and callable
@@ -41,7 +44,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
-from starlette.background import BackgroundTask
+from starlette.background import BackgroundTask, BackgroundTasks
 
 from otel_bgtasks import _execution
 from otel_bgtasks._execution import (
@@ -55,14 +58,33 @@ from otel_bgtasks._execution import (
 from otel_bgtasks._version import __version__
 from otel_bgtasks.calls import Serializer
 from otel_bgtasks.circuit import CircuitBreaker
+from otel_bgtasks.dispatch import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MAX_CONCURRENCY,
+    Dispatcher,
+    DispatchSeam,
+)
 from otel_bgtasks.environment import options_from_env
 from otel_bgtasks.errors import ErrorClassifier, classify_error
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.package import _instruments
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
-from otel_bgtasks.stores import open_store
+from otel_bgtasks.stores import default_store_url, open_store
 from otel_bgtasks.stores.base import DeadLetterStore
+from otel_bgtasks.task import DispatchMode
+
+
+def _fastapi_background_tasks() -> type[BackgroundTasks] | None:
+    """FastAPI's `BackgroundTasks` (>= 0.165 wraps each task in its own
+    `fastapi.background_task` span), imported at instrumentation, not with this module: a
+    Starlette app, or the CLI, does not load FastAPI."""
+    try:
+        from fastapi.background import BackgroundTasks as FastAPIBackgroundTasks
+    except ImportError:  # pragma: no cover - FastAPI is a dependency
+        return None
+    return FastAPIBackgroundTasks
+
 
 __all__ = [
     "BackgroundTasksInstrumentor",
@@ -77,8 +99,6 @@ _SCOPE = "otel_bgtasks"
 # when the attribute is absent; by holding it we keep one task span per run (ours).
 _UPSTREAM_ATTR = "_otel_original_call"
 _STATE_ATTR = "_bgtasks_state"  # set and read as a plain attribute in `_patch`
-
-DEFAULT_STORE_URL = "sqlite:///bgtasks-deadletters.db"
 
 
 class InstrumentOptions(TypedDict, total=False):
@@ -97,6 +117,11 @@ class InstrumentOptions(TypedDict, total=False):
     dead_letter_store: DeadLetterStore | str | None
     serializer: Serializer | None
     error_classifier: ErrorClassifier
+    dispatch: DispatchMode | Dispatcher
+    max_concurrency: int
+    drain_timeout: float
+    redact_exception_messages: bool
+    log_locals: bool
     # BaseInstrumentor's own switches
     skip_dep_check: bool
     raise_exception_on_conflict: bool
@@ -118,8 +143,8 @@ def _store(given: Any) -> DeadLetterStore | None:
     """The dead-letter store from an instrument() argument: a store, a URL, None or absent."""
     if given is None:
         return None
-    if given is _ABSENT:
-        given = DEFAULT_STORE_URL
+    if given is _ABSENT:  # nothing configured: the user's state directory, created lazily
+        return open_store(default_store_url(), lazy=True)
     if isinstance(given, str):
         return open_store(given)
     if not isinstance(given, DeadLetterStore):
@@ -198,6 +223,8 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     _upstream_call: Any = None
     _upstream_original: Any = None
     _owned_store: DeadLetterStore | None = None
+    _seam: DispatchSeam | None = None
+    _fastapi_call: Any = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
@@ -219,6 +246,9 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         options: InstrumentOptions = {**options_from_env(), **kwargs}  # type: ignore[typeddict-item]
         trace_mode = options.get("trace_mode", "link")
         check_trace_mode(trace_mode)  # before a store is opened
+        dispatch = options.get("dispatch", "inline")
+        max_concurrency = options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+        drain_timeout = options.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
         tracer = trace.get_tracer(
             _SCOPE,
             __version__,
@@ -250,6 +280,14 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 dead_letter_store=store,
                 serializer=options.get("serializer"),
                 error_classifier=options.get("error_classifier", classify_error),
+                redact_exception_messages=options.get("redact_exception_messages", False),
+                log_locals=options.get("log_locals", False),
+            )
+            seam = DispatchSeam(
+                executor,
+                dispatch=dispatch,
+                max_concurrency=max_concurrency,
+                drain_timeout=drain_timeout,
             )
         except Exception:  # a bad setting: do not leave the store we opened behind
             if self._owned_store is not None:
@@ -257,11 +295,16 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 self._owned_store = None
             raise
         self._patch(executor)
+        type(self)._seam = seam
+        seam.install()
         set_active_executor(executor)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         executor = active_executor()
         set_active_executor(None)
+        seam, type(self)._seam = type(self)._seam, None
+        if seam is not None:
+            seam.uninstall()
         self._unpatch()
         if executor is not None:
             executor.close()
@@ -297,6 +340,9 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             if cls.__call__ is not __call__:
                 owner._reclaim(__call__)
             self._bgtasks_state = state  # type: ignore[attr-defined]  # _STATE_ATTR
+            seam = owner._seam
+            if seam is not None:
+                seam.scheduled(state)
 
         def __call__(self: BackgroundTask) -> Awaitable[Any]:
             # Returns the coroutine to await (no `async def` layer that would only forward).
@@ -307,7 +353,10 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             current = _execution._active
             if current is None:
                 return original_call(self)
-            return current.run(state)
+            seam = owner._seam
+            if seam is None:
+                return current.run(state)
+            return seam.call(state)
 
         owner = type(self)
         owner._original_init = original_init
@@ -317,6 +366,12 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         cls.__init__ = __init__  # type: ignore[method-assign]
         cls.__call__ = __call__  # type: ignore[method-assign,assignment]
         setattr(cls, _UPSTREAM_ATTR, __call__)
+        fastapi_tasks = _fastapi_background_tasks()
+        if fastapi_tasks is not None and "__call__" in fastapi_tasks.__dict__:
+            # FastAPI's own telemetry wraps each task in a `fastapi.background_task` span; ours
+            # is the one task span per run, so the collection runs its tasks as Starlette's does.
+            owner._fastapi_call = fastapi_tasks.__dict__["__call__"]
+            fastapi_tasks.__call__ = BackgroundTasks.__call__  # type: ignore[method-assign]
 
     @classmethod
     def _reclaim(cls, ours: Callable[..., Any]) -> None:
@@ -350,3 +405,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 delattr(cls, _UPSTREAM_ATTR)
         owner._original_init = owner._original_call = None
         owner._upstream_call = owner._upstream_original = None
+        fastapi_tasks = _fastapi_background_tasks()
+        if owner._fastapi_call is not None and fastapi_tasks is not None:
+            fastapi_tasks.__call__ = owner._fastapi_call  # type: ignore[method-assign]
+            owner._fastapi_call = None

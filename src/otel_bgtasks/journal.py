@@ -1,31 +1,52 @@
 """The durable-task journal: a row per durable task from scheduling to its end, and the
-heartbeat that tells recovery elsewhere this process is alive."""
+heartbeat that tells recovery elsewhere this process is alive.
+
+Store calls never run on the event loop: inside a gated request (every Starlette request, by
+the dispatch seam; `JournalGate` for other ASGI apps) the row is written by the journal's
+writer thread and the gate sends the response only once it is committed (`response_gate`);
+removals from the event loop go to the same writer, after the add (one thread, in order).
+Elsewhere (sync endpoints in the thread pool, plain threads) the journal writes synchronously,
+as it is off the loop already; from the event loop without a gate (`schedule()` outside a
+request) the add stays synchronous too, so the row is committed before it returns.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import threading
 
 import structlog
 
 from otel_bgtasks._ids import span_id_hex, trace_id_hex
+from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks.calls import Serializer, encode_call
 from otel_bgtasks.identity import process_identity
 from otel_bgtasks.records import JournalEntry
+from otel_bgtasks.response_gate import gate_active, track_write
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = ["HEARTBEAT_EVERY", "Journal"]
 
 HEARTBEAT_EVERY = 10.0
-"""Seconds between heartbeats while durable tasks are in flight."""
+"""Seconds between heartbeats, from the first durable task for the life of the process."""
 
 _log = structlog.get_logger("otel_bgtasks")
 
 
-class Journal:
-    """Journals durable tasks in `store` and heartbeats while any is in flight.
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
-    One daemon heartbeat thread per journal, from its first durable task until `close()`.
+
+class Journal:
+    """Journals durable tasks in `store` and heartbeats from the first one until `close()`.
+
+    One daemon heartbeat thread per journal; one writer thread for writes from the loop.
     """
 
     def __init__(self, store: DeadLetterStore, serializer: Serializer) -> None:
@@ -34,6 +55,9 @@ class Journal:
         self.in_flight = 0  # journaled tasks not finished
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._writer_lock = threading.Lock()
+        self._adds: dict[str, concurrent.futures.Future[None]] = {}  # deferred, not yet done
 
     def add(self, state: TaskCallState) -> None:
         """Journal a task at scheduling.
@@ -45,51 +69,94 @@ class Journal:
         call = encode_call(
             self.serializer, state.func, state.args, state.kwargs, task_name=state.name
         )
-        self.store.journal_add(
-            JournalEntry(
-                task_id=state.task_id,
-                task_name=state.name,
-                func_ref=call.func_ref,
-                payload=call.payload,
-                serializer=call.serializer,
-                owner=process_identity(),
-                enqueued_at=state.enqueued_wall,
-                trace_id=trace_id_hex(state.link),
-                span_id=span_id_hex(state.link),
-            )
-        )
+        entry = JournalEntry(
+            task_id=state.task_id,
+            task_name=state.name,
+            func_ref=call.func_ref,
+            payload=call.payload,
+            serializer=call.serializer,
+            owner=process_identity(),
+            enqueued_at=state.enqueued_wall,
+            trace_id=trace_id_hex(state.link),
+            span_id=span_id_hex(state.link),
+        ).signed()  # with a signing key set; recovery verifies it before decoding
+        if gate_active() and _on_event_loop():
+            future = self._writer_pool().submit(self._write_add, entry)
+            self._adds[state.task_id] = future
+            future.add_done_callback(lambda _f: self._adds.pop(state.task_id, None))
+            track_write(future)
+        else:
+            self.store.journal_add(entry)
         state.journaled = True
         self.in_flight += 1
         if self._thread is None or not self._thread.is_alive():
-            self.store.heartbeat(process_identity())
             self._thread = threading.Thread(
                 target=self._beat, name="otel-bgtasks-heartbeat", daemon=True
             )
             self._thread.start()
+
+    def _writer_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="otel-bgtasks-journal"
+                )
+            return self._writer
+
+    def _write_add(self, entry: JournalEntry) -> None:
+        try:
+            self.store.journal_add(entry)
+        except Exception:
+            _log.error(
+                "durable task could not be journaled",
+                task_id=entry.task_id,
+                task_name=entry.task_name,
+                entry=entry.to_json(),
+                **exception_fields(),
+            )
+            raise
 
     def finished(self, state: TaskCallState, *, keep: bool = False) -> None:
         """A journaled task ended; `keep` leaves its row for recovery (it was cancelled)."""
         self.in_flight -= 1
         if keep:
             return
+        pending = self._adds.get(state.task_id)
+        if _on_event_loop() and (pending is not None or self._writer is not None):
+            # same single writer thread: runs after the add, off the loop
+            self._writer_pool().submit(self._remove, state.task_id, state.name)
+            return
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception:  # logged by the writer
+                return
+        self._remove(state.task_id, state.name)
+
+    def _remove(self, task_id: str, task_name: str) -> None:
         try:
-            self.store.journal_remove(state.task_id)
+            self.store.journal_remove(task_id)
         except Exception:  # recovery will find it again; a duplicate beats a lost task
-            _log.exception(
+            _log.error(
                 "durable task could not be removed from the journal",
-                task_id=state.task_id,
-                task_name=state.name,
+                task_id=task_id,
+                task_name=task_name,
+                **exception_fields(),
             )
 
     def close(self) -> None:
-        """Stop heartbeating."""
+        """Stop heartbeating; wait for the writer's queued writes."""
         self._closed.set()
+        with self._writer_lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
 
     def _beat(self) -> None:
-        while not self._closed.wait(HEARTBEAT_EVERY):
-            if self.in_flight <= 0:
-                continue
+        while True:
             try:
                 self.store.heartbeat(process_identity())
             except Exception:  # a store outage: recovery elsewhere may see us as stale
-                _log.exception("journal heartbeat failed")
+                _log.error("journal heartbeat failed", **exception_fields())
+            if self._closed.wait(HEARTBEAT_EVERY):
+                return

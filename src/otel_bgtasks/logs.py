@@ -79,14 +79,21 @@ class TraceContextFilter(logging.Filter):
 
 
 def configure_structlog_json(level: int = logging.INFO) -> None:
-    """Configure structlog to render JSON lines carrying the trace and task correlation."""
+    """Configure structlog to render JSON lines carrying the trace and task correlation.
+
+    Exceptions logged with ``exc_info`` (by your code) render as a structured traceback of at
+    most 20 frames and without local variables: locals hold arguments and secrets, and a deep
+    structure in one would make the line megabytes long.
+    """
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             TraceContextProcessor(),
-            structlog.processors.dict_tracebacks,
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False, max_frames=20)
+            ),
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),

@@ -64,6 +64,14 @@ class Instruments:
             unit="{task}",
             description="Background tasks running now",
         )
+        # Scheduled and not started yet, observed the same way (`bgtasks_task_pending`).
+        self._pending: dict[str, int] = {}
+        meter.create_observable_up_down_counter(
+            "bgtasks.task.pending",
+            callbacks=[self._observe_pending],
+            unit="{task}",
+            description="Background tasks scheduled and not started yet",
+        )
         self.retries = meter.create_counter(
             "bgtasks.task.retries", unit="{retry}", description="Retries of background tasks"
         )
@@ -96,6 +104,13 @@ class Instruments:
             unit="{write}",
             description="Dead-letter or journal writes that failed when submitted (kept in memory)",
         )
+        self._dropped_sources: list[DepthSource] = []
+        meter.create_observable_counter(
+            "bgtasks.dlq.dropped",
+            callbacks=[self._observe_dropped],
+            unit="{entry}",
+            description="Buffered dead-letter or journal writes never stored (logged whole)",
+        )
         meter.create_observable_gauge(
             "bgtasks.dlq.depth",
             callbacks=[self._observe_depth],
@@ -111,6 +126,20 @@ class Instruments:
         """Tasks running now, by task name (every name that ran: 0 when none runs)."""
         source = self._active_source
         return source() if source is not None else {}
+
+    def task_pending(self, name: str, delta: int) -> None:
+        """Count a task as scheduled (+1) or as no longer waiting (-1: started or skipped)."""
+        with self._lock:
+            self._pending[name] = self._pending.get(name, 0) + delta
+
+    def pending(self) -> dict[str, int]:
+        """Tasks scheduled and not started, by task name (names seen so far, zeros included)."""
+        with self._lock:
+            return dict(self._pending)
+
+    def _observe_pending(self, options: CallbackOptions) -> Iterable[Observation]:
+        for name, count in self.pending().items():
+            yield Observation(count, {TASK_NAME: name})
 
     def active(self, name: str) -> int:
         """Tasks named `name` running now."""
@@ -129,6 +158,17 @@ class Instruments:
         """Report a store's failed writes through `bgtasks.dlq.write_errors`."""
         with self._lock:
             self._write_error_sources.append(source)
+
+    def add_dropped_source(self, source: DepthSource) -> None:
+        """Report a store's dropped buffered writes through `bgtasks.dlq.dropped`."""
+        with self._lock:
+            self._dropped_sources.append(source)
+
+    def _observe_dropped(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            sources = list(self._dropped_sources)
+        for source in sources:
+            yield from source()
 
     def _observe_write_errors(self, options: CallbackOptions) -> Iterable[Observation]:
         with self._lock:

@@ -11,6 +11,7 @@ from otel_bgtasks.circuit import CircuitBreaker
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.task import (
+    DispatchMode,
     check_timeout,
     function_name,
     is_async_callable,
@@ -76,6 +77,7 @@ class EffectiveOptions:
         breaker: the circuit breaker guarding it (resolved, shared by name), or None.
         timeout: seconds per attempt, or None.
         durable: journaled while scheduled or running.
+        dispatch: the decorator's dispatch mode, or None for the instrumentor's default.
     """
 
     name: str
@@ -85,6 +87,7 @@ class EffectiveOptions:
     breaker: CircuitBreaker | None
     timeout: float | None
     durable: bool
+    dispatch: DispatchMode | None = None
 
 
 def effective_options(
@@ -105,4 +108,5 @@ def effective_options(
         breaker=breaker_for(circuit, name) if circuit is not None else None,
         timeout=options.timeout or defaults.timeout,
         durable=options.durable if options.durable is not None else defaults.durable,
+        dispatch=options.dispatch,
     )

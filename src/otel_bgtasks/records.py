@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
-import traceback as _traceback
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,8 +18,10 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from otel_bgtasks._ids import check_hex
+from otel_bgtasks._tracebacks import bounded_message, bounded_traceback
 from otel_bgtasks.attributes import ErrorCategory
 from otel_bgtasks.errors import CorruptEntryError, error_type
+from otel_bgtasks.signing import SigningKeys, signing_keys
 
 __all__ = [
     "DeadLetter",
@@ -43,7 +45,7 @@ class DeadLetterReason(StrEnum):
 
 
 def _format_traceback(exc: BaseException) -> str:
-    return "".join(_traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return bounded_traceback(exc)  # without locals, at most 8 kB whatever the task raised
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,7 @@ class DeadLetter:
         first_failure, last_failure: epoch seconds.
         reason: why the task was dead-lettered.
         trace_id, span_id: the original task span (hex), or "" when there was none.
+        signature: HMAC of the call (see `otel_bgtasks.signing`), "" when written unsigned.
     """
 
     id: str
@@ -78,6 +81,7 @@ class DeadLetter:
     serializer: str = "json"
     trace_id: str = ""
     span_id: str = ""
+    signature: str = ""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -115,7 +119,7 @@ class DeadLetter:
             payload=payload,
             serializer=serializer,
             error_type=error_type(exc),
-            error_message=str(exc),
+            error_message=bounded_message(exc),
             traceback=_format_traceback(exc),
             category=str(category),
             attempts=attempts,
@@ -156,7 +160,19 @@ class DeadLetter:
             reason=reason,
             trace_id=entry.trace_id,
             span_id=entry.span_id,
+            signature=entry.signature,  # same id and call: the row's signature still holds
         )
+
+    def call_fields(self) -> tuple[str, str, str, str, str]:
+        """What the signature covers: id, task name, function reference, serializer, payload."""
+        return (self.id, self.task_name, self.func_ref, self.serializer, self.payload)
+
+    def signed(self, keys: SigningKeys | None = None) -> DeadLetter:
+        """A copy signed with `keys` (default: the configured ones); itself without keys."""
+        keys = keys if keys is not None else signing_keys()
+        if keys is None:
+            return self
+        return dataclasses.replace(self, signature=keys.sign(self.call_fields()))
 
     def replace(self, **changes: Any) -> DeadLetter:
         """A copy with `changes` applied (`dataclasses.replace`)."""
@@ -182,7 +198,7 @@ class DeadLetter:
         if exc is not None:
             changes.update(
                 error_type=error_type(exc),
-                error_message=str(exc),
+                error_message=bounded_message(exc),
                 traceback=_format_traceback(exc),
             )
         if reason is not None:
@@ -234,12 +250,24 @@ class JournalEntry:
     serializer: str = "json"
     trace_id: str = ""
     span_id: str = ""
+    signature: str = ""
 
     def __post_init__(self) -> None:
         if not self.task_id:
             raise ValueError("JournalEntry.task_id must not be empty")
         check_hex("trace_id", self.trace_id, 32)
         check_hex("span_id", self.span_id, 16)
+
+    def call_fields(self) -> tuple[str, str, str, str, str]:
+        """What the signature covers (as `DeadLetter.call_fields`; the task id is the id)."""
+        return (self.task_id, self.task_name, self.func_ref, self.serializer, self.payload)
+
+    def signed(self, keys: SigningKeys | None = None) -> JournalEntry:
+        """A copy signed with `keys` (default: the configured ones); itself without keys."""
+        keys = keys if keys is not None else signing_keys()
+        if keys is None:
+            return self
+        return dataclasses.replace(self, signature=keys.sign(self.call_fields()))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -267,6 +295,19 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+_MIN_TIMESTAMP = -62_135_596_800.0  # 0001-01-01T00:00:00Z
+_MAX_TIMESTAMP = 253_402_300_799.0  # 9999-12-31T23:59:59Z: the last one datetime can show
+
+
+def _timestamp(name: str, value: float) -> float:
+    """Every float field is an epoch timestamp: NaN, infinities and values no date can show
+    (1e300) make the row corrupt rather than crash whoever displays it."""
+    number = float(value)
+    if not math.isfinite(number) or not _MIN_TIMESTAMP <= number <= _MAX_TIMESTAMP:
+        raise ValueError(f"field {name!r} is not a valid timestamp: {value!r}")
+    return number
+
+
 def _decode_fields(
     cls: type[Any], data: Mapping[str, Any], converters: dict[str, Callable[[Any], Any]]
 ) -> dict[str, Any]:
@@ -287,7 +328,7 @@ def _decode_fields(
             if allowed and (not isinstance(value, allowed) or isinstance(value, bool)):
                 raise ValueError(f"field {f.name!r} must be {f.type}, got {type(value).__name__}")
             if str(f.type) == "float":
-                value = float(value)
+                value = _timestamp(f.name, value)
         out[f.name] = value
     return out
 

@@ -1,26 +1,34 @@
 """Recover durable tasks whose process died (crash, SIGKILL, OOM) before they finished.
 
-Call it at startup, e.g. in the FastAPI lifespan::
+Start it in the background at startup, so the app serves while tasks are re-run, e.g. in the
+FastAPI lifespan::
 
     @asynccontextmanager
     async def lifespan(app):
-        await recover_interrupted_tasks(mode="rerun")
-        yield
+        async with start_recovery(mode="rerun"):  # returns at once; stopped at shutdown
+            yield
 
 or from the shell: ``otel-bgtasks recover --store URL [--rerun]``.
 
 Both modes walk the journal the same way (one loop): for each dead owner, each of its entries
-is handled (re-run, or moved to the dead letters with reason `interrupted`), then removed; the
-owner is forgotten once its entries are done.
+is claimed (a lease with an owner and an expiry, renewed while it runs), handled (re-run, or
+moved to the dead letters with reason `interrupted`), then removed if the claim is still ours;
+the owner's heartbeat is forgotten once its entries are done, unless it came back meanwhile.
+Two recoverers never handle one entry; one that crashes leaves a lease that expires, and the
+entry is recovered later. A shutdown stops recovery: entries not re-run stay journaled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar
 
 import structlog
 
@@ -28,12 +36,24 @@ from otel_bgtasks._execution import Executor, active_executor
 from otel_bgtasks._ids import from_hex
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import decode_call
-from otel_bgtasks.errors import ConfigurationError
+from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, UntrustedEntryError
+from otel_bgtasks.identity import owner_is_dead, process_identity
 from otel_bgtasks.records import DeadLetter, JournalEntry
-from otel_bgtasks.replay import standalone_executor
+from otel_bgtasks.replay import renewing, standalone_executor
 from otel_bgtasks.stores.base import DeadLetterStore
 
-__all__ = ["RecoveryMode", "RecoveryReport", "recover_interrupted", "recover_interrupted_tasks"]
+__all__ = [
+    "RECOVERY_LEASE",
+    "RecoveryMode",
+    "RecoveryReport",
+    "RecoveryTask",
+    "recover_interrupted",
+    "recover_interrupted_tasks",
+    "start_recovery",
+]
+
+RECOVERY_LEASE = 60.0
+"""Seconds a recoverer's claim on a journal row lasts without renewal (renewed every third)."""
 
 RecoveryMode = Literal["rerun", "dead_letter"]
 
@@ -48,10 +68,12 @@ class RecoveryReport:
     rerun_succeeded: int = 0
     rerun_failed: int = 0
     dead_lettered: int = 0
+    refused: int = 0
+    """Entries not re-run (unsigned/tampered, or not a registered task): kept as dead letters."""
 
     @property
     def total(self) -> int:
-        return self.rerun_succeeded + self.rerun_failed + self.dead_lettered
+        return self.rerun_succeeded + self.rerun_failed + self.dead_lettered + self.refused
 
 
 Handler = Callable[[JournalEntry, str], Awaitable[None]]
@@ -64,19 +86,50 @@ async def _recover(
     *,
     now: float | None = None,
     offload: bool = True,
+    concurrency: int = 1,
+    lease: float = RECOVERY_LEASE,
 ) -> list[str]:
     """The one recovery loop; returns the dead owners it recovered."""
+    if concurrency < 1:
+        raise ConfigurationError(f"concurrency={concurrency!r}: must be >= 1")
 
     async def call(fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         return await asyncio.to_thread(fn, *args, **kwargs) if offload else fn(*args, **kwargs)
 
+    me = f"{process_identity()}/recover/{secrets.token_hex(4)}"
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(task_id: str, owner: str) -> None:
+        async with slots:
+            try:
+                journaled = await call(store.journal_claim, task_id, me, lease=lease)
+            except CorruptEntryError:
+                return  # logged by the store; an operator deletes it
+            if journaled is None:
+                return  # finished, or another recoverer holds it
+            try:
+                renew = functools.partial(store.journal_claim, task_id, me, lease=lease)
+                async with renewing(renew, lease / 3):
+                    await handle(journaled, owner)
+            except BaseException:
+                # cancelled (shutdown) or broken: it stays journaled for the next recovery
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(asyncio.to_thread(store.journal_release, task_id, me))
+                raise
+            # handled before removed: a crash in between leaves a duplicate, not a loss
+            await call(store.journal_remove_claimed, task_id, me)
+
     owners = await call(store.dead_owners, stale_after, now=now)
     for owner in owners:
-        for journaled in await call(store.journal_list, owner=owner):
-            # handled before removed: a crash in between leaves a duplicate, not a loss
-            await handle(journaled, owner)
-            await call(store.journal_remove, journaled.task_id)
-        await call(store.forget_owner, owner)
+        entries = await call(store.journal_list, owner=owner)
+        async with asyncio.TaskGroup() as group:
+            for journaled in entries:
+                group.create_task(one(journaled.task_id, owner))
+        if not await call(store.journal_list, owner=owner):
+            moment = time.time() if now is None else now
+            # judged by heartbeat age: if it heartbeat meanwhile it is alive, keep its heartbeat
+            seen_before = None if owner_is_dead(owner) else moment - stale_after
+            await call(store.forget_owner, owner, seen_before=seen_before)
     return owners
 
 
@@ -121,12 +174,15 @@ async def recover_interrupted_tasks(
     store: DeadLetterStore | None = None,
     executor: Executor | None = None,
     stale_after: float = 60.0,
+    concurrency: int = 4,
 ) -> RecoveryReport:
     """Re-run, or dead-letter with reason `interrupted`, every journaled task of a dead process.
 
     A process is dead when it ran on this host and its pid is gone, or when it gave no sign of
     life for `stale_after` seconds (other hosts). Re-runs go through the normal path (span
-    linked to the original request, policies, dead letters on failure).
+    linked to the original request, policies, dead letters on failure), at most
+    `concurrency` at a time. Each entry is claimed first (see the module docstring).
+    To keep serving meanwhile, use `start_recovery`.
 
     Raises:
         ConfigurationError: `mode` is unknown, or no store is given or configured (a
@@ -143,18 +199,23 @@ async def recover_interrupted_tasks(
         )
     if mode == "dead_letter":
         moved: list[DeadLetter] = []
-        await _recover(store, stale_after, _dead_letterer(store, moved, None, offload=True))
+        await _recover(
+            store,
+            stale_after,
+            _dead_letterer(store, moved, None, offload=True),
+            concurrency=concurrency,
+        )
         return RecoveryReport(dead_lettered=len(moved))
     # Without an instrumented app (the CLI), re-runs that fail still reach the dead letters.
     runner = executor if executor is not None and executor.store is store else None
     runner = runner or standalone_executor(store)
-    counts = {"ok": 0, "failed": 0, "dead": 0}
+    counts = {"ok": 0, "failed": 0, "dead": 0, "refused": 0}
 
     async def rerun(journaled: JournalEntry, owner: str) -> None:
         counts[await _rerun(runner, store, journaled)] += 1
 
-    owners = await _recover(store, stale_after, rerun)
-    report = RecoveryReport(counts["ok"], counts["failed"], counts["dead"])
+    owners = await _recover(store, stale_after, rerun, concurrency=concurrency)
+    report = RecoveryReport(counts["ok"], counts["failed"], counts["dead"], counts["refused"])
     if report.total:
         _log.warning(
             "recovered interrupted durable tasks",
@@ -162,27 +223,107 @@ async def recover_interrupted_tasks(
             rerun=report.rerun_succeeded,
             rerun_failed=report.rerun_failed,
             dead_lettered=report.dead_lettered,
+            refused=report.refused,
         )
     return report
 
 
 async def _rerun(
     executor: Executor, store: DeadLetterStore, journaled: JournalEntry
-) -> Literal["ok", "failed", "dead"]:
+) -> Literal["ok", "failed", "dead", "refused"]:
     """Re-run one entry: "ok"/"failed" by its result; "dead": it could not be re-run and was
-    dead-lettered instead."""
+    dead-lettered instead; "refused": the same, for an untrusted entry (nothing of it ran)."""
     try:
-        func, args, kwargs = decode_call(
-            journaled.func_ref, journaled.serializer, journaled.payload
-        )
-    except Exception as exc:  # gone or undecodable: keep it where an operator will see it
+        func, args, kwargs = decode_call(journaled)
+    except Exception as exc:  # gone, undecodable or refused: keep it where an operator looks
+        # from_journal keeps the row's signature: a refused row stays refused, never laundered
         entry = DeadLetter.from_journal(journaled, at=time.time())
         await asyncio.to_thread(
             store.put, entry.replace(error_type=type(exc).__name__, error_message=str(exc))
         )
+        if isinstance(exc, UntrustedEntryError):
+            _log.error("durable task refused", task_id=journaled.task_id, error=str(exc))
+            return "refused"
         return "dead"
     state = executor.prepare(
         func, args, kwargs, link=from_hex(journaled.trace_id, journaled.span_id)
     )
     await executor.run(state)
     return "ok" if state.outcome is Outcome.SUCCESS else "failed"
+
+
+class RecoveryTask:
+    """Recovery running in the background (`start_recovery`); an async context manager
+    whose exit stops it (what was not re-run stays journaled for the next recovery)."""
+
+    def __init__(self, task: asyncio.Task[RecoveryReport]) -> None:
+        self.task = task
+
+    def done(self) -> bool:
+        return self.task.done()
+
+    async def wait(self) -> RecoveryReport:
+        """Wait for recovery to finish; its report."""
+        return await asyncio.shield(self.task)
+
+    async def stop(self) -> None:
+        """Interrupt recovery (at shutdown) and wait for it to release its claims."""
+        if not self.task.done():
+            self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+def start_recovery(
+    *,
+    mode: RecoveryMode = "rerun",
+    store: DeadLetterStore | None = None,
+    executor: Executor | None = None,
+    stale_after: float = 60.0,
+    concurrency: int = 4,
+) -> RecoveryTask:
+    """Start `recover_interrupted_tasks` as a background task and return at once.
+
+    Use it in a lifespan (``async with start_recovery(): yield``): the app serves while
+    tasks are re-run, and the shutdown interrupts recovery. Failures are logged.
+
+    Raises:
+        ConfigurationError: as `recover_interrupted_tasks`, before anything starts.
+    """
+    if mode not in ("rerun", "dead_letter"):
+        raise ConfigurationError(f"mode={mode!r}: use 'rerun' or 'dead_letter'")
+    if concurrency < 1:
+        raise ConfigurationError(f"concurrency={concurrency!r}: must be >= 1")
+    if store is None and (executor or active_executor()) is None:
+        raise ConfigurationError(
+            "no dead-letter store: pass store= or instrument with dead_letter_store="
+        )
+
+    async def run() -> RecoveryReport:
+        try:
+            return await recover_interrupted_tasks(
+                mode=mode,
+                store=store,
+                executor=executor,
+                stale_after=stale_after,
+                concurrency=concurrency,
+            )
+        except asyncio.CancelledError:
+            _log.warning("recovery interrupted by shutdown; remaining tasks stay journaled")
+            raise
+        except Exception:
+            _log.exception("recovery of interrupted durable tasks failed")
+            raise
+
+    return RecoveryTask(asyncio.create_task(run(), name="otel-bgtasks-recovery"))

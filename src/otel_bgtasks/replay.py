@@ -3,12 +3,20 @@
 A replay is a `process {task}` span in a new trace linked to the original failed span; it
 counts in `bgtasks.dlq.replays` by outcome and is never dead-lettered again (the entry is
 updated instead).
+
+Each entry is taken with a claim (a lease with an owner and an expiry, renewed while the task
+runs), then deleted (success) or updated and released (failure) only if the claim is still
+ours: two replayers never run one entry, a failed replay never brings back an entry another
+deleted, and a replayer that crashes leaves a lease that expires (the entry is replayed later).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+import contextlib
+import functools
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -18,30 +26,58 @@ from opentelemetry import metrics, trace
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._execution import Executor, active_executor
 from otel_bgtasks._ids import from_hex
+from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks._version import __version__
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import check_replayable, decode_call
-from otel_bgtasks.errors import CorruptEntryError, TaskImportError
+from otel_bgtasks.errors import CorruptEntryError, TaskImportError, UntrustedEntryError
+from otel_bgtasks.identity import process_identity
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = [
+    "REPLAY_LEASE",
     "DeadLetters",
     "ReplayOutcome",
     "ReplayReport",
     "ReplayResult",
     "ReplayRunner",
     "ReplayStatus",
+    "renewing",
     "run_dead_letter",
     "standalone_executor",
 ]
 
 _T = TypeVar("_T")
 
+REPLAY_LEASE = 60.0
+"""Seconds a replay's claim lasts without renewal (renewed every third of it while running):
+how long an entry stays blocked after its replayer crashed."""
+
 _log = structlog.get_logger("otel_bgtasks")
 
 _standalone: dict[int, Executor] = {}
+
+
+@contextlib.asynccontextmanager
+async def renewing(renew: Callable[[], object], every: float) -> AsyncIterator[None]:
+    """Call `renew` (a claim renewal, in a worker thread) every `every` seconds while the
+    body runs; a failed renewal is retried at the next tick."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(renew)
+
+    renewer = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
 
 
 def standalone_executor(store: DeadLetterStore | None = None) -> Executor:
@@ -64,13 +100,15 @@ async def run_dead_letter(entry: DeadLetter, *, executor: Executor | None = None
     """Replay one dead letter; the entry itself is deleted or updated by the caller.
 
     Raises:
-        TaskImportError: the task's function can no longer be imported (the entry is kept).
+        UntrustedEntryError: unsigned or tampered while a signing key is set, or not one of
+            the app's registered tasks: nothing ran (the entry is kept).
+        TaskImportError: the entry has no function reference (the entry is kept).
         NotReplayableError: the entry was kept for inspection only.
         ValueError: the payload cannot be decoded by its serializer.
     """
     if executor is None:
         executor = active_executor() or standalone_executor()
-    func, args, kwargs = decode_call(entry.func_ref, entry.serializer, entry.payload)
+    func, args, kwargs = decode_call(entry)
     state = executor.prepare(func, args, kwargs, link=from_hex(entry.trace_id, entry.span_id))
     state.replay = True
     state.first_failure = entry.first_failure
@@ -108,7 +146,9 @@ class ReplayResult:
 ReplayRunner = Callable[[DeadLetter], Awaitable[ReplayResult]]
 """Re-runs a dead letter's task (as a new span linked to the original) and reports the result."""
 
-ReplayStatus = Literal["replayed", "failed", "import_error", "missing", "corrupt", "error"]
+ReplayStatus = Literal[
+    "replayed", "failed", "refused", "import_error", "missing", "corrupt", "error", "claimed"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +156,12 @@ class ReplayOutcome:
     """The result of replaying one entry.
 
     `status`: ``replayed`` (succeeded, deleted), ``failed`` (task failed again, entry updated),
-    ``import_error`` (function or its serializer unavailable here, entry kept), ``missing``
-    (no such id), ``corrupt`` (row cannot be decoded, kept), ``error`` (the runner itself
-    raised; entry kept unchanged).
+    ``refused`` (unsigned or tampered while a signing key is set, or not a registered task of
+    this app: nothing ran, entry kept), ``import_error`` (no function reference, or its
+    serializer unavailable here, entry kept), ``missing`` (no such id), ``corrupt`` (row
+    cannot be decoded, kept), ``error`` (the runner itself raised; entry kept unchanged),
+    ``claimed`` (another replayer holds it, or, replaying every entry, it was replayed and
+    deleted by another meanwhile: not run here).
     """
 
     entry_id: str
@@ -142,15 +185,18 @@ class ReplayReport:
 
     @property
     def ok(self) -> bool:
-        """True when every entry replayed successfully."""
-        return all(o.status == "replayed" for o in self.outcomes)
+        """True when every entry replayed successfully (here, or by a concurrent replayer)."""
+        return all(o.status in ("replayed", "claimed") for o in self.outcomes)
 
 
 class DeadLetters:
     """Operator API over a store: inspect, delete, purge and replay dead letters."""
 
-    def __init__(self, store: DeadLetterStore) -> None:
+    def __init__(self, store: DeadLetterStore, *, lease: float = REPLAY_LEASE) -> None:
         self.store = store
+        self.lease = lease
+        # one owner per DeadLetters: two replays in one process exclude each other too
+        self.owner = f"{process_identity()}/replay/{secrets.token_hex(4)}"
         self._offload = True
 
     def list(
@@ -225,7 +271,7 @@ class DeadLetters:
         if on_start is not None:
             on_start(len(targets))
         for target in targets:
-            outcome = await self._replay_one(target, runner)
+            outcome = await self._replay_one(target, runner, listed=ids is None)
             report.outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)
@@ -236,36 +282,77 @@ class DeadLetters:
             return await asyncio.to_thread(fn, *args, **kwargs)
         return fn(*args, **kwargs)
 
-    async def _replay_one(self, target: DeadLetter | str, runner: ReplayRunner) -> ReplayOutcome:
+    async def _replay_one(
+        self, target: DeadLetter | str, runner: ReplayRunner, *, listed: bool = False
+    ) -> ReplayOutcome:
         store = self.store
-        if isinstance(target, str):
-            try:
-                found = await self._call(store.get, target)
-            except CorruptEntryError as exc:
-                return ReplayOutcome(target, "corrupt", message=str(exc))
-            if found is None:
-                return ReplayOutcome(target, "missing", message=f"no dead letter {target!r}")
-            entry = found
-        else:
-            entry = target
+        entry_id = target if isinstance(target, str) else target.id
         try:
-            check_replayable(entry.func_ref, entry.serializer)
+            entry = await self._call(store.claim, entry_id, self.owner, lease=self.lease)
+        except CorruptEntryError as exc:
+            return ReplayOutcome(entry_id, "corrupt", message=str(exc))
+        if entry is None:
+            try:
+                exists = await self._call(store.get, entry_id) is not None
+            except CorruptEntryError:
+                exists = True
+            if exists:
+                return ReplayOutcome(
+                    entry_id, "claimed", message="being replayed by another replayer"
+                )
+            if listed:  # listed a moment ago: another replayer ran and deleted it
+                return ReplayOutcome(entry_id, "claimed", message="replayed by another replayer")
+            return ReplayOutcome(entry_id, "missing", message=f"no dead letter {entry_id!r}")
+        try:
+            return await self._run_claimed(entry, runner)
+        except BaseException:
+            # cancelled or a store failure: give the entry back at once (the lease would
+            # expire anyway)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.to_thread(store.release, entry.id, self.owner))
+            raise
+
+    async def _run_claimed(self, entry: DeadLetter, runner: ReplayRunner) -> ReplayOutcome:
+        store = self.store
+        try:
+            check_replayable(entry)
+        except UntrustedEntryError as exc:  # nothing of it ran or was imported
+            _log.error("dead letter replay refused", entry_id=entry.id, error=str(exc))
+            await self._call(store.release, entry.id, self.owner)
+            return ReplayOutcome(entry.id, "refused", entry.task_name, str(exc))
         except LookupError as exc:  # not importable, not replayable, or an unknown serializer
             _log.error("dead letter replay: task not importable", entry_id=entry.id, error=str(exc))
+            await self._call(store.release, entry.id, self.owner)
             return ReplayOutcome(entry.id, "import_error", entry.task_name, str(exc))
         try:
-            result = await runner(entry)
+            renew = functools.partial(store.claim, entry.id, self.owner, lease=self.lease)
+            async with renewing(renew, self.lease / 3):
+                result = await runner(entry)
+        except UntrustedEntryError as exc:
+            _log.error("dead letter replay refused", entry_id=entry.id, error=str(exc))
+            await self._call(store.release, entry.id, self.owner)
+            return ReplayOutcome(entry.id, "refused", entry.task_name, str(exc))
         except TaskImportError as exc:
             _log.error("dead letter replay: task not importable", entry_id=entry.id, error=str(exc))
+            await self._call(store.release, entry.id, self.owner)
             return ReplayOutcome(entry.id, "import_error", entry.task_name, str(exc))
         except Exception as exc:  # the runner broke: keep the entry untouched, go on
-            _log.exception("dead letter replay: runner failed", entry_id=entry.id)
+            _log.error(
+                "dead letter replay: runner failed", entry_id=entry.id, **exception_fields(exc)
+            )
+            await self._call(store.release, entry.id, self.owner)
             return ReplayOutcome(entry.id, "error", entry.task_name, f"{type(exc).__name__}: {exc}")
         if result.ok:
-            await self._call(store.delete, entry.id)
+            if not await self._call(store.delete_claimed, entry.id, self.owner):
+                _log.warning(
+                    "dead letter replayed but its claim was lost (lease expired or deleted)",
+                    entry_id=entry.id,
+                    task_name=entry.task_name,
+                )
             return ReplayOutcome(entry.id, "replayed", entry.task_name)
         updated = result.entry if result.entry is not None else entry.with_failure()
-        await self._call(store.update, updated)
+        # only if the row is still there and ours: an entry deleted meanwhile stays deleted
+        await self._call(store.release, entry.id, self.owner, entry=updated)
         message = (
             f"{updated.error_type}: {updated.error_message}" if updated.error_type else "failed"
         )

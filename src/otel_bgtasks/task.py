@@ -12,13 +12,16 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 from otel_bgtasks.circuit import CircuitBreaker
 from otel_bgtasks.errors import ConfigurationError
+from otel_bgtasks.registry import register_task
 from otel_bgtasks.retry import RetryPolicy
 
 __all__ = [
+    "DISPATCH_MODES",
+    "DispatchMode",
     "TaskOptions",
     "background_task",
     "check_timeout",
@@ -31,6 +34,10 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 
 _OPTIONS_ATTR = "__bgtasks_options__"
+
+DispatchMode = Literal["inline", "local"]
+"""Where a task goes once its response is done (`otel_bgtasks.dispatch`)."""
+DISPATCH_MODES: tuple[DispatchMode, ...] = ("inline", "local")
 
 
 def check_timeout(timeout: object, where: str) -> float | None:
@@ -63,6 +70,7 @@ class TaskOptions:
     circuit: CircuitBreaker | None = None
     timeout: float | None = None
     durable: bool | None = None
+    dispatch: DispatchMode | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
@@ -78,6 +86,11 @@ class TaskOptions:
             )
         if self.durable is not None and not isinstance(self.durable, bool):
             raise ConfigurationError(f"background_task(durable={self.durable!r}): True or False")
+        if self.dispatch is not None and self.dispatch not in DISPATCH_MODES:
+            raise ConfigurationError(
+                f"background_task(dispatch={self.dispatch!r}): use one of"
+                f" {', '.join(DISPATCH_MODES)} or None (the instrumentor's default)"
+            )
 
 
 _NO_OPTIONS = TaskOptions()
@@ -95,6 +108,7 @@ def background_task(
     circuit: CircuitBreaker | None = None,
     timeout: float | None = None,
     durable: bool | None = None,
+    dispatch: DispatchMode | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -107,22 +121,34 @@ def background_task(
     circuit: CircuitBreaker | None = None,
     timeout: float | None = None,
     durable: bool | None = None,
+    dispatch: DispatchMode | None = None,
 ) -> F | Callable[[F], F]:
     """Give a background task a stable name and its policies.
 
     Usable bare (`@background_task`) or with arguments (`@background_task(name="send-mail")`).
-    Options left out use the instrumentor's defaults.
+    Options left out use the instrumentor's defaults. `dispatch` ("inline" or "local") says
+    where the task runs once its response is done (`otel_bgtasks.dispatch`). The function
+    becomes one of the app's registered tasks: its dead letters and journal rows can be
+    replayed and recovered (see `otel_bgtasks.registry`).
 
     Raises:
         ValueError: an option is invalid (empty name, non-positive timeout); raised here, at
             decoration time, not when the task first runs.
     """
-    options = TaskOptions(name=name, retry=retry, circuit=circuit, timeout=timeout, durable=durable)
+    options = TaskOptions(
+        name=name,
+        retry=retry,
+        circuit=circuit,
+        timeout=timeout,
+        durable=durable,
+        dispatch=dispatch,
+    )
 
     def decorate(f: F) -> F:
         if not callable(f):
             raise TypeError(f"background_task() decorates callables, got {type(f).__name__}")
         setattr(f, _OPTIONS_ATTR, options)
+        register_task(f)  # replayable by its reference: one of the app's tasks
         return f
 
     return decorate(func) if func is not None else decorate

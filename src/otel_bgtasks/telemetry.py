@@ -11,6 +11,7 @@ re-raising the signal, which skips exit handlers.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import os
@@ -54,7 +55,9 @@ class Telemetry:
         """A FastAPI/Starlette lifespan that flushes at shutdown: `FastAPI(lifespan=t.lifespan)`.
 
         Needed under uvicorn: after a graceful SIGTERM shutdown it re-raises the signal, which
-        ends the process without running `atexit` handlers. Tasks still pending are reported.
+        ends the process without running `atexit` handlers. Tasks still pending are reported,
+        and buffered dead-letter/journal writes are flushed (bounded; what cannot be written
+        is logged whole).
         """
         try:
             yield
@@ -62,6 +65,7 @@ class Telemetry:
             executor = active_executor()
             if executor is not None:
                 executor.report_pending()
+                await asyncio.to_thread(executor.flush_store)
             self.shutdown()
 
     def shutdown(self) -> None:

@@ -11,6 +11,11 @@ Configuration comes from the shipped files in ``collector-config/``: the collect
 read environment variables, Prometheus and Alertmanager get a rendered copy in which only
 addresses and intervals are replaced by plain text substitution.
 
+Metrics reach Prometheus on one of the two paths collector-config/otelcol.yaml offers
+(:data:`METRICS_PATHS`): ``scrape`` (Prometheus scrapes the collector's prometheus exporter) or
+``push`` (the collector sends OTLP to Prometheus's own receiver; Prometheus then scrapes the
+collector's own metrics as the ``otel-collector`` job, so ``up`` still tracks the collector).
+
 Typical use::
 
     with telemetry_stack(tmp_path) as stack:
@@ -46,6 +51,7 @@ import pytest
 
 __all__ = [
     "CONFIG_DIR",
+    "METRICS_PATHS",
     "REPO_ROOT",
     "REQUIRE_INFRA_ENV",
     "AlertWebhook",
@@ -81,6 +87,9 @@ PROMETHEUS_COLLECTOR_TARGET = "otel-collector:8889"
 PROMETHEUS_ALERTMANAGER_TARGET = "alertmanager:9093"
 ALERTMANAGER_WEBHOOK_URL = "http://alert-webhook:5001/alerts"
 
+# Collector exporter (OTELCOL_METRICS_EXPORTER) of each metrics path.
+METRICS_PATHS = {"scrape": "prometheus", "push": "otlp_http/prometheus"}
+
 STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 
@@ -106,8 +115,7 @@ _BINARIES: dict[str, _Binary] = {
     "compose-check": _Binary("COMPOSE_CHECK_BIN", ("compose-check",)),
     "prometheus": _Binary("PROMETHEUS_BIN", ("prometheus",)),
     "promtool": _Binary("PROMTOOL_BIN", ("promtool",)),
-    # Debian names the binary prometheus-alertmanager.
-    "alertmanager": _Binary("ALERTMANAGER_BIN", ("prometheus-alertmanager", "alertmanager")),
+    "alertmanager": _Binary("ALERTMANAGER_BIN", ("alertmanager",)),
     "amtool": _Binary("AMTOOL_BIN", ("amtool",)),
     "redis-server": _Binary("REDIS_SERVER_BIN", ("redis-server",)),
 }
@@ -485,10 +493,16 @@ class Collector:
         workdir: Path,
         *,
         jaeger_otlp_grpc: str,
+        metrics_path: str = "scrape",
+        prometheus_otlp_endpoint: str | None = None,
         config: Path | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
+        """``metrics_path`` is a key of :data:`METRICS_PATHS`; ``push`` needs
+        ``prometheus_otlp_endpoint`` (:attr:`Prometheus.otlp_endpoint`)."""
         binary = require("otelcol")
+        if metrics_path == "push" and prometheus_otlp_endpoint is None:
+            raise ValueError("metrics_path='push' needs prometheus_otlp_endpoint")
         (
             self.otlp_grpc_port,
             self.otlp_http_port,
@@ -505,7 +519,13 @@ class Collector:
                 "OTELCOL_OTLP_GRPC_ENDPOINT": _loopback(self.otlp_grpc_port),
                 "OTELCOL_OTLP_HTTP_ENDPOINT": _loopback(self.otlp_http_port),
                 "OTELCOL_JAEGER_ENDPOINT": jaeger_otlp_grpc,
+                "OTELCOL_METRICS_EXPORTER": METRICS_PATHS[metrics_path],
                 "OTELCOL_PROMETHEUS_ENDPOINT": _loopback(self.prometheus_port),
+                **(
+                    {"OTELCOL_PROMETHEUS_OTLP_ENDPOINT": prometheus_otlp_endpoint}
+                    if prometheus_otlp_endpoint
+                    else {}
+                ),
                 "OTELCOL_HEALTH_ENDPOINT": _loopback(self.health_port),
                 "OTELCOL_TELEMETRY_HOST": "127.0.0.1",
                 "OTELCOL_TELEMETRY_PORT": str(self.telemetry_port),
@@ -527,6 +547,11 @@ class Collector:
     def prometheus_target(self) -> str:
         """``127.0.0.1:port`` of the prometheus exporter, for Prometheus to scrape."""
         return _loopback(self.prometheus_port)
+
+    @property
+    def telemetry_target(self) -> str:
+        """``127.0.0.1:port`` of the collector's own metrics (scraped on the push path)."""
+        return _loopback(self.telemetry_port)
 
     def metrics_text(self) -> str:
         """What the prometheus exporter currently exposes (the text format)."""
@@ -632,9 +657,13 @@ class Prometheus:
         interval: str = "1s",
         for_duration: str | None = "0s",
         rule_replacements: Mapping[str, str] | None = None,
+        otlp_receiver: bool = False,
+        port: int | None = None,
     ) -> None:
+        """``otlp_receiver`` enables the OTLP receiver (the push path); ``port`` is the
+        listen port, chosen free when None."""
         binary = require("prometheus")
-        self.port = free_port()
+        self.port = port or free_port()
         config_dir = workdir / "prometheus"
         config_dir.mkdir(parents=True, exist_ok=True)
         self.config = render_prometheus_config(
@@ -653,6 +682,7 @@ class Prometheus:
                 f"--storage.tsdb.path={config_dir / 'data'}",
                 f"--web.listen-address={_loopback(self.port)}",
                 "--web.enable-lifecycle",
+                *(["--web.enable-otlp-receiver"] if otlp_receiver else []),
             ],
             log_path=workdir / "prometheus.log",
         )
@@ -660,6 +690,11 @@ class Prometheus:
     @property
     def url(self) -> str:
         return f"http://{_loopback(self.port)}"
+
+    @property
+    def otlp_endpoint(self) -> str:
+        """Base URL of the OTLP receiver (``/v1/metrics`` is appended by OTLP exporters)."""
+        return f"{self.url}/api/v1/otlp"
 
     def _api(self, path: str, **params: str) -> Any:
         query = urllib.parse.urlencode(params)
@@ -920,6 +955,7 @@ class TelemetryStack:
     """Collector -> Jaeger and Prometheus -> Alertmanager -> webhook, all on loopback."""
 
     workdir: Path
+    metrics_path: str
     jaeger: Jaeger
     collector: Collector
     prometheus: Prometheus
@@ -942,9 +978,12 @@ def telemetry_stack(
     for_duration: str | None = "0s",
     rule_replacements: Mapping[str, str] | None = None,
     collector_env: Mapping[str, str] | None = None,
+    metrics_path: str = "scrape",
 ) -> Iterator[TelemetryStack]:
     """Start Jaeger, the collector, Prometheus and (with ``alerting``) Alertmanager plus a
     webhook receiver; stop them all on exit, in reverse order.
+
+    ``metrics_path`` (a key of :data:`METRICS_PATHS`) says how metrics reach Prometheus.
 
     Skips (or fails under ``OTEL_BGTASKS_REQUIRE_INFRA=1``) before starting anything when a
     binary is missing. ``for_duration`` and ``rule_replacements`` go to
@@ -958,7 +997,15 @@ def telemetry_stack(
         stack.callback(jaeger.stop)
         jaeger.start()
 
-        collector = Collector(workdir, jaeger_otlp_grpc=jaeger.otlp_grpc_address, env=collector_env)
+        push = metrics_path == "push"
+        prometheus_port = free_port()
+        collector = Collector(
+            workdir,
+            jaeger_otlp_grpc=jaeger.otlp_grpc_address,
+            metrics_path=metrics_path,
+            prometheus_otlp_endpoint=f"http://{_loopback(prometheus_port)}/api/v1/otlp",
+            env=collector_env,
+        )
         stack.callback(collector.stop)
         collector.start()
 
@@ -974,17 +1021,21 @@ def telemetry_stack(
 
         prometheus = Prometheus(
             workdir,
-            collector_target=collector.prometheus_target,
+            # Push: the otel-collector job scrapes the collector's own metrics instead.
+            collector_target=collector.telemetry_target if push else collector.prometheus_target,
             # Without Alertmanager, point at a closed port: Prometheus only logs the failures.
             alertmanager_target=alertmanager.address if alertmanager else _loopback(free_port()),
             for_duration=for_duration,
             rule_replacements=rule_replacements,
+            otlp_receiver=push,
+            port=prometheus_port,
         )
         stack.callback(prometheus.stop)
         prometheus.start()
 
         yield TelemetryStack(
             workdir=workdir,
+            metrics_path=metrics_path,
             jaeger=jaeger,
             collector=collector,
             prometheus=prometheus,

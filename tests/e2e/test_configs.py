@@ -8,6 +8,7 @@ the compose file, dashboard and provisioning are checked for consistency with th
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 
 from tests.e2e._infra import (
     CONFIG_DIR,
+    METRICS_PATHS,
     REPO_ROOT,
     render_alert_rules,
     render_alertmanager_config,
@@ -34,17 +36,22 @@ ALERTS = {
     "BgTaskDurationP95High",
     "BgTaskStuck",
     "BgTaskTelemetryMissing",
+    "BgTaskBacklog",
+    "BgTaskSkipped",
 }
 DASHBOARD = CONFIG_DIR / "grafana" / "dashboards" / "bgtasks-overview.json"
 
 
-def run(*argv: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *argv: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(arg) for arg in argv],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=cwd,
+        env={**os.environ, **(env or {})},
         check=False,
     )
 
@@ -77,7 +84,7 @@ def test_prometheus_config_passes_promtool(tmp_path: Path, rendered: bool) -> No
     result = run(promtool, "check", "config", config)
 
     assert_success(result)
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert f"SUCCESS: {len(ALERTS)} rules found" in result.stdout
 
 
 def test_rendered_prometheus_config_changes_only_addresses_and_intervals(tmp_path: Path) -> None:
@@ -109,7 +116,7 @@ def test_alert_rules_pass_promtool(tmp_path: Path, for_duration: str | None) -> 
     result = run(promtool, "check", "rules", rules)
 
     assert_success(result)
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert f"SUCCESS: {len(ALERTS)} rules found" in result.stdout
 
 
 def test_alert_rules_unit_tests_pass() -> None:
@@ -208,12 +215,33 @@ def configured_types(config: dict[str, Any]) -> dict[str, set[str]]:
     }
 
 
-def test_collector_config_is_valid() -> None:
+@pytest.mark.parametrize("metrics_path", sorted(METRICS_PATHS))
+def test_collector_config_is_valid(metrics_path: str) -> None:
     otelcol = require("otelcol")
 
-    result = run(otelcol, "validate", f"--config={CONFIG_DIR / 'otelcol.yaml'}")
+    result = run(
+        otelcol,
+        "validate",
+        f"--config={CONFIG_DIR / 'otelcol.yaml'}",
+        env={"OTELCOL_METRICS_EXPORTER": METRICS_PATHS[metrics_path]},
+    )
 
     assert_success(result)
+
+
+def test_collector_metrics_paths_are_the_configured_exporters() -> None:
+    config = load_yaml(CONFIG_DIR / "otelcol.yaml")
+
+    assert config["service"]["pipelines"]["metrics"]["exporters"] == [
+        "${env:OTELCOL_METRICS_EXPORTER:-prometheus}"
+    ]
+    assert set(METRICS_PATHS.values()) <= set(config["exporters"])
+    # Both paths put the same resource attributes on every series.
+    prometheus = load_yaml(CONFIG_DIR / "prometheus.yml")
+    assert (
+        config["exporters"]["prometheus"]["resource_constant_labels"]["included"]
+        == prometheus["otlp"]["promote_resource_attributes"]
+    )
 
 
 def test_collector_config_uses_current_component_names() -> None:
@@ -304,6 +332,44 @@ def test_compose_refers_only_to_files_in_the_repository() -> None:
             assert (context / service["build"].get("dockerfile", "Dockerfile")).is_file()
 
 
+def infra_versions() -> dict[str, str]:
+    """``{NAME: value}`` of the ``*_VERSION=`` assignments in scripts/infra.sh."""
+    script = (REPO_ROOT / "scripts" / "infra.sh").read_text()
+    return dict(re.findall(r"(?m)^([A-Z_]+_VERSION)=(\S+)", script))
+
+
+def test_compose_pins_the_versions_the_tests_run() -> None:
+    services = compose()["services"]
+    versions = infra_versions()
+
+    assert services["prometheus"]["image"] == f"prom/prometheus:v{versions['PROMETHEUS_VERSION']}"
+    assert services["alertmanager"]["image"] == (
+        f"prom/alertmanager:v{versions['ALERTMANAGER_VERSION']}"
+    )
+    assert services["jaeger"]["image"] == f"jaegertracing/jaeger:{versions['JAEGER_VERSION']}"
+    collector_version = load_yaml(CONFIG_DIR / "builder-config.yaml")["dist"]["version"]
+    assert services["otel-collector"]["image"] == (
+        f"otel/opentelemetry-collector-contrib:{collector_version}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("binary", "version_key"),
+    [
+        ("prometheus", "PROMETHEUS_VERSION"),
+        ("promtool", "PROMETHEUS_VERSION"),
+        ("alertmanager", "ALERTMANAGER_VERSION"),
+        ("amtool", "ALERTMANAGER_VERSION"),
+    ],
+)
+def test_the_tests_run_the_pinned_versions(binary: str, version_key: str) -> None:
+    result = run(require(binary), "--version")
+
+    assert_success(result)
+    first_line = (result.stdout or result.stderr).splitlines()[0]
+    assert f", version {infra_versions()[version_key]} " in first_line, first_line
+
+
 def test_compose_images_are_pinned() -> None:
     for name, service in compose()["services"].items():
         if "image" in service:
@@ -363,7 +429,10 @@ def test_dockerfile_runs_the_demo_app() -> None:
 
     assert (REPO_ROOT / "src/otel_bgtasks/demo/app.py").is_file()
     assert '"otel_bgtasks.demo.app:app"' in dockerfile
-    assert 'pip install ".[demo]"' in dockerfile
+    # the demo's server and traffic (demo), and the compose file's Redis dead-letter store
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    assert compose["services"]["app"]["environment"]["OTEL_BGTASKS_DLQ_URL"].startswith("redis://")
+    assert 'pip install ".[demo,redis]"' in dockerfile
 
 
 # --------------------------------------------------------------------------- Grafana
@@ -409,6 +478,8 @@ def test_dashboard_covers_the_contract() -> None:
         "bgtasks_dlq_moves_total",
         "bgtasks_dlq_depth",
         "bgtasks_dlq_replays_total",
+        "bgtasks_task_pending",
+        "bgtasks_task_skipped_total",
     ):
         assert metric in exprs, metric
     for quantile in ("0.5", "0.95", "0.99"):

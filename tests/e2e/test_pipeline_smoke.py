@@ -1,10 +1,12 @@
 """Smoke test of the shipped telemetry pipeline with the real processes.
 
 OTLP from the OpenTelemetry SDK -> collector (collector-config/otelcol.yaml) -> Jaeger
-(jaeger.yaml) and -> prometheus exporter -> Prometheus (prometheus.yml, alert-rules.yml) ->
-Alertmanager (alertmanager.yml) -> webhook. The metrics sent are the contract's instruments
-(DESIGN.md section 3), so this also proves their Prometheus names, the dashboard's queries and
-an alert end to end.
+(jaeger.yaml) and -> Prometheus (prometheus.yml, alert-rules.yml) -> Alertmanager
+(alertmanager.yml) -> webhook. The metrics sent are the contract's instruments (DESIGN.md
+section 3), so this also proves their Prometheus names and labels, the dashboard's queries and
+an alert end to end, on both metrics paths: Prometheus scraping the collector's prometheus
+exporter, and the collector pushing OTLP to Prometheus's receiver. Both must give the same
+series.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.version import __version__ as sdk_version
 from opentelemetry.trace import SpanKind, format_trace_id
 
 from tests.e2e._infra import (
+    METRICS_PATHS,
     Redis,
     TelemetryStack,
     UvicornApp,
@@ -41,9 +45,24 @@ TASK = "send_email"
 BUCKETS = (0.005, 0.05, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TelemetryStack]:
-    with telemetry_stack(tmp_path_factory.mktemp("stack")) as running:
+INSTANCE = "smoke-instance-1"
+ENVIRONMENT = "e2e"
+HOST = "smoke-host"
+SCOPE = "otel-bgtasks-smoke"
+# The one difference between the paths: Prometheus 3 rewrites the `le` of a scraped classic
+# histogram as a float ("1" -> "1.0"); its OTLP receiver writes the shortest form.
+LE = {
+    "scrape": ["0.005", "0.05", "0.5", "1.0", "5.0", "30.0", "60.0", "300.0", "+Inf"],
+    "push": ["0.005", "0.05", "0.5", "1", "5", "30", "60", "300", "+Inf"],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(METRICS_PATHS))
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TelemetryStack]:
+    path = str(request.param)
+    with telemetry_stack(tmp_path_factory.mktemp(f"stack-{path}"), metrics_path=path) as running:
         yield running
 
 
@@ -57,7 +76,14 @@ class Sent:
 def sent(stack: TelemetryStack) -> Sent:
     """A fresh service name whose span and contract metrics were sent once over OTLP/gRPC."""
     name = f"bgtasks-smoke-{uuid.uuid4().hex[:8]}"
-    resource = Resource.create({SERVICE_NAME: name})
+    resource = Resource.create(
+        {
+            SERVICE_NAME: name,
+            SERVICE_INSTANCE_ID: INSTANCE,
+            "deployment.environment.name": ENVIRONMENT,
+            "host.name": HOST,
+        }
+    )
     endpoint = stack.collector.otlp_grpc_endpoint
 
     tracer_provider = TracerProvider(resource=resource)
@@ -70,7 +96,7 @@ def sent(stack: TelemetryStack) -> Sent:
     )
     meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
     try:
-        tracer = tracer_provider.get_tracer("otel-bgtasks-smoke")
+        tracer = tracer_provider.get_tracer(SCOPE)
         with tracer.start_as_current_span(
             f"process {TASK}", kind=SpanKind.CONSUMER, attributes={"bgtasks.task.name": TASK}
         ) as span:
@@ -84,7 +110,7 @@ def sent(stack: TelemetryStack) -> Sent:
 
 
 def _record_contract_metrics(meter_provider: MeterProvider) -> None:
-    meter = meter_provider.get_meter("otel-bgtasks-smoke")
+    meter = meter_provider.get_meter(SCOPE, "1.0")
     task = {"bgtasks.task.name": TASK}
     duration = meter.create_histogram(
         "bgtasks.task.duration", unit="s", explicit_bucket_boundaries_advisory=BUCKETS
@@ -98,6 +124,10 @@ def _record_contract_metrics(meter_provider: MeterProvider) -> None:
     )
     wait.record(0.01, task)
     meter.create_up_down_counter("bgtasks.task.active", unit="{task}").add(1, task)
+    meter.create_up_down_counter("bgtasks.task.pending", unit="{task}").add(3, task)
+    meter.create_counter("bgtasks.task.skipped", unit="{task}").add(
+        2, {**task, "bgtasks.skip.reason": "request_failed"}
+    )
     meter.create_counter("bgtasks.task.retries", unit="{retry}").add(
         2, {**task, "error.type": "ConnectionError"}
     )
@@ -155,7 +185,6 @@ def test_contract_metrics_reach_prometheus_with_their_names_and_labels(
     failure = durations["failure"]["metric"]
     assert failure["bgtasks_task_name"] == TASK
     assert failure["error_type"] == "ConnectionError"
-    assert failure["service_name"] == sent.service  # resource attributes become labels
     assert durations["failure"]["value"][1] == "1"
     buckets = _series(stack, f'bgtasks_task_duration_seconds_bucket{{{selector},le="+Inf"}}')
     assert len(buckets) == 2
@@ -188,10 +217,66 @@ def test_contract_metrics_reach_prometheus_with_their_names_and_labels(
             "1",
         ),
         ("bgtasks_dlq_depth", {}, "1"),
+        ("bgtasks_task_pending", {"bgtasks_task_name": TASK}, "3"),
+        (
+            "bgtasks_task_skipped_total",
+            {"bgtasks_task_name": TASK, "bgtasks_skip_reason": "request_failed"},
+            "2",
+        ),
     ]:
         (series,) = _series(stack, f"{name}{{{selector}}}")
         assert series["metric"].items() >= labels.items(), name
         assert series["value"][1] == value, name
+
+
+def test_series_carry_only_the_labels_queries_need(stack: TelemetryStack, sent: Sent) -> None:
+    """The same labels on both paths: job and instance from service.name and
+    service.instance.id, the promoted resource attribute, the scope, the metric's attributes.
+    The other resource attributes are on target_info only."""
+    job = f'job="{sent.service}"'
+    eventually(lambda: _series(stack, f"target_info{{{job}}}"), message="target_info in Prometheus")
+    common = {
+        "job": sent.service,
+        "instance": INSTANCE,
+        "deployment_environment_name": ENVIRONMENT,
+        "otel_scope_name": SCOPE,
+        "otel_scope_version": "1.0",
+    }
+
+    (retries,) = _series(stack, f"bgtasks_task_retries_total{{{job}}}")
+    (depth,) = _series(stack, f"bgtasks_dlq_depth{{{job}}}")
+    (target,) = _series(stack, f"target_info{{{job}}}")
+    buckets = _series(
+        stack, f'bgtasks_task_duration_seconds_bucket{{{job},bgtasks_task_outcome="success"}}'
+    )
+    (joined,) = _series(
+        stack,
+        f"bgtasks_dlq_depth{{{job}}} * on (job, instance) group_left (host_name) target_info",
+    )
+
+    assert retries["metric"] == {
+        "__name__": "bgtasks_task_retries_total",
+        **common,
+        "bgtasks_task_name": TASK,
+        "error_type": "ConnectionError",
+    }
+    assert depth["metric"] == {"__name__": "bgtasks_dlq_depth", **common}
+    assert target["metric"] == {
+        "__name__": "target_info",
+        "job": sent.service,
+        "instance": INSTANCE,
+        "deployment_environment_name": ENVIRONMENT,
+        "host_name": HOST,
+        "telemetry_sdk_language": "python",
+        "telemetry_sdk_name": "opentelemetry",
+        "telemetry_sdk_version": sdk_version,
+    }
+    ladder = sorted((series["metric"]["le"] for series in buckets), key=float)
+    assert ladder == LE[stack.metrics_path]
+    assert {key: value for key, value in joined["metric"].items() if key != "__name__"} == {
+        **common,
+        "host_name": HOST,
+    }
 
 
 def test_every_dashboard_query_returns_data(stack: TelemetryStack, sent: Sent) -> None:

@@ -1,8 +1,13 @@
-"""End-to-end proof of issue 4: one demo app, real traffic, every backend checked by its own API.
+"""End-to-end proof of issue 4: the demo app, real traffic, every backend checked by its own API.
 
-One module-scoped stack (collector -> Jaeger, Prometheus -> Alertmanager -> webhook) and one
-demo app served by real uvicorn in a subprocess, exporting OTLP to the collector, with its
-dead letters in a real Redis. The `scenario` fixture drives the story once:
+One module-scoped stack (collector -> Jaeger, Prometheus -> Alertmanager -> webhook), once per
+metrics path (Prometheus scrapes the collector, or the collector pushes OTLP to Prometheus),
+and two replicas of the demo app, each served by real uvicorn in a subprocess, exporting OTLP
+to the collector, sharing one dead-letter store in a real Redis. Both replicas report that
+store's depth; the dashboard and the rules must show it once, and the sum of both replicas'
+counters. The "peer" replica serves the plain traffic, the "app" replica the payments calls
+(its in-memory downstream and breaker are the demo's). The `scenario` fixture drives the
+story once:
 
 1. successes (/ok, /sync), retried successes (/flaky), a permanent failure (/fail);
 2. /downstream x3 while the payments downstream is down: three failures dead-lettered as
@@ -16,9 +21,10 @@ dead letters in a real Redis. The `scenario` fixture drives the story once:
    the demo's downstream and breaker live in its memory, so `otel-bgtasks dlq replay`, another
    process, would find the downstream down; the CLI replays the entry left afterwards.)
 
-Tests then assert what Jaeger, Prometheus, the dashboard queries, Alertmanager's webhook and the
-CLI (on the same Redis store) show, with the values the scenario implies. The last tests run the
-CLI replay and crash the collector mid-traffic: they change state, so they stay at the end.
+Tests then assert what Jaeger, Prometheus, every dashboard panel and alert rule, Alertmanager's
+webhook and the CLI (on the same Redis store) show, with the values the scenario implies. The
+last tests run the CLI replay and crash the collector mid-traffic: they change state, so they
+stay at the end.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -39,8 +46,11 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.e2e._infra import (
+    CONFIG_DIR,
+    METRICS_PATHS,
     Redis,
     TelemetryStack,
     UvicornApp,
@@ -62,6 +72,7 @@ N_OK = 3
 N_SYNC = 2
 N_FLAKY = 2
 N_REJECTED = 2
+N_FAILED_REQUESTS = 4  # /signup-fails: the endpoint raises after add_task
 TASKS = ("send-welcome-email", "resize_avatar", "sync_crm", "import_contacts", "charge-card")
 
 ADMIN_TOKEN = "scenario-admin-token"
@@ -102,6 +113,12 @@ CONTRACT: dict[str, Labels] = {
     "bgtasks_dlq_depth": (),
     "bgtasks_dlq_replays_total": ("bgtasks_task_name", "bgtasks_task_outcome"),
 }
+
+# Every replica reports these for state they share (the dead-letter store; a circuit, with a
+# shared backend): the dashboard and the rules take the largest report, not the sum. The rest
+# is per process and adds up.
+SHARED_GAUGES = frozenset({"bgtasks_dlq_depth", "bgtasks_circuit_state"})
+REPLICAS = 2
 
 MOVES: Values = {
     ("import_contacts", "permanent"): 1,
@@ -174,15 +191,38 @@ ALERTS = {
 # --------------------------------------------------------------------------- helpers
 
 
-def values(stack: TelemetryStack, metric: str, job: str, labels: Labels | None = None) -> Values:
-    """``{label values: value}`` of ``metric`` for one application (one series per key)."""
-    labels = CONTRACT[metric] if labels is None else labels
+def keyed(result: list[dict[str, Any]], labels: Labels) -> Values:
+    """``{label values: value}`` of a query result (one series per key)."""
     found: Values = {}
-    for series in stack.prometheus.query(f'{metric}{{job="{job}"}}'):
+    for series in result:
         key = tuple(series["metric"].get(label, "") for label in labels)
-        assert key not in found, f"{metric}: two series for {key}: {series['metric']}"
+        assert key not in found, f"two series for {key}: {series['metric']}"
         found[key] = float(series["value"][1])
     return found
+
+
+def values(stack: TelemetryStack, metric: str, job: str, labels: Labels | None = None) -> Values:
+    """``{label values: value}`` of ``metric`` for one application, its replicas combined as
+    the dashboard combines them (max for :data:`SHARED_GAUGES`, else sum)."""
+    labels = CONTRACT[metric] if labels is None else labels
+    how = "max" if metric in SHARED_GAUGES else "sum"
+    expr = f'{how} by ({", ".join(labels)}) ({metric}{{job="{job}"}})'
+    return keyed(stack.prometheus.query(expr), labels)
+
+
+def replicas_reporting(stack: TelemetryStack, job: str) -> Values:
+    """``{(instance,): depth}``: the dead-letter depth each replica reports."""
+    return keyed(stack.prometheus.query(f'bgtasks_dlq_depth{{job="{job}"}}'), ("instance",))
+
+
+def wait_for_depth(stack: TelemetryStack, job: str, depth: int) -> None:
+    """Wait until every replica has reported ``depth`` entries in the shared store."""
+
+    def reported() -> bool:
+        reports = replicas_reporting(stack, job)
+        return len(reports) == REPLICAS and set(reports.values()) == {depth}
+
+    eventually(reported, message=f"every replica reports {depth} dead letters")
 
 
 def contract_values(stack: TelemetryStack, job: str) -> dict[str, Values]:
@@ -278,34 +318,38 @@ class Scenario:
     redis: Redis
     app: UvicornApp
     client: httpx.Client
+    peer: UvicornApp
+    peer_client: httpx.Client
     service: str
     workdir: Path
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     replay: dict[str, Any] = field(default_factory=dict)
     open_phase: dict[str, Values] = field(default_factory=dict)
+    open_phase_rules: dict[str, Values] = field(default_factory=dict)
     fired: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def get(self, path: str) -> httpx.Response:
-        response = self.client.get(path)
+    def get(self, path: str, client: httpx.Client | None = None) -> httpx.Response:
+        response = (client or self.client).get(path)
         assert response.status_code == 200, (path, response.text)
         return response
 
-    def health(self) -> dict[str, Any]:
-        body: dict[str, Any] = self.get("/bgtasks/health").json()
+    def health(self, client: httpx.Client | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = self.get("/bgtasks/health", client).json()
         return body
 
-    def settle(self) -> dict[str, Any]:
-        """Wait until no task is pending or running; returns the health report."""
+    def settle(self, client: httpx.Client | None = None) -> dict[str, Any]:
+        """Wait until no task of a replica (default: app) is pending or running; returns its
+        health report."""
         return eventually(
-            lambda: (h := self.health())["running"] == 0 and h["pending"] == 0 and h,
+            lambda: (h := self.health(client))["running"] == 0 and h["pending"] == 0 and h,
             message="every background task finished",
         )
 
-    def hit(self, path: str, times: int = 1) -> None:
+    def hit(self, path: str, times: int = 1, client: httpx.Client | None = None) -> None:
         """Request ``path`` and let its tasks finish, one request after the other."""
         for _ in range(times):
-            self.get(path)
-            self.settle()
+            self.get(path, client)
+            self.settle(client)
 
     def entries(self, reason: str | None = None, task: str | None = None) -> list[dict[str, Any]]:
         return [
@@ -316,9 +360,12 @@ class Scenario:
         ]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TelemetryStack]:
-    with telemetry_stack(tmp_path_factory.mktemp("stack")) as running:
+@pytest.fixture(scope="module", params=sorted(METRICS_PATHS))
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TelemetryStack]:
+    path = str(request.param)
+    with telemetry_stack(tmp_path_factory.mktemp(f"stack-{path}"), metrics_path=path) as running:
         yield running
 
 
@@ -331,34 +378,62 @@ def scenario(stack: TelemetryStack, tmp_path_factory: pytest.TempPathFactory) ->
         redis = Redis(workdir)
         cleanup.callback(redis.stop)
         redis.start()
-        app = UvicornApp(
-            workdir,
-            app="scenario_app:app",
-            otlp_endpoint=stack.collector.otlp_grpc_endpoint,
-            service_name=service,
-            env={"OTEL_BGTASKS_DLQ_URL": redis.url, "BGTASKS_ADMIN_TOKEN": ADMIN_TOKEN},
-        )
-        cleanup.callback(app.stop)
-        app.start()
-        client = cleanup.enter_context(httpx.Client(base_url=app.url, timeout=10.0))
-        run = Scenario(stack, redis, app, client, service, workdir)
+        replicas = []
+        for replica in ("app", "peer"):
+            replica_dir = workdir / replica
+            replica_dir.mkdir()
+            (replica_dir / "scenario_app.py").write_text(APP_MODULE)
+            server = UvicornApp(
+                replica_dir,
+                app="scenario_app:app",
+                otlp_endpoint=stack.collector.otlp_grpc_endpoint,
+                service_name=service,
+                env={"OTEL_BGTASKS_DLQ_URL": redis.url, "BGTASKS_ADMIN_TOKEN": ADMIN_TOKEN},
+            )
+            cleanup.callback(server.stop)
+            server.start()
+            client = cleanup.enter_context(httpx.Client(base_url=server.url, timeout=10.0))
+            replicas.append((server, client))
+        (app, client), (peer, peer_client) = replicas
+        run = Scenario(stack, redis, app, client, peer, peer_client, service, workdir)
         try:
             _drive(run)
         except BaseException:
-            print(f"--- app log\n{app.process.log_tail(80)}\n{stack.logs()}")
+            print(
+                f"--- app log\n{app.process.log_tail(80)}\n"
+                f"--- peer log\n{peer.process.log_tail(40)}\n{stack.logs()}"
+            )
             raise
         yield run
 
 
 def _drive(run: Scenario) -> None:
-    stack, job = run.stack, run.service
-    # The app reports an empty store before any traffic: the depth gauge grows from a scraped 0.
-    wait_for_values(stack, job, {"bgtasks_dlq_depth": {(): 0}}, "the app's first export")
+    stack, job, peer = run.stack, run.service, run.peer_client
+    # Both replicas report the empty store before any traffic: the depth gauge grows from a
+    # scraped 0.
+    eventually(
+        lambda: len(replicas_reporting(stack, job)) == REPLICAS,
+        message="both replicas' first export",
+    )
+    wait_for_values(stack, job, {"bgtasks_dlq_depth": {(): 0}}, "the replicas' first export")
 
-    run.hit("/ok", N_OK)
-    run.hit("/sync", N_SYNC)
-    run.hit("/flaky", N_FLAKY)
-    run.hit("/fail")
+    run.hit("/ok", N_OK, peer)
+    run.hit("/sync", N_SYNC, peer)
+    run.hit("/flaky", N_FLAKY, peer)
+    run.hit("/fail", client=peer)
+    # A burst of failed requests: their tasks never run and are counted as skipped. The first
+    # one on its own, exported before the others, so the counter grows inside Prometheus on
+    # both paths (a series first seen at its final value is invisible to increase()).
+    assert run.client.get("/signup-fails").status_code == 503
+    skip_labels = ("bgtasks_task_name", "bgtasks_skip_reason")
+    eventually(
+        lambda: values(stack, "bgtasks_task_skipped_total", job, skip_labels)
+        == {("send-welcome-email", "request_failed"): 1},
+        message="Prometheus shows the first skipped task",
+    )
+    for _ in range(N_FAILED_REQUESTS - 1):
+        assert run.client.get("/signup-fails").status_code == 503
+    run.settle()
 
     # First failure on its own, scraped before the others: the moves and failure counters then
     # grow inside Prometheus (a series that first appears at its final value is invisible to
@@ -390,6 +465,10 @@ def _drive(run: Scenario) -> None:
         "the rejected charge-card dead letters",
     )
     run.open_phase = contract_values(stack, job)
+
+    # The rules must see the depth reported by both replicas.
+    wait_for_depth(stack, job, DEAD_LETTERS)
+    run.open_phase_rules = rule_values(stack, job)
     run.fired = {name: _wait_for_alert(run, name) for name in ALERTS}
 
     assert run.client.post("/downstream/up").status_code == 200
@@ -408,6 +487,40 @@ def _drive(run: Scenario) -> None:
         ),
         message="every replay counted in Prometheus",
     )
+    # The peer exports the store's new depth on its own schedule.
+    wait_for_depth(stack, job, int(FINAL["bgtasks_dlq_depth"][()]))
+
+
+def rule_exprs() -> dict[str, str]:
+    """``{alertname: expr}`` of collector-config/alert-rules.yml."""
+    rules = yaml.safe_load((CONFIG_DIR / "alert-rules.yml").read_text())
+    return {rule["alert"]: rule["expr"] for group in rules["groups"] for rule in group["rules"]}
+
+
+# The label naming what each rule's result is about (besides job).
+RULE_SUBJECT = {
+    "BgTaskFailureRatioHigh": "bgtasks_task_name",
+    "BgTaskDeadLettersAccumulating": "bgtasks_task_name",
+    "BgTaskCircuitOpen": "bgtasks_circuit_name",
+    "BgTaskDurationP95High": "bgtasks_task_name",
+    "BgTaskStuck": "bgtasks_task_name",
+    "BgTaskTelemetryMissing": "instance",
+    "BgTaskBacklog": "bgtasks_task_name",
+    "BgTaskSkipped": "bgtasks_task_name",
+}
+
+
+def rule_values(stack: TelemetryStack, job: str) -> dict[str, Values]:
+    """``{alertname: {(subject,): value}}``: each rule's expression evaluated now, for ``job``."""
+    found: dict[str, Values] = {}
+    for alertname, expr in rule_exprs().items():
+        result = [
+            series
+            for series in stack.prometheus.query(expr)
+            if series["metric"].get("job") in {job, "otel-collector"}
+        ]
+        found[alertname] = keyed(result, (RULE_SUBJECT[alertname],))
+    return found
 
 
 def _wait_for_alert(run: Scenario, alertname: str) -> dict[str, Any]:
@@ -625,15 +738,134 @@ def test_contract_metrics_after_the_replay(scenario: Scenario) -> None:
     assert duration_sums[("sync_crm", "success", "")] > 0
 
 
-def test_every_dashboard_panel_query_returns_data(scenario: Scenario) -> None:
+def regroup(metric: str, by: Labels) -> Values:
+    """FINAL's values of ``metric`` summed by the labels ``by``."""
+    labels = CONTRACT[metric]
+    grouped: Values = {}
+    for key, value in FINAL[metric].items():
+        group = tuple(key[labels.index(label)] for label in by)
+        grouped[group] = grouped.get(group, 0) + value
+    return grouped
+
+
+def failure_ratios() -> Values:
+    """Share of non-success runs per task, for the tasks that had one (the panel divides by
+    the runs only where a non-success series exists)."""
+    runs = regroup("bgtasks_task_duration_seconds_count", ("bgtasks_task_name",))
+    failed: Values = {}
+    for (task, outcome, _), value in FINAL["bgtasks_task_duration_seconds_count"].items():
+        if outcome != "success":
+            failed[(task,)] = failed.get((task,), 0) + value
+    return {task: value / runs[task] for task, value in failed.items()}
+
+
+def panel_figures(job: str) -> dict[str, list[Values | None]]:
+    """What each panel target shows once the scenario is over, with rate(x[...]) read as x:
+    the panel's aggregation over the whole scenario. None: only which series (histogram
+    quantiles, whose values are durations)."""
+    return {
+        "Tasks/s by outcome": [
+            regroup("bgtasks_task_duration_seconds_count", ("bgtasks_task_outcome",))
+        ],
+        "Failure ratio": [failure_ratios()],
+        "Task duration p50 / p95 / p99": [None, None, None],
+        "Task wait p50 / p95 / p99": [None, None, None],
+        "Active tasks": [FINAL["bgtasks_task_active"]],
+        "Retries/s": [FINAL["bgtasks_task_retries_total"]],
+        "Pending tasks": [{(task,): 0.0 for task in TASKS}],
+        "Skipped tasks/s by reason": [
+            {("send-welcome-email", "request_failed"): N_FAILED_REQUESTS}
+        ],
+        "Circuit state": [FINAL["bgtasks_circuit_state"]],
+        "Circuit transitions/s": [
+            regroup(
+                "bgtasks_circuit_transitions_total", ("bgtasks_circuit_name", "bgtasks_circuit_to")
+            )
+        ],
+        "Dead-letter depth": [{(job,): FINAL["bgtasks_dlq_depth"][()]}],
+        "Dead-letter moves and replays": [MOVES, FINAL["bgtasks_dlq_replays_total"]],
+    }
+
+
+RATE = re.compile(r"rate\(([^()\[\]]*)\[1m\]\)")
+GROUPING = re.compile(r"(?:sum|max) by \(([^)]*)\)")
+
+
+def test_every_dashboard_panel_shows_the_scenario_figures(scenario: Scenario) -> None:
+    """Both replicas' series, combined as each panel combines them, give the scenario's
+    figures: counters add up, the shared store's depth counts once."""
     stack = scenario.stack
+    expected = panel_figures(scenario.service)
+    seen: dict[str, list[Values]] = {}
 
     for title, expr in dashboard_queries(task="|".join(TASKS), rate_interval="1m"):
+        # The panel as Grafana runs it answers ...
         eventually(
             lambda expr=expr: stack.prometheus.query(expr),
             timeout=15,
             message=f"data for panel {title!r}: {expr}",
         )
+        # ... and its aggregation of the cumulative series gives the scenario's figures.
+        grouping = GROUPING.search(expr)
+        assert grouping, expr
+        labels = tuple(
+            label.strip() for label in grouping.group(1).split(",") if label.strip() != "le"
+        )
+        seen.setdefault(title, []).append(
+            keyed(stack.prometheus.query(RATE.sub(r"(\1)", expr)), labels)
+        )
+
+    assert set(seen) == set(expected)
+    for title, figures in expected.items():
+        for got, expected in zip(seen[title], figures, strict=True):
+            if expected is None:
+                assert set(got) == {(task,) for task in TASKS}, title
+            else:
+                assert got == expected, title
+
+
+def test_every_replica_reports_the_shared_store(scenario: Scenario) -> None:
+    reports = replicas_reporting(scenario.stack, scenario.service)
+
+    assert len(reports) == REPLICAS
+    assert set(reports.values()) == {FINAL["bgtasks_dlq_depth"][()]}
+
+
+def test_every_alert_rule_gives_the_scenario_figures_while_the_circuit_is_open(
+    scenario: Scenario,
+) -> None:
+    rules = dict(scenario.open_phase_rules)
+    dead_letters = rules.pop("BgTaskDeadLettersAccumulating")
+    # The failed-request burst's skips, within the rule's 10 minutes (an extrapolated increase).
+    assert set(rules.pop("BgTaskSkipped")) == {("send-welcome-email",)}
+
+    assert rules == {
+        # Every charge-card run failed; import_contacts's one failure never grew (rate 0/0).
+        "BgTaskFailureRatioHigh": {("charge-card",): 1.0},
+        "BgTaskCircuitOpen": {(CIRCUIT,): 2},
+        "BgTaskDurationP95High": {},
+        "BgTaskStuck": {},
+        "BgTaskTelemetryMissing": {},
+        "BgTaskBacklog": {},
+    }
+    # The moves of charge-card grew; the store's depth grew, reported once for both replicas.
+    assert set(dead_letters) == {("charge-card",), ("",)}
+    assert dead_letters[("charge-card",)] > 0
+    assert dead_letters[("",)] == DEAD_LETTERS
+
+
+def test_a_failed_request_burst_shows_as_skipped_tasks(scenario: Scenario) -> None:
+    stack, job = scenario.stack, scenario.service
+    reason = ("bgtasks_task_name", "bgtasks_skip_reason")
+
+    skipped = eventually(
+        lambda: values(stack, "bgtasks_task_skipped_total", job, reason),
+        message="bgtasks_task_skipped_total in Prometheus",
+    )
+    assert skipped == {("send-welcome-email", "request_failed"): N_FAILED_REQUESTS}
+    # Nothing waits: every scheduled task ran or was skipped.
+    pending = values(stack, "bgtasks_task_pending", job, ("bgtasks_task_name",))
+    assert pending == {(task,): 0 for task in TASKS}
 
 
 # --------------------------------------------------------------------------- alerts
@@ -722,6 +954,8 @@ def cli_replay(scenario: Scenario) -> CLIReplay:
             # Import the demo's tasks without the demo app configuring telemetry on import,
             # as any application's task module: the CLI has to set up the export itself.
             "OTEL_BGTASKS_DEMO_NO_INSTRUMENT": "1",
+            # The app's task module, imported on purpose (entries never choose what is imported)
+            "OTEL_BGTASKS_TASK_MODULES": "otel_bgtasks.demo.app",
         },
     )
     return CLIReplay(before, result, listing(), service)

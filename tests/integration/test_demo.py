@@ -39,6 +39,7 @@ def test_demo_report_shows_task_metrics_first_in_their_units() -> None:
         "bgtasks.task.wait",
         "bgtasks.task.retries",
         "bgtasks.task.active",
+        "bgtasks.task.pending",
         "bgtasks.dlq.moves",
         "bgtasks.dlq.replays",
         "bgtasks.dlq.depth",

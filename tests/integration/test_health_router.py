@@ -7,6 +7,7 @@ and the replay links are those the package produced itself.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from tests.integration.apps import tasks
 from otel_bgtasks import CircuitBreaker
 from otel_bgtasks.health import bearer_token_auth, bgtasks_router
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
+from otel_bgtasks.stores import BufferedStore
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 
@@ -129,10 +131,12 @@ def test_health_reports_running_pending_failures_and_depth(serve):
         "status": "ok",
         "running": 0,
         "pending": 0,
+        "pending_by_task": {},
         "oldest_running_seconds": 0.0,
         "recent_failures": [],
         "circuits": {},
         "dead_letter_depth": 0,
+        "dead_letter_buffer": None,
     }
 
     served.hit("/fail")
@@ -152,9 +156,11 @@ def test_health_reports_running_pending_failures_and_depth(serve):
         "status": "ok",
         "running": 0,
         "pending": 0,
+        "pending_by_task": {},
         "oldest_running_seconds": 0.0,
         "circuits": {},
         "dead_letter_depth": 1,
+        "dead_letter_buffer": None,
     }
 
     assert served.client.get("/hold").status_code == 200
@@ -162,6 +168,7 @@ def test_health_reports_running_pending_failures_and_depth(serve):
         lambda: (h := served.health())["running"] == 1 and h, what="the held task to run"
     )
     assert busy["pending"] == 1  # quick waits behind hold in the same response
+    assert busy["pending_by_task"] == {"quick": 1}
     assert busy["oldest_running_seconds"] > 0
     assert busy["status"] == "ok"
     assert len(busy["recent_failures"]) == 1
@@ -332,16 +339,52 @@ def test_replay_of_a_task_that_can_no_longer_be_imported_keeps_the_entry(serve):
 
     one = client.post(f"/bgtasks/dead-letters/{gone.id}/replay", headers=AUTH).json()
     assert one["id"] == gone.id
-    assert one["status"] == "import_error"
+    assert one["status"] == "refused"  # not one of the app's tasks: never imported
     assert GONE_REF in one["message"]
-    assert "can no longer be imported" in one["message"]
+    assert "is not a registered task of this app" in one["message"]
     assert served.store.get(gone.id) == gone  # kept, untouched
 
     # Replay all: the importable one runs and goes, the other is reported and kept.
     everything = client.post("/bgtasks/dead-letters/replay", headers=AUTH).json()
     assert everything["replayed"] == 1
     assert sorted((o["id"], o["status"]) for o in everything["outcomes"]) == sorted(
-        [(gone.id, "import_error"), (broken.id, "replayed")]
+        [(gone.id, "refused"), (broken.id, "replayed")]
     )
     assert [e.id for e in served.store.list()] == [gone.id]
     assert [s.name for s in served.telemetry.spans() if "vanished" in s.name] == []
+
+
+def test_health_is_degraded_with_the_buffer_while_the_store_is_locked(
+    tmp_path, telemetry, instrument
+):
+    """Another process holds SQLite's write lock: the dead letter waits in memory, health
+    says so at once (never waiting on the store), then drains in the background."""
+    tasks.reset()
+    path = tmp_path / "dlq.db"
+    store = BufferedStore(SQLiteDeadLetterStore(path, timeout=0.2), retry_after=0.2)
+    instrument(dead_letter_store=store)
+    server = UvicornThread(build_app())
+    server.start()
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        served = Served(server.client(), store, telemetry)
+        locker.execute("BEGIN EXCLUSIVE")
+        served.hit("/fail")
+        health = served.health()
+        buffer = health["dead_letter_buffer"]
+        assert buffer.pop("pending_bytes") > 0
+        assert buffer.pop("last_error").startswith("StoreUnavailableError(")
+        buffer.pop("store_down")  # true for retry_after (0.2 s) after each failed attempt
+        assert (health["status"], health["dead_letter_depth"], buffer) == (
+            "degraded",
+            None,
+            {"pending": 1, "dropped": 0, "write_errors": 1},
+        )
+        locker.execute("ROLLBACK")
+        wait_until(lambda: store.pending == 0, what="the buffer to drain by itself")
+        health = served.health()
+        assert (health["status"], health["dead_letter_depth"]) == ("ok", 1)
+    finally:
+        locker.close()
+        server.stop()
+        store.close()

@@ -8,6 +8,7 @@ shared fake clock, injected into the breakers (wall time in production).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,13 +64,15 @@ def clients(redis_server) -> Iterator[list[redis.Redis]]:
         c.close()
 
 
-def breaker(client: redis.Redis, clock: Clock, transitions: list[Any]) -> CircuitBreaker:
+def breaker(
+    client: redis.Redis, clock: Clock, transitions: list[Any], *, retry_after: float = 0.0
+) -> CircuitBreaker:
     b = CircuitBreaker(
         NAME,
         failure_threshold=2,
         open_duration=30.0,
         clock=clock,
-        backend=RedisCircuitBackend(client),
+        backend=RedisCircuitBackend(client, retry_after=retry_after),
     )
     b.listeners.append(lambda name, before, after: transitions.append((name, before, after)))
     return b
@@ -274,3 +277,18 @@ def test_redis_outage_falls_back_to_local_state_and_recovers(redis_server, clien
         assert not b.allow()
         assert stored(look)["state"] == 2
     assert [e for e in logs if e["event"] == UNREACHABLE] == []
+
+
+def test_after_a_redis_failure_redis_is_left_alone_for_retry_after(redis_server, clients):
+    """A black-holed Redis costs one timeout per interval, not one per task."""
+    a = breaker(clients(), Clock(), [], retry_after=0.5)
+    redis_server.stop()
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(5):
+            assert a.allow()
+            a.record_success()
+    assert len([e for e in logs if e["event"] == UNREACHABLE]) == 1
+    redis_server.start()
+    time.sleep(0.6)  # past the interval: Redis is asked again
+    a.record_failure()
+    assert stored(clients())["failures"] == 1

@@ -181,7 +181,8 @@ def test_next_write_after_restart_flushes(server: RedisServer) -> None:
     assert store.write_errors == 1
     server.start()
     after = make_entry(last_failure=T0 + 3)
-    store.put(after)  # flushes the queue, then writes
+    store.put(after)  # flushes the queue (or the background drain does), then writes
+    store.flush()  # the background drain may hold the queue this very moment: wait for it
     assert store.pending == 0
     check = RedisDeadLetterStore(server.url)
     assert check.list() == [lost_while_down, after]  # `first` died with the old server

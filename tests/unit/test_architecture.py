@@ -31,8 +31,10 @@ from otel_bgtasks import (
     retry_if_category,
 )
 from otel_bgtasks.alerting import AlertingConfigError
-from otel_bgtasks.calls import JSONSerializer, decode_call, describe_call
+from otel_bgtasks.calls import EncodedCall, JSONSerializer, decode_call, describe_call
 from otel_bgtasks.instrumentor import InstrumentOptions
+from otel_bgtasks.records import JournalEntry
+from otel_bgtasks.registry import register_task
 
 
 class Flaky:
@@ -134,8 +136,13 @@ def test_instrument_options_list_every_documented_keyword():
         "dead_letter_store",
         "serializer",
         "error_classifier",
+        "redact_exception_messages",
+        "log_locals",
         "skip_dep_check",
         "raise_exception_on_conflict",
+        "dispatch",
+        "max_concurrency",
+        "drain_timeout",
     }
 
 
@@ -234,6 +241,21 @@ def test_business_error_is_the_users_not_ours():
 def module_task(*args: object, **kwargs: object) -> None: ...
 
 
+register_task(module_task)  # what @background_task does: replayable by its reference
+
+
+def _stored(call: EncodedCall) -> JournalEntry:
+    return JournalEntry(
+        task_id="t1",
+        task_name="t",
+        func_ref=call.func_ref,
+        payload=call.payload,
+        serializer=call.serializer,
+        owner="o",
+        enqueued_at=0.0,
+    )
+
+
 class Unprintable:
     def __repr__(self) -> str:
         raise RuntimeError("repr exploded")
@@ -270,13 +292,13 @@ def test_a_call_that_cannot_be_stored_is_described_with_the_reason(args, why):
     assert why in description["unreplayable"]
     assert len(call.payload) < 2_500
     with pytest.raises(NotReplayableError, match="the call cannot be replayed: argument"):
-        decode_call(call.func_ref, call.serializer, call.payload)
+        decode_call(_stored(call))
 
 
 def test_a_call_that_can_be_stored_round_trips():
     call = describe_call(JSONSerializer(), module_task, ("a", [1]), {"k": None}, task_name="t")
     assert call.replayable
-    func, args, kwargs = decode_call(call.func_ref, call.serializer, call.payload)
+    func, args, kwargs = decode_call(_stored(call))
     assert (func, args, kwargs) == (module_task, ("a", [1]), {"k": None})
 
 
@@ -286,7 +308,7 @@ def test_a_call_that_can_be_stored_round_trips():
 def test_importing_the_package_loads_no_optional_feature():
     code = (
         "import sys, otel_bgtasks;"
-        "print(sorted(m for m in ('redis', 'httpx', 'smtplib') if m in sys.modules))"
+        "print(sorted(m for m in ('redis', 'httpx', 'smtplib', 'fastapi') if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

@@ -103,21 +103,44 @@ def test_list_table(
     assert (code, err) == (0, "")
     lines = out.splitlines()
     assert lines[0].strip() == "3 dead letters"
-    assert lines[1].split() == ["ID", "Task", "Reason", "Tries", "Last", "failure", "UTC", "Error"]
+    assert lines[1].split() == ["ID", "Task", "Function", "Reason", "Tries", "Check", "Error"]
     assert lines[-1] == "IDs are shortened: a unique prefix works; --json gives full ids"
     rows = [line.split() for line in lines[2:-1]]
     assert [r[0] for r in rows] == [e.id[:12] for e in entries]  # oldest first
-    assert [r[2] for r in rows] == ["exhausted", "circuit_open", "timeout"]
-    assert [r[3] for r in rows] == ["3", "3", "3"]
-    assert rows[0][1] == "send_mail"
-    assert rows[1][1].startswith("charge_ca")
-    assert rows[1][-1].startswith("PaymentD")  # clipped to the terminal width
+    assert [r[2][:8] for r in rows] == ["tests.un"] * 3  # the function that would run, clipped
+    assert [r[3] for r in rows] == ["exhausted", "circuit_open", "timeout"]
+    assert [r[4:6] for r in rows] == [["3", "-"]] * 3  # no key, no --tasks: nothing to check
+    assert rows[0][1].startswith("send_m")
+    assert rows[1][1].startswith("charge")
+    assert rows[1][6].startswith("Paym")  # clipped to the terminal width
     assert all(len(line) <= 80 for line in lines)
 
 
-def test_list_table_prints_user_text_verbatim(
-    capsys: pytest.CaptureFixture[str], url: str, store: SQLiteDeadLetterStore
+def test_list_table_on_a_wide_terminal_shows_the_last_failure(
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    entries: list[DeadLetter],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "160")
+    code, out, _ = run(capsys, "--store", url, "--tasks", __name__, "dlq", "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1].split() == [
+        "ID", "Task", "Function", "Reason", "Tries", "Last", "failure", "UTC", "Check", "Error"
+    ]  # fmt: skip
+    first = lines[2].split()
+    assert first[2] == "tests.unit.test_cli:task_ok"
+    assert first[7] == "ok"  # signature not checked (no key), function registered
+
+
+def test_list_table_prints_user_text_verbatim(
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    store: SQLiteDeadLetterStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COLUMNS", "120")
     store.put(make_entry(task_name="[red]t[/red]", error_type="", error_message="[bold]x[/bold]"))
     code, out, _ = run(capsys, "--store", url, "dlq", "list")
     assert code == 0
@@ -134,7 +157,11 @@ def test_list_json_with_filters(
 ) -> None:
     code, out, _ = run(capsys, "dlq", "list", "--store", url, "--json", "--task", "send_mail")
     assert code == 0
-    assert json.loads(out) == [entries[0].to_dict(), entries[2].to_dict()]
+    unchecked = {"check": "-", "check_reason": ""}
+    assert json.loads(out) == [
+        {**entries[0].to_dict(), **unchecked},
+        {**entries[2].to_dict(), **unchecked},
+    ]
 
     code, out, _ = run(capsys, "dlq", "list", "--store", url, "--json", "--since", "2h")
     assert [e["id"] for e in json.loads(out)] == [entries[1].id, entries[2].id]
@@ -177,6 +204,31 @@ def test_list_reports_corrupt_rows_on_stderr(
     assert run(capsys, "--store", url, "dlq", "list", "--json")[2] == ""
 
 
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "1e300"])
+def test_a_row_with_an_impossible_timestamp_is_corrupt_not_a_crash(
+    capsys: pytest.CaptureFixture[str], url: str, db: Path, entries: list[DeadLetter], bad: str
+) -> None:
+    fields = entries[1].to_dict()
+    fields["last_failure"] = float(bad.lower() if "e" in bad else bad)
+    data = json.dumps(fields)  # Python writes NaN and Infinity as bare words
+    assert bad in data or "1e+300" in data
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE dead_letters SET data = ? WHERE id = ?", (data, entries[1].id))
+    conn.close()
+    code, out, err = run(capsys, "--store", url, "dlq", "list", "--json")
+    assert code == 0
+    assert "NaN" not in out
+    assert "Infinity" not in out
+    assert [e["id"] for e in json.loads(out)] == [entries[0].id, entries[2].id]
+    assert f"warning: 1 corrupt entry skipped: {entries[1].id}" in err
+    code, out, err = run(capsys, "--store", url, "dlq", "list")
+    assert code == 0
+    assert "Traceback" not in out + err
+    code, _, err = run(capsys, "--store", url, "dlq", "show", entries[1].id)
+    assert code == 2
+    assert "is not a valid timestamp" in err
+
+
 # -- show / delete --------------------------------------------------------------------------------
 
 
@@ -198,7 +250,7 @@ def test_show(capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLe
         assert expected in out
 
     code, out, _ = run(capsys, "--store", url, "dlq", "show", entry.id[:8], "--json")
-    assert (code, json.loads(out)) == (0, entry.to_dict())
+    assert (code, json.loads(out)) == (0, {**entry.to_dict(), "check": "-", "check_reason": ""})
 
 
 def test_show_unknown_and_ambiguous_ids(
@@ -240,7 +292,16 @@ def test_replay_ids(
 ) -> None:
     runner = FakeRunner()
     code, out, _ = run(
-        capsys, "--store", url, "dlq", "replay", entries[2].id, entries[0].id[:10], runner=runner
+        capsys,
+        "--store",
+        url,
+        "--tasks",
+        __name__,
+        "dlq",
+        "replay",
+        entries[2].id,
+        entries[0].id[:10],
+        runner=runner,
     )
     assert (code, out) == (0, "replay: 2 replayed\n")
     assert runner.ran == [entries[2].id, entries[0].id]
@@ -253,7 +314,16 @@ def test_replay_all_with_filter_and_failure(
 ) -> None:
     runner = FakeRunner(fail={entries[2].id})
     code, out, err = run(
-        capsys, "--store", url, "dlq", "replay", "--all", "--task", "send_mail", runner=runner
+        capsys,
+        "--store",
+        url,
+        "dlq",
+        "replay",
+        "--all",
+        "--task",
+        "send_mail",
+        runner=runner,
+        environ={"OTEL_BGTASKS_TASK_MODULES": __name__},
     )
     assert code == 1
     assert out == "replay: 1 replayed, 1 failed\n"
@@ -271,10 +341,12 @@ def test_replay_reports_unimportable_task(
     gone = make_entry(func_ref="tests.unit.test_cli:renamed_task")
     store.put(gone)
     runner = FakeRunner()
-    code, out, err = run(capsys, "--store", url, "dlq", "replay", "--all", runner=runner)
+    code, out, err = run(
+        capsys, "--store", url, "dlq", "replay", "--all", "--tasks", __name__, runner=runner
+    )
     assert code == 1
-    assert out == "replay: 1 import error\n"
-    assert "task 'tests.unit.test_cli:renamed_task' can no longer be imported" in err
+    assert out == "replay: 1 refused\n"
+    assert "refused: task 'tests.unit.test_cli:renamed_task' is not a registered task" in err
     assert runner.ran == []
     assert store.list() == [gone]
 
@@ -315,7 +387,7 @@ def test_replay_uses_the_default_runner(
     )
     store.put(entry)
     CALLS.clear()
-    code, out, _ = run(capsys, "--store", url, "dlq", "replay", entry.id)
+    code, out, _ = run(capsys, "--store", url, "dlq", "replay", entry.id, "--tasks", __name__)
     assert (code, out) == (0, "replay: 1 replayed\n")
     assert CALLS == [7]
     assert store.list() == []
@@ -359,7 +431,9 @@ def test_recover_rerun(
         )
     )
     CALLS.clear()
-    code, out, _ = run(capsys, "--store", url, "recover", "--rerun", "--stale-after", "600")
+    code, out, _ = run(
+        capsys, "--store", url, "--tasks", __name__, "recover", "--rerun", "--stale-after", "600"
+    )
     assert (code, out) == (0, "recover: 1 re-run ok\n")
     assert CALLS == [11]
     assert store.journal_list() == []

@@ -25,8 +25,9 @@ from otel_bgtasks.calls import (
     resolve,
 )
 from otel_bgtasks.errors import SerializationError, TaskImportError
-from otel_bgtasks.identity import owner_is_dead, process_identity
+from otel_bgtasks.identity import owner_is_alive, owner_is_dead, process_identity
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.registry import declare_task_modules, register_task
 from otel_bgtasks.replay import DeadLetters, ReplayOutcome, ReplayResult
 from otel_bgtasks.stores import SQLiteDeadLetterStore
 from tests.unit.test_deadletter_contract import SPAN_ID, T0, TRACE_ID, make_entry, make_journal
@@ -63,6 +64,14 @@ class User:
 
 
 @pytest.fixture(autouse=True)
+def _app_tasks() -> None:
+    """This module is a declared task module (its own functions are replayable); a static
+    method, which that rule does not cover, is registered as @background_task does."""
+    declare_task_modules([__name__])
+    register_task(Jobs.nightly)
+
+
+@pytest.fixture(autouse=True)
 def _clear_sink() -> Iterator[None]:
     SINK.clear()
     yield
@@ -91,6 +100,7 @@ def test_dead_letter_json_round_trip() -> None:
         "reason": "circuit_open",
         "trace_id": TRACE_ID,
         "span_id": SPAN_ID,
+        "signature": "",
     }
     assert DeadLetter.from_json(entry.to_json()) == entry
     assert DeadLetter.from_dict({**data, "last_failure": 5}).last_failure == 5.0
@@ -287,7 +297,8 @@ def test_func_ref_and_resolve_round_trip() -> None:
     assert func_ref(Jobs.nightly) == "tests.unit.test_deadletter:Jobs.nightly"
     assert resolve("tests.unit.test_deadletter:Jobs.nightly") is Jobs.nightly
     assert resolve(func_ref(send_mail)) is send_mail
-    assert resolve("os.path:join") is os.path.join
+    with pytest.raises(TaskImportError, match=r"'os\.path:join' is not a registered task"):
+        resolve("os.path:join")  # importable, but not one of the app's tasks
 
 
 def test_func_ref_refuses_what_another_process_cannot_import() -> None:
@@ -327,16 +338,16 @@ def test_func_ref_refuses_bound_methods_and_main() -> None:
     [
         (
             "no_such_module_xyz:f",
-            r"task 'no_such_module_xyz:f' can no longer be imported: "
-            r"ModuleNotFoundError: .*; the entry is kept",
+            r"^refused: task 'no_such_module_xyz:f' is not a registered task of this app"
+            r" \(declared task modules: .*tests.unit.test_deadletter.*\); decorate it with"
+            r" @background_task in a module given by --tasks or OTEL_BGTASKS_TASK_MODULES;"
+            r" the entry is kept$",
         ),
-        (
-            "tests.unit.test_deadletter:gone",
-            r"module 'tests.unit.test_deadletter' has no "
-            r"attribute 'gone'; the entry is kept",
-        ),
-        ("tests.unit.test_deadletter:SINK", r"'SINK' is not callable"),
-        ("missing_colon", r"malformed reference"),
+        ("tests.unit.test_deadletter:gone", r"'tests.unit.test_deadletter:gone' is not a reg"),
+        ("tests.unit.test_deadletter:SINK", r"'tests.unit.test_deadletter:SINK' is not a reg"),
+        ("tests.unit.test_deadletter:User", r"'tests.unit.test_deadletter:User' is not a reg"),
+        ("tests.unit.test_deadletter:os", r"'tests.unit.test_deadletter:os' is not a reg"),
+        ("missing_colon", r"'missing_colon' is not a registered task"),
         ("", r"the entry has no function reference"),
     ],
 )
@@ -354,8 +365,40 @@ def test_process_identity_is_stable_and_parsable() -> None:
     assert me == process_identity()
     host, pid, token = me.split(":")
     assert (host, int(pid)) == (socket.gethostname(), os.getpid())
-    assert len(token) == 12
+    boot, pidns, start, rand = token.split(".")
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        assert boot == f.read().strip().replace("-", "")[:16]
+    assert pidns == os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    assert start.isdigit()
+    assert len(rand) == 12
     assert owner_is_dead(me) is False
+
+
+def _identity_of(pid: int, *, pidns: str | None = None, start: str | None = None) -> str:
+    """The identity a process `pid` would have, with some of its token's parts replaced."""
+    mine = process_identity().rsplit(":", 1)[1].split(".")
+    with open(f"/proc/{pid}/stat") as f:
+        real_start = f.read().rpartition(")")[2].split()[19]
+    parts = [mine[0], pidns or mine[1], start or real_start, "0123456789ab"]
+    return f"{socket.gethostname()}:{pid}:{'.'.join(parts)}"
+
+
+def test_a_live_process_is_never_taken_for_dead() -> None:
+    parent = os.getppid()
+    assert owner_is_dead(_identity_of(parent)) is False
+    assert owner_is_alive(_identity_of(parent)) is True
+    assert owner_is_alive(_identity_of(parent, start="1")) is False
+    assert owner_is_alive(_identity_of(1, pidns="4026599999")) is False  # cannot tell
+    assert owner_is_alive(process_identity()) is True
+    # same hostname, pid 1, another PID namespace (another container): only heartbeats tell
+    assert owner_is_dead(_identity_of(1, pidns="4026599999")) is False
+    assert owner_is_dead(_identity_of(os.getpid(), pidns="4026599999")) is False
+
+
+def test_a_reused_pid_is_not_its_former_owner() -> None:
+    # the parent's pid, but started at another time: the owner was an earlier process
+    assert owner_is_dead(_identity_of(os.getppid(), start="1")) is True
+    assert owner_is_dead(_identity_of(os.getpid(), start="1")) is True  # an earlier self
 
 
 def test_owner_is_dead() -> None:
@@ -426,14 +469,14 @@ async def test_replay_all_deletes_successes_updates_failures_keeps_unimportable(
     assert [(o.entry_id, o.status) for o in report.outcomes] == [
         (ok_sync.id, "replayed"),
         (fails.id, "failed"),
-        (gone.id, "import_error"),
+        (gone.id, "refused"),  # no longer one of the app's tasks
         (ok_async.id, "replayed"),
     ]
     assert seen == report.outcomes
     assert report.replayed == 2
     assert report.ok is False
     assert report.outcomes[1].message == "ConnectionError: downstream still down for 7"
-    assert "module 'tests.unit.test_deadletter' has no attribute 'removed'" in (
+    assert "'tests.unit.test_deadletter:removed' is not a registered task" in (
         report.outcomes[2].message
     )
     assert SINK == [("a@x", "s"), 42]
@@ -445,7 +488,7 @@ async def test_replay_all_deletes_successes_updates_failures_keeps_unimportable(
     assert kept[fails.id].error_message == "downstream still down for 7"
     assert kept[fails.id].last_failure > fails.last_failure
     assert [(log["event"], log["entry_id"]) for log in logs] == [
-        ("dead letter replay: task not importable", gone.id)
+        ("dead letter replay refused", gone.id)
     ]
 
 

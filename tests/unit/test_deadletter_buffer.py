@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,33 @@ class FlakyStore(DeadLetterStore):
         self._check("last_seen")
         return self.inner.last_seen()
 
-    def forget_owner(self, owner: str) -> None:
+    def forget_owner(self, owner: str, *, seen_before: float | None = None) -> None:
         self._check("forget_owner")
-        self.inner.forget_owner(owner)
+        self.inner.forget_owner(owner, seen_before=seen_before)
+
+    def claim(self, entry_id: str, owner: str, **kwargs: Any) -> DeadLetter | None:
+        self._check("claim")
+        return self.inner.claim(entry_id, owner, **kwargs)
+
+    def release(self, entry_id: str, owner: str, **kwargs: Any) -> bool:
+        self._check("release")
+        return self.inner.release(entry_id, owner, **kwargs)
+
+    def delete_claimed(self, entry_id: str, owner: str) -> bool:
+        self._check("delete_claimed")
+        return self.inner.delete_claimed(entry_id, owner)
+
+    def journal_claim(self, task_id: str, owner: str, **kwargs: Any) -> JournalEntry | None:
+        self._check("journal_claim")
+        return self.inner.journal_claim(task_id, owner, **kwargs)
+
+    def journal_release(self, task_id: str, owner: str) -> bool:
+        self._check("journal_release")
+        return self.inner.journal_release(task_id, owner)
+
+    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
+        self._check("journal_remove_claimed")
+        return self.inner.journal_remove_claimed(task_id, owner)
 
     def close(self) -> None:
         self.calls.append("close")
@@ -117,8 +142,11 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def buffered(flaky: FlakyStore, clock: Clock) -> BufferedStore:
-    return BufferedStore(flaky, max_pending=5, retry_after=10.0, clock=clock)
+def buffered(flaky: FlakyStore, clock: Clock) -> Iterator[BufferedStore]:
+    buffer = BufferedStore(flaky, max_pending=5, retry_after=10.0, clock=clock)
+    yield buffer
+    with capture_logs():  # what a test left queued is not logged again at interpreter exit
+        buffer.flush_or_log(0)
 
 
 def test_writes_pass_through_while_up(buffered: BufferedStore, flaky: FlakyStore) -> None:
@@ -317,3 +345,75 @@ def test_concurrent_writers_during_recovery_lose_nothing(flaky: FlakyStore, cloc
 def test_max_pending_must_be_positive(flaky: FlakyStore) -> None:
     with pytest.raises(ValueError, match="max_pending must be >= 1"):
         BufferedStore(flaky, max_pending=0)
+
+
+def test_the_buffer_is_bounded_in_bytes_too(flaky: FlakyStore, clock: Clock) -> None:
+    big = [make_entry(last_failure=T0 + i, error_message="x" * 1_500) for i in range(5)]
+    size = len(big[0].to_json())
+    buffered = BufferedStore(flaky, max_pending=1_000, max_bytes=3 * size + 10, clock=clock)
+    flaky.up = False
+    with capture_logs() as logs:
+        for entry in big:
+            buffered.put(entry)
+    kept = buffered.status()
+    assert (kept["pending"], kept["dropped"]) == (3, 2)
+    assert kept["pending_bytes"] == sum(len(e.to_json()) for e in big[2:])
+    dropped = [
+        log for log in logs if log["event"] == "dead-letter buffer full, oldest write dropped"
+    ]
+    assert [DeadLetter.from_json(log["entry"]) for log in dropped] == big[:2]
+    flaky.up = True
+    assert buffered.list() == big[2:]
+    assert buffered.status()["pending_bytes"] == 0
+    with pytest.raises(ValueError, match="max_bytes must be >= 1"):
+        BufferedStore(flaky, max_bytes=0)
+    buffered.close()
+
+
+def test_the_buffer_drains_by_itself_when_the_store_returns(flaky: FlakyStore) -> None:
+    buffered = BufferedStore(flaky, retry_after=0.05)
+    flaky.up = False
+    entries = [make_entry(last_failure=T0 + i) for i in range(3)]
+    for entry in entries:
+        buffered.put(entry)
+    assert buffered.pending == 3
+    flaky.up = True  # no further call on the buffer from here
+    deadline = time.monotonic() + 10
+    while buffered.pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert flaky.inner.list() == entries
+    buffered.close()
+
+
+def test_flush_or_log_is_bounded_and_logs_every_write_whole(flaky: FlakyStore) -> None:
+    release = threading.Event()
+
+    class Hung(FlakyStore):
+        def put(self, entry: DeadLetter) -> None:
+            if not self.up:
+                release.wait(30)  # a black-holed store: the call hangs
+                raise Outage("timed out")
+            super().put(entry)
+
+    hung = Hung(flaky.inner)
+    buffered = BufferedStore(hung, retry_after=60)
+    hung.up = False
+    entries = [make_entry(last_failure=T0 + i) for i in range(3)]
+    first = threading.Thread(target=buffered.put, args=(entries[0],))
+    first.start()  # the task's write hangs on the store ...
+    first.join(0.1)
+    release.set()
+    first.join()
+    release.clear()
+    for entry in entries[1:]:
+        buffered.put(entry)  # ... the next ones are queued without touching it
+    with capture_logs() as logs:
+        logged = buffered.flush_or_log(timeout=0.2)
+    release.set()
+    assert logged == 3
+    assert [
+        DeadLetter.from_json(log["entry"])
+        for log in logs
+        if log["event"] == "dead-letter store unavailable at close, write dropped"
+    ] == entries
+    assert (buffered.pending, buffered.dropped) == (0, 3)

@@ -225,7 +225,7 @@ class StoreContract:
         assert store.journal_list() == [older]
         assert store.count() == 0  # the journal is not the dead-letter queue
 
-    def test_last_seen_uses_heartbeat_else_newest_journal_entry(
+    def test_last_seen_is_the_newest_of_heartbeat_and_journal_rows(
         self, store: DeadLetterStore
     ) -> None:
         store.heartbeat("h:1:a", at=T0 + 5)
@@ -233,7 +233,8 @@ class StoreContract:
         store.journal_add(make_journal(owner="h:1:a", enqueued_at=T0 + 100))
         store.journal_add(make_journal(owner="h:2:b", enqueued_at=T0 + 1))
         store.journal_add(make_journal(owner="h:2:b", enqueued_at=T0 + 3))
-        assert store.last_seen() == {"h:1:a": T0 + 7, "h:2:b": T0 + 3}
+        # a freshly journaled task is a sign of life even when the heartbeat is older
+        assert store.last_seen() == {"h:1:a": T0 + 100, "h:2:b": T0 + 3}
         store.forget_owner("h:1:a")
         assert store.last_seen() == {"h:1:a": T0 + 100, "h:2:b": T0 + 3}
 
@@ -287,6 +288,110 @@ class StoreContract:
         # a second pass (another process racing) finds nothing more and duplicates nothing
         assert recover_interrupted(store, stale_after=60, now=now) == []
         assert store.count() == 1
+
+    # -- claims -------------------------------------------------------------------------------
+
+    def test_claim_is_exclusive_until_the_lease_expires(self, store: DeadLetterStore) -> None:
+        entry = make_entry()
+        store.put(entry)
+        assert store.claim(entry.id, "A", lease=30, now=T0) == entry
+        assert store.claim(entry.id, "B", lease=30, now=T0 + 10) is None
+        assert store.claim(entry.id, "A", lease=30, now=T0 + 10) == entry  # renewed: T0 + 40
+        assert store.claim(entry.id, "B", lease=30, now=T0 + 35) is None
+        assert store.claim(entry.id, "B", lease=30, now=T0 + 41) == entry  # A's lease expired
+        # A (crashed, or too slow) can no longer touch it
+        assert store.release(entry.id, "A") is False
+        assert store.release(entry.id, "A", entry=entry.with_failure(at=T0 + 50)) is False
+        assert store.delete_claimed(entry.id, "A") is False
+        assert store.get(entry.id) == entry
+        assert store.delete_claimed(entry.id, "B") is True
+        assert (store.get(entry.id), store.list(), store.count()) == (None, [], 0)
+        assert store.claim(entry.id, "A", lease=30) is None
+
+    def test_claim_of_a_missing_entry_is_none(self, store: DeadLetterStore) -> None:
+        assert store.claim("nope", "A", lease=30) is None
+        assert store.release("nope", "A") is False
+        assert store.delete_claimed("nope", "A") is False
+
+    def test_release_stores_the_update_and_frees_the_entry(self, store: DeadLetterStore) -> None:
+        entry = make_entry()
+        store.put(entry)
+        assert store.claim(entry.id, "A", lease=30) == entry
+        updated = entry.with_failure(at=T0 + 99, reason=DeadLetterReason.PERMANENT)
+        assert store.release(entry.id, "A", entry=updated) is True
+        assert store.get(entry.id) == updated
+        assert store.list(since=T0 + 99) == [updated]
+        assert store.claim(entry.id, "B", lease=30) == updated  # free at once
+
+    def test_a_failed_replay_never_brings_back_a_deleted_entry(
+        self, store: DeadLetterStore
+    ) -> None:
+        entry = make_entry()
+        store.put(entry)
+        assert store.claim(entry.id, "A", lease=30) == entry
+        assert store.delete(entry.id) is True  # an operator (or a replay after expiry)
+        assert store.release(entry.id, "A", entry=entry.with_failure()) is False
+        assert (store.get(entry.id), store.list(), store.count()) == (None, [], 0)
+        store.put(entry)  # stored again later: a fresh row, unclaimed
+        assert store.claim(entry.id, "B", lease=30) == entry
+
+    def test_corrupt_row_claim_raises_and_leaves_it_free(
+        self, store: DeadLetterStore, inject_raw: Any
+    ) -> None:
+        inject_raw("bad", "{not json", T0)
+        with pytest.raises(CorruptEntryError):
+            store.claim("bad", "A", lease=30)
+        with pytest.raises(CorruptEntryError):
+            store.claim("bad", "B", lease=30)  # released, not held by A
+        assert store.delete("bad") is True
+
+    def test_concurrent_claims_take_each_entry_once(self, store: DeadLetterStore) -> None:
+        entries = [make_entry(last_failure=T0 + i) for i in range(200)]
+        for entry in entries:
+            store.put(entry)
+        won: dict[str, list[str]] = {f"w{i}": [] for i in range(6)}
+
+        def work(name: str) -> None:
+            for entry in entries:
+                if store.claim(entry.id, name, lease=300) is not None:
+                    won[name].append(entry.id)
+
+        threads = [threading.Thread(target=work, args=(name,)) for name in won]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        taken = sorted(i for ids in won.values() for i in ids)
+        assert taken == sorted(e.id for e in entries)
+
+    def test_journal_claims(self, store: DeadLetterStore) -> None:
+        first, second = make_journal(enqueued_at=T0), make_journal(enqueued_at=T0 + 1)
+        store.journal_add(first)
+        store.journal_add(second)
+        assert store.journal_claim(first.task_id, "A", lease=30, now=T0) == first
+        assert store.journal_claim(first.task_id, "B", lease=30, now=T0 + 1) is None
+        assert store.journal_remove_claimed(first.task_id, "B") is False
+        assert store.journal_release(first.task_id, "B") is False
+        assert store.journal_release(first.task_id, "A") is True
+        assert store.journal_claim(first.task_id, "B", lease=30, now=T0 + 1) == first
+        assert store.journal_claim(first.task_id, "A", lease=30, now=T0 + 31) == first  # expired
+        assert store.journal_remove_claimed(first.task_id, "B") is False
+        assert store.journal_remove_claimed(first.task_id, "A") is True
+        assert store.journal_list() == [second]
+        assert store.journal_claim(first.task_id, "A", lease=30) is None
+        # the owner finishing its task removes its row whatever the claims
+        assert store.journal_claim(second.task_id, "A", lease=30) == second
+        assert store.journal_remove(second.task_id) is True
+        assert store.journal_list() == []
+        assert store.journal_release(second.task_id, "A") is False
+
+    def test_forget_owner_keeps_an_owner_that_came_back(self, store: DeadLetterStore) -> None:
+        store.heartbeat("h:1:a", at=T0 + 10)
+        store.forget_owner("h:1:a", seen_before=T0 + 5)
+        assert store.last_seen() == {"h:1:a": T0 + 10}
+        store.forget_owner("h:1:a", seen_before=T0 + 11)
+        assert store.last_seen() == {}
+        store.forget_owner("nobody", seen_before=T0)  # unknown owners are fine
 
 
 def _json(data: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from otel_bgtasks.errors import StoreUnavailableError
 from otel_bgtasks.records import DeadLetterReason
@@ -116,7 +117,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(ValueError, match=r"schema version 2 is newer .* upgrade otel-bgtasks"):
+    with pytest.raises(ValueError, match=r"schema version 3 is newer .* upgrade otel-bgtasks"):
         SQLiteDeadLetterStore(path)
 
 
@@ -214,3 +215,55 @@ def test_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
     # the child's close() left the parent's connection open
     assert sorted(e.task_name for e in store.list()) == ["child", "parent"]
     store.close()
+
+
+class TestBufferedSQLiteStore(TestSQLiteStore):
+    """The contract holds through the `BufferedStore` wrapper too (`open_store`'s default)."""
+
+    @pytest.fixture
+    def store(self, db_path: Path) -> Iterator[BufferedStore]:  # type: ignore[override]
+        store = BufferedStore(SQLiteDeadLetterStore(db_path))
+        yield store
+        store.close()
+
+
+def test_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "CREATE TABLE dead_letters (id TEXT PRIMARY KEY, task_name TEXT NOT NULL,"
+            " reason TEXT NOT NULL, last_failure REAL NOT NULL, data TEXT NOT NULL);"
+            "CREATE TABLE journal (task_id TEXT PRIMARY KEY, owner TEXT NOT NULL,"
+            " enqueued_at REAL NOT NULL, data TEXT NOT NULL);"
+            "CREATE TABLE heartbeats (owner TEXT PRIMARY KEY, at REAL NOT NULL);"
+            "PRAGMA user_version = 1;"
+        )
+        entry = make_entry()
+        conn.execute(
+            "INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?)",
+            (entry.id, entry.task_name, entry.reason.value, entry.last_failure, entry.to_json()),
+        )
+    conn.close()
+    with SQLiteDeadLetterStore(path) as store:
+        assert store.claim(entry.id, "A", lease=30) == entry
+        assert store.delete_claimed(entry.id, "A") is True
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+def test_a_deleted_file_is_detected_and_reopened(tmp_path: Path) -> None:
+    path = tmp_path / "dlq.db"
+    store = SQLiteDeadLetterStore(path)
+    store.put(make_entry())
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    entry = make_entry()
+    with capture_logs() as logs:
+        store.put(entry)  # written to the file now at the path, not the deleted inode
+    assert [log["event"] for log in logs] == [
+        "SQLite store file was deleted or replaced, reopening it"
+    ]
+    store.close()
+    with SQLiteDeadLetterStore(path) as reopened:
+        assert reopened.list() == [entry]

@@ -29,6 +29,8 @@ def test_every_plain_option_has_a_variable():
             "OTEL_BGTASKS_RETRY_MAX_DELAY": "4",
             "OTEL_BGTASKS_RETRY_MULTIPLIER": "3",
             "OTEL_BGTASKS_RETRY_JITTER": "0",
+            "OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES": "true",
+            "OTEL_BGTASKS_LOG_LOCALS": "false",
         }
     )
     retry = options.pop("retry")
@@ -38,6 +40,8 @@ def test_every_plain_option_has_a_variable():
         "timeout": 2.5,
         "durable": False,
         "dead_letter_store": "sqlite:///x.db",
+        "redact_exception_messages": True,
+        "log_locals": False,
     }
     assert isinstance(retry, RetryPolicy)
     assert retry.max_attempts == 5

@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider as SDKTracerProvider
 from opentelemetry.trace import TracerProvider
 
 from otel_bgtasks import attributes as attr
+from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks._version import __version__
 from otel_bgtasks.alerting._delivery import Dispatcher, create_sent_counter
 from otel_bgtasks.alerting.alerts import Alert
@@ -147,7 +148,7 @@ class AlertingSpanProcessor(SpanProcessor):
                     next_tick = time.monotonic() + self.tick_interval
                     self._dispatch(self.engine.tick())
             except Exception:  # keep the thread alive whatever a span or rule holds
-                _log.exception("bgtasks alerting failed on a span")
+                _log.error("bgtasks alerting failed on a span", **exception_fields())
             finally:
                 if item is not None:
                     self._spans.task_done()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks.alerting.alerts import Alert, AlertStatus, DetailValue, Severity
 from otel_bgtasks.alerting.signals import TaskSignal
 
@@ -608,7 +609,7 @@ class RuleEngine:
             try:
                 alerts.extend(rule.observe(signal, now))
             except Exception:  # a broken rule must not stop the others
-                _log.exception("bgtasks alert rule failed", rule=rule.name)
+                _log.error("bgtasks alert rule failed", rule=rule.name, **exception_fields())
         return alerts
 
     def tick(self) -> list[Alert]:
@@ -619,5 +620,5 @@ class RuleEngine:
             try:
                 alerts.extend(rule.tick(now))
             except Exception:  # a broken rule must not stop the others
-                _log.exception("bgtasks alert rule failed", rule=rule.name)
+                _log.error("bgtasks alert rule failed", rule=rule.name, **exception_fields())
         return alerts

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -80,7 +81,7 @@ def _configure_logs() -> None:
             structlog.processors.add_log_level,
             TraceContextProcessor(),
             fewer_ids,
-            structlog.dev.ConsoleRenderer(exception_formatter=one_line),
+            structlog.dev.ConsoleRenderer(exception_formatter=one_line, colors=sys.stdout.isatty()),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
     )
@@ -130,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 
     console = Console()
+    if not console.is_terminal:  # piped (make demo | less, CI logs): 80 columns cut the names
+        console = Console(width=120)
     _configure_logs()
     exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
     telemetry = configure_telemetry(

@@ -7,6 +7,7 @@ Endpoints, each scheduling one background task:
     GET /ok           async task that succeeds
     GET /sync         sync task (thread pool) that succeeds, with a nested span
     GET /fail         permanent error (validation): straight to the dead letters
+    GET /signup-fails the endpoint fails after add_task: the task is skipped (request_failed)
     GET /flaky        fails twice with a connection error, then succeeds (retries)
     GET /downstream   calls a "payments" downstream that is down until POST /downstream/up;
                       after 3 failures its circuit opens and tasks are rejected
@@ -23,7 +24,7 @@ import threading
 import time
 
 import structlog
-from fastapi import BackgroundTasks, FastAPI, Response
+from fastapi import BackgroundTasks, FastAPI, HTTPException, Response
 from opentelemetry import trace
 from starlette.background import BackgroundTask
 
@@ -130,6 +131,12 @@ def create_app(*, instrument: bool = True) -> FastAPI:
         tasks.add_task(import_contacts, 42, "no-comma-here")
         tasks.add_task(send_welcome_email, 43)  # still runs after the failure
         return {"scheduled": "import_contacts, send-welcome-email"}
+
+    @app.get("/signup-fails")
+    async def signup_fails(tasks: BackgroundTasks) -> dict[str, str]:
+        tasks.add_task(send_welcome_email, 44)
+        # The client sees the failure; its email never goes out (bgtasks.task.skipped).
+        raise HTTPException(503, "the signup service is unavailable")
 
     @app.get("/flaky")
     async def flaky() -> Response:

@@ -163,10 +163,10 @@ def _rank(name: str) -> tuple[int, int, str]:
 def _rows_of(metric: Metric) -> Iterable[MetricRow]:
     unit = metric.unit or ""
     points: list[Any] = list(metric.data.data_points)
-    if metric.name == "bgtasks.task.active" and all(
+    if metric.name in ("bgtasks.task.active", "bgtasks.task.pending") and all(
         isinstance(p, NumberDataPoint) and p.value == 0 for p in points
     ):
-        # One row instead of a zero per task name: nothing is running any more.
+        # One row instead of a zero per task name: nothing is running (or waiting) any more.
         yield MetricRow(metric.name, unit, f"({len(points)} tasks)", "0")
         return
     for point in points:

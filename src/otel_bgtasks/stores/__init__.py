@@ -10,8 +10,11 @@ Another backend subclasses `otel_bgtasks.stores.base.DeadLetterStore`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+import platformdirs
 
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.stores._buffer import BufferedStore
@@ -27,6 +30,8 @@ __all__ = [
     "DeadLetterStore",
     "RedisDeadLetterStore",
     "SQLiteDeadLetterStore",
+    "default_store_path",
+    "default_store_url",
     "open_store",
     "redact_url",
 ]
@@ -48,6 +53,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def default_store_path() -> Path:
+    """Where dead letters go when nothing is configured: ``dead-letters.db`` in the user's state
+    directory (``$XDG_STATE_HOME/otel-bgtasks``, by default ``~/.local/state/otel-bgtasks`` on
+    Linux; platformdirs' ``user_state_path`` elsewhere). Created at the first dead letter."""
+    return platformdirs.user_state_path("otel-bgtasks") / "dead-letters.db"
+
+
+def default_store_url() -> str:
+    """``sqlite:///`` + `default_store_path()` (the URL the CLI and the instrumentor default to)."""
+    return f"sqlite:///{default_store_path()}"
+
+
 def redact_url(url: str) -> str:
     """`url` with any password replaced by ``***`` (for messages and logs)."""
     try:
@@ -62,7 +79,9 @@ def redact_url(url: str) -> str:
         return "<unparsable URL>"
 
 
-def open_store(url: str, *, buffered: bool = True, max_pending: int = 10_000) -> DeadLetterStore:
+def open_store(
+    url: str, *, buffered: bool = True, max_pending: int = 10_000, lazy: bool = False
+) -> DeadLetterStore:
     """Open the store a URL names.
 
     ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` (SQLAlchemy style: the
@@ -70,18 +89,19 @@ def open_store(url: str, *, buffered: bool = True, max_pending: int = 10_000) ->
     ``rediss://`` (TLS); ``?prefix=name`` sets the Redis key prefix (default ``bgtasks``).
 
     With `buffered` (the default) the store is wrapped in a `BufferedStore` keeping up to
-    `max_pending` writes in memory while the backing store is down.
+    `max_pending` writes in memory while the backing store is down. With `lazy`, an SQLite file
+    (and its directory) is created at the first write, not now.
 
     Raises:
         ConfigurationError: unknown scheme or malformed URL (the message lists the valid
             forms); a `ValueError`.
         ImportError: a Redis URL without the ``redis`` extra installed.
     """
-    store = _open_raw(url)
+    store = _open_raw(url, lazy)
     return BufferedStore(store, max_pending=max_pending) if buffered else store
 
 
-def _open_raw(url: str) -> DeadLetterStore:
+def _open_raw(url: str, lazy: bool = False) -> DeadLetterStore:
     shown = redact_url(url)
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
     if scheme == "sqlite":
@@ -94,7 +114,7 @@ def _open_raw(url: str) -> DeadLetterStore:
                 f"invalid SQLite URL {shown!r}: give a file path (several processes share it),"
                 " without query parameters"
             )
-        return SQLiteDeadLetterStore(path)
+        return SQLiteDeadLetterStore(path, lazy=lazy)
     if scheme in ("redis", "rediss"):
         from otel_bgtasks.stores.redis import RedisDeadLetterStore
 

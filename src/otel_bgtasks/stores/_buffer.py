@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +24,19 @@ _log = structlog.get_logger("otel_bgtasks")
 
 _OpKind = Literal["put", "journal_add", "journal_remove"]
 
+SHUTDOWN_FLUSH_TIMEOUT = 5.0
+"""Seconds a shutdown waits for buffered writes to reach the store before logging them."""
+
+_live: weakref.WeakSet[BufferedStore] = weakref.WeakSet()
+
+
+def _flush_all_at_exit() -> None:
+    for buffer in builtins.list(_live):
+        buffer.flush_or_log(SHUTDOWN_FLUSH_TIMEOUT)
+
+
+atexit.register(_flush_all_at_exit)
+
 
 @dataclass(slots=True, eq=False)
 class _Op:
@@ -29,6 +44,7 @@ class _Op:
     key: str
     entry: DeadLetter | JournalEntry | None = None
     done: bool = False
+    size: int = 0
 
     def apply(self, store: DeadLetterStore) -> bool:
         if self.kind == "put":
@@ -58,15 +74,21 @@ class BufferedStore(DeadLetterStore):
     `purge` first flush the queue whatever the interval, and raise `StoreUnavailableError`
     if that fails: they are the operator's path, not the task's.
 
-    Overflow: the queue holds at most `max_pending` writes; when full, the oldest is dropped
-    and logged at ERROR with the whole entry as JSON (``entry=...``), so it can be restored by
-    hand, and `dropped` is incremented. `close()` logs whatever could not be flushed the same
-    way. A journal entry removed while its `journal_add` is still queued cancels both.
+    A background thread drains the queue once the store is back (every `retry_after`
+    seconds while writes are queued), so buffered writes do not wait for the next write.
+
+    Overflow: the queue holds at most `max_pending` writes and `max_bytes` of entry JSON; when
+    full, the oldest is dropped and logged at ERROR with the whole entry as JSON
+    (``entry=...``), so it can be restored by hand, and `dropped` is incremented (the
+    `bgtasks.dlq.dropped` metric). At shutdown (`flush_or_log`: the telemetry lifespan,
+    uninstrument, `close()` and interpreter exit) the queue is flushed within a bounded time
+    and whatever could not be written is logged the same way. A journal entry removed while its
+    `journal_add` is still queued cancels both.
 
     Attributes:
         store: the wrapped store.
         write_errors: writes that could not be written when submitted (metric source).
-        dropped: writes dropped from a full queue (or unflushed at close).
+        dropped: writes dropped from a full queue or unflushed at shutdown (metric source).
     """
 
     def __init__(
@@ -74,28 +96,55 @@ class BufferedStore(DeadLetterStore):
         store: DeadLetterStore,
         *,
         max_pending: int = 10_000,
+        max_bytes: int = 64 * 1024 * 1024,
         retry_after: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         self.store = store
         self.max_pending = max_pending
+        self.max_bytes = max_bytes
         self.retry_after = retry_after
         self.write_errors = 0
         self.dropped = 0
         self._clock = clock
         self._pending: deque[_Op] = deque()
-        self._lock = threading.Lock()  # guards _pending, counters and _down_until
+        self._bytes = 0
+        self._lock = threading.Lock()  # guards _pending, counters, _down_until, _drainer
         self._flush_lock = threading.Lock()  # one flusher at a time
         self._down_until = float("-inf")
         self._last_error: BaseException | None = None
+        self._drainer: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stopped = False
+        _live.add(self)
 
     @property
     def pending(self) -> int:
         """Writes waiting in memory."""
         with self._lock:
             return len(self._pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Size of the queued entries' JSON."""
+        with self._lock:
+            return self._bytes
+
+    def status(self) -> dict[str, object]:
+        """The buffer's state for the health endpoint (no store call)."""
+        with self._lock:
+            return {
+                "pending": len(self._pending),
+                "pending_bytes": self._bytes,
+                "dropped": self.dropped,
+                "write_errors": self.write_errors,
+                "store_down": self._clock() < self._down_until,
+                "last_error": repr(self._last_error) if self._last_error else None,
+            }
 
     # -- buffered writes (task path) ----------------------------------------------------------
 
@@ -114,6 +163,7 @@ class BufferedStore(DeadLetterStore):
                     continue
                 if op.kind == "journal_add" and op.key == task_id:
                     del self._pending[index]
+                    self._bytes -= op.size
                     return True
         return self._write(_Op("journal_remove", task_id))
 
@@ -167,20 +217,45 @@ class BufferedStore(DeadLetterStore):
         return result
 
     def _enqueue(self, op: _Op) -> None:
-        dropped: _Op | None = None
+        op.size = len(op.as_json())
+        dropped: builtins.list[_Op] = []
         with self._lock:
-            if len(self._pending) >= self.max_pending:
-                dropped = self._pending.popleft()
-                self.dropped += 1
+            while self._pending and (
+                len(self._pending) >= self.max_pending or self._bytes + op.size > self.max_bytes
+            ):
+                old = self._pending.popleft()
+                self._bytes -= old.size
+                dropped.append(old)
+            self.dropped += len(dropped)
             self._pending.append(op)
-        if dropped is not None:
+            self._bytes += op.size
+            if self._drainer is None and not self._stopped:
+                self._drainer = threading.Thread(
+                    target=self._drain_in_background, name="otel-bgtasks-buffer", daemon=True
+                )
+                self._drainer.start()
+        for old in dropped:
             _log.error(
                 "dead-letter buffer full, oldest write dropped",
-                op=dropped.kind,
-                entry_id=dropped.key,
-                entry=dropped.as_json(),
+                op=old.kind,
+                entry_id=old.key,
+                entry=old.as_json(),
                 max_pending=self.max_pending,
+                max_bytes=self.max_bytes,
             )
+
+    def _drain_in_background(self) -> None:
+        """Retry the store every `retry_after` seconds until the queue is empty."""
+        while True:
+            self._wake.wait(max(self.retry_after, 0.05))
+            self._wake.clear()
+            with self._lock:
+                if not self._pending or self._stopped:
+                    self._drainer = None
+                    return
+                down = self._clock() < self._down_until
+            if not down:
+                self._drain(blocking=True)
 
     def _drain(self, *, blocking: bool) -> Literal["empty", "failed", "busy"]:
         """Write queued ops in order until the queue is empty or the store fails."""
@@ -202,6 +277,7 @@ class BufferedStore(DeadLetterStore):
                 with self._lock:
                     if self._pending and self._pending[0] is op:
                         self._pending.popleft()
+                        self._bytes -= op.size
                     op.done = True
                 flushed += 1
         finally:
@@ -261,6 +337,10 @@ class BufferedStore(DeadLetterStore):
         return self.store.purge(task=task, reason=reason, since=since)
 
     def count(self) -> int:
+        if self._is_down():  # the depth gauge and health must not wait on a dead store
+            raise StoreUnavailableError(
+                f"dead-letter store unavailable ({self._last_error!r})"
+            ) from self._last_error
         self.flush()
         return self.store.count()
 
@@ -276,26 +356,84 @@ class BufferedStore(DeadLetterStore):
         self.flush()
         return self.store.last_seen()
 
-    def forget_owner(self, owner: str) -> None:
+    def forget_owner(self, owner: str, *, seen_before: float | None = None) -> None:
         self.flush()
-        self.store.forget_owner(owner)
+        self.store.forget_owner(owner, seen_before=seen_before)
+
+    def claim(
+        self, entry_id: str, owner: str, *, lease: float, now: float | None = None
+    ) -> DeadLetter | None:
+        self.flush()
+        return self.store.claim(entry_id, owner, lease=lease, now=now)
+
+    def release(self, entry_id: str, owner: str, *, entry: DeadLetter | None = None) -> bool:
+        self.flush()
+        return self.store.release(entry_id, owner, entry=entry)
+
+    def delete_claimed(self, entry_id: str, owner: str) -> bool:
+        self.flush()
+        return self.store.delete_claimed(entry_id, owner)
+
+    def journal_claim(
+        self, task_id: str, owner: str, *, lease: float, now: float | None = None
+    ) -> JournalEntry | None:
+        self.flush()
+        return self.store.journal_claim(task_id, owner, lease=lease, now=now)
+
+    def journal_release(self, task_id: str, owner: str) -> bool:
+        self.flush()
+        return self.store.journal_release(task_id, owner)
+
+    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
+        self.flush()
+        return self.store.journal_remove_claimed(task_id, owner)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def flush_or_log(self, timeout: float = SHUTDOWN_FLUSH_TIMEOUT) -> int:
+        """Write the queue to the store within `timeout` seconds; log every write still
+        queued after that at ERROR, whole (``entry=`` the replayable JSON), and count it in
+        `dropped`. Returns how many were logged. Every shutdown path calls it.
+
+        A write being sent when the time runs out is logged too: it may be stored as well
+        (a duplicate, never a loss).
+        """
+        with self._lock:
+            empty = not self._pending
+        if not empty:
+            done = threading.Event()
+
+            def run() -> None:
+                try:
+                    self._drain(blocking=True)
+                finally:
+                    done.set()
+
+            threading.Thread(target=run, name="otel-bgtasks-buffer-flush", daemon=True).start()
+            done.wait(max(timeout, 0.0))
+        with self._lock:
+            lost = builtins.list(self._pending)
+            self._pending.clear()
+            self._bytes = 0
+            self.dropped += len(lost)
+        for op in lost:
+            _log.error(
+                "dead-letter store unavailable at close, write dropped",
+                op=op.kind,
+                entry_id=op.key,
+                entry=op.as_json(),
+            )
+        return len(lost)
 
     def close(self) -> None:
-        """Flush what can be flushed, log the rest (whole entries, at ERROR), close the store."""
+        """Flush what can be flushed (bounded), log the rest (whole entries), close the store."""
         try:
-            self._drain(blocking=True)
+            self.flush_or_log()
         finally:
             with self._lock:
-                lost = builtins.list(self._pending)
-                self._pending.clear()
-                self.dropped += len(lost)
-            for op in lost:
-                _log.error(
-                    "dead-letter store unavailable at close, write dropped",
-                    op=op.kind,
-                    entry_id=op.key,
-                    entry=op.as_json(),
-                )
+                self._stopped = True
+            self._wake.set()
+            _live.discard(self)
             self.store.close()
 
     def __repr__(self) -> str:

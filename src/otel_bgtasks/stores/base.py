@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
 
-from otel_bgtasks.identity import owner_is_dead, process_identity
+from otel_bgtasks.identity import owner_is_alive, owner_is_dead, process_identity
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
 
 __all__ = ["DeadLetterStore"]
@@ -90,6 +90,47 @@ class DeadLetterStore(ABC):
     def corrupt_ids(self) -> builtins.list[str]:
         """Ids of rows that cannot be decoded (scans the whole store)."""
 
+    # claims: one replayer/recoverer at a time per row
+    @abstractmethod
+    def claim(
+        self, entry_id: str, owner: str, *, lease: float, now: float | None = None
+    ) -> DeadLetter | None:
+        """Atomically take a lease on the entry for `lease` seconds and return it.
+
+        Succeeds when the entry is unclaimed, its lease expired, or `owner` already holds it
+        (which renews the lease). Returns None when the entry does not exist or another owner
+        holds a live lease.
+
+        Raises:
+            CorruptEntryError: the row exists but cannot be decoded (the claim is released).
+        """
+
+    @abstractmethod
+    def release(self, entry_id: str, owner: str, *, entry: DeadLetter | None = None) -> bool:
+        """Give up `owner`'s claim; with `entry`, store it in place of the row first.
+
+        Applies only while the row still exists and `owner` holds the claim: an entry deleted
+        (or taken over after the lease expired) meanwhile never comes back. True if applied.
+        """
+
+    @abstractmethod
+    def delete_claimed(self, entry_id: str, owner: str) -> bool:
+        """Delete the entry only if `owner` holds its claim; True if it was deleted."""
+
+    @abstractmethod
+    def journal_claim(
+        self, task_id: str, owner: str, *, lease: float, now: float | None = None
+    ) -> JournalEntry | None:
+        """`claim` for a journal row (recovery): None when missing or held by another."""
+
+    @abstractmethod
+    def journal_release(self, task_id: str, owner: str) -> bool:
+        """Give up `owner`'s claim on a journal row (it stays journaled)."""
+
+    @abstractmethod
+    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
+        """Remove a journal row only if `owner` holds its claim; True if removed."""
+
     # journal
     @abstractmethod
     def journal_add(self, entry: JournalEntry) -> None:
@@ -110,22 +151,27 @@ class DeadLetterStore(ABC):
 
     @abstractmethod
     def last_seen(self) -> dict[str, float]:
-        """Each known owner's last sign of life: its heartbeat, or for an owner with journal
-        entries but no heartbeat, its newest `enqueued_at`."""
+        """Each known owner's last sign of life: the newest of its heartbeat and its journal
+        rows' `enqueued_at` (a freshly journaled task is a sign of life)."""
 
     @abstractmethod
-    def forget_owner(self, owner: str) -> None:
-        """Drop `owner`'s heartbeat (after its journal entries were recovered)."""
+    def forget_owner(self, owner: str, *, seen_before: float | None = None) -> None:
+        """Drop `owner`'s heartbeat (after its journal entries were recovered); with
+        `seen_before`, only if its last heartbeat is older than that (it did not come back)."""
 
     def dead_owners(self, stale_after: float, *, now: float | None = None) -> builtins.list[str]:
-        """Owners whose last sign of life is older than `stale_after` seconds, or on this host
-        whose process is gone (`owner_is_dead`). This process is never listed."""
+        """Owners whose last sign of life (heartbeat or newest journal row) is older than
+        `stale_after` seconds, or on this host whose process is gone (`owner_is_dead`). This
+        process, and a process on this machine known to be running (`owner_is_alive`), are
+        never listed, however old their heartbeat."""
         moment = time.time() if now is None else now
         me = process_identity()
         dead = [
             owner
             for owner, seen in self.last_seen().items()
-            if owner != me and (moment - seen > stale_after or owner_is_dead(owner))
+            if owner != me
+            and (moment - seen > stale_after or owner_is_dead(owner))
+            and not owner_is_alive(owner)
         ]
         return sorted(dead)
 

@@ -6,11 +6,14 @@ Keys (``{prefix}`` defaults to ``bgtasks``):
 - ``{prefix}:dlq:by_time``: sorted set, entry id scored by ``last_failure`` (order, ``since``);
 - ``{prefix}:journal:entries`` / ``{prefix}:journal:by_time``: the same for journaled tasks,
   scored by ``enqueued_at``;
+- ``{prefix}:dlq:claims`` / ``{prefix}:journal:claims``: hash, id -> ``"{until}|{owner}"``,
+  the lease of the replayer/recoverer working on the row;
 - ``{prefix}:heartbeats``: hash, owner -> last heartbeat (epoch seconds).
 
-Each write is one MULTI/EXEC transaction. Connect and command timeouts are short (1 s by
-default) with a single immediate reconnect attempt, so an outage costs a task about a second
-at most; `open_store` adds the `BufferedStore` that keeps those writes until Redis is back.
+Each write is one MULTI/EXEC transaction; claims are Lua scripts (atomic on the server).
+Connect and command timeouts are short (1 s by default) with a single immediate reconnect
+attempt, so an outage costs a task about a second at most; `open_store` adds the
+`BufferedStore` that keeps those writes until Redis is back.
 """
 
 from __future__ import annotations
@@ -48,6 +51,52 @@ __all__ = ["RedisDeadLetterStore"]
 _log = structlog.get_logger("otel_bgtasks")
 
 _BATCH = 500
+
+# KEYS: entries, claims. ARGV: id, owner, now, until. The row's data, or false.
+_CLAIM = """
+local data = redis.call('HGET', KEYS[1], ARGV[1])
+if not data then return false end
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if held then
+  local sep = string.find(held, '|', 1, true)
+  local untl = tonumber(string.sub(held, 1, sep - 1))
+  local holder = string.sub(held, sep + 1)
+  if holder ~= ARGV[2] and untl > tonumber(ARGV[3]) then return false end
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4] .. '|' .. ARGV[2])
+return data
+"""
+
+# KEYS: entries, by_time, claims. ARGV: id, owner, data ('' keeps the row), score.
+_RELEASE = """
+local held = redis.call('HGET', KEYS[3], ARGV[1])
+if not held then return 0 end
+if string.sub(held, string.find(held, '|', 1, true) + 1) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[1])
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: heartbeats. ARGV: owner, seen_before.
+_FORGET = """
+local at = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+if at and at < tonumber(ARGV[2]) then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+# KEYS: entries, by_time, claims. ARGV: id, owner.
+_DELETE_CLAIMED = """
+local held = redis.call('HGET', KEYS[3], ARGV[1])
+if not held then return 0 end
+if string.sub(held, string.find(held, '|', 1, true) + 1) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return redis.call('HDEL', KEYS[1], ARGV[1])
+"""
 
 
 def _text(value: Any) -> str:
@@ -111,6 +160,12 @@ class RedisDeadLetterStore(DeadLetterStore):
         self._journal = f"{prefix}:journal:entries"
         self._journal_by_time = f"{prefix}:journal:by_time"
         self._heartbeats = f"{prefix}:heartbeats"
+        self._claims = f"{prefix}:dlq:claims"
+        self._journal_claims = f"{prefix}:journal:claims"
+        self._claim_script = self.client.register_script(_CLAIM)
+        self._release_script = self.client.register_script(_RELEASE)
+        self._delete_claimed_script = self.client.register_script(_DELETE_CLAIMED)
+        self._forget_script = self.client.register_script(_FORGET)
 
     def __repr__(self) -> str:
         kwargs = self.client.connection_pool.connection_kwargs
@@ -165,6 +220,7 @@ class RedisDeadLetterStore(DeadLetterStore):
             pipe = r.pipeline(transaction=True)
             pipe.hset(self._entries, entry.id, entry.to_json())
             pipe.zadd(self._by_time, {entry.id: entry.last_failure})
+            pipe.hdel(self._claims, entry.id)
             pipe.execute()
 
     update = put
@@ -206,7 +262,8 @@ class RedisDeadLetterStore(DeadLetterStore):
             pipe = r.pipeline(transaction=True)
             pipe.hdel(self._entries, entry_id)
             pipe.zrem(self._by_time, entry_id)
-            removed, _ = pipe.execute()
+            pipe.hdel(self._claims, entry_id)
+            removed, _, _ = pipe.execute()
         return bool(removed)
 
     def purge(
@@ -221,7 +278,7 @@ class RedisDeadLetterStore(DeadLetterStore):
             if task is None and wanted is None and since is None:
                 pipe = r.pipeline(transaction=True)
                 pipe.hlen(self._entries)
-                pipe.delete(self._entries, self._by_time)
+                pipe.delete(self._entries, self._by_time, self._claims)
                 total, _ = pipe.execute()
                 return int(total)
             doomed = [
@@ -241,7 +298,8 @@ class RedisDeadLetterStore(DeadLetterStore):
                 pipe = r.pipeline(transaction=True)
                 pipe.hdel(self._entries, *batch)
                 pipe.zrem(self._by_time, *batch)
-                count, _ = pipe.execute()
+                pipe.hdel(self._claims, *batch)
+                count, _, _ = pipe.execute()
                 removed += int(count)
         return removed
 
@@ -260,6 +318,71 @@ class RedisDeadLetterStore(DeadLetterStore):
                     bad.append(entry_id)
         return sorted(bad)
 
+    # -- claims -------------------------------------------------------------------------------
+
+    def _claim(
+        self, keys: tuple[str, str], row_id: str, owner: str, lease: float, now: float | None
+    ) -> Any:
+        moment = time.time() if now is None else now
+        with self._redis():
+            return self._claim_script(
+                keys=list(keys), args=[row_id, owner, repr(moment), repr(moment + lease)]
+            )
+
+    def _release(
+        self, keys: tuple[str, str, str], row_id: str, owner: str, data: str = "", score: float = 0
+    ) -> bool:
+        with self._redis():
+            return bool(self._release_script(keys=list(keys), args=[row_id, owner, data, score]))
+
+    def _delete_claimed(self, keys: tuple[str, str, str], row_id: str, owner: str) -> bool:
+        with self._redis():
+            return bool(self._delete_claimed_script(keys=list(keys), args=[row_id, owner]))
+
+    def _dlq_keys(self) -> tuple[str, str, str]:
+        return self._entries, self._by_time, self._claims
+
+    def _journal_keys(self) -> tuple[str, str, str]:
+        return self._journal, self._journal_by_time, self._journal_claims
+
+    def claim(
+        self, entry_id: str, owner: str, *, lease: float, now: float | None = None
+    ) -> DeadLetter | None:
+        raw = self._claim((self._entries, self._claims), entry_id, owner, lease, now)
+        if raw is None:
+            return None
+        try:
+            return decode_entry(entry_id, raw)
+        except CorruptEntryError:
+            self._release(self._dlq_keys(), entry_id, owner)
+            raise
+
+    def release(self, entry_id: str, owner: str, *, entry: DeadLetter | None = None) -> bool:
+        if entry is None:
+            return self._release(self._dlq_keys(), entry_id, owner)
+        return self._release(self._dlq_keys(), entry_id, owner, entry.to_json(), entry.last_failure)
+
+    def delete_claimed(self, entry_id: str, owner: str) -> bool:
+        return self._delete_claimed(self._dlq_keys(), entry_id, owner)
+
+    def journal_claim(
+        self, task_id: str, owner: str, *, lease: float, now: float | None = None
+    ) -> JournalEntry | None:
+        raw = self._claim((self._journal, self._journal_claims), task_id, owner, lease, now)
+        if raw is None:
+            return None
+        try:
+            return decode_journal(task_id, raw)
+        except CorruptEntryError:
+            self._release(self._journal_keys(), task_id, owner)
+            raise
+
+    def journal_release(self, task_id: str, owner: str) -> bool:
+        return self._release(self._journal_keys(), task_id, owner)
+
+    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
+        return self._delete_claimed(self._journal_keys(), task_id, owner)
+
     # -- journal and owners -------------------------------------------------------------------
 
     def journal_add(self, entry: JournalEntry) -> None:
@@ -267,6 +390,7 @@ class RedisDeadLetterStore(DeadLetterStore):
             pipe = r.pipeline(transaction=True)
             pipe.hset(self._journal, entry.task_id, entry.to_json())
             pipe.zadd(self._journal_by_time, {entry.task_id: entry.enqueued_at})
+            pipe.hdel(self._journal_claims, entry.task_id)
             pipe.execute()
 
     def journal_remove(self, task_id: str) -> bool:
@@ -274,7 +398,8 @@ class RedisDeadLetterStore(DeadLetterStore):
             pipe = r.pipeline(transaction=True)
             pipe.hdel(self._journal, task_id)
             pipe.zrem(self._journal_by_time, task_id)
-            removed, _ = pipe.execute()
+            pipe.hdel(self._journal_claims, task_id)
+            removed, _, _ = pipe.execute()
         return bool(removed)
 
     def _journal_entries(self, r: redis.Redis) -> Iterator[JournalEntry]:
@@ -310,9 +435,13 @@ class RedisDeadLetterStore(DeadLetterStore):
                     newest.get(entry.owner, entry.enqueued_at), entry.enqueued_at
                 )
         for owner, at in newest.items():
-            seen.setdefault(owner, at)
+            seen[owner] = max(seen.get(owner, at), at)
         return seen
 
-    def forget_owner(self, owner: str) -> None:
+    def forget_owner(self, owner: str, *, seen_before: float | None = None) -> None:
         with self._redis() as r:
-            r.hdel(self._heartbeats, owner)
+            if seen_before is None:
+                r.hdel(self._heartbeats, owner)
+                return
+            # atomic: a heartbeat written meanwhile keeps the owner
+            self._forget_script(keys=[self._heartbeats], args=[owner, repr(seen_before)])

@@ -32,8 +32,10 @@ from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = ["SCHEMA_VERSION", "SQLiteDeadLetterStore"]
 
-SCHEMA_VERSION = 1
-"""Stored in ``PRAGMA user_version``; a newer file is refused rather than misread."""
+SCHEMA_VERSION = 2
+"""Stored in ``PRAGMA user_version``; a newer file is refused rather than misread.
+Version 2 added the claim columns (``claim_owner``, ``claim_until``); version 1 files are
+migrated in place."""
 
 _log = structlog.get_logger("otel_bgtasks")
 
@@ -43,7 +45,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     task_name TEXT NOT NULL,
     reason TEXT NOT NULL,
     last_failure REAL NOT NULL,
-    data TEXT NOT NULL
+    data TEXT NOT NULL,
+    claim_owner TEXT,
+    claim_until REAL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_last_failure ON dead_letters (last_failure, id);
 CREATE INDEX IF NOT EXISTS dead_letters_task ON dead_letters (task_name);
@@ -51,7 +55,9 @@ CREATE TABLE IF NOT EXISTS journal (
     task_id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
     enqueued_at REAL NOT NULL,
-    data TEXT NOT NULL
+    data TEXT NOT NULL,
+    claim_owner TEXT,
+    claim_until REAL
 );
 CREATE INDEX IF NOT EXISTS journal_owner ON journal (owner);
 CREATE TABLE IF NOT EXISTS heartbeats (
@@ -59,6 +65,16 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     at REAL NOT NULL
 );
 """
+
+
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE dead_letters ADD COLUMN claim_owner TEXT",
+    "ALTER TABLE dead_letters ADD COLUMN claim_until REAL",
+    "ALTER TABLE journal ADD COLUMN claim_owner TEXT",
+    "ALTER TABLE journal ADD COLUMN claim_until REAL",
+)
+
+_TABLES = {"dead_letters": "id", "journal": "task_id"}
 
 
 def _filters(
@@ -82,8 +98,11 @@ class SQLiteDeadLetterStore(DeadLetterStore):
     """Dead letters in an SQLite file (created with its schema if missing).
 
     Args:
-        path: the database file; its directory must exist.
+        path: the database file; its directory must exist (unless `lazy`).
         timeout: seconds a writer waits for another process's write lock.
+        lazy: create the file (and its directory) only at the first write: a dead letter, a
+            journal row or a heartbeat. Until then reads see an empty store. The creation is
+            logged once, with the path (how the instrumentor's default store is opened).
 
     Raises:
         ValueError: the directory does not exist, the file is not an SQLite database, or it
@@ -91,11 +110,13 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         StoreUnavailableError: any other SQLite error (raised by every method too).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, timeout: float = 5.0, lazy: bool = False
+    ) -> None:
         self.path = os.fspath(path)
         self.timeout = timeout
         directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
+        if not lazy and not os.path.isdir(directory):
             raise ValueError(
                 f"cannot open dead-letter store {self.path!r}: directory {directory!r} does not"
                 " exist"
@@ -104,6 +125,14 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         self._connections: list[tuple[int, sqlite3.Connection]] = []
         self._connections_lock = threading.Lock()
         self._closed = False
+        # lazy and not created yet: reads answer from an empty in-memory schema
+        self._deferred = lazy and not os.path.exists(self.path)
+        self._create_lock = threading.Lock()
+        if self._deferred:
+            return
+        self._open_file()
+
+    def _open_file(self) -> None:
         try:
             self._init_schema()
         except sqlite3.DatabaseError as exc:
@@ -125,7 +154,21 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         pid = os.getpid()
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None and getattr(self._local, "pid", None) == pid:
-            return conn
+            current = self._file_id()
+            if current == self._local.file_id:
+                return conn
+            if self._local.file_id is None and current is not None:  # created lazily
+                self._local.file_id = current
+                return conn
+            # The file was deleted or replaced under us: writes to the old inode would vanish.
+            _log.error(
+                "SQLite store file was deleted or replaced, reopening it",
+                path=self.path,
+                exists=os.path.exists(self.path),
+            )
+            self._forget(conn)
+            self._local.conn = None
+            self._reopen_schema()
         # check_same_thread=False only so close() may close it from another thread; each
         # connection is used by the thread that opened it.
         conn = sqlite3.connect(
@@ -135,12 +178,64 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         conn.execute("PRAGMA synchronous = NORMAL")
         self._local.conn = conn
         self._local.pid = pid
+        self._local.file_id = self._file_id()
         with self._connections_lock:
             self._connections.append((pid, conn))
         return conn
 
+    def _file_id(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _forget(self, conn: sqlite3.Connection) -> None:
+        with self._connections_lock:
+            self._connections = [(p, c) for p, c in self._connections if c is not conn]
+        conn.close()
+
+    def _reopen_schema(self) -> None:
+        """Open a connection to the file now at `path` (created if gone) with its schema."""
+        try:
+            self._init_schema()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(
+                f"SQLite dead-letter store {self.path!r} was replaced and cannot be reopened: {exc}"
+            ) from exc
+
+    def _create(self) -> None:
+        """The first write of a lazy store: create the directory and the file, log it once."""
+        with self._create_lock:
+            if not self._deferred:
+                return
+            directory = os.path.dirname(os.path.abspath(self.path))
+            try:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise StoreUnavailableError(
+                    f"cannot create the dead-letter store's directory {directory!r}: {exc};"
+                    " set OTEL_BGTASKS_DLQ_URL or pass dead_letter_store="
+                ) from exc
+            self._open_file()
+            self._deferred = False
+        _log.info("dead-letter store created", path=os.path.abspath(self.path))
+
+    def _empty(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "empty", None)
+        if conn is None:
+            conn = sqlite3.connect(":memory:", isolation_level=None)
+            conn.executescript(_SCHEMA)
+            self._local.empty = conn
+        return conn
+
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def _db(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+        if self._deferred:
+            if not write and not os.path.exists(self.path):
+                yield self._empty()  # nothing stored yet: an empty store, nothing created
+                return
+            self._create()  # a first write, or another process created the file meanwhile
         try:
             yield self._conn()
         except sqlite3.Error as exc:
@@ -159,10 +254,14 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                     f"schema version {version} is newer than this otel-bgtasks supports"
                     f" ({SCHEMA_VERSION}); upgrade otel-bgtasks"
                 )
-            if version < SCHEMA_VERSION:
+            if version == 1:
+                for statement in _MIGRATE_1_TO_2:
+                    conn.execute(statement)
+            elif version < SCHEMA_VERSION:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+            if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -181,7 +280,7 @@ class SQLiteDeadLetterStore(DeadLetterStore):
     # -- dead letters -----------------------------------------------------------------------
 
     def put(self, entry: DeadLetter) -> None:
-        with self._db() as db:
+        with self._db(write=True) as db:
             db.execute(
                 "INSERT OR REPLACE INTO dead_letters (id, task_name, reason, last_failure, data)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -258,10 +357,102 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                     bad.append(entry_id)
         return bad
 
+    # -- claims -----------------------------------------------------------------------------
+
+    def _claim(
+        self, table: str, row_id: str, owner: str, lease: float, now: float | None
+    ) -> str | None:
+        key = _TABLES[table]
+        moment = time.time() if now is None else now
+        with self._db() as db:
+            rows = db.execute(
+                f"UPDATE {table} SET claim_owner = ?, claim_until = ? WHERE {key} = ?"
+                " AND (claim_owner IS NULL OR claim_owner = ? OR claim_until <= ?)"
+                " RETURNING data",
+                (owner, moment + lease, row_id, owner, moment),
+            ).fetchall()
+        return str(rows[0][0]) if rows else None
+
+    def _release(self, table: str, row_id: str, owner: str) -> bool:
+        key = _TABLES[table]
+        with self._db() as db:
+            return (
+                db.execute(
+                    f"UPDATE {table} SET claim_owner = NULL, claim_until = NULL"
+                    f" WHERE {key} = ? AND claim_owner = ?",
+                    (row_id, owner),
+                ).rowcount
+                > 0
+            )
+
+    def _delete_claimed(self, table: str, row_id: str, owner: str) -> bool:
+        key = _TABLES[table]
+        with self._db() as db:
+            return (
+                db.execute(
+                    f"DELETE FROM {table} WHERE {key} = ? AND claim_owner = ?", (row_id, owner)
+                ).rowcount
+                > 0
+            )
+
+    def claim(
+        self, entry_id: str, owner: str, *, lease: float, now: float | None = None
+    ) -> DeadLetter | None:
+        data = self._claim("dead_letters", entry_id, owner, lease, now)
+        if data is None:
+            return None
+        try:
+            return decode_entry(entry_id, data)
+        except CorruptEntryError:
+            self._release("dead_letters", entry_id, owner)
+            raise
+
+    def release(self, entry_id: str, owner: str, *, entry: DeadLetter | None = None) -> bool:
+        if entry is None:
+            return self._release("dead_letters", entry_id, owner)
+        with self._db() as db:
+            return (
+                db.execute(
+                    "UPDATE dead_letters SET task_name = ?, reason = ?, last_failure = ?,"
+                    " data = ?, claim_owner = NULL, claim_until = NULL"
+                    " WHERE id = ? AND claim_owner = ?",
+                    (
+                        entry.task_name,
+                        entry.reason.value,
+                        entry.last_failure,
+                        entry.to_json(),
+                        entry_id,
+                        owner,
+                    ),
+                ).rowcount
+                > 0
+            )
+
+    def delete_claimed(self, entry_id: str, owner: str) -> bool:
+        return self._delete_claimed("dead_letters", entry_id, owner)
+
+    def journal_claim(
+        self, task_id: str, owner: str, *, lease: float, now: float | None = None
+    ) -> JournalEntry | None:
+        data = self._claim("journal", task_id, owner, lease, now)
+        if data is None:
+            return None
+        try:
+            return decode_journal(task_id, data)
+        except CorruptEntryError:
+            self._release("journal", task_id, owner)
+            raise
+
+    def journal_release(self, task_id: str, owner: str) -> bool:
+        return self._release("journal", task_id, owner)
+
+    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
+        return self._delete_claimed("journal", task_id, owner)
+
     # -- journal and owners -------------------------------------------------------------------
 
     def journal_add(self, entry: JournalEntry) -> None:
-        with self._db() as db:
+        with self._db(write=True) as db:
             db.execute(
                 "INSERT OR REPLACE INTO journal (task_id, owner, enqueued_at, data)"
                 " VALUES (?, ?, ?, ?)",
@@ -288,7 +479,7 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         return out
 
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
-        with self._db() as db:
+        with self._db(write=True) as db:
             db.execute(
                 "INSERT OR REPLACE INTO heartbeats (owner, at) VALUES (?, ?)",
                 (owner, time.time() if at is None else at),
@@ -302,9 +493,14 @@ class SQLiteDeadLetterStore(DeadLetterStore):
             for owner, newest in db.execute(
                 "SELECT owner, MAX(enqueued_at) FROM journal GROUP BY owner"
             ):
-                seen.setdefault(owner, float(newest))
+                seen[owner] = max(seen.get(owner, float(newest)), float(newest))
         return seen
 
-    def forget_owner(self, owner: str) -> None:
+    def forget_owner(self, owner: str, *, seen_before: float | None = None) -> None:
         with self._db() as db:
-            db.execute("DELETE FROM heartbeats WHERE owner = ?", (owner,))
+            if seen_before is None:
+                db.execute("DELETE FROM heartbeats WHERE owner = ?", (owner,))
+            else:
+                db.execute(
+                    "DELETE FROM heartbeats WHERE owner = ? AND at < ?", (owner, seen_before)
+                )

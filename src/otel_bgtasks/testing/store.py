@@ -48,6 +48,9 @@ class InMemoryDeadLetterStore(DeadLetterStore):
         self._rows: dict[str, _Row] = {}
         self._journal: dict[str, tuple[str, float, str]] = {}  # task id -> owner, at, raw
         self._heartbeats: dict[str, float] = {}
+        # claims: row id -> (owner, lease expiry), for dead letters and journal rows apart
+        self._claims: dict[str, tuple[str, float]] = {}
+        self._journal_claims: dict[str, tuple[str, float]] = {}
 
     def __repr__(self) -> str:
         return f"InMemoryDeadLetterStore({len(self._rows)} dead letters)"
@@ -58,6 +61,7 @@ class InMemoryDeadLetterStore(DeadLetterStore):
         row = _Row(entry.task_name, entry.reason.value, entry.last_failure, entry.to_json())
         with self._lock:
             self._rows[entry.id] = row
+            self._claims.pop(entry.id, None)
 
     update = put
 
@@ -111,6 +115,7 @@ class InMemoryDeadLetterStore(DeadLetterStore):
 
     def delete(self, entry_id: str) -> bool:
         with self._lock:
+            self._claims.pop(entry_id, None)
             return self._rows.pop(entry_id, None) is not None
 
     def purge(
@@ -139,14 +144,96 @@ class InMemoryDeadLetterStore(DeadLetterStore):
                 bad.append(entry_id)
         return bad
 
+    # -- claims -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _take(
+        claims: dict[str, tuple[str, float]], key: str, owner: str, lease: float, now: float | None
+    ) -> bool:
+        moment = time.time() if now is None else now
+        held = claims.get(key)
+        if held is not None and held[0] != owner and held[1] > moment:
+            return False
+        claims[key] = (owner, moment + lease)
+        return True
+
+    @staticmethod
+    def _holds(claims: dict[str, tuple[str, float]], key: str, owner: str) -> bool:
+        held = claims.get(key)
+        return held is not None and held[0] == owner
+
+    def claim(
+        self, entry_id: str, owner: str, *, lease: float, now: float | None = None
+    ) -> DeadLetter | None:
+        with self._lock:
+            row = self._rows.get(entry_id)
+            if row is None or not self._take(self._claims, entry_id, owner, lease, now):
+                return None
+        try:
+            return decode_entry(entry_id, row.raw)
+        except CorruptEntryError:
+            self.release(entry_id, owner)
+            raise
+
+    def release(self, entry_id: str, owner: str, *, entry: DeadLetter | None = None) -> bool:
+        with self._lock:
+            if entry_id not in self._rows or not self._holds(self._claims, entry_id, owner):
+                return False
+            if entry is not None:
+                self._rows[entry_id] = _Row(
+                    entry.task_name, entry.reason.value, entry.last_failure, entry.to_json()
+                )
+            del self._claims[entry_id]
+            return True
+
+    def delete_claimed(self, entry_id: str, owner: str) -> bool:
+        with self._lock:
+            if entry_id not in self._rows or not self._holds(self._claims, entry_id, owner):
+                return False
+            del self._rows[entry_id], self._claims[entry_id]
+            return True
+
+    def journal_claim(
+        self, task_id: str, owner: str, *, lease: float, now: float | None = None
+    ) -> JournalEntry | None:
+        with self._lock:
+            row = self._journal.get(task_id)
+            if row is None or not self._take(self._journal_claims, task_id, owner, lease, now):
+                return None
+        try:
+            return decode_journal(task_id, row[2])
+        except CorruptEntryError:
+            self.journal_release(task_id, owner)
+            raise
+
+    def journal_release(self, task_id: str, owner: str) -> bool:
+        with self._lock:
+            if task_id not in self._journal or not self._holds(
+                self._journal_claims, task_id, owner
+            ):
+                return False
+            del self._journal_claims[task_id]
+            return True
+
+    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
+        with self._lock:
+            if task_id not in self._journal or not self._holds(
+                self._journal_claims, task_id, owner
+            ):
+                return False
+            del self._journal[task_id], self._journal_claims[task_id]
+            return True
+
     # -- journal and owners -------------------------------------------------------------------
 
     def journal_add(self, entry: JournalEntry) -> None:
         with self._lock:
             self._journal[entry.task_id] = (entry.owner, entry.enqueued_at, entry.to_json())
+            self._journal_claims.pop(entry.task_id, None)
 
     def journal_remove(self, task_id: str) -> bool:
         with self._lock:
+            self._journal_claims.pop(task_id, None)
             return self._journal.pop(task_id, None) is not None
 
     def journal_list(self, *, owner: str | None = None) -> builtins.list[JournalEntry]:
@@ -174,9 +261,11 @@ class InMemoryDeadLetterStore(DeadLetterStore):
         for owner, at, _ in journal:
             newest[owner] = max(at, newest.get(owner, at))
         for owner, at in newest.items():
-            seen.setdefault(owner, at)
+            seen[owner] = max(at, seen.get(owner, at))  # a fresh journal row is a sign of life
         return seen
 
-    def forget_owner(self, owner: str) -> None:
+    def forget_owner(self, owner: str, *, seen_before: float | None = None) -> None:
         with self._lock:
-            self._heartbeats.pop(owner, None)
+            at = self._heartbeats.get(owner)
+            if at is not None and (seen_before is None or at < seen_before):
+                del self._heartbeats[owner]

@@ -1,0 +1,316 @@
+"""The dispatch seam's configuration, the `Dispatcher` protocol, per-task modes, the summary.
+
+Apps are served by Starlette's TestClient used as a context manager (its lifespan starts the
+local pool, its exit drains it); the uvicorn tests are in tests/integration/test_dispatch*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+import structlog
+from fastapi import BackgroundTasks, FastAPI
+from fastapi.responses import StreamingResponse
+from starlette.exceptions import StarletteDeprecationWarning
+from starlette.requests import ClientDisconnect
+
+from otel_bgtasks import BackgroundTasksInstrumentor, background_task
+from otel_bgtasks._execution import Executor, active_executor
+from otel_bgtasks.dispatch import Dispatcher
+from otel_bgtasks.environment import options_from_env
+from otel_bgtasks.errors import ConfigurationError
+from otel_bgtasks.state import TaskCallState
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)  # Starlette 1.10 wants httpx2
+    from fastapi.testclient import TestClient
+
+DISPATCH_ENV = "OTEL_BGTASKS_DISPATCH"
+MAX_CONCURRENCY_ENV = "OTEL_BGTASKS_MAX_CONCURRENCY"
+done: list[str] = []
+
+
+async def step(name: str) -> None:
+    done.append(name)
+
+
+@background_task(dispatch="inline")
+async def inline_step(name: str) -> None:
+    done.append(name)
+
+
+def app_with(*funcs) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/")
+    async def endpoint(tasks: BackgroundTasks) -> dict[str, bool]:
+        for i, func in enumerate(funcs):
+            tasks.add_task(func, f"t{i}")
+        done.append("response")
+        return {"ok": True}
+
+    return app
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+def test_environment_variables_are_read_and_checked():
+    assert options_from_env(
+        {DISPATCH_ENV: " Local ", MAX_CONCURRENCY_ENV: "4", "OTEL_BGTASKS_DRAIN_TIMEOUT": "2.5"}
+    ) == {"dispatch": "local", "max_concurrency": 4, "drain_timeout": 2.5}
+    assert options_from_env({DISPATCH_ENV: "", MAX_CONCURRENCY_ENV: ""}) == {}
+    with pytest.raises(ConfigurationError) as bad_mode:
+        options_from_env({DISPATCH_ENV: "celery"})
+    assert str(bad_mode.value) == (
+        "OTEL_BGTASKS_DISPATCH='celery' is not valid; expected inline or local"
+    )
+    for value in ("0", "-1", "two", "1.5"):
+        with pytest.raises(ConfigurationError) as bad_limit:
+            options_from_env({MAX_CONCURRENCY_ENV: value})
+        assert str(bad_limit.value) == (
+            f"OTEL_BGTASKS_MAX_CONCURRENCY={value!r} is not valid; expected an integer >= 1"
+        )
+
+
+def test_the_entry_point_fails_at_startup_naming_the_variable(monkeypatch, telemetry):
+    monkeypatch.setenv(DISPATCH_ENV, "later")
+    instrumentor = BackgroundTasksInstrumentor()
+    with pytest.raises(ConfigurationError, match="OTEL_BGTASKS_DISPATCH='later'"):
+        instrumentor.instrument(dead_letter_store=None)
+    assert not instrumentor.is_instrumented_by_opentelemetry
+
+
+def test_keywords_win_over_the_variables(monkeypatch, instrument):
+    monkeypatch.setenv(DISPATCH_ENV, "local")
+    monkeypatch.setenv(MAX_CONCURRENCY_ENV, "3")
+    instrumentor = instrument(dispatch="inline", max_concurrency=5)
+    seam = type(instrumentor)._seam
+    assert seam.default.name == "inline"
+    assert seam.local.max_concurrency == 5
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"dispatch": "remote"}, "dispatch='remote' is not valid; use one of inline, local"),
+        ({"max_concurrency": 0}, "max_concurrency=0: must be an integer >= 1"),
+        ({"max_concurrency": True}, "max_concurrency=True: must be an integer >= 1"),
+        ({"drain_timeout": -1}, "drain_timeout=-1: must be a finite number of seconds >= 0"),
+        (
+            {"drain_timeout": float("nan")},
+            "drain_timeout=nan: must be a finite number of seconds >= 0",
+        ),
+    ],
+)
+def test_bad_instrument_options_fail_at_once(telemetry, options, message):
+    instrumentor = BackgroundTasksInstrumentor()
+    with pytest.raises(ConfigurationError) as raised:
+        instrumentor.instrument(dead_letter_store=None, **options)
+    assert str(raised.value).startswith(message)
+    assert not instrumentor.is_instrumented_by_opentelemetry
+
+
+def test_the_decorator_checks_dispatch():
+    with pytest.raises(ConfigurationError) as raised:
+        background_task(dispatch="celery")  # type: ignore[arg-type]
+    assert str(raised.value) == (
+        "background_task(dispatch='celery'): use one of inline, local or None"
+        " (the instrumentor's default)"
+    )
+
+
+# -- modes ----------------------------------------------------------------------------------
+
+
+def test_local_runs_after_the_response_and_a_task_can_ask_for_inline(instrument):
+    done.clear()
+    instrument(dispatch="local")
+    with TestClient(app_with(step, inline_step, step)) as client:
+        assert client.get("/").status_code == 200
+        # The inline task ran inside the response's call; the local ones were handed over.
+        assert done[:2] == ["response", "t1"]
+    assert done == ["response", "t1", "t0", "t2"]
+    assert active_executor() is None or active_executor().inflight == {}
+
+
+class Recorder:
+    """A `Dispatcher` that publishes elsewhere: it keeps the states and releases them."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.drained = 0
+
+    def submit(self, executor: Executor, states: Sequence[TaskCallState]) -> None:
+        self.batches.append([s.args[0] for s in states])
+        for state in states:
+            executor.release(state)
+
+    async def drain(self, executor: Executor, timeout: float) -> None:
+        self.drained += 1
+
+
+def test_a_custom_dispatcher_gets_each_response_in_order(instrument):
+    done.clear()
+    recorder = Recorder()
+    assert isinstance(recorder, Dispatcher)
+    instrument(dispatch=recorder)
+    with TestClient(app_with(step, inline_step, step)) as client:
+        assert client.get("/").status_code == 200
+        assert client.get("/").status_code == 200
+        executor = active_executor()
+        assert executor.inflight == {}
+        assert executor.pending_count() == 0
+    assert recorder.batches == [["t0", "t2"], ["t0", "t2"]]
+    assert recorder.drained == 1
+    assert done == ["response", "t1", "response", "t1"]
+
+
+# -- responses that never got to their tasks -----------------------------------------------
+
+
+def streaming_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/stream")
+    async def stream(tasks: BackgroundTasks) -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(100):
+                yield b"chunk"
+                await asyncio.sleep(0.01)
+
+        tasks.add_task(step, "after-stream")
+        return StreamingResponse(chunks(), background=tasks)
+
+    return app
+
+
+async def call_asgi(app: FastAPI, send: Any, spec_version: str = "2.4") -> None:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": spec_version},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/stream",
+        "raw_path": b"/stream",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"test")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # never disconnects by message
+        raise AssertionError
+
+    await app(scope, receive, send)
+
+
+def skipped(telemetry) -> dict[tuple[str, str], int]:
+    return {
+        (p.attributes["bgtasks.task.name"], p.attributes["bgtasks.skip.reason"]): p.value
+        for p in telemetry.points("bgtasks.task.skipped")
+    }
+
+
+async def test_a_client_gone_mid_stream_asgi_2_4_skips_the_tasks(telemetry, instrument):
+    """An ASGI 2.4 server raises OSError on send once the client is gone (the spec)."""
+    done.clear()
+    instrument()
+    sent: list[str] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+        if len(sent) > 2:
+            raise OSError("client disconnected")
+
+    with pytest.raises(ClientDisconnect):
+        await call_asgi(streaming_app(), send)
+    assert done == []
+    assert skipped(telemetry) == {("step", "request_failed"): 1}
+    assert active_executor().inflight == {}
+
+
+async def test_a_cancelled_response_skips_its_tasks(telemetry, instrument):
+    done.clear()
+    instrument()
+    started = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        started.set()
+
+    call = asyncio.ensure_future(call_asgi(streaming_app(), send, spec_version="2.3"))
+    await started.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert done == []
+    assert skipped(telemetry) == {("step", "request_failed"): 1}
+    assert active_executor().inflight == {}
+
+
+async def test_tasks_cancelled_by_the_server_are_skipped_for_shutdown(telemetry, instrument):
+    """uvicorn's --timeout-graceful-shutdown cancels responses still running their tasks."""
+    done.clear()
+    instrument()
+    running = asyncio.Event()
+
+    async def hold(name: str) -> None:
+        running.set()
+        await asyncio.Event().wait()
+
+    app = FastAPI()
+
+    @app.get("/stream")
+    async def endpoint(tasks: BackgroundTasks) -> dict[str, bool]:
+        tasks.add_task(hold, "held")
+        tasks.add_task(step, "after")
+        return {"ok": True}
+
+    call = asyncio.ensure_future(call_asgi(app, lambda message: asyncio.sleep(0)))
+    await running.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert done == []
+    assert skipped(telemetry) == {("step", "shutdown"): 1}
+    (held,) = telemetry.spans()
+    assert (
+        held.name
+        == "process test_tasks_cancelled_by_the_server_are_skipped_for_shutdown.<locals>.hold"
+    )
+    assert held.attributes["bgtasks.task.outcome"] == "failure"
+    assert active_executor().inflight == {}
+
+
+# -- the shutdown summary -------------------------------------------------------------------
+
+
+def test_the_shutdown_report_is_one_summary_line(instrument):
+    instrument()
+    executor = active_executor()
+    states = [executor.schedule(step, (f"s{n}",), {}) for n in range(200)]
+    executor.schedule(inline_step, ("x",), {})
+    with structlog.testing.capture_logs() as captured:
+        executor.report_pending(sample=3)
+    (entry,) = captured
+    assert entry == {
+        "event": "background tasks still pending or running at shutdown",
+        "log_level": "warning",
+        "count": 201,
+        "running": 0,
+        "pending": 201,
+        "durable": 0,
+        "by_task": {"step": 200, "inline_step": 1},
+        "sample_ids": [s.task_id for s in states[:3]],
+        "hint": "durable tasks stay journaled and are recovered by `otel-bgtasks recover`",
+    }
+    assert len(repr(entry)) < 1000
