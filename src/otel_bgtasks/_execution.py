@@ -240,6 +240,8 @@ class Executor:
         self.instruments.set_active_source(self.active_counts)
         # Ids of scheduled tasks not started yet (`bgtasks.task.pending`).
         self._unstarted: set[str] = set()
+        self._scheduled: set[str] = set()  # task names ever scheduled (their series stay, at 0)
+        self.instruments.set_pending_source(self.pending_counts)
         self.recent_failures: list[dict[str, Any]] = []
         if dead_letter_store is not None:
             self.instruments.add_depth_source(self._observe_depth)
@@ -292,7 +294,8 @@ class Executor:
             )
         self.inflight[state.task_id] = state
         self._unstarted.add(state.task_id)
-        self.instruments.task_pending(state.name, 1)
+        if state.name not in self._scheduled:  # pending counts are made at collection
+            self._scheduled.add(state.name)
         return state
 
     def prepare(
@@ -393,11 +396,17 @@ class Executor:
             self._leave_pending(state)
 
     def _leave_pending(self, state: TaskCallState) -> None:
-        try:
-            self._unstarted.remove(state.task_id)
-        except KeyError:  # not scheduled here (a replay, a recovery) or already started
-            return
-        self.instruments.task_pending(state.name, -1)
+        self._unstarted.discard(state.task_id)  # absent: a replay, a recovery, already started
+
+    def pending_counts(self) -> dict[str, int]:
+        """Tasks scheduled and not started, by task name; every name ever scheduled is there
+        (0 when none waits). Counted at collection, like `active_counts`."""
+        counts = dict.fromkeys(self._scheduled, 0)
+        unstarted = set(self._unstarted)
+        for state in list(self.inflight.values()):
+            if state.task_id in unstarted:
+                counts[state.name] = counts.get(state.name, 0) + 1
+        return counts
 
     def pending_count(self) -> int:
         """Tasks scheduled and not started yet."""
@@ -512,8 +521,7 @@ class Executor:
         """
         started = time.perf_counter()
         wait = started - state.enqueued_at
-        if state.task_id in self._unstarted:
-            self._leave_pending(state)
+        self._unstarted.discard(state.task_id)  # no longer pending (`bgtasks.task.pending`)
         name = state.name
         link = state.link
         if self.trace_mode == "child" and link is not None and not state.replay:

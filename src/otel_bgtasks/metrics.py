@@ -64,8 +64,8 @@ class Instruments:
             unit="{task}",
             description="Background tasks running now",
         )
-        # Scheduled and not started yet, observed the same way (`bgtasks_task_pending`).
-        self._pending: dict[str, int] = {}
+        # Scheduled and not started yet, observed the same way (`set_pending_source`).
+        self._pending_source: ActiveSource | None = None
         meter.create_observable_up_down_counter(
             "bgtasks.task.pending",
             callbacks=[self._observe_pending],
@@ -127,15 +127,14 @@ class Instruments:
         source = self._active_source
         return source() if source is not None else {}
 
-    def task_pending(self, name: str, delta: int) -> None:
-        """Count a task as scheduled (+1) or as no longer waiting (-1: started or skipped)."""
-        with self._lock:
-            self._pending[name] = self._pending.get(name, 0) + delta
+    def set_pending_source(self, source: ActiveSource) -> None:
+        """Report `bgtasks.task.pending` from `source` at each collection."""
+        self._pending_source = source
 
     def pending(self) -> dict[str, int]:
         """Tasks scheduled and not started, by task name (names seen so far, zeros included)."""
-        with self._lock:
-            return dict(self._pending)
+        source = self._pending_source
+        return dict(source()) if source is not None else {}
 
     def _observe_pending(self, options: CallbackOptions) -> Iterable[Observation]:
         for name, count in self.pending().items():
