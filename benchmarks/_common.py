@@ -28,7 +28,12 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 
 __all__ = [
     "REPO_ROOT",
@@ -86,12 +91,17 @@ class NoopMetricExporter(MetricExporter):
 
 
 def noop_providers(
-    *, export_interval_ms: int = 1000
+    *, export_interval_ms: int = 1000, simple: bool = False
 ) -> tuple[TracerProvider, MeterProvider, PeriodicExportingMetricReader]:
     """A tracer provider with a BatchSpanProcessor and a meter provider with a periodic reader,
-    both exporting to in-process no-op exporters (the SDK does all its work, nothing is sent)."""
+    both exporting to in-process no-op exporters (the SDK does all its work, nothing is sent).
+
+    `simple`: a SimpleSpanProcessor instead (spans exported on the thread that ends them, no
+    export thread: what instruction counts use, as thread interleaving varies between runs).
+    """
     tracer_provider = TracerProvider(shutdown_on_exit=False)
-    tracer_provider.add_span_processor(BatchSpanProcessor(NoopSpanExporter()))
+    processor = SimpleSpanProcessor if simple else BatchSpanProcessor
+    tracer_provider.add_span_processor(processor(NoopSpanExporter()))
     reader = PeriodicExportingMetricReader(
         NoopMetricExporter(), export_interval_millis=export_interval_ms
     )

@@ -7,6 +7,10 @@ OTLP/gRPC to ``$OTEL_EXPORTER_OTLP_ENDPOINT`` (a BatchSpanProcessor and a period
 reader), so only the instrumentation differs. ``BENCH_QUIET_SDK_DROP_LOG=1`` (the ``drop_path``
 diagnostic only) raises the SDK batch processor's logger to ERROR, so the "Queue full, dropping"
 warning it issues for every span dropped from a full queue is not even built.
+``BENCH_NOOP_SPAN_EXPORT=1`` (the ``tail_parts`` diagnostic) exports spans to a no-op exporter
+(the batch processor runs, nothing is encoded or sent); ``BENCH_GC_FREEZE=1`` moves everything
+alive after start-up to the permanent generation (``gc.freeze()``), so collections only walk
+objects made since.
 
     GET  /work    schedules `task_done(perf_counter())` and answers {"ok": true}
     GET  /work50  the endpoint works 5 ms (asyncio.sleep), its task 50 ms (dispatch benchmark)
@@ -65,7 +69,12 @@ if os.environ.get("BENCH_QUIET_SDK_DROP_LOG") == "1":
     logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
 # No flush at exit: a stopped or black-holed backend would only delay the server's shutdown.
 tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-span_processor = BatchSpanProcessor(OTLPSpanExporter())
+if os.environ.get("BENCH_NOOP_SPAN_EXPORT") == "1":
+    from benchmarks._common import NoopSpanExporter
+
+    span_processor = BatchSpanProcessor(NoopSpanExporter())
+else:
+    span_processor = BatchSpanProcessor(OTLPSpanExporter())
 tracer_provider.add_span_processor(span_processor)
 REQUEST_METRIC_BOUNDS = [i * 0.5 for i in range(601)]  # ms: 0 .. 300 in 0.5 ms steps
 _readers: list[Any] = [PeriodicExportingMetricReader(OTLPMetricExporter())]
@@ -213,3 +222,8 @@ if VARIANT == "ours":
     )
 elif VARIANT not in ("none", "upstream"):
     raise ValueError(f"BENCH_VARIANT={VARIANT!r}: use none, upstream or ours")
+if os.environ.get("BENCH_GC_FREEZE") == "1":
+    import gc
+
+    gc.collect()
+    gc.freeze()

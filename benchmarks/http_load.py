@@ -118,7 +118,8 @@ def start_app(
         service_name=name,
         ready_path="/stats",
         env={
-            "PYTHONPATH": str(REPO_ROOT),
+            # This checkout's src first: a copy of the tree serves its own code.
+            "PYTHONPATH": os.pathsep.join((str(REPO_ROOT / "src"), str(REPO_ROOT))),
             "BENCH_VARIANT": variant,
             "OTEL_BGTASKS_DLQ_URL": f"sqlite:///{work / (name + '-dlq.db')}",
             **(env or {}),

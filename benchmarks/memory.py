@@ -127,7 +127,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
         {"where": str(stat.traceback), "size_diff": stat.size_diff, "count_diff": stat.count_diff}
         for stat in diff[:5]
     ]
-    active = dict(executor.instruments._active)
+    active = dict(executor.instruments.active_counts())
     return {
         "tasks": done,
         "completed": done >= total,

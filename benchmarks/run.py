@@ -8,6 +8,8 @@
     python benchmarks/run.py --only backend_soak     # opt-in: RSS over 60 s, backend down
     python benchmarks/run.py --only drop_path        # opt-in: the SDK's full-queue cost
     python benchmarks/run.py --only store_stall      # opt-in: /ping p99 while the store stalls
+    python benchmarks/run.py --only export_parts     # opt-in: export cost of each span kind
+    python benchmarks/run.py --only tail_parts       # opt-in: where the fixed-rate p99 goes
 
 Every figure is a ratio against a baseline measured in the same run (see benchmarks/README.md).
 The results of the benchmarks that ran replace their entries in latest.json; the others stay.
@@ -37,12 +39,14 @@ from benchmarks import (  # noqa: E402 - after the sys.path fix above
     contract_parts,
     dispatch_load,
     drop_path,
+    export_parts,
     failure_cost,
     http_load,
     memory,
     per_task,
     replay,
     store_stall,
+    tail_parts,
 )
 from benchmarks._common import RESULTS_DIR, run_worker  # noqa: E402
 
@@ -61,6 +65,8 @@ EXTRA: dict[str, Any] = {
     "backend_soak": backend_soak,
     "drop_path": drop_path,
     "store_stall": store_stall,
+    "export_parts": export_parts,
+    "tail_parts": tail_parts,
 }
 
 

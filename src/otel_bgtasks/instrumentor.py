@@ -37,7 +37,7 @@ instrumented first.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypedDict, Unpack
 
 from opentelemetry import metrics, trace
@@ -46,6 +46,7 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 from starlette.background import BackgroundTask, BackgroundTasks
 
+from otel_bgtasks import _execution
 from otel_bgtasks._execution import (
     Executor,
     TaskHook,
@@ -97,7 +98,7 @@ _SCOPE = "otel_bgtasks"
 # Upstream's FastAPI instrumentor stores Starlette's original __call__ here and patches only
 # when the attribute is absent; by holding it we keep one task span per run (ours).
 _UPSTREAM_ATTR = "_otel_original_call"
-_STATE_ATTR = "_bgtasks_state"
+_STATE_ATTR = "_bgtasks_state"  # set and read as a plain attribute in `_patch`
 
 
 class InstrumentOptions(TypedDict, total=False):
@@ -196,6 +197,22 @@ def schedule(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Schedule
             "(or run under opentelemetry-instrument) before schedule()"
         )
     return ScheduledTask(executor, executor.schedule(func, args, kwargs))
+
+
+def _probe() -> None:
+    """A sync function to initialise a probe task with (`_is_starlette_init`)."""
+
+
+def _is_starlette_init(init: Callable[..., None]) -> bool:
+    """`init` is Starlette's own `BackgroundTask.__init__` (not another instrumentation's
+    wrapper) and sets exactly func, args, kwargs and is_async: ours may then set them itself."""
+    if getattr(init, "__module__", None) != "starlette.background":
+        return False
+    if getattr(init, "__qualname__", None) != "BackgroundTask.__init__":
+        return False
+    probe = BackgroundTask.__new__(BackgroundTask)
+    init(probe, _probe, 1, k=2)
+    return vars(probe) == {"func": _probe, "args": (1,), "kwargs": {"k": 2}, "is_async": False}
 
 
 class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -304,29 +321,42 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         # Starlette's own __call__, even when upstream already wrapped it in its bare span.
         original_call = upstream_original if upstream_original is not None else cls.__call__
 
-        def __init__(self: BackgroundTask, func: Callable[..., Any], *a: Any, **kw: Any) -> None:
-            original_init(self, func, *a, **kw)
-            current = active_executor()
-            if current is not None:
-                if cls.__call__ is not __call__:
-                    owner._reclaim(__call__)
-                state = current.schedule(func, a, kw, is_async=self.is_async)
-                setattr(self, _STATE_ATTR, state)
-                seam = owner._seam
-                if seam is not None:
-                    seam.scheduled(state)
+        plain_init = _is_starlette_init(original_init)
 
-        async def __call__(self: BackgroundTask) -> None:
-            state: TaskCallState | None = getattr(self, _STATE_ATTR, None)
-            current = active_executor()
-            if state is None or current is None:  # created before instrumentation
-                await original_call(self)
+        def __init__(self: BackgroundTask, func: Callable[..., Any], *a: Any, **kw: Any) -> None:
+            current = _execution._active  # active_executor(), without the call (per task)
+            if current is None:
+                original_init(self, func, *a, **kw)
                 return
+            if plain_init:
+                # Starlette's own __init__ minus its is_async_callable(func) per task (about 5k
+                # instructions): the executor resolves it once per function.
+                self.func, self.args, self.kwargs = func, a, kw  # type: ignore[assignment]
+                state = current.schedule(func, a, kw)
+                self.is_async = state.is_async
+            else:
+                original_init(self, func, *a, **kw)
+                state = current.schedule(func, a, kw, is_async=self.is_async)
+            if cls.__call__ is not __call__:
+                owner._reclaim(__call__)
+            self._bgtasks_state = state  # type: ignore[attr-defined]  # _STATE_ATTR
+            seam = owner._seam
+            if seam is not None:
+                seam.scheduled(state)
+
+        def __call__(self: BackgroundTask) -> Awaitable[Any]:
+            # Returns the coroutine to await (no `async def` layer that would only forward).
+            try:
+                state: TaskCallState = self._bgtasks_state  # type: ignore[attr-defined]
+            except AttributeError:  # created before instrumentation
+                return original_call(self)
+            current = _execution._active
+            if current is None:
+                return original_call(self)
             seam = owner._seam
             if seam is None:
-                await current.run(state)
-            else:
-                await seam.call(state)
+                return current.run(state)
+            return seam.call(state)
 
         owner = type(self)
         owner._original_init = original_init
@@ -334,7 +364,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         owner._upstream_call = cls.__call__ if upstream_original is not None else None
         owner._upstream_original = upstream_original
         cls.__init__ = __init__  # type: ignore[method-assign]
-        cls.__call__ = __call__  # type: ignore[method-assign]
+        cls.__call__ = __call__  # type: ignore[method-assign,assignment]
         setattr(cls, _UPSTREAM_ATTR, __call__)
         fastapi_tasks = _fastapi_background_tasks()
         if fastapi_tasks is not None and "__call__" in fastapi_tasks.__dict__:

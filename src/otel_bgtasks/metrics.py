@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from threading import Lock
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from otel_bgtasks.attributes import TASK_NAME
 
-__all__ = ["DURATION_BUCKETS", "DepthSource", "Instruments"]
+__all__ = ["DURATION_BUCKETS", "ActiveSource", "DepthSource", "Instruments"]
 
 # Background tasks run from milliseconds to minutes; the SDK default buckets assume ms.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -34,6 +34,9 @@ DURATION_BUCKETS: tuple[float, ...] = (
 DepthSource = Callable[[], Iterable[Observation]]
 """Returns the current dead-letter depth observations (one per store)."""
 
+ActiveSource = Callable[[], Mapping[str, int]]
+"""Returns the tasks running now by task name (0 for a name that ran and runs no more)."""
+
 
 class Instruments:
     """Creates every contract instrument once, from one meter."""
@@ -52,17 +55,17 @@ class Instruments:
             description="Time from scheduling a background task to its first attempt",
             explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
         )
-        # Observed at collection from in-process counts: two SDK measurements per task
-        # saved on the hot path, same `bgtasks_task_active` series.
-        self._active: dict[str, int] = {}
+        # Observed at collection from the executor's in-flight tasks (`set_active_source`):
+        # nothing is counted per task on the hot path, same `bgtasks_task_active` series.
+        self._active_source: ActiveSource | None = None
         meter.create_observable_up_down_counter(
             "bgtasks.task.active",
             callbacks=[self._observe_active],
             unit="{task}",
             description="Background tasks running now",
         )
-        # Scheduled and not started yet, observed the same way (`bgtasks_task_pending`).
-        self._pending: dict[str, int] = {}
+        # Scheduled and not started yet, observed the same way (`set_pending_source`).
+        self._pending_source: ActiveSource | None = None
         meter.create_observable_up_down_counter(
             "bgtasks.task.pending",
             callbacks=[self._observe_pending],
@@ -115,25 +118,23 @@ class Instruments:
             description="Entries in the dead-letter store",
         )
 
-    def task_started(self, name: str) -> None:
-        """Count a task as running (`bgtasks.task.active`)."""
-        with self._lock:
-            self._active[name] = self._active.get(name, 0) + 1
+    def set_active_source(self, source: ActiveSource) -> None:
+        """Report `bgtasks.task.active` from `source` at each collection."""
+        self._active_source = source
 
-    def task_ended(self, name: str) -> None:
-        """Count a task as no longer running."""
-        with self._lock:
-            self._active[name] -= 1
+    def active_counts(self) -> Mapping[str, int]:
+        """Tasks running now, by task name (every name that ran: 0 when none runs)."""
+        source = self._active_source
+        return source() if source is not None else {}
 
-    def task_pending(self, name: str, delta: int) -> None:
-        """Count a task as scheduled (+1) or as no longer waiting (-1: started or skipped)."""
-        with self._lock:
-            self._pending[name] = self._pending.get(name, 0) + delta
+    def set_pending_source(self, source: ActiveSource) -> None:
+        """Report `bgtasks.task.pending` from `source` at each collection."""
+        self._pending_source = source
 
     def pending(self) -> dict[str, int]:
         """Tasks scheduled and not started, by task name (names seen so far, zeros included)."""
-        with self._lock:
-            return dict(self._pending)
+        source = self._pending_source
+        return dict(source()) if source is not None else {}
 
     def _observe_pending(self, options: CallbackOptions) -> Iterable[Observation]:
         for name, count in self.pending().items():
@@ -141,12 +142,10 @@ class Instruments:
 
     def active(self, name: str) -> int:
         """Tasks named `name` running now."""
-        return self._active.get(name, 0)
+        return self.active_counts().get(name, 0)
 
     def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
-        with self._lock:
-            counts = list(self._active.items())
-        for name, count in counts:
+        for name, count in self.active_counts().items():
             yield Observation(count, {TASK_NAME: name})
 
     def add_depth_source(self, source: DepthSource) -> None:

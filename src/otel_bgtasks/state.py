@@ -23,8 +23,14 @@ class TaskCallState:
         task_id: unique per scheduling (`bgtasks.task.id`).
         func, args, kwargs: what runs.
         options: the task's `EffectiveOptions` (decorator options, defaults applied).
+        name: the task name (span `process {name}`, metric attribute), `options.name`.
+        function: the module-qualified function name (`code.function.name`),
+            `options.function`.
         link: the span context current when the task was scheduled (None outside any span).
         enqueued_at: `time.perf_counter()` at scheduling; `enqueued_wall`: `time.time()`.
+        started_at: `time.perf_counter()` when its span started (None until it runs); a task
+            with `started_at` set that is still in `Executor.inflight` counts as running
+            (`bgtasks.task.active`).
         is_async: whether calling `func` returns an awaitable.
         attempt: attempts made so far (1 during the first attempt).
         outcome, exception: the final result once known; `exception` is the last error.
@@ -40,10 +46,13 @@ class TaskCallState:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     options: EffectiveOptions
+    name: str
+    function: str
     link: SpanContext | None
     enqueued_at: float
     enqueued_wall: float
     is_async: bool
+    started_at: float | None = None
     attempt: int = 0
     outcome: Outcome | None = None
     exception: BaseException | None = None
@@ -52,13 +61,3 @@ class TaskCallState:
     journaled: bool = False
     replay: bool = False
     first_failure: float | None = None
-
-    @property
-    def name(self) -> str:
-        """The task name (span `process {name}`, metric attribute)."""
-        return self.options.name
-
-    @property
-    def function(self) -> str:
-        """The module-qualified function name (`code.function.name`)."""
-        return self.options.function
