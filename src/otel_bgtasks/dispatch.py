@@ -47,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -271,6 +271,11 @@ class _Inline:
 INLINE = _Inline()
 
 
+async def _handed() -> None:
+    """What a response awaits for a task handed to a dispatcher: nothing (a coroutine, as
+    `BackgroundTask.__call__` always returned one)."""
+
+
 class DispatchSeam:
     """Groups each request's tasks, routes them to their dispatcher, and accounts for the
     ones that never run. Installed by the instrumentor (`install` / `uninstall`)."""
@@ -310,28 +315,29 @@ class DispatchSeam:
         if group is not None and not group.closed:
             group.states.append(state)
 
-    async def call(self, state: TaskCallState) -> None:
-        """The response runs (inline) or hands over (other modes) one of its tasks."""
+    def call(self, state: TaskCallState) -> Awaitable[Any]:
+        """The response runs (inline) or hands over (other modes) one of its tasks; returns
+        what to await: in the common case the executor's run itself, no forwarding layer."""
         group = _group.get()
         if group is not None and group.closed:  # run later by the app itself, outside a response
             group = None
+        if group is None:
+            return self.executor.run(state)
         mode = state.options.dispatch
         dispatcher = self.by_mode[mode] if mode is not None else self.default
-        if (
-            group is not None
-            and dispatcher is not INLINE
-            and (dispatcher is not self.local or self.local.ready())
-        ):
-            group.called.add(state.task_id)
+        group.called.add(state.task_id)
+        if dispatcher is not INLINE and (dispatcher is not self.local or self.local.ready()):
             group.handed.append((dispatcher, state))
-            return
-        if group is not None:
-            group.called.add(state.task_id)
+            return _handed()
+        if self.executor.propagate_exceptions:  # the run may raise: the group must know
+            return self._run_noting_failure(group, state)
+        return self.executor.run(state)  # isolation: it never raises an Exception
+
+    async def _run_noting_failure(self, group: TaskGroup, state: TaskCallState) -> None:
         try:
             await self.executor.run(state)
         except Exception:
-            if group is not None:
-                group.failed = True
+            group.failed = True
             raise
 
     def close_group(self, group: TaskGroup, error: BaseException | None) -> None:
