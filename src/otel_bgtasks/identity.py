@@ -99,6 +99,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _same_host(owner: str) -> tuple[int, _Token | None, _Token | None] | None:
+    """(pid, its token, our token) of an owner with our hostname; None for another host or
+    an identity that does not parse. A token is None for a 0.1 identity (hostname:pid:hex)."""
+    parsed = _parse_identity(owner)
+    if parsed is None or parsed[0] != socket.gethostname():
+        return None
+    _, pid, token = parsed
+    return pid, _Token.parse(token), _Token.parse(process_identity().rsplit(":", 1)[1])
+
+
 def owner_is_dead(owner: str) -> bool:
     """True when `owner` surely is gone: it ran on this machine (same hostname, and for
     current identities the same kernel boot and PID namespace) and its pid no longer exists,
@@ -108,15 +118,12 @@ def owner_is_dead(owner: str) -> bool:
     Any other owner (another host, another container, another boot with the same hostname)
     cannot be checked here: `DeadLetterStore.dead_owners` uses its heartbeat age.
     """
-    me = process_identity()
-    if owner == me:
+    if owner == process_identity():
         return False
-    parsed = _parse_identity(owner)
-    if parsed is None or parsed[0] != socket.gethostname():
+    local = _same_host(owner)
+    if local is None:
         return False
-    _, pid, token = parsed
-    theirs = _Token.parse(token)
-    mine = _Token.parse(me.rsplit(":", 1)[1])
+    pid, theirs, mine = local
     if theirs is None or mine is None:  # older identities: hostname and pid only
         return pid == os.getpid() or not _pid_alive(pid)
     if (theirs.boot, theirs.pidns) != (mine.boot, mine.pidns):
@@ -133,15 +140,12 @@ def owner_is_alive(owner: str) -> bool:
     """True when `owner` surely is running: this process, or one on this machine (same
     hostname, kernel boot and PID namespace) whose pid exists with the start time its identity
     records. Such an owner is never recovered, however old its heartbeat."""
-    me = process_identity()
-    if owner == me:
+    if owner == process_identity():
         return True
-    parsed = _parse_identity(owner)
-    if parsed is None or parsed[0] != socket.gethostname():
+    local = _same_host(owner)
+    if local is None:
         return False
-    _, pid, token = parsed
-    theirs = _Token.parse(token)
-    mine = _Token.parse(me.rsplit(":", 1)[1])
+    pid, theirs, mine = local
     if theirs is None or mine is None or (theirs.boot, theirs.pidns) != (mine.boot, mine.pidns):
         return False
     return pid != os.getpid() and _pid_alive(pid) and _start_time(pid) == theirs.start
