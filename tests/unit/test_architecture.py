@@ -35,21 +35,7 @@ from otel_bgtasks.calls import EncodedCall, JSONSerializer, decode_call, describ
 from otel_bgtasks.instrumentor import InstrumentOptions
 from otel_bgtasks.records import JournalEntry
 from otel_bgtasks.registry import register_task
-
-
-class Flaky:
-    """Fails with `exc` the first `failures` calls, then succeeds."""
-
-    def __init__(self, failures: int, exc: Exception) -> None:
-        self.failures, self.exc, self.calls = failures, exc, 0
-        self.__qualname__ = "Flaky"
-
-    async def __call__(self) -> str:
-        self.calls += 1
-        if self.calls <= self.failures:
-            raise self.exc
-        return "ok"
-
+from tests.unit.test_resilience import Flaky
 
 # -- one retry decision -------------------------------------------------------------------------
 
