@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Self, TypedDict
 
 from otel_bgtasks.identity import owner_is_alive, owner_is_dead, process_identity
-from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.records import ROUTE_OWNER_PREFIX, DeadLetter, DeadLetterReason, JournalEntry
 
 __all__ = ["DeadLetterStore", "StoreStatus"]
 
@@ -163,6 +163,39 @@ class DeadLetterStore(ABC):
     def journal_list(self, *, owner: str | None = None) -> builtins.list[JournalEntry]:
         """Journaled tasks, oldest first, optionally of one owner; corrupt rows skipped."""
 
+    @abstractmethod
+    def journal_hand_off(
+        self, task_id: str, *, owner: str, deadline: float, signature: str | None = None
+    ) -> bool:
+        """Move a journal row to `owner` (``route:<route>``, `records.route_owner`) until
+        `deadline` (epoch seconds on this store's clock, `now`): the task was published to
+        another process, which removes the row when the task ends; recovery re-sends it
+        through that route's dispatcher once the deadline has passed, never runs it here.
+
+        The row's stored ``owner`` and ``deadline`` change (its call does not); `signature`
+        replaces the stored one (a row signed for its new owner), None keeps it. Any claim
+        on the row is released. Returns False when the row does not exist (the task already
+        ended).
+
+        Raises:
+            CorruptEntryError: the row exists but cannot be decoded (it is left as it is).
+        """
+
+    def now(self) -> float:
+        """This store's clock, epoch seconds: hand-off deadlines are judged on it. The local
+        clock here; a store shared by several hosts answers with the server's."""
+        return time.time()
+
+    def expired_hand_offs(self, *, now: float | None = None) -> builtins.list[JournalEntry]:
+        """Journal rows handed to a route whose deadline has passed (`now`, default the
+        store's clock), oldest first: recovery re-sends them through their dispatcher."""
+        moment = self.now() if now is None else now
+        return [
+            entry
+            for entry in self.journal_list()
+            if entry.route is not None and entry.deadline is not None and entry.deadline <= moment
+        ]
+
     # owners
     @abstractmethod
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
@@ -182,13 +215,15 @@ class DeadLetterStore(ABC):
         """Owners whose last sign of life (heartbeat or newest journal row) is older than
         `stale_after` seconds, or on this host whose process is gone (`owner_is_dead`). This
         process, and a process on this machine known to be running (`owner_is_alive`), are
-        never listed, however old their heartbeat."""
+        never listed, however old their heartbeat. Rows handed to a route (``route:...``)
+        have no process: they are judged by their deadline (`expired_hand_offs`)."""
         moment = time.time() if now is None else now
         me = process_identity()
         dead = [
             owner
             for owner, seen in self.last_seen().items()
             if owner != me
+            and not owner.startswith(ROUTE_OWNER_PREFIX)
             and (moment - seen > stale_after or owner_is_dead(owner))
             and not owner_is_alive(owner)
         ]
