@@ -459,7 +459,7 @@ class RedisDeadLetterStore(DeadLetterStore):
     def now(self) -> float:
         """The Redis server's clock (``TIME``): one clock for every host sharing the store."""
         with self._redis() as r:
-            seconds, micros = cast(tuple[int, int], r.time())
+            seconds, micros = r.time()
         return seconds + micros / 1_000_000
 
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
