@@ -16,18 +16,20 @@ Usage::
         dead_letter_store="sqlite:///var/lib/app/dlq.db",  # or a store; None disables
         durable=False,
         dispatch="inline",                               # or "local": a bounded pool after
-        max_concurrency=64, drain_timeout=30.0,          # the response (otel_bgtasks.dispatch)
+        max_concurrency=64, max_queued=1000,             # the response, or a Dispatcher
+        drain_timeout=30.0,                              # (otel_bgtasks.dispatch)
     )
 
 or, with no code change, ``opentelemetry-instrument uvicorn app:app`` (this package registers an
-``opentelemetry_instrumentor`` entry point; ``OTEL_BGTASKS_DISPATCH`` and
-``OTEL_BGTASKS_MAX_CONCURRENCY`` set ``dispatch`` and ``max_concurrency`` when not passed).
+``opentelemetry_instrumentor`` entry point; ``OTEL_BGTASKS_*`` variables set the plain-valued
+keywords when not passed, see `otel_bgtasks.environment`).
 
 Every Starlette ``BackgroundTask`` is covered: ``BackgroundTasks.add_task`` in endpoints and
 dependencies, ``Response(background=...)``, async and sync functions, partials and callable
 objects. At scheduling, the current span gets a ``bgtasks.enqueued`` event; each run is one
 CONSUMER span ``process {task_name}`` in a new trace linked to the scheduling span (``link``) or
-a child of it (``child``). Outside FastAPI, ``schedule(func, *args)`` gives the same path.
+a child of it (``child``). Outside FastAPI, ``schedule(func, *args)`` gives the same path (and
+hands the task to its dispatcher at once when its dispatch is not ``"inline"``).
 
 With ``opentelemetry-instrumentation-fastapi`` (which wraps ``BackgroundTask.__call__`` in a
 bare span since 0.63b0) each task run still yields exactly one task span, ours, whichever is
@@ -61,6 +63,7 @@ from otel_bgtasks.circuit import CircuitBreaker
 from otel_bgtasks.dispatch import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_MAX_QUEUED,
     Dispatcher,
     DispatchSeam,
 )
@@ -119,6 +122,7 @@ class InstrumentOptions(TypedDict, total=False):
     error_classifier: ErrorClassifier
     dispatch: DispatchMode | Dispatcher
     max_concurrency: int
+    max_queued: int
     drain_timeout: float
     redact_exception_messages: bool
     log_locals: bool
@@ -164,31 +168,42 @@ def current_executor() -> Executor | None:
 
 
 class ScheduledTask:
-    """A task scheduled outside Starlette: run it with `await task.run()` or `task.run_sync()`."""
+    """A task scheduled outside Starlette: run it with `await task.run()` or `task.run_sync()`.
 
-    __slots__ = ("_executor", "state")
+    A task handed to its dispatcher at scheduling (`handed`: its dispatch is not
+    ``"inline"``) runs there: `run` and `run_sync` then return at once.
+    """
 
-    def __init__(self, executor: Executor, state: TaskCallState) -> None:
+    __slots__ = ("_executor", "handed", "state")
+
+    def __init__(self, executor: Executor, state: TaskCallState, *, handed: bool = False) -> None:
         self._executor = executor
         self.state = state
+        self.handed = handed
 
     async def run(self) -> None:
         """Run the task on the current event loop (sync functions go to the thread pool)."""
-        await self._executor.run(self.state)
+        if not self.handed:
+            await self._executor.run(self.state)
 
     def run_sync(self) -> None:
         """Run the task on this thread, e.g. as a `threading.Thread` target."""
-        asyncio.run(self._executor.run(self.state, inline=True))
+        if not self.handed:
+            asyncio.run(self._executor.run(self.state, inline=True))
 
 
 def schedule(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> ScheduledTask:
     """Schedule `func(*args, **kwargs)` on the instrumented path, outside FastAPI.
 
-    The current span gets the `bgtasks.enqueued` event now; the task span starts when the
-    returned task runs (`asyncio.create_task(task.run())`, or `task.run_sync` in a thread).
+    The current span gets the `bgtasks.enqueued` event now. A task whose dispatch is
+    ``"inline"`` runs when the returned task runs (`asyncio.create_task(task.run())`, or
+    `task.run_sync` in a thread); any other goes to its dispatcher now (``"local"``: the
+    app's pool on this event loop, when its lifespan serves; else it runs when you run it).
 
     Raises:
         RuntimeError: the package is not instrumented yet.
+        TypeError: a durable task, or one bound for another process, whose arguments cannot
+            be encoded (the message names the argument).
     """
     executor = active_executor()
     if executor is None:
@@ -196,7 +211,10 @@ def schedule(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Schedule
             "otel_bgtasks is not instrumented: call BackgroundTasksInstrumentor().instrument() "
             "(or run under opentelemetry-instrument) before schedule()"
         )
-    return ScheduledTask(executor, executor.schedule(func, args, kwargs))
+    state = executor.schedule(func, args, kwargs)
+    seam = BackgroundTasksInstrumentor._seam
+    handed = seam is not None and seam.dispatch_now(state)
+    return ScheduledTask(executor, state, handed=handed)
 
 
 def _probe() -> None:
@@ -248,6 +266,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         check_trace_mode(trace_mode)  # before a store is opened
         dispatch = options.get("dispatch", "inline")
         max_concurrency = options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+        max_queued = options.get("max_queued", DEFAULT_MAX_QUEUED)
         drain_timeout = options.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
         tracer = trace.get_tracer(
             _SCOPE,
@@ -282,11 +301,12 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 error_classifier=options.get("error_classifier", classify_error),
                 redact_exception_messages=options.get("redact_exception_messages", False),
                 log_locals=options.get("log_locals", False),
+                dispatch=dispatch,
             )
             seam = DispatchSeam(
                 executor,
-                dispatch=dispatch,
                 max_concurrency=max_concurrency,
+                max_queued=max_queued,
                 drain_timeout=drain_timeout,
             )
         except Exception:  # a bad setting: do not leave the store we opened behind

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.trace import SpanContext
+from opentelemetry.util.types import AttributeValue
 
 from otel_bgtasks.attributes import ErrorCategory, Outcome
+from otel_bgtasks.calls import EncodedCall
 from otel_bgtasks.options import EffectiveOptions
 from otel_bgtasks.records import DeadLetterReason
 
@@ -40,6 +42,13 @@ class TaskCallState:
         journaled: the task has a journal row (durable).
         replay: the run replays a dead letter (never parented under the old request).
         first_failure: epoch seconds of the first failure of a replayed dead letter.
+        call: the encoded call (function reference, serialized arguments), set at scheduling
+            for a durable task or one bound for another process, and for a received message;
+            None otherwise.
+        route: the route a received message came through (`Executor.receive`); None for a
+            task scheduled here (its dispatcher's route is `options.route`).
+        attributes: extra span attributes of the run (e.g. ``messaging.*`` for a message
+            received from a broker), or None.
     """
 
     task_id: str
@@ -62,6 +71,9 @@ class TaskCallState:
     journaled: bool = False
     replay: bool = False
     first_failure: float | None = None
+    call: EncodedCall | None = None
+    route: str | None = None
+    attributes: Mapping[str, AttributeValue] | None = None
 
 
 current: ContextVar[TaskCallState | None] = ContextVar("otel_bgtasks_task", default=None)
