@@ -25,12 +25,19 @@ from starlette.concurrency import run_in_threadpool
 from tenacity import RetryCallState
 
 from otel_bgtasks import attributes as attr
-from otel_bgtasks._ids import to_traceparent
+from otel_bgtasks._ids import from_hex, to_traceparent
 from otel_bgtasks._logger import log
 from otel_bgtasks.accounting import Accounting
 from otel_bgtasks.attributes import ErrorCategory, Outcome, SkipReason
 from otel_bgtasks.breakers import BreakerRegistry
-from otel_bgtasks.calls import EncodedCall, JSONSerializer, Serializer, decode_call, encode_call
+from otel_bgtasks.calls import (
+    EncodedCall,
+    JSONSerializer,
+    Serializer,
+    check_replayable,
+    decode_call,
+    encode_call,
+)
 from otel_bgtasks.circuit import CircuitBreaker
 from otel_bgtasks.dead_lettering import DeadLetterWriter, NeverRanError
 from otel_bgtasks.errors import (
@@ -56,7 +63,7 @@ from otel_bgtasks.options import (
     check_trace_mode,
     effective_options,
 )
-from otel_bgtasks.records import DeadLetter, DeadLetterReason, TaskMessage
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry, TaskMessage
 from otel_bgtasks.registry import note_scheduled
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.signing import signing_keys
@@ -430,6 +437,44 @@ class Executor:
             enqueued_at=state.enqueued_wall,
             traceparent=to_traceparent(current if current.is_valid else state.link),
             durable=state.journaled,
+        ).signed()
+
+    def message_from_call(
+        self,
+        call: DeadLetter | JournalEntry,
+        *,
+        task_id: str,
+        route: str,
+        durable: bool,
+        enqueued_at: float | None = None,
+    ) -> TaskMessage:
+        """The signed message a remote dispatcher's `resend` publishes for a stored call (a
+        journal row past its deadline, a dead letter replayed to its route), after checking
+        it as a replay does: its signature (with a key set), its function among the app's
+        registered tasks, its serializer. A store row is untrusted: this process never signs
+        a message for a call it would not run itself.
+
+        Args:
+            enqueued_at: wall-clock enqueue time (default: the row's, for a journal row;
+                now for a dead letter).
+
+        Raises:
+            UntrustedEntryError, TaskImportError, NotReplayableError, LookupError: as
+                `check_replayable`; nothing is published.
+        """
+        check_replayable(call)
+        if enqueued_at is None:
+            enqueued_at = call.enqueued_at if isinstance(call, JournalEntry) else time.time()
+        return TaskMessage(
+            task_id=task_id,
+            task_name=call.task_name,
+            func_ref=call.func_ref,
+            payload=call.payload,
+            serializer=call.serializer,
+            route=route,
+            enqueued_at=enqueued_at,
+            traceparent=to_traceparent(from_hex(call.trace_id, call.span_id)),
+            durable=durable,
         ).signed()
 
     def receive(

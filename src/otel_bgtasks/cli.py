@@ -635,7 +635,7 @@ def _cmd_replay(ctx: _Context) -> int:
 
     def advanced(outcome: ReplayOutcome) -> None:
         progress.advance(task_id)
-        if outcome.status != "replayed":
+        if outcome.status not in ("replayed", "sent"):
             name = f" {outcome.task_name}" if outcome.task_name else ""
             line = f"{outcome.status}: {outcome.entry_id}{name}: {outcome.message}"
             progress.console.print(Text(printable(line), style="red"))
@@ -659,6 +659,7 @@ def _cmd_replay(ctx: _Context) -> int:
 
 _STATUSES: tuple[ReplayStatus, ...] = (
     "replayed",
+    "sent",
     "failed",
     "refused",
     "import_error",

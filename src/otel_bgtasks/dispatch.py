@@ -69,10 +69,9 @@ from otel_bgtasks._execution import Executor
 from otel_bgtasks._logger import log
 from otel_bgtasks._loops import running_loop
 from otel_bgtasks.attributes import TASK_NAME, SkipReason
-from otel_bgtasks.calls import StoredCall
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.options import EffectiveOptions
-from otel_bgtasks.records import DeadLetterReason
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
 from otel_bgtasks.response_gate import RequestGate
 from otel_bgtasks.routes import (
     Dispatcher,
@@ -217,8 +216,8 @@ class _Pool:
                 raise
 
     async def drain(self, timeout: float) -> None:
-        """Let the workers finish what is queued, for up to `timeout` seconds; then stop
-        them (what still runs is cancelled)."""
+        """Let the workers finish what is queued, for up to `timeout` seconds (then `stop`
+        cancels what still runs)."""
         if self._unfinished:
             self._idle = anyio.Event()
             with anyio.move_on_after(timeout):
@@ -228,9 +227,8 @@ class _Pool:
                 "background tasks not finished within the drain timeout; cancelling",
                 drain_timeout=timeout,
                 running_groups=self.running_groups,
-                queued_groups=self.waiting - self.running_groups,
+                queued_groups=self.waiting,
             )
-        self.stop()
 
     def stop(self) -> None:
         """Accept no more groups; cancel the workers."""
@@ -317,13 +315,16 @@ class LocalDispatcher:
         pool.put(states)
 
     async def drain(self, executor: Executor, timeout: float) -> None:
-        """Drain every pool of the running loop (`_Pool.drain`)."""
+        """Drain every pool of the running loop (`_Pool.drain`), then stop its workers."""
         loop = running_loop()
         for (_, pool_loop), pool in list(self._pools.items()):
             if pool_loop is loop:
                 await pool.drain(timeout)
+                pool.stop()
 
-    def resend(self, executor: Executor, call: StoredCall, *, task_id: str) -> float | None:
+    def resend(
+        self, executor: Executor, call: DeadLetter | JournalEntry, *, task_id: str
+    ) -> float | None:
         raise NotImplementedError("the local pool runs tasks in this process; nothing to resend")
 
 
@@ -340,7 +341,9 @@ class _Inline:
     async def drain(self, executor: Executor, timeout: float) -> None:
         return None
 
-    def resend(self, executor: Executor, call: StoredCall, *, task_id: str) -> float | None:
+    def resend(
+        self, executor: Executor, call: DeadLetter | JournalEntry, *, task_id: str
+    ) -> float | None:
         raise NotImplementedError("inline tasks run in their response; nothing to resend")
 
 

@@ -8,6 +8,11 @@ Each entry is taken with a claim (a lease with an owner and an expiry, renewed w
 runs), then deleted (success) or updated and released (failure) only if the claim is still
 ours: two replayers never run one entry, a failed replay never brings back an entry another
 deleted, and a replayer that crashes leaves a lease that expires (the entry is replayed later).
+
+A dead letter of a task that went through a remote dispatcher records its route; when a
+dispatcher for that route is registered in the replaying process (`register_dispatcher`), the
+entry is sent back through it (`Dispatcher.resend`, status ``sent``) and deleted once
+published: it runs on a worker, as it did the first time, not in the replaying process.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from opentelemetry import metrics, trace
 
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._execution import Executor, active_executor
-from otel_bgtasks._ids import from_hex
+from otel_bgtasks._ids import from_hex, new_task_id
 from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks._version import __version__
 from otel_bgtasks.attributes import Outcome
@@ -34,6 +39,7 @@ from otel_bgtasks.errors import CorruptEntryError, TaskImportError, UntrustedEnt
 from otel_bgtasks.identity import process_identity
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
+from otel_bgtasks.routes import Dispatcher, dispatcher_for
 from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = [
@@ -147,7 +153,15 @@ ReplayRunner = Callable[[DeadLetter], Awaitable[ReplayResult]]
 """Re-runs a dead letter's task (as a new span linked to the original) and reports the result."""
 
 ReplayStatus = Literal[
-    "replayed", "failed", "refused", "import_error", "missing", "corrupt", "error", "claimed"
+    "replayed",
+    "sent",
+    "failed",
+    "refused",
+    "import_error",
+    "missing",
+    "corrupt",
+    "error",
+    "claimed",
 ]
 
 
@@ -155,7 +169,9 @@ ReplayStatus = Literal[
 class ReplayOutcome:
     """The result of replaying one entry.
 
-    `status`: ``replayed`` (succeeded, deleted), ``failed`` (task failed again, entry updated),
+    `status`: ``replayed`` (succeeded, deleted), ``sent`` (published through the dispatcher of
+    the entry's route, deleted: it runs on a worker), ``failed`` (task failed again, entry
+    updated),
     ``refused`` (unsigned or tampered while a signing key is set, or not a registered task of
     this app: nothing ran, entry kept), ``import_error`` (no function reference, or its
     serializer unavailable here, entry kept), ``missing`` (no such id), ``corrupt`` (row
@@ -184,9 +200,14 @@ class ReplayReport:
         return len(self.by_status("replayed"))
 
     @property
+    def sent(self) -> int:
+        return len(self.by_status("sent"))
+
+    @property
     def ok(self) -> bool:
-        """True when every entry replayed successfully (here, or by a concurrent replayer)."""
-        return all(o.status in ("replayed", "claimed") for o in self.outcomes)
+        """True when every entry replayed successfully (here, sent to its route's workers,
+        or by a concurrent replayer)."""
+        return all(o.status in ("replayed", "sent", "claimed") for o in self.outcomes)
 
 
 class DeadLetters:
@@ -324,6 +345,9 @@ class DeadLetters:
             _log.error("dead letter replay: task not importable", entry_id=entry.id, error=str(exc))
             await self._call(store.release, entry.id, self.owner)
             return ReplayOutcome(entry.id, "import_error", entry.task_name, str(exc))
+        dispatcher = dispatcher_for(entry.route) if entry.route else None
+        if dispatcher is not None and dispatcher.remote:
+            return await self._send(entry, dispatcher)
         try:
             renew = functools.partial(store.claim, entry.id, self.owner, lease=self.lease)
             async with renewing(renew, self.lease / 3):
@@ -357,3 +381,32 @@ class DeadLetters:
             f"{updated.error_type}: {updated.error_message}" if updated.error_type else "failed"
         )
         return ReplayOutcome(entry.id, "failed", entry.task_name, message)
+
+    async def _send(self, entry: DeadLetter, dispatcher: Dispatcher) -> ReplayOutcome:
+        """Publish a claimed entry through its route's dispatcher (a new task id), then
+        delete it; if publishing fails the entry is kept, unchanged."""
+        store = self.store
+        executor = active_executor() or standalone_executor(store)
+        try:
+            renew = functools.partial(store.claim, entry.id, self.owner, lease=self.lease)
+            async with renewing(renew, self.lease / 3):
+                await self._call(dispatcher.resend, executor, entry, task_id=new_task_id())
+        except Exception as exc:
+            _log.error(
+                "dead letter could not be sent to its route",
+                entry_id=entry.id,
+                route=entry.route,
+                **exception_fields(exc),
+            )
+            await self._call(store.release, entry.id, self.owner)
+            return ReplayOutcome(entry.id, "error", entry.task_name, f"{type(exc).__name__}: {exc}")
+        if not await self._call(store.delete_claimed, entry.id, self.owner):
+            _log.warning(
+                "dead letter sent but its claim was lost (lease expired or deleted)",
+                entry_id=entry.id,
+                task_name=entry.task_name,
+            )
+        return ReplayOutcome(
+            entry.id, "sent", entry.task_name, f"sent to route {entry.route!r} ({dispatcher.name})"
+        )
+
