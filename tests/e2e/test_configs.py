@@ -480,6 +480,7 @@ def test_dashboard_covers_the_contract() -> None:
         "bgtasks_dlq_replays_total",
         "bgtasks_task_pending",
         "bgtasks_task_skipped_total",
+        "bgtasks_task_inlined_total",
     ):
         assert metric in exprs, metric
     for quantile in ("0.5", "0.95", "0.99"):

@@ -7,6 +7,7 @@ local pool, its exit drains it); the uvicorn tests are in tests/integration/test
 from __future__ import annotations
 
 import asyncio
+import threading
 import warnings
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -378,3 +379,64 @@ def test_the_shutdown_report_is_one_summary_line(instrument):
         "hint": "durable tasks stay journaled and are recovered by `otel-bgtasks recover`",
     }
     assert len(repr(entry)) < 1000
+
+
+# -- back-pressure --------------------------------------------------------------------------
+
+
+def test_a_full_local_queue_runs_the_response_tasks_inline_and_counts_them(
+    telemetry, instrument
+):
+    """One slot, one queued group: the third response runs its task itself (Starlette's
+    way), counted in bgtasks.task.inlined; nothing is lost."""
+    done.clear()
+    instrument(dispatch="local", max_concurrency=1, max_queued=1)
+    started, release = threading.Event(), threading.Event()
+
+    def hold(name: str) -> None:  # a sync task: holds a worker thread, not the loop
+        started.set()
+        release.wait()
+        done.append(name)
+
+    app = FastAPI()
+
+    @app.get("/{kind}/{name}")
+    async def endpoint(kind: str, name: str, tasks: BackgroundTasks) -> dict[str, bool]:
+        tasks.add_task(hold if kind == "hold" else step, name)
+        return {"ok": True}
+
+    with TestClient(app) as client:
+        client.get("/hold/h1")  # takes the only slot
+        assert started.wait(30)  # a guard against a hang, not a decision
+        client.get("/step/q1")  # waits for the slot: the one queued group
+        client.get("/step/o1")  # the queue is full: its response runs it
+        assert done == ["o1"]
+        release.set()
+    assert done == ["o1", "h1", "q1"]  # the lifespan's drain ran the rest, in order
+    assert [(p.attributes, p.value) for p in telemetry.points("bgtasks.task.inlined")] == [
+        ({"bgtasks.task.name": "step"}, 1)
+    ]
+    assert skipped(telemetry) == {}
+    assert active_executor().inflight == {}
+
+
+def test_max_queued_is_checked_and_read_from_the_environment(telemetry):
+    assert options_from_env({"OTEL_BGTASKS_MAX_QUEUED": "0"}) == {"max_queued": 0}
+    with pytest.raises(ConfigurationError) as bad:
+        options_from_env({"OTEL_BGTASKS_MAX_QUEUED": "-1"})
+    assert str(bad.value) == "OTEL_BGTASKS_MAX_QUEUED='-1' is not valid; expected an integer >= 0"
+    instrumentor = BackgroundTasksInstrumentor()
+    with pytest.raises(ConfigurationError, match=r"max_queued=-1: must be an integer >= 0"):
+        instrumentor.instrument(dead_letter_store=None, max_queued=-1)
+    assert not instrumentor.is_instrumented_by_opentelemetry
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_local_pool_serves_a_trio_app_too(instrument, backend):
+    """The lifespan wrapper and the pool run on Starlette's backends alike (anyio)."""
+    done.clear()
+    instrument(dispatch="local")
+    with TestClient(app_with(step, step), backend=backend) as client:
+        assert client.get("/").status_code == 200
+    assert done == ["response", "t0", "t1"]
+    assert active_executor().inflight == {}
