@@ -18,7 +18,7 @@ from types import FunctionType, MethodType
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
 from starlette.concurrency import run_in_threadpool
 from tenacity import RetryCallState
@@ -30,6 +30,7 @@ from otel_bgtasks.attributes import ErrorCategory, Outcome, SkipReason
 from otel_bgtasks.breakers import BreakerRegistry
 from otel_bgtasks.calls import JSONSerializer, Serializer
 from otel_bgtasks.circuit import CircuitBreaker
+from otel_bgtasks.config import Settings
 from otel_bgtasks.dead_lettering import DeadLetterWriter
 from otel_bgtasks.errors import (
     CircuitOpenError,
@@ -156,6 +157,33 @@ class Executor:
         self._ran = self.accounting.ran
         self._scheduled = self.accounting.scheduled
         self._described: dict[Any, EffectiveOptions] = {}
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, store: DeadLetterStore | None, *, scope: str, version: str
+    ) -> Executor:
+        """An executor on `settings` (its providers, or the global ones), writing to `store`
+        (opened by the caller: `Settings.open_store`); tracer and meter named `scope`."""
+        schema = "https://opentelemetry.io/schemas/1.11.0"
+        return cls(
+            trace.get_tracer(scope, version, settings.tracer_provider, schema_url=schema),
+            Instruments(
+                metrics.get_meter(scope, version, settings.meter_provider, schema_url=schema)
+            ),
+            trace_mode=settings.trace_mode,
+            propagate_exceptions=settings.propagate_exceptions,
+            start_hook=settings.start_hook,
+            end_hook=settings.end_hook,
+            retry=settings.retry,
+            circuit=settings.circuit,
+            timeout=settings.timeout,
+            durable=settings.durable,
+            dead_letter_store=store,
+            serializer=settings.serializer,
+            error_classifier=settings.error_classifier,
+            redact_exception_messages=settings.redact_exception_messages,
+            log_locals=settings.log_locals,
+        )
 
     @property
     def redact_exception_messages(self) -> bool:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import structlog
-from opentelemetry import metrics, trace
 
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._execution import Executor, active_executor
@@ -30,9 +29,9 @@ from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks._version import __version__
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import check_replayable, decode_call
+from otel_bgtasks.config import resolve_settings
 from otel_bgtasks.errors import CorruptEntryError, TaskImportError, UntrustedEntryError
 from otel_bgtasks.identity import process_identity
-from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.stores.base import DeadLetterStore
 
@@ -81,17 +80,20 @@ async def renewing(renew: Callable[[], object], every: float) -> AsyncIterator[N
 
 
 def standalone_executor(store: DeadLetterStore | None = None) -> Executor:
-    """An executor on the global providers, for runs outside an instrumented app (the CLI).
+    """An executor on the global providers for runs outside an instrumented app (the CLI,
+    replay and recovery from a script, a worker), with the same defaults as ``instrument()``
+    would give this process: every ``OTEL_BGTASKS_*`` variable applies (retry, circuit,
+    timeout, trace mode, redaction...).
 
-    With `store`, tasks that fail go to that store's dead letters (recovery re-runs).
+    With `store`, tasks that fail go to that store's dead letters (recovery re-runs); without,
+    none.
     """
     key = id(store)
     executor = _standalone.get(key)
     if executor is None or executor.store is not store:
-        executor = _standalone[key] = Executor(
-            trace.get_tracer("otel_bgtasks", __version__),
-            Instruments(metrics.get_meter("otel_bgtasks", __version__)),
-            dead_letter_store=store,
+        settings = resolve_settings({"dead_letter_store": store, "durable": False})
+        executor = _standalone[key] = Executor.from_settings(
+            settings, store, scope="otel_bgtasks", version=__version__
         )
     return executor
 
