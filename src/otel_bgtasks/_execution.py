@@ -25,12 +25,13 @@ from tenacity import RetryCallState
 
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._logger import log
+from otel_bgtasks._version import __version__
 from otel_bgtasks.accounting import Accounting
 from otel_bgtasks.attributes import ErrorCategory, Outcome, SkipReason
 from otel_bgtasks.breakers import BreakerRegistry
 from otel_bgtasks.calls import JSONSerializer, Serializer
 from otel_bgtasks.circuit import CircuitBreaker
-from otel_bgtasks.config import Settings
+from otel_bgtasks.config import Settings, resolve_settings
 from otel_bgtasks.dead_lettering import DeadLetterWriter
 from otel_bgtasks.errors import (
     CircuitOpenError,
@@ -70,6 +71,7 @@ __all__ = [
     "check_trace_mode",
     "current_task",
     "set_active_executor",
+    "standalone_executor",
 ]
 
 # Errors that say nothing about the downstream's health do not trip a breaker.
@@ -97,6 +99,28 @@ def set_active_executor(executor: Executor | None) -> None:
     """Make `executor` the active one (the instrumentor does, at instrument/uninstrument)."""
     global _active
     _active = executor
+
+
+_standalone: dict[int, Executor] = {}
+
+
+def standalone_executor(store: DeadLetterStore | None = None) -> Executor:
+    """An executor on the global providers for runs outside an instrumented app (the CLI,
+    replay and recovery from a script, a worker), with the defaults ``instrument()`` would
+    give this process: every ``OTEL_BGTASKS_*`` variable applies (retry, circuit, timeout,
+    trace mode, redaction...).
+
+    With `store`, tasks that fail go to that store's dead letters (recovery re-runs); without,
+    none.
+    """
+    key = id(store)
+    executor = _standalone.get(key)
+    if executor is None or executor.store is not store:
+        settings = resolve_settings({"dead_letter_store": store, "durable": False})
+        executor = _standalone[key] = Executor.from_settings(
+            settings, store, scope="otel_bgtasks", version=__version__
+        )
+    return executor
 
 
 class Executor:
