@@ -69,6 +69,14 @@ from otel_bgtasks._execution import Executor
 from otel_bgtasks._logger import log
 from otel_bgtasks._loops import running_loop
 from otel_bgtasks.attributes import TASK_NAME, SkipReason
+from otel_bgtasks.config import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_MAX_QUEUED,
+    check_drain_timeout,
+    check_max_concurrency,
+    check_max_queued,
+)
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.options import EffectiveOptions
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
@@ -100,40 +108,6 @@ __all__ = [
     "registered_routes",
     "unregister_dispatcher",
 ]
-
-DEFAULT_MAX_CONCURRENCY = 64
-DEFAULT_DRAIN_TIMEOUT = 30.0
-DEFAULT_MAX_QUEUED = 1000
-"""Groups waiting for a slot of the local pool (per app and event loop, so per process):
-about 0.7 kB each; beyond it a response runs its tasks inline."""
-
-
-def check_max_concurrency(value: object, where: str = "max_concurrency") -> int:
-    """`value` as an int >= 1. Raises `ConfigurationError` naming `where`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{where}={value!r}: must be an integer >= 1")
-    return value
-
-
-def check_max_queued(value: object, where: str = "max_queued") -> int:
-    """`value` as an int >= 0 (0: never queue, run inline when every slot is busy).
-    Raises `ConfigurationError` naming `where`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(f"{where}={value!r}: must be an integer >= 0")
-    return value
-
-
-def check_drain_timeout(value: object, where: str = "drain_timeout") -> float:
-    """`value` as seconds >= 0, finite. Raises `ConfigurationError` naming `where`."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ConfigurationError(f"{where}={value!r}: must be a finite number of seconds >= 0")
-    return float(value)
-
 
 class _Pool:
     """The local workers of one app's lifespan on one event loop: `limit` tasks taking

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -40,20 +39,14 @@ from typing import Any, Literal, Self, TypeVar
 
 import structlog
 
-from otel_bgtasks._execution import Executor, active_executor
+from otel_bgtasks._execution import Executor, active_executor, standalone_executor
 from otel_bgtasks._ids import from_hex
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import decode_call
-from otel_bgtasks.errors import (
-    ConfigurationError,
-    CorruptEntryError,
-    NotReplayableError,
-    TaskImportError,
-    UntrustedEntryError,
-)
+from otel_bgtasks.claims import JOURNAL, hold
+from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, UntrustedEntryError
 from otel_bgtasks.identity import owner_is_dead, process_identity
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry, route_owner
-from otel_bgtasks.replay import renewing, standalone_executor
 from otel_bgtasks.routes import dispatcher_for
 from otel_bgtasks.stores.base import DeadLetterStore
 
@@ -131,22 +124,14 @@ async def _recover(
     async def one(task_id: str, owner: str) -> None:
         async with slots:
             try:
-                journaled = await call(store.journal_claim, task_id, me, lease=lease)
+                async with hold(JOURNAL, store, task_id, me, lease=lease, offload=offload) as claim:
+                    if claim is None:
+                        return  # finished, or another recoverer holds it
+                    await handle(claim.row, owner)
+                    # handled before removed: a crash in between leaves a duplicate, not a loss
+                    await claim.settle()
             except CorruptEntryError:
                 return  # logged by the store; an operator deletes it
-            if journaled is None:
-                return  # finished, or another recoverer holds it
-            try:
-                renew = functools.partial(store.journal_claim, task_id, me, lease=lease)
-                async with renewing(renew, lease / 3):
-                    await handle(journaled, owner)
-            except BaseException:
-                # cancelled (shutdown) or broken: it stays journaled for the next recovery
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(asyncio.to_thread(store.journal_release, task_id, me))
-                raise
-            # handled before removed: a crash in between leaves a duplicate, not a loss
-            await call(store.journal_remove_claimed, task_id, me)
 
     owners = await call(store.dead_owners, stale_after, now=now)
     for owner in owners:
@@ -195,61 +180,67 @@ async def _resend_expired(
                 )
             continue
         try:
-            claimed = await call(store.journal_claim, row.task_id, me, lease=lease, now=moment)
+            async with hold(JOURNAL, store, row.task_id, me, lease=lease, offload=offload) as claim:
+                if claim is None:
+                    continue  # finished, or another recoverer holds it
+                claimed = claim.row
+                if claimed.route != route or (claimed.deadline or moment) > moment:
+                    continue  # handed off again meanwhile (re-sent elsewhere): given back
+                if executor is None or dispatcher is None:
+                    entry = DeadLetter.from_journal(
+                        claimed, at=moment, reason=DeadLetterReason.WORKER_LOST
+                    )
+                    await call(store.put, entry)
+                    await claim.settle()
+                    counts["dead"] += 1
+                    _log.warning(
+                        "handed-off durable task past its deadline moved to dead letters",
+                        task_name=entry.task_name,
+                        task_id=entry.id,
+                        route=route,
+                    )
+                    continue
+                try:
+                    deadline = await call(
+                        dispatcher.resend, executor, claimed, task_id=claimed.task_id
+                    )
+                except LookupError as exc:  # untrusted, unregistered, not replayable
+                    # never signed again for a worker: kept where an operator looks, refused
+                    entry = DeadLetter.from_journal(
+                        claimed, at=moment, reason=DeadLetterReason.REFUSED
+                    )
+                    await call(
+                        store.put,
+                        entry.replace(error_type=type(exc).__name__, error_message=str(exc)[:2000]),
+                    )
+                    await claim.settle()
+                    counts["refused"] += 1
+                    _log.error(
+                        "handed-off durable task refused", task_id=row.task_id, error=str(exc)
+                    )
+                    continue
+                except Exception:
+                    _log.exception(
+                        "handed-off durable task could not be re-sent; it stays journaled",
+                        task_id=row.task_id,
+                        route=route,
+                    )
+                    continue  # given back: the next pass tries again
+                next_deadline = deadline if deadline is not None else moment + RESEND_DEADLINE
+                owner = route_owner(route)
+                signature = claimed.handed(owner, next_deadline).signed().signature
+                # the hand-off releases the claim with the move
+                await call(
+                    store.journal_hand_off,
+                    row.task_id,
+                    owner=owner,
+                    deadline=next_deadline,
+                    signature=signature or None,
+                )
+                claim.done = True
+                counts["resent"] += 1
         except CorruptEntryError:
             continue  # logged by the store; an operator deletes it
-        if claimed is None or claimed.route != route or (claimed.deadline or moment) > moment:
-            if claimed is not None:  # handed off again meanwhile (re-sent elsewhere)
-                await call(store.journal_release, row.task_id, me)
-            continue
-        if executor is None or dispatcher is None:
-            entry = DeadLetter.from_journal(claimed, at=moment, reason=DeadLetterReason.WORKER_LOST)
-            await call(store.put, entry)
-            await call(store.journal_remove_claimed, row.task_id, me)
-            counts["dead"] += 1
-            _log.warning(
-                "handed-off durable task past its deadline moved to dead letters",
-                task_name=entry.task_name,
-                task_id=entry.id,
-                route=route,
-            )
-            continue
-        try:
-            renew = functools.partial(store.journal_claim, row.task_id, me, lease=lease)
-            async with renewing(renew, lease / 3):
-                deadline = await call(
-                    dispatcher.resend, executor, claimed, task_id=claimed.task_id
-                )
-        except (UntrustedEntryError, TaskImportError, NotReplayableError, LookupError) as exc:
-            # never signed again for a worker: kept where an operator looks, as refused
-            entry = DeadLetter.from_journal(claimed, at=moment, reason=DeadLetterReason.REFUSED)
-            await call(
-                store.put,
-                entry.replace(error_type=type(exc).__name__, error_message=str(exc)[:2000]),
-            )
-            await call(store.journal_remove_claimed, row.task_id, me)
-            counts["refused"] += 1
-            _log.error("handed-off durable task refused", task_id=row.task_id, error=str(exc))
-            continue
-        except Exception:
-            _log.exception(
-                "handed-off durable task could not be re-sent; it stays journaled",
-                task_id=row.task_id,
-                route=route,
-            )
-            await call(store.journal_release, row.task_id, me)
-            continue
-        next_deadline = deadline if deadline is not None else moment + RESEND_DEADLINE
-        owner = route_owner(route)
-        signature = claimed.handed(owner, next_deadline).signed().signature
-        await call(
-            store.journal_hand_off,
-            row.task_id,
-            owner=owner,
-            deadline=next_deadline,
-            signature=signature or None,
-        )
-        counts["resent"] += 1
     if counts["resent"] or counts["refused"]:
         _log.warning(
             "re-sent handed-off durable tasks past their deadline",
