@@ -8,11 +8,11 @@ configured only by the standard variables (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_A
 also pass `lifespan=telemetry.lifespan` to FastAPI: uvicorn ends a SIGTERM'd process by
 re-raising the signal, which skips exit handlers.
 
-Each call gives the process its own ``service.instance.id`` (unless `OTEL_RESOURCE_ATTRIBUTES`
-sets one): every process of a service exports its own series, and the collector's
-``deltatocumulative`` and Prometheus keep them apart. A forked worker child (prefork servers,
-Celery) calls `configure_telemetry()` again after the fork, and `Telemetry.flush()` (or
-`shutdown()`) before it exits: a forked child ends with ``os._exit``, without exit handlers.
+The resource has a ``service.instance.id`` of the process (unless `OTEL_RESOURCE_ATTRIBUTES`
+sets one): every process of a service exports its own series, which Prometheus keeps apart.
+A forked worker child (prefork servers, Celery) calls `configure_telemetry()` again after the
+fork, which gives it an id of its own, and `Telemetry.flush()` (or `shutdown()`) before it
+exits: a forked child ends with ``os._exit``, without exit handlers.
 """
 
 from __future__ import annotations
@@ -101,6 +101,18 @@ class Telemetry:
         self.meter_provider.shutdown()
 
 
+_instance: tuple[int, str] | None = None  # (pid, id): a forked child gets its own
+
+
+def _instance_id() -> str:
+    """This process's ``service.instance.id`` (a UUID v4; SDKs from 1.39 detect one the same
+    way, which then wins)."""
+    global _instance
+    if _instance is None or _instance[0] != os.getpid():
+        _instance = (os.getpid(), str(uuid.uuid4()))
+    return _instance[1]
+
+
 def _protocol(signal_var: str) -> str:
     return os.environ.get(signal_var) or os.environ.get(OTEL_EXPORTER_OTLP_PROTOCOL) or "grpc"
 
@@ -148,8 +160,8 @@ def configure_telemetry(
     attributes: dict[str, str] = {}
     if service_name and not os.environ.get("OTEL_SERVICE_NAME"):
         attributes["service.name"] = service_name
-    if SERVICE_INSTANCE_ID not in Resource.create().attributes:  # not set by the environment
-        attributes[SERVICE_INSTANCE_ID] = str(uuid.uuid4())  # one per process (per call)
+    if SERVICE_INSTANCE_ID not in Resource.create().attributes:  # neither the env nor the SDK
+        attributes[SERVICE_INSTANCE_ID] = _instance_id()
     resource = Resource.create(attributes)
     if export is None:
         export = any(
