@@ -40,43 +40,53 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 CACHE = Path(os.environ.get("OTEL_BGTASKS_CACHE", Path.home() / ".cache" / "otel-bgtasks"))
 
-TEST_DEPENDENCIES = (
-    # both suites
-    "pytest>=9,<9.2",
-    "anyio[trio]>=4.11",
-    "trio>=0.34",
-    "coverage>=7.8",
-    # Starlette's dev group
-    "itsdangerous",
-    "jinja2",
-    "python-multipart>=0.0.18",
-    "pyyaml",
-    "httpx>=0.27,<0.29",
-    "httpx2[zstd]>=2.0",
-    "blockbuster>=1.5.23",
-    "opentelemetry-sdk",
+TEST_DEPENDENCIES = {
+    # Starlette's dev group (what its tests import)
+    "starlette": (
+        "pytest>=9,<9.2",
+        "anyio[trio]>=4.11",
+        "trio>=0.34",
+        "itsdangerous",
+        "jinja2",
+        "python-multipart>=0.0.18",
+        "pyyaml",
+        "httpx>=0.27,<0.29",
+        "httpx2[zstd]>=2.0",
+        "blockbuster>=1.5.23",
+        "opentelemetry-sdk",
+    ),
     # FastAPI's tests group
-    "opentelemetry-instrumentation-fastapi",
-    "opentelemetry-exporter-otlp-proto-http",
-    "logfire",
-    "sentry-sdk",
-    "dirty-equals",
-    "inline-snapshot",
-    "flask>=3,<4",
-    "pwdlib[argon2]",
-    "pyjwt",
-    "sqlmodel",
-    "strawberry-graphql<1",
-    "typer",
-    "a2wsgi",
-    "python-slugify",
-    "pytest-timeout",
-    "pytest-xdist[psutil]",
-    "email-validator",
-    "pydantic-settings",
-    "fastapi-cli",
-    "uvicorn",
-)
+    "fastapi": (
+        "pytest>=9,<9.2",
+        "anyio[trio]>=4.11",
+        "coverage>=7.8",
+        "opentelemetry-sdk",
+        "opentelemetry-instrumentation-fastapi",
+        "opentelemetry-exporter-otlp-proto-http",
+        "logfire",
+        "sentry-sdk",
+        "dirty-equals",
+        "inline-snapshot",
+        "flask>=3,<4",
+        "pwdlib[argon2]",
+        "pyjwt",
+        "sqlmodel",
+        "strawberry-graphql<1",
+        "typer",
+        "a2wsgi",
+        "python-slugify",
+        "pytest-timeout",
+        "pytest-xdist[psutil]",
+        "email-validator",
+        "pydantic-settings",
+        "fastapi-cli",
+        "uvicorn",
+        "httpx>=0.27,<0.29",
+        "httpx2>=2.0",
+        "python-multipart>=0.0.18",
+        "pyyaml",
+    ),
+}
 
 BY_DESIGN = {
     "fastapi": {
@@ -112,11 +122,12 @@ def installed_version(name: str) -> str:
     return importlib.metadata.version(name)
 
 
-def upstream_venv(versions: dict[str, str]) -> Path:
-    """The suites' virtual environment, created (or refreshed) for these versions."""
+def upstream_venv(versions: dict[str, str], suites: tuple[str, ...]) -> Path:
+    """The suites' virtual environment, created (or refreshed) for these versions and
+    suites."""
     venv = CACHE / "upstream-venv"
     stamp = venv / "bgtasks-versions.txt"
-    wanted = ",".join(f"{k}=={v}" for k, v in sorted(versions.items()))
+    wanted = ",".join([*(f"{k}=={v}" for k, v in sorted(versions.items())), *sorted(suites)])
     python = venv / "bin" / "python"
     if not (python.exists() and stamp.exists() and stamp.read_text() == wanted):
         shutil.rmtree(venv, ignore_errors=True)
@@ -124,7 +135,8 @@ def upstream_venv(versions: dict[str, str]) -> Path:
         pip = [str(python), "-m", "pip", "install", "--quiet"]
         subprocess.run([*pip, "--upgrade", "pip"], check=True)
         pins = [f"{name}=={version}" for name, version in versions.items()]
-        subprocess.run([*pip, *pins, *TEST_DEPENDENCIES], check=True)
+        needed = sorted({dep for suite in suites for dep in TEST_DEPENDENCIES[suite]})
+        subprocess.run([*pip, *pins, *needed], check=True)
         stamp.write_text(wanted)
     # this checkout, every time (its dependencies are mostly there already)
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-e", str(REPO)], check=True)
@@ -231,8 +243,8 @@ def main() -> int:
     parser.add_argument("--backend", choices=("asyncio", "trio", "both"), default="both")
     args = parser.parse_args()
     versions = {name: installed_version(name) for name in ("starlette", "fastapi")}
-    python = upstream_venv(versions)
     suites = ("starlette", "fastapi") if args.suite == "all" else (args.suite,)
+    python = upstream_venv(versions, suites)
     backends = ("asyncio", "trio") if args.backend == "both" else (args.backend,)
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bgtasks-upstream-") as tmp:
