@@ -22,12 +22,13 @@ from starlette.exceptions import StarletteDeprecationWarning
 from starlette.requests import ClientDisconnect
 from structlog.testing import capture_logs
 
-from otel_bgtasks import BackgroundTasksInstrumentor, background_task
+from otel_bgtasks import BackgroundTasksInstrumentor, RetryPolicy, background_task
 from otel_bgtasks._execution import Executor, active_executor
 from otel_bgtasks.dispatch import Dispatcher, LocalDispatcher
 from otel_bgtasks.environment import options_from_env
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.state import TaskCallState
+from otel_bgtasks.testing import InMemoryDeadLetterStore
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)  # Starlette 1.10 wants httpx2
@@ -450,4 +451,39 @@ def test_the_local_pool_serves_a_trio_app_too(instrument, backend):
     with TestClient(app_with(step, step), backend=backend) as client:
         assert client.get("/").status_code == 200
     assert done == ["response", "t0", "t1"]
+    assert active_executor().inflight == {}
+
+
+flaky_calls: list[int] = []
+
+
+async def flaky_once(name: str) -> None:
+    flaky_calls.append(1)
+    if len(flaky_calls) == 1:
+        raise ConnectionError("first attempt fails")
+    done.append(name)
+
+
+@pytest.mark.parametrize("dispatch", ["inline", "local"])
+def test_policies_and_durable_tasks_run_on_trio(telemetry, instrument, dispatch):
+    """The executor's awaits are Starlette's backend's: a retry's sleep, a timeout's scope,
+    the journal's writes and the response gate, on a trio app."""
+    done.clear()
+    flaky_calls.clear()
+    store = InMemoryDeadLetterStore()
+    instrument(
+        dispatch=dispatch,
+        retry=RetryPolicy(max_attempts=2, initial_delay=0, jitter=0),
+        timeout=30.0,
+        durable=True,
+        dead_letter_store=store,
+    )
+    with TestClient(app_with(flaky_once), backend="trio") as client:
+        assert client.get("/").status_code == 200
+    assert done == ["response", "t0"]
+    (span,) = telemetry.spans()
+    assert span.attributes["bgtasks.task.attempts"] == 2
+    assert span.attributes["bgtasks.task.outcome"] == "success"
+    assert [event.name for event in span.events] == ["bgtasks.retry"]
+    assert store.journal_list() == []  # journaled, then removed when it ended
     assert active_executor().inflight == {}
