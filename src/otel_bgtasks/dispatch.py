@@ -128,12 +128,14 @@ class _Pool:
         self._unfinished = 0  # groups submitted and not done
         self._idle: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
+        self._wanted = anyio.Event()  # set by the first group: the workers start then
         self.closed = False
         self._cancelled = anyio.get_cancelled_exc_class()
 
     def reserve(self) -> bool:
-        """Take a place in the queue for a group about to be submitted; False when full."""
-        if self.closed or self.waiting >= self.max_queued:
+        """Take a place for a group about to be submitted: a free slot, else one of the
+        `max_queued` places in the queue; False when every slot is busy and the queue full."""
+        if self.closed or self.waiting >= self.max_queued + self.limit - self.running_groups:
             return False
         self.waiting += 1
         self._reserved += 1
@@ -152,12 +154,19 @@ class _Pool:
             return
         self._unfinished += 1
         self._send.send_nowait(list(states))
+        self._wanted.set()
 
     def start(self, group: anyio.abc.TaskGroup) -> None:
-        """Start the workers in `group` (their lifetime: the lifespan serving)."""
+        """Serve in `group` (its lifetime: the lifespan serving): the workers start with the
+        first group submitted (an app whose tasks all run inline never starts them)."""
         self._scope = group.cancel_scope
-        for _ in range(self.limit):
-            group.start_soon(self._work)
+
+        async def on_demand() -> None:
+            await self._wanted.wait()
+            for _ in range(self.limit):
+                group.start_soon(self._work)
+
+        group.start_soon(on_demand)
 
     async def _work(self) -> None:
         _group.set(None)  # tasks scheduled by a task belong to no response

@@ -487,3 +487,12 @@ def test_policies_and_durable_tasks_run_on_trio(telemetry, instrument, dispatch)
     assert [event.name for event in span.events] == ["bgtasks.retry"]
     assert store.journal_list() == []  # journaled, then removed when it ended
     assert active_executor().inflight == {}
+
+
+def test_max_queued_zero_queues_nothing_but_uses_free_slots(telemetry, instrument):
+    done.clear()
+    instrument(dispatch="local", max_concurrency=2, max_queued=0)
+    with TestClient(app_with(step)) as client:
+        client.get("/")
+    assert done == ["response", "t0"]  # a free slot took it after the response
+    assert telemetry.points("bgtasks.task.inlined") == []
