@@ -56,6 +56,7 @@ from otel_bgtasks._execution import (
     set_active_executor,
 )
 from otel_bgtasks._version import __version__
+from otel_bgtasks.attributes import SCHEMA_URL
 from otel_bgtasks.calls import Serializer
 from otel_bgtasks.circuit import CircuitBreaker
 from otel_bgtasks.dispatch import (
@@ -253,13 +254,13 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             _SCOPE,
             __version__,
             options.get("tracer_provider"),
-            schema_url="https://opentelemetry.io/schemas/1.11.0",
+            schema_url=SCHEMA_URL,
         )
         meter = metrics.get_meter(
             _SCOPE,
             __version__,
             options.get("meter_provider"),
-            schema_url="https://opentelemetry.io/schemas/1.11.0",
+            schema_url=SCHEMA_URL,
         )
         given = options.get("dead_letter_store", _ABSENT)
         store = _store(given)

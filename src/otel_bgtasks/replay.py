@@ -89,8 +89,8 @@ def standalone_executor(store: DeadLetterStore | None = None) -> Executor:
     executor = _standalone.get(key)
     if executor is None or executor.store is not store:
         executor = _standalone[key] = Executor(
-            trace.get_tracer("otel_bgtasks", __version__),
-            Instruments(metrics.get_meter("otel_bgtasks", __version__)),
+            trace.get_tracer("otel_bgtasks", __version__, schema_url=attr.SCHEMA_URL),
+            Instruments(metrics.get_meter("otel_bgtasks", __version__, schema_url=attr.SCHEMA_URL)),
             dead_letter_store=store,
         )
     return executor

@@ -146,10 +146,6 @@ class RetryPolicy:
         state.set_exception((type(exc), exc, exc.__traceback__))
         return bool(self._decide(state))
 
-    def is_retryable(self, exc: BaseException) -> bool:
-        """`retries(exc)`: the name this method had before 0.2."""
-        return self.retries(exc)
-
     def retrying(self, before_sleep: BeforeSleep | None = None) -> AsyncRetrying:
         """A tenacity `AsyncRetrying` for this policy; async sleeps never block the loop."""
         return AsyncRetrying(

@@ -308,10 +308,3 @@ def test_the_redis_store_is_still_a_public_name():
     assert otel_bgtasks.RedisDeadLetterStore is RedisDeadLetterStore
     assert "RedisDeadLetterStore" in otel_bgtasks.__all__
 
-
-def test_old_import_paths_still_work():
-    from otel_bgtasks import deadletter, replay_runner
-
-    assert deadletter.DeadLetters is otel_bgtasks.DeadLetters
-    assert deadletter.TaskImportError is TaskImportError
-    assert replay_runner.run_dead_letter is otel_bgtasks.run_dead_letter

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -17,7 +16,8 @@ from otel_bgtasks.cli import main, parse_since
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.replay import ReplayResult
 from otel_bgtasks.stores import SQLiteDeadLetterStore
-from tests.unit.test_deadletter_contract import dead_pid, make_entry, make_journal
+from tests.support.owners import dead_owner
+from tests.unit.test_deadletter_contract import make_entry, make_journal
 
 NOW = time.time()
 
@@ -404,7 +404,7 @@ def test_recover_dead_letters_tasks_of_dead_processes(
         "recover: no interrupted durable tasks\n",
         "",
     )
-    crashed = f"{socket.gethostname()}:{dead_pid()}:abcd"
+    crashed = dead_owner()
     lost = make_journal(owner=crashed, func_ref="tests.unit.test_cli:record_call")
     store.journal_add(lost)
     code, out, _ = run(capsys, "--store", url, "recover")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from otel_bgtasks.errors import StoreUnavailableError
+from otel_bgtasks.errors import ConfigurationError, StoreUnavailableError
 from otel_bgtasks.records import DeadLetterReason
 from otel_bgtasks.stores import BufferedStore, SQLiteDeadLetterStore, open_store
 from otel_bgtasks.stores.sqlite import SCHEMA_VERSION
@@ -227,28 +227,26 @@ class TestBufferedSQLiteStore(TestSQLiteStore):
         store.close()
 
 
-def test_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+def test_a_version_1_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
     path = tmp_path / "v1.db"
     with sqlite3.connect(path) as conn:
         conn.executescript(
             "CREATE TABLE dead_letters (id TEXT PRIMARY KEY, task_name TEXT NOT NULL,"
             " reason TEXT NOT NULL, last_failure REAL NOT NULL, data TEXT NOT NULL);"
-            "CREATE TABLE journal (task_id TEXT PRIMARY KEY, owner TEXT NOT NULL,"
-            " enqueued_at REAL NOT NULL, data TEXT NOT NULL);"
-            "CREATE TABLE heartbeats (owner TEXT PRIMARY KEY, at REAL NOT NULL);"
             "PRAGMA user_version = 1;"
         )
-        entry = make_entry()
-        conn.execute(
-            "INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?)",
-            (entry.id, entry.task_name, entry.reason.value, entry.last_failure, entry.to_json()),
-        )
     conn.close()
-    with SQLiteDeadLetterStore(path) as store:
-        assert store.claim(entry.id, "A", lease=30) == entry
-        assert store.delete_claimed(entry.id, "A") is True
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    with pytest.raises(
+        ConfigurationError,
+        match=r"schema version 1 .* not read by this one \(2\); move the file aside",
+    ):
+        SQLiteDeadLetterStore(path)
+    with sqlite3.connect(path) as conn:  # refused, not touched
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == [
+            "dead_letters",
+            "sqlite_autoindex_dead_letters_1",
+        ]
     conn.close()
 
 

@@ -30,7 +30,6 @@ from otel_bgtasks.alerting.signals import TaskSignal
 __all__ = ["AlertingSpanProcessor", "install_alerting"]
 
 _SCOPE: Final = "otel_bgtasks"
-_SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.11.0"
 _STOP: Final = object()
 
 _log = structlog.get_logger("otel_bgtasks.alerting")
@@ -75,7 +74,7 @@ class AlertingSpanProcessor(SpanProcessor):
                 f"AlertingSpanProcessor(tick_interval={tick_interval!r}): must be > 0 seconds"
             )
         self.engine = rules if isinstance(rules, RuleEngine) else RuleEngine(rules, clock=clock)
-        meter = metrics.get_meter(_SCOPE, __version__, meter_provider, schema_url=_SCHEMA_URL)
+        meter = metrics.get_meter(_SCOPE, __version__, meter_provider, schema_url=attr.SCHEMA_URL)
         self.dispatcher = Dispatcher(
             notifiers, create_sent_counter(meter), delivery or DeliveryOptions()
         )
