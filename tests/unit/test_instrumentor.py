@@ -10,10 +10,12 @@ import threading
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.semconv.schemas import Schemas
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.background import BackgroundTask, BackgroundTasks
 
 from otel_bgtasks import BackgroundTasksInstrumentor, background_task, current_task, schedule
+from otel_bgtasks._version import __version__
 from otel_bgtasks.metrics import DURATION_BUCKETS
 
 
@@ -70,6 +72,25 @@ async def test_link_mode_span_structure(telemetry, instrument):
     (event,) = request_span.events
     assert event.name == "bgtasks.enqueued"
     assert dict(event.attributes) == {"bgtasks.task.name": "ok_async", "bgtasks.task.id": task_id}
+
+
+async def test_tracer_and_meter_declare_the_conventions_the_names_come_from(telemetry, instrument):
+    newest = max(Schemas, key=lambda s: tuple(map(int, s.value.rsplit("/", 1)[1].split("."))))
+    instrument()
+    await BackgroundTask(ok_async, 1)()
+
+    scope = telemetry.span("process ok_async").instrumentation_scope
+    assert (scope.name, scope.version, scope.schema_url) == (
+        "otel_bgtasks",
+        __version__,
+        newest.value,
+    )
+    data = telemetry.reader.get_metrics_data()
+    assert {
+        (sm.scope.name, sm.scope.schema_url)
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+    } == {("otel_bgtasks", newest.value)}
 
 
 async def test_child_mode_parents_under_the_scheduling_span(telemetry, instrument):

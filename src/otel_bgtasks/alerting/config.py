@@ -4,7 +4,7 @@ Channels and delivery options come from the variables listed in `AlertingConfig.
 rules from `OTEL_BGTASKS_ALERT_RULES`, a comma-separated list of rule specs::
 
     consecutive_failures[:N]                      ConsecutiveFailures(N), default 3
-    failure_ratio[:RATIO[/WINDOW_S[/MIN_RUNS]]]   FailureRatio, default 0.5/300/10
+    failure_ratio[:RATIO[/WINDOW_S[/MIN_RUNS]]]   FailureRatio, default 0.1/300/10
     circuit_opened                                CircuitOpened()
     dead_letter_moves[:MORE_THAN[/WINDOW_S]]      each move; or more than N moves in WINDOW_S
     slow_task:SECONDS                             SlowTask(SECONDS)
