@@ -190,7 +190,7 @@ def test_shutdown_is_idempotent_closes_notifiers_and_ignores_later_spans(provide
     processor.shutdown()
     processor.on_end(tracer_provider.get_tracer("t").start_span("process x"))  # no error
     assert processor.pending_signals == 0
-    assert processor.dispatcher.threads_alive == 0
+    assert processor.delivery.threads_alive == 0
 
 
 @pytest.mark.parametrize("bad", [{"queue_size": 0}, {"tick_interval": 0}])
@@ -224,7 +224,7 @@ def test_install_alerting_adds_the_processor_with_defaults(providers, clean_env)
         "circuit_opened",
         "dead_letter_moves",
     ]
-    assert [type(n) for n in processor.dispatcher.notifiers] == [LogNotifier]
+    assert [type(n) for n in processor.delivery.notifiers] == [LogNotifier]
     with capture_logs() as logs:
         for _ in range(3):
             end_task_span(tracer_provider)
@@ -241,8 +241,8 @@ def test_install_alerting_reads_channels_from_the_environment(providers, clean_e
     clean_env.setenv("OTEL_BGTASKS_ALERT_SLACK_WEBHOOK_URL", "https://hooks.slack.com/s/t0k3n")
     clean_env.setenv("OTEL_BGTASKS_ALERT_QUEUE_SIZE", "7")
     processor = install_alerting(tracer_provider, meter_provider=meter_provider)
-    assert [type(n) for n in processor.dispatcher.notifiers] == [SlackNotifier]
-    assert processor.dispatcher.options.queue_size == 7
+    assert [type(n) for n in processor.delivery.notifiers] == [SlackNotifier]
+    assert processor.delivery.options.queue_size == 7
 
 
 def test_install_alerting_with_explicit_config_and_notifiers(providers, clean_env):
@@ -250,7 +250,7 @@ def test_install_alerting_with_explicit_config_and_notifiers(providers, clean_en
     clean_env.setenv("OTEL_BGTASKS_ALERT_LOG", "not-a-bool")  # never read
     config = AlertingConfig(slack_webhook_url=Secret("https://hooks.slack.com/s/t0k3n"))
     processor = install_alerting(tracer_provider, meter_provider=meter_provider, config=config)
-    assert [n.channel for n in processor.dispatcher.notifiers] == ["slack"]
+    assert [n.channel for n in processor.delivery.notifiers] == ["slack"]
     notifier = Recording()
     processor = install_alerting(
         tracer_provider,

@@ -31,10 +31,10 @@ from otel_bgtasks.alerting.alerts import Alert, AlertStatus, DetailValue, Severi
 from otel_bgtasks.alerting.signals import TaskSignal
 
 __all__ = [
+    "DEFAULT_FAILURE_RATIO",
     "CircuitOpened",
     "Clock",
     "Condition",
-    "DEFAULT_FAILURE_RATIO",
     "ConsecutiveFailures",
     "DeadLetterMoves",
     "FailureRatio",
