@@ -16,12 +16,13 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from tests.integration._server import UvicornThread, wait_for_tasks, wait_until
+from tests.integration._server import UvicornThread, wait_for_tasks
 from tests.integration.test_alerting_servers import (
     HangingServer,
     RecordingHTTPServer,
     refused_url,
 )
+from tests.support.waiting import wait_until
 
 from otel_bgtasks import attributes as attr
 from otel_bgtasks import schedule

@@ -24,10 +24,11 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from tests.integration._server import REPO_ROOT, UvicornThread, durable_app, wait_until
+from tests.integration._server import REPO_ROOT, UvicornThread, durable_app
 from tests.integration.apps.claim_tasks import FAIL_ENV, SECONDS_ENV, read_lines
 from tests.integration.apps.durable_tasks import read_results
-from tests.redis_server import running_redis
+from tests.support.redis import running_redis
+from tests.support.waiting import wait_until
 
 from otel_bgtasks.health import bearer_token_auth, bgtasks_router
 from otel_bgtasks.identity import process_identity

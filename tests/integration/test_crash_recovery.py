@@ -23,8 +23,9 @@ import httpx
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.background import BackgroundTask
-from tests.integration._server import durable_app, wait_until
+from tests.integration._server import durable_app
 from tests.integration.apps.durable_tasks import read_results, record_result
+from tests.support.waiting import wait_until
 
 from otel_bgtasks._execution import active_executor as current_executor
 from otel_bgtasks.errors import SerializationError

@@ -27,7 +27,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.background import BackgroundTask
 from starlette.exceptions import StarletteDeprecationWarning
-from tests.integration._server import UvicornThread, wait_for_tasks, wait_until
+from tests.integration._server import UvicornThread, wait_for_tasks
+from tests.support.waiting import wait_until
 
 from otel_bgtasks import background_task
 from otel_bgtasks._execution import active_executor

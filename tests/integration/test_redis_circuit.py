@@ -10,19 +10,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import redis
 import structlog
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
-from tests.redis_server import RedisServer, running_redis
+from tests.support.telemetry import Telemetry
 
 from otel_bgtasks import CircuitBreaker, CircuitState, RedisCircuitBackend
 from otel_bgtasks._execution import Executor
@@ -41,12 +37,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def redis_server(tmp_path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path) as server:
-        yield server
 
 
 @pytest.fixture
@@ -132,23 +122,18 @@ def test_two_replicas_open_and_close_together(clients):
 
 @dataclass
 class Replica:
-    """One app process: its own tracer and meter, its own Redis client, one executor."""
+    """One app process: its own telemetry (tracer and meter), its own Redis client, one
+    executor."""
 
     executor: Executor
-    exporter: InMemorySpanExporter
-    reader: InMemoryMetricReader
-    providers: list[Any] = field(default_factory=list)
+    telemetry: Telemetry
 
     @classmethod
     def start(cls, client: redis.Redis, clock: Clock) -> Replica:
-        exporter = InMemorySpanExporter()
-        tracer_provider = TracerProvider()
-        tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-        reader = InMemoryMetricReader()
-        meter_provider = MeterProvider(metric_readers=[reader])
+        telemetry = Telemetry()
         executor = Executor(
-            tracer_provider.get_tracer("otel_bgtasks"),
-            Instruments(meter_provider.get_meter("otel_bgtasks")),
+            telemetry.tracer_provider.get_tracer("otel_bgtasks"),
+            Instruments(telemetry.meter_provider.get_meter("otel_bgtasks")),
             circuit=CircuitBreaker(
                 NAME,
                 failure_threshold=2,
@@ -157,29 +142,23 @@ class Replica:
                 backend=RedisCircuitBackend(client),
             ),
         )
-        return cls(executor, exporter, reader, [tracer_provider, meter_provider])
+        return cls(executor, telemetry)
 
     async def run(self, func: Any, *args: Any) -> ReadableSpan:
         state = self.executor.prepare(func, args, {})
         await self.executor.run(state)
-        return self.exporter.get_finished_spans()[-1]
+        return self.telemetry.spans()[-1]
 
     def gauge(self) -> dict[str, int]:
-        data = self.reader.get_metrics_data()
-        assert data is not None
         return {
             p.attributes["bgtasks.circuit.name"]: p.value
-            for rm in data.resource_metrics
-            for sm in rm.scope_metrics
-            for m in sm.metrics
-            if m.name == "bgtasks.circuit.state"
-            for p in m.data.data_points
+            for p in self.telemetry.points("bgtasks.circuit.state")
         }
 
     def close(self) -> None:
         self.executor.close()
-        for provider in self.providers:
-            provider.shutdown()
+        self.telemetry.tracer_provider.shutdown()
+        self.telemetry.meter_provider.shutdown()
 
 
 calls: list[str] = []

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
 from structlog.testing import capture_logs
 
 from otel_bgtasks import attributes as attr
@@ -37,9 +33,17 @@ class Recording(Notifier):
     def __init__(self):
         self.alerts = []
         self.closed = False
+        self._sent = threading.Condition()
 
     def send(self, alert):
-        self.alerts.append(alert)
+        with self._sent:
+            self.alerts.append(alert)
+            self._sent.notify_all()
+
+    def wait_for(self, count):
+        """Block until `count` alerts were sent (a bound to fail with, not a decision)."""
+        with self._sent:
+            assert self._sent.wait_for(lambda: len(self.alerts) >= count, timeout=30), self.alerts
 
     def close(self):
         self.closed = True
@@ -62,13 +66,8 @@ class Stuck(Rule):
 
 
 @pytest.fixture
-def providers():
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    tracer_provider = TracerProvider(shutdown_on_exit=False)
-    yield tracer_provider, meter_provider, reader
-    tracer_provider.shutdown()
-    meter_provider.shutdown()
+def providers(telemetry):
+    return telemetry.tracer_provider, telemetry.meter_provider, telemetry.reader
 
 
 def end_task_span(tracer_provider, name="send_invoice", outcome="failure", events=()):
@@ -79,13 +78,6 @@ def end_task_span(tracer_provider, name="send_invoice", outcome="failure", event
         span.add_event(event_name, event_attrs)
     span.set_attribute(attr.TASK_OUTCOME, outcome)
     span.end()
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_task_spans_reach_the_rules_and_the_notifier(providers):
@@ -168,7 +160,7 @@ def test_time_windows_resolve_on_the_rules_thread_tick(providers):
     assert processor.force_flush(10_000)
     assert [a.status for a in notifier.alerts] == [AlertStatus.FIRING]
     now[0] = 1061.0
-    wait_until(lambda: len(notifier.alerts) == 2)
+    notifier.wait_for(2)  # the rules thread ticks on its own and sees the later time
     assert processor.force_flush(10_000)
     assert [(a.status, a.at) for a in notifier.alerts] == [
         (AlertStatus.FIRING, 1000.0),

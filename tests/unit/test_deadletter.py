@@ -8,7 +8,6 @@ import json
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -423,12 +422,6 @@ async def run_for_real(entry: DeadLetter) -> ReplayResult:
     except Exception as exc:
         return ReplayResult(ok=False, entry=entry.with_failure(exc))
     return ReplayResult(ok=True)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteDeadLetterStore]:
-    with SQLiteDeadLetterStore(tmp_path / "dlq.db") as store:
-        yield store
 
 
 def _payload(*args: Any, **kwargs: Any) -> str:

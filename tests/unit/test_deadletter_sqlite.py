@@ -19,19 +19,9 @@ from tests.unit.test_deadletter_contract import T0, StoreContract, make_entry, m
 
 class TestSQLiteStore(StoreContract):
     @pytest.fixture
-    def db_path(self, tmp_path: Path) -> Path:
-        return tmp_path / "dlq.db"
-
-    @pytest.fixture
-    def store(self, db_path: Path) -> Iterator[SQLiteDeadLetterStore]:
-        store = SQLiteDeadLetterStore(db_path)
-        yield store
-        store.close()
-
-    @pytest.fixture
-    def inject_raw(self, db_path: Path) -> Callable[[str, str, float], None]:
+    def inject_raw(self, store_path: Path) -> Callable[[str, str, float], None]:
         def inject(entry_id: str, raw: str, last_failure: float) -> None:
-            with sqlite3.connect(db_path) as conn:
+            with sqlite3.connect(store_path) as conn:
                 conn.execute(
                     "INSERT INTO dead_letters (id, task_name, reason, last_failure, data)"
                     " VALUES (?, 'send_mail', 'exhausted', ?, ?)",
@@ -221,8 +211,8 @@ class TestBufferedSQLiteStore(TestSQLiteStore):
     """The contract holds through the `BufferedStore` wrapper too (`open_store`'s default)."""
 
     @pytest.fixture
-    def store(self, db_path: Path) -> Iterator[BufferedStore]:  # type: ignore[override]
-        store = BufferedStore(SQLiteDeadLetterStore(db_path))
+    def store(self, store_path: Path) -> Iterator[BufferedStore]:  # type: ignore[override]
+        store = BufferedStore(SQLiteDeadLetterStore(store_path))
         yield store
         store.close()
 
