@@ -18,6 +18,7 @@ import redis
 import structlog
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
+from tests.support.clock import Clock
 from tests.support.telemetry import Telemetry
 
 from otel_bgtasks import CircuitBreaker, CircuitState, RedisCircuitBackend
@@ -29,14 +30,6 @@ pytestmark = pytest.mark.redis
 NAME = "payments"
 KEY = f"bgtasks:circuit:{NAME}"
 UNREACHABLE = "circuit state backend unreachable, using local state"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -76,7 +69,7 @@ def stored(client: redis.Redis) -> dict[str, Any]:
 
 
 def test_two_replicas_open_and_close_together(clients):
-    clock = Clock()
+    clock = Clock(1_000_000.0)
     seen_a: list[Any] = []
     seen_b: list[Any] = []
     a = breaker(clients(), clock, seen_a)
@@ -171,7 +164,7 @@ def pay(order: str) -> None:
 
 
 async def test_executors_of_two_replicas_share_one_breaker(clients):
-    clock = Clock()
+    clock = Clock(1_000_000.0)
     calls.clear()
     a, b = Replica.start(clients(), clock), Replica.start(clients(), clock)
     try:
@@ -215,7 +208,7 @@ async def test_executors_of_two_replicas_share_one_breaker(clients):
 
 
 def test_redis_outage_falls_back_to_local_state_and_recovers(redis_server, clients):
-    clock = Clock()
+    clock = Clock(1_000_000.0)
     seen_a: list[Any] = []
     a = breaker(clients(), clock, seen_a)
     b = breaker(clients(), clock, [])
@@ -260,7 +253,7 @@ def test_redis_outage_falls_back_to_local_state_and_recovers(redis_server, clien
 
 def test_after_a_redis_failure_redis_is_left_alone_for_retry_after(redis_server, clients):
     """A black-holed Redis costs one timeout per interval, not one per task."""
-    a = breaker(clients(), Clock(), [], retry_after=0.5)
+    a = breaker(clients(), Clock(1_000_000.0), [], retry_after=0.5)
     redis_server.stop()
     with structlog.testing.capture_logs() as logs:
         for _ in range(5):

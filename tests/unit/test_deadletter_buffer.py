@@ -16,6 +16,7 @@ from otel_bgtasks.errors import StoreUnavailableError
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
 from otel_bgtasks.stores import BufferedStore, SQLiteDeadLetterStore
 from otel_bgtasks.stores.base import DeadLetterStore
+from tests.support.clock import Clock
 from tests.unit.test_deadletter_contract import T0, make_entry, make_journal
 
 
@@ -119,14 +120,6 @@ class FlakyStore(DeadLetterStore):
     def close(self) -> None:
         self.calls.append("close")
         self.inner.close()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

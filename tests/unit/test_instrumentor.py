@@ -15,8 +15,10 @@ from opentelemetry.trace import SpanKind, StatusCode
 from starlette.background import BackgroundTask, BackgroundTasks
 
 from otel_bgtasks import BackgroundTasksInstrumentor, background_task, current_task, schedule
+from otel_bgtasks._execution import Executor
 from otel_bgtasks._version import __version__
-from otel_bgtasks.metrics import DURATION_BUCKETS
+from otel_bgtasks.metrics import DURATION_BUCKETS, Instruments
+from tests.support.clock import Clock
 
 
 async def ok_async(x: int) -> int:
@@ -301,17 +303,22 @@ async def test_unsampled_request_is_not_required_to_sample_task(telemetry, instr
     assert telemetry.span("process ok_async").links == ()
 
 
-async def test_histogram_exemplars_point_at_the_task_span(telemetry, instrument):
-    instrument()
+async def test_histogram_exemplars_point_at_the_task_span(telemetry):
+    clock = Clock(0.0)
+    executor = Executor(
+        telemetry.tracer_provider.get_tracer("otel_bgtasks"),
+        Instruments(telemetry.meter_provider.get_meter("otel_bgtasks")),
+        clock=clock,
+    )
 
     async def slow() -> None:
-        await asyncio.sleep(0.02)
+        clock.now += 0.02
 
-    with _request_span(telemetry.tracer_provider):
-        task = BackgroundTask(slow)
+    with _request_span(telemetry.tracer_provider) as request:
+        state = executor.prepare(slow, (), {}, link=request.get_span_context())
     # Both values above the first bucket: SDK 1.45 keeps no exemplar for bucket 0.
-    await asyncio.sleep(0.02)
-    await task()
+    clock.now += 0.02
+    await executor.run(state)
     span = telemetry.span(f"process {slow.__qualname__}")
     data = telemetry.reader.get_metrics_data()  # once: exemplars reset at each collection
     (scope,) = data.resource_metrics[0].scope_metrics
