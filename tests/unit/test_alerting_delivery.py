@@ -36,10 +36,12 @@ class Scripted(Notifier):
         self.channel = channel
         self.secret = secret
         self.calls: list[tuple[Alert, str, bool]] = []
+        self.called = threading.Event()
         self.closed = 0
 
     def send(self, alert):
         self.calls.append((alert, threading.current_thread().name, is_instrumentation_enabled()))
+        self.called.set()
         step = self.script.pop(0) if self.script else None
         if step is not None:
             raise step
@@ -95,12 +97,24 @@ def sent_counts(reader) -> dict[tuple[str, str, str], int]:
     return counts
 
 
+_threads: dict[int, list[threading.Thread]] = {}
+
+
+def join_threads(delivery: NotificationDelivery) -> None:
+    """Wait until `delivery`'s threads have ended (30 s to fail with)."""
+    for thread in _threads[id(delivery)]:
+        thread.join(30)
+    assert delivery.threads_alive == 0
+
+
 @pytest.fixture
 def make(reader):
     made: list[NotificationDelivery] = []
 
     def make(notifiers, **options):
+        before = set(threading.enumerate())
         delivery = NotificationDelivery(notifiers, reader.counter, DeliveryOptions(**options))
+        _threads[id(delivery)] = [t for t in threading.enumerate() if t not in before]
         made.append(delivery)
         return delivery
 
@@ -187,7 +201,7 @@ def test_a_full_queue_drops_and_counts_and_never_grows_past_its_bound(make, read
     assert sent_counts(reader) == {("consecutive_failures", "slack", "dropped"): 4}
     # One warning per run of drops, not one per drop.
     assert [e["event"] for e in logs] == ["bgtasks alert dropped: delivery queue full or shut down"]
-    assert not delivery.flush(time.monotonic() + 0.05)
+    assert not delivery.flush(time.monotonic())  # not flushed now, nor ever while it hangs
     hanging.release.set()
     assert delivery.flush(deadline())
     assert [a.key for a in hanging.sent] == ["task:0", "task:1", "task:2"]
@@ -204,8 +218,7 @@ def test_concurrency_is_limited(make):
         delivery.submit(alert(key=f"task:{i}"))
     for _ in range(3):
         assert hanging.entered.acquire(timeout=10)
-    assert not hanging.entered.acquire(timeout=0.2)  # a fourth never starts
-    assert (delivery.in_flight, delivery.queued) == (3, 3)
+    assert (delivery.in_flight, delivery.queued) == (3, 3)  # three threads, all taken
     hanging.release.set()
     assert delivery.flush(deadline())
 
@@ -217,15 +230,12 @@ def test_shutdown_drops_what_is_queued_refuses_new_alerts_and_closes_notifiers(m
     delivery.notifiers = (hanging, closer)
     delivery.submit(alert())
     assert hanging.entered.acquire(timeout=10)
-    assert not delivery.shutdown(time.monotonic() + 0.1)  # one stuck in flight
+    assert not delivery.shutdown(time.monotonic())  # one stuck in flight
     assert delivery.queued == 0
     assert closer.closed == 1
     delivery.submit(alert(rule="late"))
     hanging.release.set()
-    wait = deadline()
-    while delivery.threads_alive and time.monotonic() < wait:
-        time.sleep(0.01)
-    assert delivery.threads_alive == 0
+    join_threads(delivery)
     assert sent_counts(reader) == {
         ("consecutive_failures", "email", "dropped"): 1,  # queued behind the stuck one
         ("consecutive_failures", "slack", "sent"): 1,  # the stuck one, finished late
@@ -239,15 +249,10 @@ def test_shutdown_cuts_a_backoff_wait_short(make, reader):
     delivery = make([notifier], max_attempts=5, backoff_initial=60.0, backoff_max=60.0)
     with capture_logs() as logs:
         delivery.submit(alert())
-        wait = deadline()
-        while not notifier.calls and time.monotonic() < wait:
-            time.sleep(0.01)
+        assert notifier.called.wait(30)  # the first try failed: a 60 s backoff wait begins
         # The drain gives the retry until the deadline, then the 60 s wait is cut short.
-        assert not delivery.shutdown(time.monotonic() + 0.1)
-        wait = deadline()
-        while delivery.threads_alive and time.monotonic() < wait:
-            time.sleep(0.01)
-    assert delivery.threads_alive == 0
+        assert not delivery.shutdown(time.monotonic())
+        join_threads(delivery)
     assert len(notifier.calls) == 1  # no try after the shutdown
     assert sent_counts(reader) == {("consecutive_failures", "webhook", "failed"): 1}
     assert [(e["attempts"], e["error"]) for e in logs] == [(1, "DeliveryError: HTTP 503")]
