@@ -8,7 +8,6 @@ shared fake clock, injected into the breakers (wall time in production).
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -48,15 +47,15 @@ def clients(redis_server) -> Iterator[list[redis.Redis]]:
 
 
 def breaker(
-    client: redis.Redis, clock: Clock, transitions: list[Any], *, retry_after: float = 0.0
+    client: redis.Redis,
+    clock: Clock,
+    transitions: list[Any],
+    *,
+    retry_after: float = 0.0,
+    health_clock: Clock | None = None,
 ) -> CircuitBreaker:
-    b = CircuitBreaker(
-        NAME,
-        failure_threshold=2,
-        open_duration=30.0,
-        clock=clock,
-        backend=RedisCircuitBackend(client, retry_after=retry_after),
-    )
+    backend = RedisCircuitBackend(client, retry_after=retry_after, clock=health_clock or clock)
+    b = CircuitBreaker(NAME, failure_threshold=2, open_duration=30.0, clock=clock, backend=backend)
     b.listeners.append(lambda name, before, after: transitions.append((name, before, after)))
     return b
 
@@ -253,7 +252,8 @@ def test_redis_outage_falls_back_to_local_state_and_recovers(redis_server, clien
 
 def test_after_a_redis_failure_redis_is_left_alone_for_retry_after(redis_server, clients):
     """A black-holed Redis costs one timeout per interval, not one per task."""
-    a = breaker(clients(), Clock(1_000_000.0), [], retry_after=0.5)
+    health = Clock(0.0)  # the backend's own interval clock (monotonic in production)
+    a = breaker(clients(), Clock(1_000_000.0), [], retry_after=0.5, health_clock=health)
     redis_server.stop()
     with structlog.testing.capture_logs() as logs:
         for _ in range(5):
@@ -261,6 +261,6 @@ def test_after_a_redis_failure_redis_is_left_alone_for_retry_after(redis_server,
             a.record_success()
     assert len([e for e in logs if e["event"] == UNREACHABLE]) == 1
     redis_server.start()
-    time.sleep(0.6)  # past the interval: Redis is asked again
+    health.now += 0.6  # past the interval: Redis is asked again
     a.record_failure()
     assert stored(clients())["failures"] == 1
