@@ -242,14 +242,20 @@ class AppProcess:
 
 
 def durable_app(
-    tmp_path: Path, *, task_seconds: float, name: str, uvicorn_args: Sequence[str] = ()
+    tmp_path: Path,
+    *,
+    task_seconds: float = 0.0,
+    name: str,
+    uvicorn_args: Sequence[str] = (),
+    gate: Path | None = None,
 ) -> tuple[AppProcess, str, Path]:
     """The durable-task app (tests/integration/apps/durable_app.py) as a real uvicorn process.
 
+    Its tasks work `task_seconds`, then (with `gate`) until the test creates that file.
     Returns the process (not started), its SQLite dead-letter store URL and the results file
     its tasks append to.
     """
-    from tests.integration.apps.durable_tasks import SECONDS_ENV
+    from tests.integration.apps.durable_tasks import GATE_ENV, SECONDS_ENV
 
     from otel_bgtasks.stores import DLQ_URL_ENV
 
@@ -275,6 +281,7 @@ def durable_app(
             DLQ_URL_ENV: store_url,
             "BGTASKS_TEST_RESULTS": str(results),
             SECONDS_ENV: str(task_seconds),
+            **({GATE_ENV: str(gate)} if gate is not None else {}),
         },
         ready_path="/ready",
         name=name,
