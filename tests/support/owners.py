@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 
 from otel_bgtasks.identity import process_identity
 
@@ -12,8 +11,9 @@ __all__ = ["dead_owner", "dead_pid", "identity_of"]
 
 
 def dead_pid() -> int:
-    """The pid of a process that has exited (and been reaped)."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    """The pid of a process that has exited (and been reaped): `true`, not an interpreter,
+    so that unit tests start no Python process."""
+    proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
 
