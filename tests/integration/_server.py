@@ -248,14 +248,16 @@ def durable_app(
     name: str,
     uvicorn_args: Sequence[str] = (),
     gate: Path | None = None,
+    gate_from: int = 0,
 ) -> tuple[AppProcess, str, Path]:
     """The durable-task app (tests/integration/apps/durable_app.py) as a real uvicorn process.
 
-    Its tasks work `task_seconds`, then (with `gate`) until the test creates that file.
+    Its tasks work `task_seconds`, then (with `gate`, those numbered `gate_from` or more) until
+    the test creates that file.
     Returns the process (not started), its SQLite dead-letter store URL and the results file
     its tasks append to.
     """
-    from tests.integration.apps.durable_tasks import GATE_ENV, SECONDS_ENV
+    from tests.integration.apps.durable_tasks import GATE_ENV, GATE_FROM_ENV, SECONDS_ENV
 
     from otel_bgtasks.stores import DLQ_URL_ENV
 
@@ -281,7 +283,7 @@ def durable_app(
             DLQ_URL_ENV: store_url,
             "BGTASKS_TEST_RESULTS": str(results),
             SECONDS_ENV: str(task_seconds),
-            **({GATE_ENV: str(gate)} if gate is not None else {}),
+            **({GATE_ENV: str(gate), GATE_FROM_ENV: str(gate_from)} if gate is not None else {}),
         },
         ready_path="/ready",
         name=name,

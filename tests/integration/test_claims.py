@@ -311,7 +311,11 @@ BURST = 500
 async def test_sigkill_mid_burst_of_500_durable_tasks_accounts_for_all(
     tmp_path: Path, instrument: Any
 ) -> None:
-    server, store_url, results = durable_app(tmp_path, task_seconds=0.5, name="burst")
+    # Tasks of the second half hold until a gate that never opens: acknowledged ones of them
+    # are surely unfinished when the server is killed.
+    server, store_url, results = durable_app(
+        tmp_path, name="burst", gate=tmp_path / "never", gate_from=BURST // 2
+    )
     acked: set[int] = set()
     lock = threading.Lock()
 
@@ -333,6 +337,7 @@ async def test_sigkill_mid_burst_of_500_durable_tasks_accounts_for_all(
             for t in threads[BURST // 2 :]:
                 t.start()
             wait_until(lambda: read_results(str(results)), what="a first task to finish")
+            wait_until(lambda: max(acked) >= BURST // 2, what="a held task acknowledged")
             server.stop(signal.SIGKILL)
             for t in threads:
                 t.join()

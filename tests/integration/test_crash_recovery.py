@@ -36,9 +36,10 @@ from otel_bgtasks.stores import open_store
 from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 
 N = 40  # requests in the burst
-FIRST = 20  # sent, and acknowledged, before any task has finished
+FIRST = 20  # sent and acknowledged first; their tasks finish at once
 KILL_AT = 25  # acknowledgements after which the server is killed (the burst still going)
-TASK_SECONDS = "1.0"  # how long each task works in the server
+# Tasks numbered FIRST or more hold until a gate file that is never created: when the server
+# is killed, the acknowledged ones among them surely are unfinished (no race with the kill).
 FUNC_REF = "tests.integration.apps.durable_tasks:record_result"
 
 
@@ -52,7 +53,9 @@ class Crash:
 
 
 def crash_mid_burst(tmp_path: Path) -> Crash:
-    server, store_url, results = durable_app(tmp_path, task_seconds=TASK_SECONDS, name="durable")
+    server, store_url, results = durable_app(
+        tmp_path, name="durable", gate=tmp_path / "never", gate_from=FIRST
+    )
     acked: dict[int, tuple[str, str]] = {}
     lock = threading.Lock()
 
