@@ -18,18 +18,20 @@ from types import FunctionType, MethodType
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
 from starlette.concurrency import run_in_threadpool
 from tenacity import RetryCallState
 
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._logger import log
+from otel_bgtasks._version import __version__
 from otel_bgtasks.accounting import Accounting
 from otel_bgtasks.attributes import ErrorCategory, Outcome, SkipReason
 from otel_bgtasks.breakers import BreakerRegistry
 from otel_bgtasks.calls import JSONSerializer, Serializer
 from otel_bgtasks.circuit import CircuitBreaker
+from otel_bgtasks.config import Settings, resolve_settings
 from otel_bgtasks.dead_lettering import DeadLetterWriter
 from otel_bgtasks.errors import (
     CircuitOpenError,
@@ -69,6 +71,7 @@ __all__ = [
     "check_trace_mode",
     "current_task",
     "set_active_executor",
+    "standalone_executor",
 ]
 
 # Errors that say nothing about the downstream's health do not trip a breaker.
@@ -96,6 +99,28 @@ def set_active_executor(executor: Executor | None) -> None:
     """Make `executor` the active one (the instrumentor does, at instrument/uninstrument)."""
     global _active
     _active = executor
+
+
+_standalone: dict[int, Executor] = {}
+
+
+def standalone_executor(store: DeadLetterStore | None = None) -> Executor:
+    """An executor on the global providers for runs outside an instrumented app (the CLI,
+    replay and recovery from a script, a worker), with the defaults ``instrument()`` would
+    give this process: every ``OTEL_BGTASKS_*`` variable applies (retry, circuit, timeout,
+    trace mode, redaction...).
+
+    With `store`, tasks that fail go to that store's dead letters (recovery re-runs); without,
+    none.
+    """
+    key = id(store)
+    executor = _standalone.get(key)
+    if executor is None or executor.store is not store:
+        settings = resolve_settings({"dead_letter_store": store, "durable": False})
+        executor = _standalone[key] = Executor.from_settings(
+            settings, store, scope="otel_bgtasks", version=__version__
+        )
+    return executor
 
 
 class Executor:
@@ -161,6 +186,33 @@ class Executor:
         self._scheduled = self.accounting.scheduled
         self._described: dict[Any, EffectiveOptions] = {}
 
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, store: DeadLetterStore | None, *, scope: str, version: str
+    ) -> Executor:
+        """An executor on `settings` (its providers, or the global ones), writing to `store`
+        (opened by the caller: `Settings.open_store`); tracer and meter named `scope`."""
+        schema = attr.SCHEMA_URL
+        return cls(
+            trace.get_tracer(scope, version, settings.tracer_provider, schema_url=schema),
+            Instruments(
+                metrics.get_meter(scope, version, settings.meter_provider, schema_url=schema)
+            ),
+            trace_mode=settings.trace_mode,
+            propagate_exceptions=settings.propagate_exceptions,
+            start_hook=settings.start_hook,
+            end_hook=settings.end_hook,
+            retry=settings.retry,
+            circuit=settings.circuit,
+            timeout=settings.timeout,
+            durable=settings.durable,
+            dead_letter_store=store,
+            serializer=settings.serializer,
+            error_classifier=settings.error_classifier,
+            redact_exception_messages=settings.redact_exception_messages,
+            log_locals=settings.log_locals,
+        )
+
     @property
     def redact_exception_messages(self) -> bool:
         return self.failures.redact
@@ -184,7 +236,9 @@ class Executor:
         current = trace.get_current_span()
         link = current.get_span_context()
         recording = current.is_recording()  # a recording span's context is valid
-        state = self.prepare(func, args, kwargs, link, is_async)
+        state = self._state(
+            func, args, kwargs, link if recording or link.is_valid else None, is_async
+        )
         if state.options.durable:
             self._journal(state)
         if recording:
@@ -207,6 +261,18 @@ class Executor:
     ) -> TaskCallState:
         """The state of a task about to be scheduled or run, without side effects (replay
         and recovery run it as it is; `schedule` accounts for it)."""
+        return self._state(
+            func, args, kwargs, link if link is not None and link.is_valid else None, is_async
+        )
+
+    def _state(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        link: SpanContext | None,
+        is_async: bool | None,
+    ) -> TaskCallState:
         try:  # `options_for`'s cache, read here: one call less per task
             options = self._described[func]
         except (KeyError, TypeError):
@@ -220,7 +286,7 @@ class Executor:
             options=options,
             name=options.name,
             function=options.function,
-            link=link if link is not None and link.is_valid else None,
+            link=link,
             enqueued_at=clock(),
             enqueued_wall=time.time(),
             is_async=options.is_async if is_async is None else is_async,
