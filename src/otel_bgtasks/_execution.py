@@ -292,15 +292,17 @@ class Executor:
                 scheduled in another process: its `bgtasks.task.wait` is then measured on the
                 wall clock from that moment (the broker wait); default: now.
         """
-        return self._state(
-            func,
-            args,
-            kwargs,
-            link if link is not None and link.is_valid else None,
-            is_async,
-            task_id,
-            enqueued_wall,
+        state = self._state(
+            func, args, kwargs, link if link is not None and link.is_valid else None, is_async
         )
+        if task_id is not None:
+            state.task_id = task_id
+        if enqueued_wall is not None:
+            # run() measures the wait on the monotonic clock: start it that long ago (a task
+            # from another process: its wall-clock wait, the broker's), never ahead
+            state.enqueued_at -= max(state.enqueued_wall - enqueued_wall, 0.0)
+            state.enqueued_wall = enqueued_wall
+        return state
 
     def _state(
         self,
@@ -309,22 +311,14 @@ class Executor:
         kwargs: dict[str, Any],
         link: SpanContext | None,
         is_async: bool | None,
-        task_id: str | None = None,
-        enqueued_wall: float | None = None,
     ) -> TaskCallState:
         try:  # `options_for`'s cache, read here: one call less per task
             options = self._described[func]
         except (KeyError, TypeError):
             options = self.options_for(func)
-        enqueued_at = self.clock()
-        now = time.time()
-        if enqueued_wall is not None:
-            # run() measures the wait on the monotonic clock: start it that long ago (a task
-            # from another process: its wall-clock wait, the broker's), never ahead
-            enqueued_at -= max(now - enqueued_wall, 0.0)
-            now = enqueued_wall
+        clock = self.clock
         return TaskCallState(
-            task_id=f"{_getrandbits(128):032x}" if task_id is None else task_id,
+            task_id=f"{_getrandbits(128):032x}",  # `new_task_id()`, inline
             func=func,
             args=args,
             kwargs=kwargs,
@@ -332,8 +326,8 @@ class Executor:
             name=options.name,
             function=options.function,
             link=link,
-            enqueued_at=enqueued_at,
-            enqueued_wall=now,
+            enqueued_at=clock(),
+            enqueued_wall=time.time(),
             is_async=options.is_async if is_async is None else is_async,
         )
 
