@@ -69,7 +69,7 @@ from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry, Tas
 from otel_bgtasks.registry import note_scheduled
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.signing import signing_keys
-from otel_bgtasks.state import TaskCallState, current_task
+from otel_bgtasks.state import Origin, TaskCallState, current_task
 from otel_bgtasks.state import current as _current
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.task import Dispatch
@@ -102,6 +102,19 @@ _SUCCESS = Outcome.SUCCESS
 _FAILURE = Outcome.FAILURE
 _CONSUMER = SpanKind.CONSUMER
 
+
+
+def _received_attributes(state: TaskCallState, wait: float) -> dict[str, AttributeValue]:
+    """The span attributes of a task received from another process: ours, then its origin's
+    (``messaging.*``)."""
+    assert state.origin is not None
+    return {
+        attr.TASK_NAME: state.name,
+        attr.TASK_ID: state.task_id,
+        attr.CODE_FUNCTION_NAME: state.function,
+        attr.TASK_WAIT: wait,
+        **state.origin.attributes,
+    }
 
 
 def active_executor() -> Executor | None:
@@ -585,9 +598,7 @@ class Executor:
             enqueued_wall=message.enqueued_at,
         )
         state.call = EncodedCall(message.func_ref, message.payload, message.serializer)
-        state.route = message.route
-        if attributes:
-            state.attributes = dict(attributes)
+        state.origin = Origin(message.route, dict(attributes or {}))
         if message.durable and self.journal is not None:
             state.journaled = True  # the row is the route's: removed when the task ends
         return state
@@ -657,20 +668,19 @@ class Executor:
             parent = trace.set_span_in_context(trace.NonRecordingSpan(link))
         else:
             parent = otel_context.Context()  # a new trace, joined to the request by the link
-        attributes: dict[str, AttributeValue] = {
-            attr.TASK_NAME: name,
-            attr.TASK_ID: state.task_id,
-            attr.CODE_FUNCTION_NAME: state.function,
-            attr.TASK_WAIT: wait,
-        }
-        if state.attributes is not None:  # a message from another process: messaging.*
-            attributes.update(state.attributes)
         span = self.tracer.start_span(
             attr.SPAN_NAME_PREFIX + name,
             context=parent,
             kind=_CONSUMER,
             links=[Link(link)] if link is not None else None,
-            attributes=attributes,
+            attributes={
+                attr.TASK_NAME: name,
+                attr.TASK_ID: state.task_id,
+                attr.CODE_FUNCTION_NAME: state.function,
+                attr.TASK_WAIT: wait,
+            }
+            if state.origin is None
+            else _received_attributes(state, wait),
         )
         span_context = trace.set_span_in_context(span)
         # Recorded in the task span's context: exemplars point at the task's trace.
