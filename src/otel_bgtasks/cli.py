@@ -14,7 +14,8 @@
 The store URL comes from ``--store`` (accepted before or after the subcommand), else from the
 ``OTEL_BGTASKS_DLQ_URL`` environment variable. The app's tasks come from the modules given by
 ``--tasks`` (else ``OTEL_BGTASKS_TASK_MODULES``), imported on purpose: replay and recover run
-only those (see `otel_bgtasks.registry`), and never import a module an entry names. With
+only those (see `otel_bgtasks.registry`), and never import a module an entry names; they are
+found from the current directory first, as with Celery's ``-A``. With
 ``OTEL_BGTASKS_SIGNING_KEY`` set, entries whose signature does not verify are refused.
 Everything printed from an entry has its control characters escaped. An ID may be abbreviated
 to a unique prefix of at least 4 characters. Exit status: 0 success; 1 some replays (or re-runs)
@@ -329,9 +330,17 @@ def _keys(environ: Mapping[str, str]) -> SigningKeys | None:
 
 
 def _declare_tasks(ctx: _Context) -> None:
-    """Import the app's task modules: --tasks, else $OTEL_BGTASKS_TASK_MODULES."""
+    """Import the app's task modules: --tasks, else $OTEL_BGTASKS_TASK_MODULES.
+
+    They are found from the current directory, as Celery's ``-A`` and ``python -m`` find
+    them: run the command from the project directory (a console script's ``sys.path`` starts
+    with its own bin directory, not the working directory).
+    """
     modules = getattr(ctx.args, "tasks", None) or ctx.environ.get(TASK_MODULES_ENV, "")
     if modules.strip():
+        cwd = os.getcwd()
+        if cwd not in sys.path and "" not in sys.path:
+            sys.path.insert(0, cwd)
         declare_task_modules(modules)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -540,3 +541,33 @@ def test_parse_since() -> None:
     assert parse_since("1w", now=now) == now - 604800
     assert parse_since("2023-11-14T22:13:20Z") == 1_700_000_000.0
     assert parse_since("2023-11-14T23:13:20+01:00") == 1_700_000_000.0
+
+
+def test_task_modules_are_found_from_the_current_directory_like_celerys_a(
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    store: SQLiteDeadLetterStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``otel-bgtasks`` is a console script: its sys.path starts with its bin directory, not
+    the project directory the operator runs it from (issue 19: `No module named 'shop'`)."""
+    project = tmp_path / "project"
+    (project / "cwdshop").mkdir(parents=True)
+    (project / "cwdshop" / "__init__.py").write_text("")
+    (project / "cwdshop" / "tasks.py").write_text("def sync_crm(order_id):\n    pass\n")
+    store.put(make_entry(task_name="sync-crm", func_ref="cwdshop.tasks:sync_crm"))
+    monkeypatch.chdir(project)
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", ".")])
+    monkeypatch.delitem(sys.modules, "cwdshop", raising=False)
+    monkeypatch.delitem(sys.modules, "cwdshop.tasks", raising=False)
+    try:
+        code, out, err = run(
+            capsys, "--store", url, "--tasks", "cwdshop.tasks", "dlq", "list", "--json"
+        )
+    finally:
+        for name in ("cwdshop.tasks", "cwdshop"):
+            sys.modules.pop(name, None)
+    assert (code, err) == (0, "")
+    (listed,) = json.loads(out)
+    assert (listed["func_ref"], listed["check"]) == ("cwdshop.tasks:sync_crm", "ok")
