@@ -358,7 +358,13 @@ def _open(url: str | None, environ: Mapping[str, str]) -> DeadLetterStore:
     if url.lower().startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
         if path and not os.path.exists(path):
-            raise CLIError(f"dead-letter store {url!r}: file {path!r} does not exist")
+            hint = (
+                ""
+                if os.path.isabs(path)
+                else f" (relative to {os.getcwd()!r}; an absolute path takes four slashes:"
+                f" sqlite:////{path})"
+            )
+            raise CLIError(f"dead-letter store {url!r}: file {path!r} does not exist{hint}")
     try:
         return open_store(url, buffered=False)
     except ValueError as exc:

@@ -21,6 +21,7 @@ __all__ = [
     "ConfigurationError",
     "CorruptEntryError",
     "ErrorClassifier",
+    "NotInstrumentedError",
     "NotReplayableError",
     "SerializationError",
     "StoreUnavailableError",
@@ -50,6 +51,12 @@ class BusinessError(Exception):
     Subclass it in task code: such errors are never retried and go to the dead-letter store
     with reason `permanent`.
     """
+
+
+class NotInstrumentedError(BgTasksError, RuntimeError):
+    """A call needs the instrumentation (`schedule()`): call
+    ``BackgroundTasksInstrumentor().instrument()`` first, or run under
+    ``opentelemetry-instrument``."""
 
 
 class TaskTimeoutError(BgTasksError, TimeoutError):

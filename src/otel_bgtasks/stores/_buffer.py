@@ -14,7 +14,7 @@ from typing import Literal
 
 import structlog
 
-from otel_bgtasks.errors import StoreUnavailableError
+from otel_bgtasks.errors import ConfigurationError, StoreUnavailableError
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
 from otel_bgtasks.stores.base import DeadLetterStore
 
@@ -101,9 +101,9 @@ class BufferedStore(DeadLetterStore):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_pending < 1:
-            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+            raise ConfigurationError(f"max_pending must be >= 1, got {max_pending}")
         if max_bytes < 1:
-            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+            raise ConfigurationError(f"max_bytes must be >= 1, got {max_bytes}")
         self.store = store
         self.max_pending = max_pending
         self.max_bytes = max_bytes

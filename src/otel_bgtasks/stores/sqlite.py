@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from otel_bgtasks.errors import CorruptEntryError, StoreUnavailableError
+from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, StoreUnavailableError
 from otel_bgtasks.records import (
     DeadLetter,
     DeadLetterReason,
@@ -105,8 +105,8 @@ class SQLiteDeadLetterStore(DeadLetterStore):
             logged once, with the path (how the instrumentor's default store is opened).
 
     Raises:
-        ValueError: the directory does not exist, the file is not an SQLite database, or it
-            was created by a newer version of this package.
+        ConfigurationError: (a `ValueError`) the directory does not exist, the file is not an
+            SQLite database, or it was created by a newer version of this package.
         StoreUnavailableError: any other SQLite error (raised by every method too).
     """
 
@@ -117,9 +117,9 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         self.timeout = timeout
         directory = os.path.dirname(os.path.abspath(self.path))
         if not lazy and not os.path.isdir(directory):
-            raise ValueError(
+            raise ConfigurationError(
                 f"cannot open dead-letter store {self.path!r}: directory {directory!r} does not"
-                " exist"
+                " exist; create it, or point the store elsewhere"
             )
         self._local = threading.local()
         self._connections: list[tuple[int, sqlite3.Connection]] = []
@@ -141,7 +141,7 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                 raise StoreUnavailableError(
                     f"SQLite dead-letter store {self.path!r}: {exc}"
                 ) from exc
-            raise ValueError(f"cannot open dead-letter store {self.path!r}: {exc}") from exc
+            raise ConfigurationError(f"cannot open dead-letter store {self.path!r}: {exc}") from exc
 
     def __repr__(self) -> str:
         return f"SQLiteDeadLetterStore({self.path!r})"
