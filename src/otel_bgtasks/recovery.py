@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -32,14 +31,14 @@ from typing import Any, Literal, Self, TypeVar
 
 import structlog
 
-from otel_bgtasks._execution import Executor, active_executor
+from otel_bgtasks._execution import Executor, active_executor, standalone_executor
 from otel_bgtasks._ids import from_hex
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import decode_call
+from otel_bgtasks.claims import JOURNAL, hold
 from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, UntrustedEntryError
 from otel_bgtasks.identity import owner_is_dead, process_identity
 from otel_bgtasks.records import DeadLetter, JournalEntry
-from otel_bgtasks.replay import renewing, standalone_executor
 from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = [
@@ -102,22 +101,14 @@ async def _recover(
     async def one(task_id: str, owner: str) -> None:
         async with slots:
             try:
-                journaled = await call(store.journal_claim, task_id, me, lease=lease)
+                async with hold(JOURNAL, store, task_id, me, lease=lease, offload=offload) as claim:
+                    if claim is None:
+                        return  # finished, or another recoverer holds it
+                    await handle(claim.row, owner)
+                    # handled before removed: a crash in between leaves a duplicate, not a loss
+                    await claim.settle()
             except CorruptEntryError:
                 return  # logged by the store; an operator deletes it
-            if journaled is None:
-                return  # finished, or another recoverer holds it
-            try:
-                renew = functools.partial(store.journal_claim, task_id, me, lease=lease)
-                async with renewing(renew, lease / 3):
-                    await handle(journaled, owner)
-            except BaseException:
-                # cancelled (shutdown) or broken: it stays journaled for the next recovery
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(asyncio.to_thread(store.journal_release, task_id, me))
-                raise
-            # handled before removed: a crash in between leaves a duplicate, not a loss
-            await call(store.journal_remove_claimed, task_id, me)
 
     owners = await call(store.dead_owners, stale_after, now=now)
     for owner in owners:

@@ -16,7 +16,7 @@ import structlog
 
 from otel_bgtasks.errors import ConfigurationError, StoreUnavailableError
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
-from otel_bgtasks.stores.base import DeadLetterStore
+from otel_bgtasks.stores.base import DeadLetterStore, StoreStatus
 
 __all__ = ["BufferedStore"]
 
@@ -134,7 +134,7 @@ class BufferedStore(DeadLetterStore):
         with self._lock:
             return self._bytes
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> StoreStatus:
         """The buffer's state for the health endpoint (no store call)."""
         with self._lock:
             return {
