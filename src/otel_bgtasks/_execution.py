@@ -488,7 +488,8 @@ class Executor:
             if span.is_recording():
                 span.add_event(attr.EVENT_CIRCUIT_REJECTED, {attr.CIRCUIT_NAME: breaker.key})
             raise CircuitOpenError(
-                f"circuit {breaker.key!r} is open; the task was not run (see the dead letters)"
+                f"circuit {breaker.key!r} is open; the task was not run (see the dead letters)",
+                circuit=breaker.key,
             )
         state.attempt += 1
         try:
@@ -573,6 +574,7 @@ class Executor:
             entry = writer.entry(state, span, exc, category, reason)
             stored = await run_in_threadpool(writer.put, entry)
             if stored:
+                state.dead_letter_id = entry.id
                 if outcome is Outcome.FAILURE:
                     outcome = Outcome.DEAD_LETTERED
                 if span.is_recording():

@@ -71,7 +71,15 @@ class TaskTimeoutError(BgTasksError, TimeoutError):
 
 
 class CircuitOpenError(BgTasksError, RuntimeError):
-    """The task's circuit breaker refused the call; the task was not run."""
+    """The task's circuit breaker refused the call; the task was not run.
+
+    Attributes:
+        circuit: the breaker's name (its `bgtasks.circuit.name`).
+    """
+
+    def __init__(self, message: str, *, circuit: str = "") -> None:
+        super().__init__(message)
+        self.circuit = circuit
 
 
 class TaskImportError(BgTasksError, LookupError):
