@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib
 import inspect
 import json
@@ -46,6 +47,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from otel_bgtasks._execution import active_executor, standalone_executor
 from otel_bgtasks._terminal import printable
 from otel_bgtasks.calls import check_replayable
 from otel_bgtasks.errors import (
@@ -224,6 +226,11 @@ def _add_dlq(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("ids", nargs="*", metavar="ID", help="entry ids (or unique prefixes)")
     p.add_argument("--all", action="store_true", help="every entry matching the filters")
+    p.add_argument(
+        "--traceback",
+        action="store_true",
+        help="print each new failure's traceback under its line",
+    )
     _filters(p)
     p.set_defaults(handler=_cmd_replay)
 
@@ -586,12 +593,6 @@ def _cmd_delete(ctx: _Context) -> int:
     return 0
 
 
-def _load_runner(ctx: _Context) -> ReplayRunner:
-    if ctx.runner is not None:
-        return ctx.runner
-    return run_dead_letter
-
-
 _OTLP_VARS = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -632,7 +633,6 @@ def _cmd_replay(ctx: _Context) -> int:
         raise CLIError("--task, --reason and --since select entries for --all only")
     store = ctx.store()
     ids = [_resolve_id(store, ident) for ident in args.ids] if args.ids else None
-    runner = _load_runner(ctx)
     dead_letters = DeadLetters(store)
 
     progress = Progress(
@@ -644,18 +644,29 @@ def _cmd_replay(ctx: _Context) -> int:
         transient=True,
     )
     task_id = progress.add_task("replay", total=None)
+    stopped: list[ReplayOutcome] = []  # the entries an open circuit kept from running
 
     def started(total: int) -> None:
         progress.update(task_id, total=total)
 
     def advanced(outcome: ReplayOutcome) -> None:
         progress.advance(task_id)
-        if outcome.status != "replayed":
+        if outcome.status == "not_run":
+            if not stopped:  # the refusal itself: one line, then only the count
+                line = f"stopped: {outcome.entry_id} {outcome.task_name}: {outcome.message}"
+                progress.console.print(Text(printable(line), style="yellow"), soft_wrap=True)
+            stopped.append(outcome)
+            return
+        if outcome.status != "replayed":  # one line per failure
             name = f" {outcome.task_name}" if outcome.task_name else ""
             line = f"{outcome.status}: {outcome.entry_id}{name}: {outcome.message}"
-            progress.console.print(Text(printable(line), style="red"))
+            progress.console.print(Text(printable(_clip(line, 400)), style="red"), soft_wrap=True)
+            if args.traceback and outcome.traceback:
+                progress.console.print(
+                    Text(printable(outcome.traceback.rstrip(), multiline=True)), soft_wrap=True
+                )
 
-    with _exported(ctx), progress:
+    with _exported(ctx), progress, _replay_runner(ctx) as runner:
         report = asyncio.run(
             dead_letters.replay(
                 ids,
@@ -669,12 +680,39 @@ def _cmd_replay(ctx: _Context) -> int:
     counts = {status: len(report.by_status(status)) for status in _STATUSES}
     summary = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in counts.items() if n)
     ctx.out.print(f"replay: {summary or 'no entries'}")
+    if stopped:
+        ctx.err.print(
+            Text(
+                f"stopped after {stopped[0].message}: {len(stopped)} entries not run (kept"
+                " unchanged)",
+                style="yellow",
+            ),
+            soft_wrap=True,
+        )
     return 0 if report.ok else 1
+
+
+@contextlib.contextmanager
+def _replay_runner(ctx: _Context) -> Iterator[ReplayRunner]:
+    """The runner: the one passed to `main`, else `run_dead_letter` on this process's executor
+    with its failure log lines off (the CLI prints one line per failure itself; the traceback
+    with ``--traceback``)."""
+    if ctx.runner is not None:
+        yield ctx.runner
+        return
+    executor = active_executor() or standalone_executor()
+    quiet = executor.failures.quiet
+    executor.failures.quiet = True
+    try:
+        yield functools.partial(run_dead_letter, executor=executor)
+    finally:
+        executor.failures.quiet = quiet
 
 
 _STATUSES: tuple[ReplayStatus, ...] = (
     "replayed",
     "failed",
+    "not_run",
     "refused",
     "import_error",
     "error",

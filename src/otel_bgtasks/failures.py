@@ -57,6 +57,9 @@ class FailureReporter:
         self.redact = redact_exception_messages
         self.log_locals = log_locals
         self.recent: deque[FailureRecord] = deque(maxlen=RECENT_FAILURES)
+        self.quiet = False
+        """No log line: a caller that reports each failure itself (``otel-bgtasks dlq
+        replay`` prints one line per failure, tracebacks only with ``--traceback``)."""
 
     def message(self, exc: BaseException | None) -> str:
         """An exception message as spans carry it: bounded, or redacted on request."""
@@ -91,6 +94,8 @@ class FailureReporter:
             trace_id=trace_id_hex(ctx),
         )
         self.recent.append(record)
+        if self.quiet:
+            return
         fields: dict[str, object] = {
             "task_name": state.name,
             "task_id": state.task_id,
