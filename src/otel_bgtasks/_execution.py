@@ -499,7 +499,8 @@ class Executor:
                 await self._invoke(state, inline)
         except Exception as exc:
             if breaker is not None and self.classify(exc) not in _NOT_BREAKER_FAILURES:
-                await breaker.record_failure_async()
+                # a task counts once, however many attempts (failure_threshold counts tasks)
+                await breaker.record_failure_async(retry=state.attempt > 1)
             elif breaker is not None:
                 await breaker.record_success_async()  # the downstream answered; the input was bad
             raise
