@@ -51,6 +51,7 @@ import pytest
 
 __all__ = [
     "CONFIG_DIR",
+    "CREATED_TIMESTAMPS_FLAG",
     "METRICS_PATHS",
     "REPO_ROOT",
     "REQUIRE_INFRA_ENV",
@@ -86,6 +87,10 @@ REQUIRE_INFRA_ENV = "OTEL_BGTASKS_REQUIRE_INFRA"
 PROMETHEUS_COLLECTOR_TARGET = "otel-collector:8889"
 PROMETHEUS_ALERTMANAGER_TARGET = "alertmanager:9093"
 ALERTMANAGER_WEBHOOK_URL = "http://alert-webhook:5001/alerts"
+
+# Prometheus feature flag: ingest the start (created) timestamp of counters and histograms as
+# a 0 sample, from the collector's exporter (protobuf scrape) and from OTLP pushes alike.
+CREATED_TIMESTAMPS_FLAG = "--enable-feature=created-timestamp-zero-ingestion"
 
 # Collector exporter (OTELCOL_METRICS_EXPORTER) of each metrics path.
 METRICS_PATHS = {"scrape": "prometheus", "push": "otlp_http/prometheus"}
@@ -682,6 +687,9 @@ class Prometheus:
                 f"--storage.tsdb.path={config_dir / 'data'}",
                 f"--web.listen-address={_loopback(self.port)}",
                 "--web.enable-lifecycle",
+                # as shipped (docker-compose.yml): a counter born with its first increment
+                # gets a 0 sample at its start time, so rate() and increase() see it
+                CREATED_TIMESTAMPS_FLAG,
                 *(["--web.enable-otlp-receiver"] if otlp_receiver else []),
             ],
             log_path=workdir / "prometheus.log",
