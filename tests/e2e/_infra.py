@@ -463,12 +463,12 @@ def render_alertmanager_config(
 
 
 def dashboard_queries(
-    path: Path | None = None, *, task: str = ".*", rate_interval: str = "1m"
+    path: Path | None = None, *, task: str = ".*", job: str = ".*", rate_interval: str = "1m"
 ) -> list[tuple[str, str]]:
     """``(panel title, PromQL)`` for every target of the Grafana dashboard.
 
     Grafana's variables are replaced so the queries run on Prometheus directly: ``$task`` by
-    ``task`` and ``$__rate_interval`` by ``rate_interval``.
+    ``task``, ``$job`` by ``job`` and ``$__rate_interval`` by ``rate_interval``.
     """
     path = path or CONFIG_DIR / "grafana" / "dashboards" / "bgtasks-overview.json"
     dashboard = json.loads(path.read_text())
@@ -477,6 +477,7 @@ def dashboard_queries(
         for target in panel.get("targets", []):
             expr = str(target["expr"])
             expr = expr.replace("$__rate_interval", rate_interval).replace("$task", task)
+            expr = expr.replace("$job", job)
             queries.append((str(panel["title"]), expr))
     return queries
 

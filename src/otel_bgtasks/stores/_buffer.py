@@ -438,3 +438,8 @@ class BufferedStore(DeadLetterStore):
 
     def __repr__(self) -> str:
         return f"BufferedStore({self.store!r}, pending={self.pending})"
+
+    @property
+    def identity(self) -> str:
+        """The wrapped store's."""
+        return self.store.identity

@@ -167,6 +167,13 @@ class RedisDeadLetterStore(DeadLetterStore):
         self._delete_claimed_script = self.client.register_script(_DELETE_CLAIMED)
         self._forget_script = self.client.register_script(_FORGET)
 
+    @property
+    def identity(self) -> str:
+        """``redis://host:port/db/prefix`` (never the password)."""
+        kwargs = self.client.connection_pool.connection_kwargs
+        where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+        return f"redis://{where}/{self.prefix}"
+
     def __repr__(self) -> str:
         kwargs = self.client.connection_pool.connection_kwargs
         where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"

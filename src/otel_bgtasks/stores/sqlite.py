@@ -146,6 +146,11 @@ class SQLiteDeadLetterStore(DeadLetterStore):
     def __repr__(self) -> str:
         return f"SQLiteDeadLetterStore({self.path!r})"
 
+    @property
+    def identity(self) -> str:
+        """``sqlite:`` and the file's absolute path."""
+        return f"sqlite:{os.path.abspath(self.path)}"
+
     # -- connections ----------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
