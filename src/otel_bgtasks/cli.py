@@ -479,6 +479,11 @@ def _resolve_id(store: DeadLetterStore, ident: str) -> str:
             return matches[0]
         if len(matches) > 1:
             raise CLIError(f"id prefix {ident!r} is ambiguous: {', '.join(matches)}")
+    if len(ident) < _MIN_PREFIX:
+        raise CLIError(
+            f"no dead letter with id {ident!r}: an abbreviated id needs at least {_MIN_PREFIX}"
+            f" characters (see: {PROG} dlq list)"
+        )
     raise CLIError(f"no dead letter with id {ident!r} (see: {PROG} dlq list)")
 
 

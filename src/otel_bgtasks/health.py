@@ -2,7 +2,7 @@
 
     from otel_bgtasks.health import bearer_token_auth, bgtasks_router
 
-    app.include_router(bgtasks_router(auth=bearer_token_auth(os.environ["BGTASKS_ADMIN_TOKEN"])))
+    app.include_router(bgtasks_router(auth=bearer_token_auth(os.environ["OTEL_BGTASKS_ADMIN_TOKEN"])))
     app.include_router(bgtasks_router(admin=False))        # only GET /bgtasks/health
 
 GET /bgtasks/health: running and pending tasks (pending by task, as `bgtasks.task.pending`),

@@ -270,6 +270,12 @@ def test_show_unknown_and_ambiguous_ids(
     assert code == 2
     assert "id prefix 'abcd' is ambiguous" in err
     assert run(capsys, "--store", url, "dlq", "show", "abcd1", "--json")[0] == 0
+    code, _, err = run(capsys, "--store", url, "dlq", "show", "ab")
+    assert (code, err) == (
+        2,
+        "otel-bgtasks: error: no dead letter with id 'ab': an abbreviated id needs at least 4"
+        " characters (see: otel-bgtasks dlq list)\n",
+    )
 
 
 def test_delete_checks_every_id_first(
