@@ -374,7 +374,7 @@ def _open(url: str | None, environ: Mapping[str, str]) -> DeadLetterStore:
             raise CLIError(f"dead-letter store {url!r}: file {path!r} does not exist{hint}")
     try:
         return open_store(url, buffered=False)
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:  # a bad URL; a Redis URL without the extra
         raise CLIError(str(exc)) from None
 
 

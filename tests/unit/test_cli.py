@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -656,3 +657,21 @@ def test_replay_prints_tracebacks_on_request(
         "Traceback (most recent call last):\n"
     )
     assert err.rstrip().endswith("ConnectionRefusedError: payments-api refused order 7")
+
+
+def test_a_redis_url_without_the_redis_extra_is_a_usage_error_not_a_traceback() -> None:
+    """README: exit 2, a message, no traceback (issue 19 saw a traceback and exit 1). The
+    missing package is simulated in a child interpreter."""
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "from otel_bgtasks.cli import main\n"
+        "sys.exit(main(['--store', 'redis://127.0.0.1:1/0', 'dlq', 'list']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "otel-bgtasks: error: RedisDeadLetterStore needs the redis package:"
+        " pip install 'otel-bgtasks[redis]'\n"
+    )
