@@ -10,6 +10,7 @@ every series in Prometheus, on both metrics paths.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -141,6 +142,26 @@ def test_a_new_users_zero_code_run_loses_nothing_at_sigterm(tmp_path, server, me
             ORDERS * len(TASKS)
         )
         assert set(links) == requests  # each task links to its order's request span
+
+        # -- from a request to its tasks, as the README shows (link mode) --------------------
+        request = next(s for s in found if s["operationName"] == "POST /orders/{order_id}")
+        task_ids = [
+            field["value"]
+            for log in request["logs"]
+            for field in log["fields"]
+            if field["key"] == "bgtasks.task.id"
+        ]
+        assert len(task_ids) == len(TASKS)  # one bgtasks.enqueued event per task
+        for task_id in task_ids:
+            # the tag matches the task span's attribute and the request's event field: the
+            # search finds the task's trace and the request's own
+            traces = stack.jaeger.traces(SERVICE, tags=json.dumps({"bgtasks.task.id": task_id}))
+            assert len(traces) == 2
+            (task,) = [
+                s for t in traces for s in t["spans"] if s["operationName"].startswith("process ")
+            ]
+            (ref,) = task["references"]
+            assert ref["spanID"] == request["spanID"]
 
         # -- every series in Prometheus ---------------------------------------------------
         expected = _expected_series()
