@@ -419,7 +419,8 @@ def test_compose_wires_services_by_name() -> None:
 
     assert app_env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
     assert app_env["OTEL_SERVICE_NAME"] == "bgtasks-demo"
-    assert "${env:OTELCOL_JAEGER_ENDPOINT:-jaeger:4317}" in json.dumps(collector)
+    assert "${env:OTELCOL_JAEGER_ENDPOINT:-localhost:14317}" in json.dumps(collector)
+    assert services["otel-collector"]["environment"]["OTELCOL_JAEGER_ENDPOINT"] == "jaeger:14317"
     assert {ds["uid"]: ds["url"] for ds in datasources["datasources"]} == {
         "prometheus": "http://prometheus:9090",
         "jaeger": "http://jaeger:16686",
