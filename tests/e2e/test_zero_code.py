@@ -49,7 +49,7 @@ def _script(server: str, port: int, store_dir: Path, otlp: str) -> str:
         "gunicorn": f"exec {GUNICORN} --bind 127.0.0.1:{port}",
     }[server]
     return substitute(
-        block(UVICORN, "sh").text,
+        block("mkdir -p /var/lib/shop", "sh").text,
         {"/var/lib/shop": str(store_dir), "http://localhost:4317": otlp, UVICORN: server_line},
     )
 
