@@ -232,7 +232,9 @@ class Executor:
         current = trace.get_current_span()
         link = current.get_span_context()
         recording = current.is_recording()  # a recording span's context is valid
-        state = self.prepare(func, args, kwargs, link, is_async)
+        state = self._state(
+            func, args, kwargs, link if recording or link.is_valid else None, is_async
+        )
         if state.options.durable:
             self._journal(state)
         if recording:
@@ -255,6 +257,18 @@ class Executor:
     ) -> TaskCallState:
         """The state of a task about to be scheduled or run, without side effects (replay
         and recovery run it as it is; `schedule` accounts for it)."""
+        return self._state(
+            func, args, kwargs, link if link is not None and link.is_valid else None, is_async
+        )
+
+    def _state(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        link: SpanContext | None,
+        is_async: bool | None,
+    ) -> TaskCallState:
         try:  # `options_for`'s cache, read here: one call less per task
             options = self._described[func]
         except (KeyError, TypeError):
@@ -267,7 +281,7 @@ class Executor:
             options=options,
             name=options.name,
             function=options.function,
-            link=link if link is not None and link.is_valid else None,
+            link=link,
             enqueued_at=time.perf_counter(),
             enqueued_wall=time.time(),
             is_async=options.is_async if is_async is None else is_async,
