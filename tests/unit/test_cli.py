@@ -589,7 +589,7 @@ def down_once(order_id: int) -> None:
 
 
 def test_replay_stops_when_a_breaker_opens_and_prints_one_line_per_failure(
-    capsys: pytest.CaptureFixture[str], url: str, store: SQLiteDeadLetterStore, db: Path
+    capsys: pytest.CaptureFixture[str], url: str, store: SQLiteDeadLetterStore, store_path: Path
 ) -> None:
     """Issue 19: `dlq replay --all` ploughed on after its own breaker opened (187 refusals
     that never ran, 5,579 lines of tracebacks). Now: the failures (one line each), then one
@@ -624,7 +624,7 @@ def test_replay_stops_when_a_breaker_opens_and_prints_one_line_per_failure(
         " entries not run (kept unchanged)",
     ]
     assert "Traceback" not in err
-    with SQLiteDeadLetterStore(db) as check:
+    with SQLiteDeadLetterStore(store_path) as check:
         kept = {e.id: e for e in check.list()}
     assert [kept[e.id].attempts for e in made] == [4, 4, 3, 3, 3, 3]  # the rest unchanged
     assert [kept[e.id] for e in made[2:]] == made[2:]
