@@ -131,7 +131,17 @@ def test_a_new_users_zero_code_run_loses_nothing_at_sigterm(tmp_path, server, me
             tasks = [s for s in found if s["operationName"].startswith("process ")]
             return found if (len(requests), len(tasks)) == (ORDERS, ORDERS * len(TASKS)) else []
 
-        found = eventually(spans, timeout=60, message=f"all spans in Jaeger; app log:\n{log}")
+        try:
+            found = eventually(spans, timeout=60, message="all spans in Jaeger")
+        except AssertionError:
+            traces = stack.jaeger.traces(SERVICE, limit="200")
+            names = [s["operationName"] for t in traces for s in t["spans"]]
+            requests_seen = names.count("POST /orders/{order_id}")
+            tasks_seen = sum(n.startswith("process ") for n in names)
+            raise AssertionError(
+                f"in Jaeger: {requests_seen}/{ORDERS} request spans,"
+                f" {tasks_seen}/{ORDERS * len(TASKS)} task spans; app log:\n{log[-3000:]}"
+            ) from None
         requests = {s["spanID"] for s in found if s["operationName"] == "POST /orders/{order_id}"}
         tasks = [s for s in found if s["operationName"].startswith("process ")]
         assert sorted(s["operationName"] for s in tasks) == sorted(
