@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from otel_bgtasks._json import MAX_DOCUMENT_BYTES, loads_bounded
 from otel_bgtasks.errors import NotReplayableError, SerializationError, TaskImportError
 from otel_bgtasks.registry import lookup_task
 from otel_bgtasks.signing import SigningKeys, signing_keys
@@ -87,7 +88,8 @@ class JSONSerializer:
         return json.dumps({"args": list(args), "kwargs": kwargs}, separators=(",", ":"))
 
     def loads(self, payload: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        data = json.loads(payload)
+        # bounded before parsing: arguments nest at most 64 deep, inside {"args": [...]}
+        data = loads_bounded(payload, max_depth=_MAX_DEPTH + 2, max_bytes=MAX_DOCUMENT_BYTES)
         if (
             not isinstance(data, dict)
             or not isinstance(data.get("args"), list)
@@ -355,10 +357,14 @@ def decode_call(
     func, serializer = _check(entry, keys)
     try:
         args, kwargs = serializer.loads(entry.payload)
-    except (ValueError, TypeError, RecursionError) as exc:
+    except ValueError as exc:  # a serializer's own refusal says what is wrong
+        raise ValueError(
+            f"payload cannot be decoded by {_short(entry.serializer)}: {_bounded(str(exc))}"
+        ) from None
+    except (TypeError, RecursionError, MemoryError) as exc:
         raise ValueError(
             f"payload cannot be decoded by {_short(entry.serializer)}: {_error_text(exc)}"
-        ) from exc
+        ) from None
     return func, tuple(args), dict(kwargs)
 
 

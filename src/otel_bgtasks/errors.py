@@ -105,17 +105,22 @@ class SerializationError(BgTasksError, TypeError):
 
 
 class CorruptEntryError(BgTasksError, ValueError):
-    """A stored row cannot be decoded (bad JSON, missing or invalid fields).
+    """A stored row cannot be decoded (bad JSON, too big or too deep, missing or invalid
+    fields).
 
     Attributes:
         entry_id: the row's id in the store.
-        reason: what is wrong with it.
+        reason: what is wrong with it (at most 500 characters: the row is untrusted).
+        what: the kind of row ("dead-letter entry", "journal entry").
     """
 
-    def __init__(self, entry_id: str, reason: str) -> None:
-        super().__init__(f"dead-letter entry {entry_id!r} is corrupt: {reason}")
+    def __init__(self, entry_id: str, reason: str, *, what: str = "dead-letter entry") -> None:
+        shown_id = entry_id if len(entry_id) <= 200 else entry_id[:199] + "…"
+        reason = reason if len(reason) <= 500 else reason[:499] + "…"
+        super().__init__(f"{what} {shown_id!r} is corrupt: {reason}")
         self.entry_id = entry_id
         self.reason = reason
+        self.what = what
 
 
 class StoreUnavailableError(BgTasksError, RuntimeError):

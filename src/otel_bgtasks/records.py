@@ -18,12 +18,15 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from otel_bgtasks._ids import check_hex
+from otel_bgtasks._json import MAX_DOCUMENT_BYTES, loads_bounded
 from otel_bgtasks._tracebacks import bounded_message, bounded_traceback
 from otel_bgtasks.attributes import ErrorCategory
 from otel_bgtasks.errors import CorruptEntryError, error_type
 from otel_bgtasks.signing import SigningKeys, signing_keys
 
 __all__ = [
+    "MAX_RECORD_DEPTH",
+    "MAX_ROW_BYTES",
     "DeadLetter",
     "DeadLetterReason",
     "JournalEntry",
@@ -32,6 +35,13 @@ __all__ = [
 ]
 
 _Record = TypeVar("_Record", "DeadLetter", "JournalEntry")
+
+MAX_ROW_BYTES = MAX_DOCUMENT_BYTES
+"""Bytes of a stored row decoded at most (256 MiB): a longer row is corrupt, and stores check
+the length before they fetch it (`max_row_bytes=` of each store)."""
+
+MAX_RECORD_DEPTH = 8
+"""Nesting a stored record may have: records are flat objects (the payload is a string)."""
 
 
 class DeadLetterReason(StrEnum):
@@ -333,31 +343,44 @@ def _decode_fields(
     return out
 
 
-def _loads_object(text: str | bytes) -> dict[str, Any]:
-    data = json.loads(text)
+def _loads_object(text: str | bytes, max_bytes: int = MAX_ROW_BYTES) -> dict[str, Any]:
+    data = loads_bounded(text, max_depth=MAX_RECORD_DEPTH, max_bytes=max_bytes)
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     return data
 
 
-def _decode(row_id: str, raw: str | bytes | None, kind: type[_Record], id_field: str) -> _Record:
+def _decode(
+    row_id: str,
+    raw: str | bytes | None,
+    kind: type[_Record],
+    id_field: str,
+    what: str,
+    max_bytes: int,
+) -> _Record:
     if raw is None:
-        raise CorruptEntryError(row_id, "no data")
+        raise CorruptEntryError(row_id, "no data", what=what)
     try:
-        record = kind.from_json(raw)
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise CorruptEntryError(row_id, f"{type(exc).__name__}: {exc}") from exc
+        record = kind.from_dict(_loads_object(raw, max_bytes))
+    # whatever the row holds, it is this row's corruption: never an error of the whole scan
+    except (ValueError, TypeError, RecursionError, MemoryError) as exc:
+        raise CorruptEntryError(row_id, f"{type(exc).__name__}: {exc}", what=what) from None
     stored = getattr(record, id_field)
     if stored != row_id:
-        raise CorruptEntryError(row_id, f"stored data has {id_field} {stored!r}")
+        raise CorruptEntryError(row_id, f"stored data has {id_field} {stored!r}", what=what)
     return record
 
 
-def decode_entry(entry_id: str, raw: str | bytes | None) -> DeadLetter:
-    """Decode a stored dead letter, raising `CorruptEntryError` naming the row on failure."""
-    return _decode(entry_id, raw, DeadLetter, "id")
+def decode_entry(
+    entry_id: str, raw: str | bytes | None, *, max_bytes: int = MAX_ROW_BYTES
+) -> DeadLetter:
+    """Decode a stored dead letter, raising `CorruptEntryError` naming the row on failure
+    (not JSON, longer than `max_bytes`, nested deeper than the record's shape, bad fields)."""
+    return _decode(entry_id, raw, DeadLetter, "id", "dead-letter entry", max_bytes)
 
 
-def decode_journal(task_id: str, raw: str | bytes | None) -> JournalEntry:
+def decode_journal(
+    task_id: str, raw: str | bytes | None, *, max_bytes: int = MAX_ROW_BYTES
+) -> JournalEntry:
     """Decode a stored journal entry, raising `CorruptEntryError` naming the row on failure."""
-    return _decode(task_id, raw, JournalEntry, "task_id")
+    return _decode(task_id, raw, JournalEntry, "task_id", "journal entry", max_bytes)

@@ -38,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - installed with the dev extra
 
 from otel_bgtasks.errors import CorruptEntryError, StoreUnavailableError
 from otel_bgtasks.records import (
+    MAX_ROW_BYTES,
     DeadLetter,
     DeadLetterReason,
     JournalEntry,
@@ -52,8 +53,27 @@ _log = structlog.get_logger("otel_bgtasks")
 
 _BATCH = 500
 
-# KEYS: entries, claims. ARGV: id, owner, now, until. The row's data, or false.
+# KEYS: a hash. ARGV: max bytes, then ids. For each id: its value, false when missing, or its
+# length (an integer) when longer than max bytes: an oversized row is never sent.
+_FETCH = """
+local out = {}
+local limit = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local size = redis.call('HSTRLEN', KEYS[1], ARGV[i])
+  if size > limit then
+    out[i - 1] = size
+  else
+    out[i - 1] = redis.call('HGET', KEYS[1], ARGV[i])
+  end
+end
+return out
+"""
+
+# KEYS: entries, claims. ARGV: id, owner, now, until, max bytes. The row's data, false, or
+# its length (an integer, nothing claimed) when longer than max bytes.
 _CLAIM = """
+local size = redis.call('HSTRLEN', KEYS[1], ARGV[1])
+if size > tonumber(ARGV[5]) then return size end
 local data = redis.call('HGET', KEYS[1], ARGV[1])
 if not data then return false end
 local held = redis.call('HGET', KEYS[2], ARGV[1])
@@ -125,6 +145,8 @@ class RedisDeadLetterStore(DeadLetterStore):
             a ready `redis.Redis` client (used as is: its own timeouts apply).
         prefix: key prefix, so several applications can share one Redis.
         timeout: connect and command timeout in seconds when built from a URL.
+        max_row_bytes: a row longer than this is corrupt; Redis never sends it (its length
+            is checked on the server first; default 256 MiB).
 
     Raises:
         ValueError: malformed URL or empty prefix.
@@ -137,7 +159,9 @@ class RedisDeadLetterStore(DeadLetterStore):
         *,
         prefix: str = "bgtasks",
         timeout: float = 1.0,
+        max_row_bytes: int = MAX_ROW_BYTES,
     ) -> None:
+        self.max_row_bytes = max_row_bytes
         if isinstance(url_or_client, str):
             url, prefix = _split_prefix(url_or_client, prefix)
             self.client: redis.Redis = redis.Redis.from_url(
@@ -163,6 +187,7 @@ class RedisDeadLetterStore(DeadLetterStore):
         self._claims = f"{prefix}:dlq:claims"
         self._journal_claims = f"{prefix}:journal:claims"
         self._claim_script = self.client.register_script(_CLAIM)
+        self._fetch_script = self.client.register_script(_FETCH)
         self._release_script = self.client.register_script(_RELEASE)
         self._delete_claimed_script = self.client.register_script(_DELETE_CLAIMED)
         self._forget_script = self.client.register_script(_FORGET)
@@ -186,8 +211,28 @@ class RedisDeadLetterStore(DeadLetterStore):
     # -- helpers ------------------------------------------------------------------------------
 
     def _fetch(self, r: redis.Redis, key: str, ids: builtins.list[str]) -> Iterable[Any]:
+        """Each id's raw value: bytes, None when missing, or its length (int) when oversized."""
         for start in range(0, len(ids), _BATCH):
-            yield from cast(builtins.list[Any], r.hmget(key, ids[start : start + _BATCH]))
+            batch = ids[start : start + _BATCH]
+            yield from cast(
+                builtins.list[Any],
+                self._fetch_script(keys=[key], args=[self.max_row_bytes, *batch], client=r),
+            )
+
+    def _oversized(self, row_id: str, size: int, what: str) -> CorruptEntryError:
+        return CorruptEntryError(
+            row_id, f"{size} bytes, over the limit of {self.max_row_bytes}", what=what
+        )
+
+    def _decode_entry(self, entry_id: str, raw: Any) -> DeadLetter:
+        if isinstance(raw, int):
+            raise self._oversized(entry_id, raw, "dead-letter entry")
+        return decode_entry(entry_id, raw, max_bytes=self.max_row_bytes)
+
+    def _decode_journal(self, task_id: str, raw: Any) -> JournalEntry:
+        if isinstance(raw, int):
+            raise self._oversized(task_id, raw, "journal entry")
+        return decode_journal(task_id, raw, max_bytes=self.max_row_bytes)
 
     def _ids_since(self, r: redis.Redis, key: str, since: float | None) -> builtins.list[str]:
         low: float | str = "-inf" if since is None else since
@@ -204,7 +249,7 @@ class RedisDeadLetterStore(DeadLetterStore):
                 stale.append(entry_id)
                 continue
             try:
-                yield entry_id, decode_entry(entry_id, raw)
+                yield entry_id, self._decode_entry(entry_id, raw)
             except CorruptEntryError as exc:
                 yield entry_id, exc
         if stale:
@@ -227,8 +272,8 @@ class RedisDeadLetterStore(DeadLetterStore):
 
     def get(self, entry_id: str) -> DeadLetter | None:
         with self._redis() as r:
-            raw = r.hget(self._entries, entry_id)
-        return None if raw is None else decode_entry(entry_id, cast(bytes, raw))
+            (raw,) = self._fetch(r, self._entries, [entry_id])
+        return None if raw is None else self._decode_entry(entry_id, raw)
 
     def list(
         self,
@@ -310,10 +355,12 @@ class RedisDeadLetterStore(DeadLetterStore):
     def corrupt_ids(self) -> builtins.list[str]:
         bad: builtins.list[str] = []
         with self._redis() as r:
-            for key, raw in r.hscan_iter(self._entries):
-                entry_id = _text(key)
+            ids = [_text(key) for key in cast(builtins.list[Any], r.hkeys(self._entries))]
+            for entry_id, raw in zip(ids, self._fetch(r, self._entries, ids), strict=True):
+                if raw is None:  # deleted meanwhile
+                    continue
                 try:
-                    decode_entry(entry_id, raw)
+                    self._decode_entry(entry_id, raw)
                 except CorruptEntryError:
                     bad.append(entry_id)
         return sorted(bad)
@@ -326,7 +373,8 @@ class RedisDeadLetterStore(DeadLetterStore):
         moment = time.time() if now is None else now
         with self._redis():
             return self._claim_script(
-                keys=list(keys), args=[row_id, owner, repr(moment), repr(moment + lease)]
+                keys=list(keys),
+                args=[row_id, owner, repr(moment), repr(moment + lease), self.max_row_bytes],
             )
 
     def _release(
@@ -351,8 +399,10 @@ class RedisDeadLetterStore(DeadLetterStore):
         raw = self._claim((self._entries, self._claims), entry_id, owner, lease, now)
         if raw is None:
             return None
+        if isinstance(raw, int):  # oversized: not claimed
+            raise self._oversized(entry_id, raw, "dead-letter entry")
         try:
-            return decode_entry(entry_id, raw)
+            return self._decode_entry(entry_id, raw)
         except CorruptEntryError:
             self._release(self._dlq_keys(), entry_id, owner)
             raise
@@ -371,8 +421,10 @@ class RedisDeadLetterStore(DeadLetterStore):
         raw = self._claim((self._journal, self._journal_claims), task_id, owner, lease, now)
         if raw is None:
             return None
+        if isinstance(raw, int):  # oversized: not claimed
+            raise self._oversized(task_id, raw, "journal entry")
         try:
-            return decode_journal(task_id, raw)
+            return self._decode_journal(task_id, raw)
         except CorruptEntryError:
             self._release(self._journal_keys(), task_id, owner)
             raise
@@ -408,7 +460,7 @@ class RedisDeadLetterStore(DeadLetterStore):
             if raw is None:
                 continue
             try:
-                yield decode_journal(task_id, raw)
+                yield self._decode_journal(task_id, raw)
             except CorruptEntryError as exc:
                 _log.error("corrupt journal entry skipped", task_id=task_id, error=str(exc))
 

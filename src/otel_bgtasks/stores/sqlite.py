@@ -22,6 +22,7 @@ import structlog
 
 from otel_bgtasks.errors import CorruptEntryError, StoreUnavailableError
 from otel_bgtasks.records import (
+    MAX_ROW_BYTES,
     DeadLetter,
     DeadLetterReason,
     JournalEntry,
@@ -75,6 +76,7 @@ _MIGRATE_1_TO_2 = (
 )
 
 _TABLES = {"dead_letters": "id", "journal": "task_id"}
+_WHAT = {"dead_letters": "dead-letter entry", "journal": "journal entry"}
 
 
 def _filters(
@@ -103,6 +105,8 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         lazy: create the file (and its directory) only at the first write: a dead letter, a
             journal row or a heartbeat. Until then reads see an empty store. The creation is
             logged once, with the path (how the instrumentor's default store is opened).
+        max_row_bytes: a row longer than this is corrupt, and SQLite refuses to load it
+            (``SQLITE_LIMIT_LENGTH``): it is never read into memory (default 256 MiB).
 
     Raises:
         ValueError: the directory does not exist, the file is not an SQLite database, or it
@@ -111,10 +115,16 @@ class SQLiteDeadLetterStore(DeadLetterStore):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, timeout: float = 5.0, lazy: bool = False
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 5.0,
+        lazy: bool = False,
+        max_row_bytes: int = MAX_ROW_BYTES,
     ) -> None:
         self.path = os.fspath(path)
         self.timeout = timeout
+        self.max_row_bytes = max_row_bytes
         directory = os.path.dirname(os.path.abspath(self.path))
         if not lazy and not os.path.isdir(directory):
             raise ValueError(
@@ -176,6 +186,9 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         )
         conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
         conn.execute("PRAGMA synchronous = NORMAL")
+        # a value longer than this is refused by SQLite itself ("string or blob too big")
+        # instead of being loaded: an oversized row is that row's corruption (`_row`)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self.max_row_bytes)
         self._local.conn = conn
         self._local.pid = pid
         self._local.file_id = self._file_id()
@@ -295,10 +308,40 @@ class SQLiteDeadLetterStore(DeadLetterStore):
 
     update = put
 
+    def _row(self, db: sqlite3.Connection, table: str, row_id: str) -> str | bytes | None:
+        """A row's data, read alone: an oversized value fails this statement, not a scan.
+
+        Raises:
+            CorruptEntryError: the value is longer than `max_row_bytes`.
+        """
+        key = _TABLES[table]
+        try:
+            row = db.execute(f"SELECT data FROM {table} WHERE {key} = ?", (row_id,)).fetchone()
+        except sqlite3.DataError as exc:  # SQLITE_TOOBIG: never loaded
+            raise CorruptEntryError(
+                row_id,
+                f"longer than {self.max_row_bytes} bytes, over the limit of {self.max_row_bytes}"
+                f" ({exc})",
+                what=_WHAT[table],
+            ) from None
+        return None if row is None else row[0]
+
+    def _decoded(self, db: sqlite3.Connection, table: str, row_id: str) -> Any:
+        """The decoded row, None if gone. Raises `CorruptEntryError` naming it."""
+        raw = self._row(db, table, row_id)
+        if raw is None:
+            return None
+        if table == "journal":
+            return decode_journal(row_id, raw, max_bytes=self.max_row_bytes)
+        return decode_entry(row_id, raw, max_bytes=self.max_row_bytes)
+
+    def _ids(self, db: sqlite3.Connection, query: str, params: Any = ()) -> builtins.list[str]:
+        return [str(row[0]) for row in db.execute(query, params).fetchall()]
+
     def get(self, entry_id: str) -> DeadLetter | None:
         with self._db() as db:
-            row = db.execute("SELECT data FROM dead_letters WHERE id = ?", (entry_id,)).fetchone()
-        return None if row is None else decode_entry(entry_id, row[0])
+            found: DeadLetter | None = self._decoded(db, "dead_letters", entry_id)
+        return found
 
     def list(
         self,
@@ -313,17 +356,21 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         if limit is not None and limit <= 0:
             return out
         with self._db() as db:
-            rows = db.execute(
-                f"SELECT id, data FROM dead_letters{where} ORDER BY last_failure, id", params
+            # ids first, then each row alone: one oversized row fails its own read only
+            ids = self._ids(
+                db, f"SELECT id FROM dead_letters{where} ORDER BY last_failure, id", params
             )
-            for entry_id, data in rows:
+            for entry_id in ids:
                 try:
-                    out.append(decode_entry(entry_id, data))
+                    entry = self._decoded(db, "dead_letters", entry_id)
                 except CorruptEntryError as exc:
                     _log.error(
                         "corrupt dead-letter entry skipped", entry_id=entry_id, error=str(exc)
                     )
                     continue
+                if entry is None:  # deleted meanwhile
+                    continue
+                out.append(entry)
                 if limit is not None and len(out) >= limit:
                     break
         return out
@@ -350,28 +397,40 @@ class SQLiteDeadLetterStore(DeadLetterStore):
     def corrupt_ids(self) -> builtins.list[str]:
         bad: builtins.list[str] = []
         with self._db() as db:
-            for entry_id, data in db.execute("SELECT id, data FROM dead_letters ORDER BY id"):
+            for entry_id in self._ids(db, "SELECT id FROM dead_letters ORDER BY id"):
                 try:
-                    decode_entry(entry_id, data)
+                    self._decoded(db, "dead_letters", entry_id)
                 except CorruptEntryError:
                     bad.append(entry_id)
         return bad
 
     # -- claims -----------------------------------------------------------------------------
 
-    def _claim(
-        self, table: str, row_id: str, owner: str, lease: float, now: float | None
-    ) -> str | None:
+    def _claim(self, table: str, row_id: str, owner: str, lease: float, now: float | None) -> Any:
+        """The claimed row decoded, None when missing or held by another owner.
+
+        Raises:
+            CorruptEntryError: the row cannot be decoded (the claim is released).
+        """
         key = _TABLES[table]
         moment = time.time() if now is None else now
         with self._db() as db:
-            rows = db.execute(
-                f"UPDATE {table} SET claim_owner = ?, claim_until = ? WHERE {key} = ?"
-                " AND (claim_owner IS NULL OR claim_owner = ? OR claim_until <= ?)"
-                " RETURNING data",
-                (owner, moment + lease, row_id, owner, moment),
-            ).fetchall()
-        return str(rows[0][0]) if rows else None
+            try:
+                taken = db.execute(
+                    f"UPDATE {table} SET claim_owner = ?, claim_until = ? WHERE {key} = ?"
+                    " AND (claim_owner IS NULL OR claim_owner = ? OR claim_until <= ?)",
+                    (owner, moment + lease, row_id, owner, moment),
+                ).rowcount
+            except sqlite3.DataError:  # an oversized row cannot be rewritten: not claimed
+                self._row(db, table, row_id)  # raises CorruptEntryError naming it
+                raise
+            if not taken:
+                return None
+            try:
+                return self._decoded(db, table, row_id)
+            except CorruptEntryError:
+                self._release(table, row_id, owner)
+                raise
 
     def _release(self, table: str, row_id: str, owner: str) -> bool:
         key = _TABLES[table]
@@ -398,14 +457,8 @@ class SQLiteDeadLetterStore(DeadLetterStore):
     def claim(
         self, entry_id: str, owner: str, *, lease: float, now: float | None = None
     ) -> DeadLetter | None:
-        data = self._claim("dead_letters", entry_id, owner, lease, now)
-        if data is None:
-            return None
-        try:
-            return decode_entry(entry_id, data)
-        except CorruptEntryError:
-            self._release("dead_letters", entry_id, owner)
-            raise
+        claimed: DeadLetter | None = self._claim("dead_letters", entry_id, owner, lease, now)
+        return claimed
 
     def release(self, entry_id: str, owner: str, *, entry: DeadLetter | None = None) -> bool:
         if entry is None:
@@ -434,14 +487,8 @@ class SQLiteDeadLetterStore(DeadLetterStore):
     def journal_claim(
         self, task_id: str, owner: str, *, lease: float, now: float | None = None
     ) -> JournalEntry | None:
-        data = self._claim("journal", task_id, owner, lease, now)
-        if data is None:
-            return None
-        try:
-            return decode_journal(task_id, data)
-        except CorruptEntryError:
-            self._release("journal", task_id, owner)
-            raise
+        claimed: JournalEntry | None = self._claim("journal", task_id, owner, lease, now)
+        return claimed
 
     def journal_release(self, task_id: str, owner: str) -> bool:
         return self._release("journal", task_id, owner)
@@ -464,18 +511,21 @@ class SQLiteDeadLetterStore(DeadLetterStore):
             return db.execute("DELETE FROM journal WHERE task_id = ?", (task_id,)).rowcount > 0
 
     def journal_list(self, *, owner: str | None = None) -> builtins.list[JournalEntry]:
-        query = "SELECT task_id, data FROM journal"
+        query = "SELECT task_id FROM journal"
         params: tuple[str, ...] = ()
         if owner is not None:
             query += " WHERE owner = ?"
             params = (owner,)
         out: builtins.list[JournalEntry] = []
         with self._db() as db:
-            for task_id, data in db.execute(query + " ORDER BY enqueued_at, task_id", params):
+            for task_id in self._ids(db, query + " ORDER BY enqueued_at, task_id", params):
                 try:
-                    out.append(decode_journal(task_id, data))
+                    entry = self._decoded(db, "journal", task_id)
                 except CorruptEntryError as exc:
                     _log.error("corrupt journal entry skipped", task_id=task_id, error=str(exc))
+                    continue
+                if entry is not None:
+                    out.append(entry)
         return out
 
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
