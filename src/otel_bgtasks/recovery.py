@@ -126,7 +126,7 @@ async def _recover(
             for journaled in entries:
                 group.create_task(one(journaled.task_id, owner))
         if not await call(store.journal_list, owner=owner):
-            moment = time.time() if now is None else now
+            moment = await call(store.now) if now is None else now  # the store's clock
             # judged by heartbeat age: if it heartbeat meanwhile it is alive, keep its heartbeat
             seen_before = None if owner_is_dead(owner) else moment - stale_after
             await call(store.forget_owner, owner, seen_before=seen_before)

@@ -356,6 +356,9 @@ class BufferedStore(DeadLetterStore):
         self.flush()
         return self.store.last_seen()
 
+    def now(self) -> float:
+        return self.store.now()
+
     def forget_owner(self, owner: str, *, seen_before: float | None = None) -> None:
         self.flush()
         self.store.forget_owner(owner, seen_before=seen_before)

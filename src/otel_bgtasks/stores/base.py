@@ -159,12 +159,21 @@ class DeadLetterStore(ABC):
         """Drop `owner`'s heartbeat (after its journal entries were recovered); with
         `seen_before`, only if its last heartbeat is older than that (it did not come back)."""
 
+    def now(self) -> float:
+        """The store's clock (epoch seconds): what leases and liveness are judged by.
+
+        Here the caller's wall clock; a store with a clock of its own (Redis: ``TIME``)
+        overrides it, so that hosts whose clocks disagree still agree on every lease.
+        """
+        return time.time()
+
     def dead_owners(self, stale_after: float, *, now: float | None = None) -> builtins.list[str]:
         """Owners whose last sign of life (heartbeat or newest journal row) is older than
-        `stale_after` seconds, or on this host whose process is gone (`owner_is_dead`). This
-        process, and a process on this machine known to be running (`owner_is_alive`), are
-        never listed, however old their heartbeat."""
-        moment = time.time() if now is None else now
+        `stale_after` seconds by the store's clock (`now()`, or `now` given), or on this host
+        whose process is gone (`owner_is_dead`). This process, and a process on this machine
+        known to be running (`owner_is_alive`), are never listed, however old their
+        heartbeat."""
+        moment = self.now() if now is None else now
         me = process_identity()
         dead = [
             owner

@@ -10,7 +10,9 @@ Keys (``{prefix}`` defaults to ``bgtasks``):
   the lease of the replayer/recoverer working on the row;
 - ``{prefix}:heartbeats``: hash, owner -> last heartbeat (epoch seconds).
 
-Each write is one MULTI/EXEC transaction; claims are Lua scripts (atomic on the server).
+Each write is one MULTI/EXEC transaction; claims are Lua scripts (atomic on the server) that
+judge leases on the server's clock (``TIME``), as heartbeats and the dead-owner judgement do:
+a host whose clock runs ahead takes no live lease and judges no live owner dead.
 Connect and command timeouts are short (1 s by default) with a single immediate reconnect
 attempt, so an outage costs a task about a second at most; `open_store` adds the
 `BufferedStore` that keeps those writes until Redis is back.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -52,6 +54,7 @@ __all__ = ["RedisDeadLetterStore"]
 _log = structlog.get_logger("otel_bgtasks")
 
 _BATCH = 500
+_SKEW_WARNING = 1.0  # seconds between this host's clock and Redis's worth a warning
 
 # KEYS: a hash. ARGV: max bytes, then ids. For each id: its value, false when missing, or its
 # length (an integer) when longer than max bytes: an oversized row is never sent.
@@ -69,23 +72,46 @@ end
 return out
 """
 
-# KEYS: entries, claims. ARGV: id, owner, now, until, max bytes. The row's data, false, or
-# its length (an integer, nothing claimed) when longer than max bytes.
-_CLAIM = """
+# The server's clock in epoch seconds: leases and liveness are judged on it, whatever the
+# clocks of the hosts calling (Redis replicates a script's effects, so TIME is allowed).
+_NOW = """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
+# KEYS: entries, claims. ARGV: id, owner, now ('' for the server's TIME), lease seconds, max
+# bytes. The row's data, false, or its length (an integer, nothing claimed) when longer than
+# max bytes.
+_CLAIM = (
+    _NOW
+    + """
 local size = redis.call('HSTRLEN', KEYS[1], ARGV[1])
 if size > tonumber(ARGV[5]) then return size end
 local data = redis.call('HGET', KEYS[1], ARGV[1])
 if not data then return false end
+local moment = ARGV[3] == '' and now() or tonumber(ARGV[3])
 local held = redis.call('HGET', KEYS[2], ARGV[1])
 if held then
   local sep = string.find(held, '|', 1, true)
   local untl = tonumber(string.sub(held, 1, sep - 1))
   local holder = string.sub(held, sep + 1)
-  if holder ~= ARGV[2] and untl > tonumber(ARGV[3]) then return false end
+  if holder ~= ARGV[2] and untl > moment then return false end
 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[4] .. '|' .. ARGV[2])
+local untl = string.format('%.6f', moment + tonumber(ARGV[4]))
+redis.call('HSET', KEYS[2], ARGV[1], untl .. '|' .. ARGV[2])
 return data
 """
+)
+
+# KEYS: heartbeats. ARGV: owner. Records the server's TIME as the owner's last heartbeat.
+_HEARTBEAT = (
+    _NOW
+    + """
+redis.call('HSET', KEYS[1], ARGV[1], string.format('%.6f', now()))
+"""
+)
 
 # KEYS: entries, by_time, claims. ARGV: id, owner, data ('' keeps the row), score.
 _RELEASE = """
@@ -147,6 +173,9 @@ class RedisDeadLetterStore(DeadLetterStore):
         timeout: connect and command timeout in seconds when built from a URL.
         max_row_bytes: a row longer than this is corrupt; Redis never sends it (its length
             is checked on the server first; default 256 MiB).
+        clock: this host's wall clock, compared with Redis's (a skew over a second is logged
+            once); never used to judge a lease or an owner's liveness: those use Redis's
+            ``TIME`` (inside the claim script), so hosts whose clocks disagree still agree.
 
     Raises:
         ValueError: malformed URL or empty prefix.
@@ -160,8 +189,10 @@ class RedisDeadLetterStore(DeadLetterStore):
         prefix: str = "bgtasks",
         timeout: float = 1.0,
         max_row_bytes: int = MAX_ROW_BYTES,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.max_row_bytes = max_row_bytes
+        self.clock = clock
         if isinstance(url_or_client, str):
             url, prefix = _split_prefix(url_or_client, prefix)
             self.client: redis.Redis = redis.Redis.from_url(
@@ -188,6 +219,8 @@ class RedisDeadLetterStore(DeadLetterStore):
         self._journal_claims = f"{prefix}:journal:claims"
         self._claim_script = self.client.register_script(_CLAIM)
         self._fetch_script = self.client.register_script(_FETCH)
+        self._heartbeat_script = self.client.register_script(_HEARTBEAT)
+        self._skew_logged = False
         self._release_script = self.client.register_script(_RELEASE)
         self._delete_claimed_script = self.client.register_script(_DELETE_CLAIMED)
         self._forget_script = self.client.register_script(_FORGET)
@@ -370,11 +403,10 @@ class RedisDeadLetterStore(DeadLetterStore):
     def _claim(
         self, keys: tuple[str, str], row_id: str, owner: str, lease: float, now: float | None
     ) -> Any:
-        moment = time.time() if now is None else now
+        moment = "" if now is None else repr(now)  # "": the server's clock
         with self._redis():
             return self._claim_script(
-                keys=list(keys),
-                args=[row_id, owner, repr(moment), repr(moment + lease), self.max_row_bytes],
+                keys=list(keys), args=[row_id, owner, moment, repr(lease), self.max_row_bytes]
             )
 
     def _release(
@@ -468,9 +500,29 @@ class RedisDeadLetterStore(DeadLetterStore):
         with self._redis() as r:
             return [e for e in self._journal_entries(r) if owner is None or e.owner == owner]
 
+    def now(self) -> float:
+        """Redis's clock (``TIME``), which every lease and liveness judgement uses; a host
+        clock more than a second away from it is logged once (it no longer matters here, but
+        it does for whatever else the host times)."""
+        with self._redis() as r:
+            seconds, micros = r.time()
+        moment = seconds + micros / 1_000_000
+        skew = self.clock() - moment
+        if abs(skew) > _SKEW_WARNING and not self._skew_logged:
+            self._skew_logged = True
+            _log.warning(
+                "clock skew between this host and Redis; leases and liveness use Redis's clock",
+                skew_seconds=round(skew, 3),
+                store=repr(self),
+            )
+        return moment
+
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
         with self._redis() as r:
-            r.hset(self._heartbeats, owner, repr(time.time() if at is None else at))
+            if at is None:  # the server's clock, as liveness is judged on it
+                self._heartbeat_script(keys=[self._heartbeats], args=[owner], client=r)
+            else:
+                r.hset(self._heartbeats, owner, repr(at))
 
     def last_seen(self) -> dict[str, float]:
         with self._redis() as r:

@@ -14,7 +14,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -107,6 +107,10 @@ class SQLiteDeadLetterStore(DeadLetterStore):
             logged once, with the path (how the instrumentor's default store is opened).
         max_row_bytes: a row longer than this is corrupt, and SQLite refuses to load it
             (``SQLITE_LIMIT_LENGTH``): it is never read into memory (default 256 MiB).
+        clock: the wall clock leases and liveness are judged by (`now()`). Every process
+            using the file is on this host and shares it: SQLite has no clock of its own, so
+            processes whose clocks disagree (several hosts on a network file system) would
+            take each other's leases; use Redis across hosts.
 
     Raises:
         ValueError: the directory does not exist, the file is not an SQLite database, or it
@@ -121,8 +125,10 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         timeout: float = 5.0,
         lazy: bool = False,
         max_row_bytes: int = MAX_ROW_BYTES,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = os.fspath(path)
+        self.clock = clock
         self.timeout = timeout
         self.max_row_bytes = max_row_bytes
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -413,7 +419,7 @@ class SQLiteDeadLetterStore(DeadLetterStore):
             CorruptEntryError: the row cannot be decoded (the claim is released).
         """
         key = _TABLES[table]
-        moment = time.time() if now is None else now
+        moment = self.clock() if now is None else now
         with self._db() as db:
             try:
                 taken = db.execute(
@@ -528,11 +534,14 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                     out.append(entry)
         return out
 
+    def now(self) -> float:
+        return self.clock()
+
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
         with self._db(write=True) as db:
             db.execute(
                 "INSERT OR REPLACE INTO heartbeats (owner, at) VALUES (?, ?)",
-                (owner, time.time() if at is None else at),
+                (owner, self.clock() if at is None else at),
             )
 
     def last_seen(self) -> dict[str, float]:
