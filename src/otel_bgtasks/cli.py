@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib
 import inspect
 import json
@@ -45,8 +46,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from otel_bgtasks._execution import Executor, active_executor
 from otel_bgtasks._terminal import printable
 from otel_bgtasks.calls import check_replayable
+from otel_bgtasks.environment import options_from_env
 from otel_bgtasks.errors import (
     ConfigurationError,
     CorruptEntryError,
@@ -62,6 +65,7 @@ from otel_bgtasks.replay import (
     ReplayRunner,
     ReplayStatus,
     run_dead_letter,
+    standalone_executor,
 )
 from otel_bgtasks.signing import SIGNING_KEY_ENV, SigningKeys, signing_keys, signing_override
 from otel_bgtasks.stores import DLQ_URL_ENV, default_store_path, default_store_url, open_store
@@ -71,6 +75,7 @@ from otel_bgtasks.telemetry import configure_telemetry
 __all__ = ["main"]
 
 PROG = "otel-bgtasks"
+REDACT_ENV = "OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES"
 _MIN_PREFIX = 4
 _SHORT_ID = 12
 
@@ -571,10 +576,30 @@ def _cmd_delete(ctx: _Context) -> int:
     return 0
 
 
+def _redact(environ: Mapping[str, str]) -> bool:
+    """``OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES``, as the app reads it: replays and re-runs
+    here log and report the tasks' exception messages as the app would.
+
+    Raises:
+        ConfigurationError: the variable holds something else than true or false.
+    """
+    given = {REDACT_ENV: environ[REDACT_ENV]} if REDACT_ENV in environ else {}
+    return bool(options_from_env(given).get("redact_exception_messages", False))
+
+
+def _executor(ctx: _Context, store: DeadLetterStore | None = None) -> Executor:
+    """The executor replays and re-runs go through: the app's when instrumented in this
+    process, else a standalone one with the environment's redaction."""
+    active = active_executor()
+    if active is not None and (store is None or active.store is store):
+        return active
+    return standalone_executor(store, redact_exception_messages=_redact(ctx.environ))
+
+
 def _load_runner(ctx: _Context) -> ReplayRunner:
     if ctx.runner is not None:
         return ctx.runner
-    return run_dead_letter
+    return functools.partial(run_dead_letter, executor=_executor(ctx))
 
 
 _OTLP_VARS = (
@@ -618,7 +643,7 @@ def _cmd_replay(ctx: _Context) -> int:
     store = ctx.store()
     ids = [_resolve_id(store, ident) for ident in args.ids] if args.ids else None
     runner = _load_runner(ctx)
-    dead_letters = DeadLetters(store)
+    dead_letters = DeadLetters(store, redact_exception_messages=_redact(ctx.environ))
 
     progress = Progress(
         TextColumn("replaying"),
@@ -698,6 +723,7 @@ def _cmd_recover(ctx: _Context) -> int:
             recover_interrupted_tasks(
                 mode="rerun" if ctx.args.rerun else "dead_letter",
                 store=store,
+                executor=_executor(ctx, store),
                 stale_after=ctx.args.stale_after,
             )
         )

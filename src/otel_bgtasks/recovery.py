@@ -34,6 +34,7 @@ import structlog
 
 from otel_bgtasks._execution import Executor, active_executor
 from otel_bgtasks._ids import from_hex
+from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import decode_call
 from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, UntrustedEntryError
@@ -323,7 +324,20 @@ def start_recovery(
             _log.warning("recovery interrupted by shutdown; remaining tasks stay journaled")
             raise
         except Exception:
-            _log.exception("recovery of interrupted durable tasks failed")
+            # never `exc_info`: its frames hold the decoded journal rows (task arguments)
+            running = executor or active_executor()
+            redact = running is not None and running.redact_exception_messages
+            _log.error(
+                "recovery of interrupted durable tasks failed", **exception_fields(redact=redact)
+            )
             raise
 
-    return RecoveryTask(asyncio.create_task(run(), name="otel-bgtasks-recovery"))
+    task = asyncio.create_task(run(), name="otel-bgtasks-recovery")
+    # logged above: asyncio must not log it again (with its frames) if nobody awaits it
+    task.add_done_callback(_retrieve)
+    return RecoveryTask(task)
+
+
+def _retrieve(task: asyncio.Task[RecoveryReport]) -> None:
+    if not task.cancelled():
+        task.exception()

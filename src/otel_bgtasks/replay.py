@@ -26,7 +26,7 @@ from opentelemetry import metrics, trace
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._execution import Executor, active_executor
 from otel_bgtasks._ids import from_hex
-from otel_bgtasks._tracebacks import exception_fields
+from otel_bgtasks._tracebacks import REDACTED, describe, exception_fields
 from otel_bgtasks._version import __version__
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import check_replayable, decode_call
@@ -57,7 +57,7 @@ how long an entry stays blocked after its replayer crashed."""
 
 _log = structlog.get_logger("otel_bgtasks")
 
-_standalone: dict[int, Executor] = {}
+_standalone: dict[tuple[int, bool], Executor] = {}
 
 
 @contextlib.asynccontextmanager
@@ -80,18 +80,21 @@ async def renewing(renew: Callable[[], object], every: float) -> AsyncIterator[N
             await renewer
 
 
-def standalone_executor(store: DeadLetterStore | None = None) -> Executor:
+def standalone_executor(
+    store: DeadLetterStore | None = None, *, redact_exception_messages: bool = False
+) -> Executor:
     """An executor on the global providers, for runs outside an instrumented app (the CLI).
 
     With `store`, tasks that fail go to that store's dead letters (recovery re-runs).
     """
-    key = id(store)
+    key = (id(store), redact_exception_messages)
     executor = _standalone.get(key)
     if executor is None or executor.store is not store:
         executor = _standalone[key] = Executor(
             trace.get_tracer("otel_bgtasks", __version__),
             Instruments(metrics.get_meter("otel_bgtasks", __version__)),
             dead_letter_store=store,
+            redact_exception_messages=redact_exception_messages,
         )
     return executor
 
@@ -112,7 +115,11 @@ async def run_dead_letter(entry: DeadLetter, *, executor: Executor | None = None
     state = executor.prepare(func, args, kwargs, link=from_hex(entry.trace_id, entry.span_id))
     state.replay = True
     state.first_failure = entry.first_failure
-    await executor.run(state, dead_letter=False)
+    try:
+        await executor.run(state, dead_letter=False)
+    except Exception as exc:  # `propagate_exceptions`: the task's own failure is the result
+        if exc is not state.exception:
+            raise
     outcome = state.outcome or Outcome.FAILURE
     executor.instruments.dlq_replays.add(
         1, {attr.TASK_NAME: entry.task_name, attr.TASK_OUTCOME: outcome.value}
@@ -190,11 +197,25 @@ class ReplayReport:
 
 
 class DeadLetters:
-    """Operator API over a store: inspect, delete, purge and replay dead letters."""
+    """Operator API over a store: inspect, delete, purge and replay dead letters.
 
-    def __init__(self, store: DeadLetterStore, *, lease: float = REPLAY_LEASE) -> None:
+    Args:
+        store: the dead letters.
+        lease: seconds a replay's claim lasts without renewal.
+        redact_exception_messages: replace the tasks' exception messages in outcomes and
+            logs by ``<redacted>``; None: as the active instrumentation does (off without).
+    """
+
+    def __init__(
+        self,
+        store: DeadLetterStore,
+        *,
+        lease: float = REPLAY_LEASE,
+        redact_exception_messages: bool | None = None,
+    ) -> None:
         self.store = store
         self.lease = lease
+        self._redact = redact_exception_messages
         # one owner per DeadLetters: two replays in one process exclude each other too
         self.owner = f"{process_identity()}/replay/{secrets.token_hex(4)}"
         self._offload = True
@@ -277,6 +298,14 @@ class DeadLetters:
                 on_outcome(outcome)
         return report
 
+    @property
+    def redact(self) -> bool:
+        """Whether task exception messages are redacted in outcomes and logs."""
+        if self._redact is not None:
+            return self._redact
+        executor = active_executor()
+        return executor is not None and executor.redact_exception_messages
+
     async def _call(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         if self._offload:
             return await asyncio.to_thread(fn, *args, **kwargs)
@@ -337,11 +366,14 @@ class DeadLetters:
             await self._call(store.release, entry.id, self.owner)
             return ReplayOutcome(entry.id, "import_error", entry.task_name, str(exc))
         except Exception as exc:  # the runner broke: keep the entry untouched, go on
+            redact = self.redact
             _log.error(
-                "dead letter replay: runner failed", entry_id=entry.id, **exception_fields(exc)
+                "dead letter replay: runner failed",
+                entry_id=entry.id,
+                **exception_fields(exc, redact=redact),
             )
             await self._call(store.release, entry.id, self.owner)
-            return ReplayOutcome(entry.id, "error", entry.task_name, f"{type(exc).__name__}: {exc}")
+            return ReplayOutcome(entry.id, "error", entry.task_name, describe(exc, redact=redact))
         if result.ok:
             if not await self._call(store.delete_claimed, entry.id, self.owner):
                 _log.warning(
@@ -353,7 +385,6 @@ class DeadLetters:
         updated = result.entry if result.entry is not None else entry.with_failure()
         # only if the row is still there and ours: an entry deleted meanwhile stays deleted
         await self._call(store.release, entry.id, self.owner, entry=updated)
-        message = (
-            f"{updated.error_type}: {updated.error_message}" if updated.error_type else "failed"
-        )
+        shown = REDACTED if self.redact else updated.error_message
+        message = f"{updated.error_type}: {shown}" if updated.error_type else "failed"
         return ReplayOutcome(entry.id, "failed", entry.task_name, message)
