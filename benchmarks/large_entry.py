@@ -52,7 +52,8 @@ from otel_bgtasks.health import bearer_token_auth, bgtasks_router
 from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 path, entry_id, what = sys.argv[1], sys.argv[2], sys.argv[3]
 app = FastAPI()
-app.include_router(bgtasks_router(auth=bearer_token_auth("t" * 16), store=SQLiteDeadLetterStore(path)))
+store = SQLiteDeadLetterStore(path)
+app.include_router(bgtasks_router(auth=bearer_token_auth("t" * 16), store=store))
 with TestClient(app) as client:
     url = "/bgtasks/dead-letters" + ("" if what == "list" else "/" + entry_id)
     response = client.get(url, headers={"Authorization": "Bearer " + "t" * 16})

@@ -16,6 +16,7 @@ from otel_bgtasks.errors import (
     BusinessError,
     CircuitOpenError,
     ConfigurationError,
+    ConsumedEntryError,
     CorruptEntryError,
     NotReplayableError,
     SerializationError,
@@ -34,7 +35,7 @@ from otel_bgtasks.instrumentor import (
 )
 from otel_bgtasks.logs import TraceContextFilter, TraceContextProcessor, configure_structlog_json
 from otel_bgtasks.options import EffectiveOptions
-from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.records import DeadLetter, DeadLetterPreview, DeadLetterReason, JournalEntry
 from otel_bgtasks.recovery import (
     RecoveryReport,
     RecoveryTask,
@@ -65,8 +66,10 @@ __all__ = [
     "CircuitOpenError",
     "CircuitState",
     "ConfigurationError",
+    "ConsumedEntryError",
     "CorruptEntryError",
     "DeadLetter",
+    "DeadLetterPreview",
     "DeadLetterReason",
     "DeadLetterStore",
     "DeadLetters",

@@ -327,16 +327,21 @@ class StoredCall(Protocol):
     @property
     def signature(self) -> str: ...
 
-    def call_fields(self) -> tuple[str, str, str, str, str]: ...
+    def verify_signature(
+        self, keys: SigningKeys, *, payload_sha256: str | None = None
+    ) -> None: ...
 
 
-def check_replayable(entry: StoredCall, *, keys: SigningKeys | None = None) -> None:
-    """Raises what `decode_call` would, short of decoding the payload.
+def check_replayable(
+    entry: StoredCall, *, keys: SigningKeys | None = None, payload_sha256: str | None = None
+) -> None:
+    """Raises what `decode_call` would, short of decoding the payload (`payload_sha256`: the
+    stored payload's digest when `entry.payload` is only a preview of it).
 
     Raises:
         UntrustedEntryError, NotReplayableError, TaskImportError, LookupError: as `decode_call`.
     """
-    _check(entry, keys)
+    _check(entry, keys, payload_sha256)
 
 
 def decode_call(
@@ -368,10 +373,12 @@ def decode_call(
     return func, tuple(args), dict(kwargs)
 
 
-def _check(entry: StoredCall, keys: SigningKeys | None) -> tuple[Callable[..., Any], Serializer]:
+def _check(
+    entry: StoredCall, keys: SigningKeys | None, payload_sha256: str | None = None
+) -> tuple[Callable[..., Any], Serializer]:
     keys = keys if keys is not None else signing_keys()
-    if keys is not None:
-        keys.verify(entry.call_fields(), entry.signature)
+    if keys is not None:  # its kind, owner and nonce too (otel_bgtasks.signing)
+        entry.verify_signature(keys, payload_sha256=payload_sha256)
     if entry.serializer in _LEGACY_UNREPLAYABLE:
         raise NotReplayableError(
             f"the call cannot be replayed: {_unreplayable_reason(entry.payload)}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from otel_bgtasks.attributes import ErrorCategory
@@ -19,6 +20,7 @@ __all__ = [
     "BusinessError",
     "CircuitOpenError",
     "ConfigurationError",
+    "ConsumedEntryError",
     "CorruptEntryError",
     "ErrorClassifier",
     "NotReplayableError",
@@ -67,6 +69,29 @@ class TaskImportError(BgTasksError, LookupError):
 class UntrustedEntryError(BgTasksError, LookupError):
     """A stored entry is refused: unsigned or tampered while a signing key is set, or it names
     a function that is not one of the app's tasks. Nothing of it ran; the entry is kept."""
+
+
+class ConsumedEntryError(UntrustedEntryError):
+    """A stored entry already ran: the store remembers its nonce (consumed by a successful
+    replay or recovery). A copy planted again, or a backup restored, is refused and kept.
+
+    Attributes:
+        entry_id: the row's id.
+        consumed_at: when its nonce was consumed (epoch seconds, the store's clock).
+    """
+
+    def __init__(self, entry_id: str, consumed_at: float) -> None:
+        try:
+            when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(consumed_at))
+        except (OverflowError, OSError, ValueError):  # a time no date can show (untrusted)
+            when = "an unknown time"
+        super().__init__(
+            f"refused: this entry already ran (its nonce was consumed at {when}): a copy was"
+            " planted again, or a backup restored; delete it, or after review adopt it"
+            " (`otel-bgtasks dlq adopt ID`) to run it once more"
+        )
+        self.entry_id = entry_id
+        self.consumed_at = consumed_at
 
 
 class UnregisteredTaskError(UntrustedEntryError, TaskImportError):

@@ -24,6 +24,7 @@ from otel_bgtasks.calls import Serializer, encode_call
 from otel_bgtasks.identity import process_identity
 from otel_bgtasks.records import JournalEntry
 from otel_bgtasks.response_gate import gate_active, track_write
+from otel_bgtasks.signing import new_nonce
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.stores.base import DeadLetterStore
 
@@ -79,6 +80,7 @@ class Journal:
             enqueued_at=state.enqueued_wall,
             trace_id=trace_id_hex(state.link),
             span_id=span_id_hex(state.link),
+            nonce=new_nonce(),
         ).signed()  # with a signing key set; recovery verifies it before decoding
         if gate_active() and _on_event_loop():
             future = self._writer_pool().submit(self._write_add, entry)

@@ -77,7 +77,9 @@ class RecoveryReport:
         return self.rerun_succeeded + self.rerun_failed + self.dead_lettered + self.refused
 
 
-Handler = Callable[[JournalEntry, str], Awaitable[None]]
+Handler = Callable[[JournalEntry, str], Awaitable[bool]]
+"""Handles one claimed row of a dead owner; True when the task ran (its nonce is consumed
+with the row's removal), False when it was moved (the dead letter carries the nonce)."""
 
 
 async def _recover(
@@ -106,19 +108,33 @@ async def _recover(
                 journaled = await call(store.journal_claim, task_id, me, lease=lease)
             except CorruptEntryError:
                 return  # logged by the store; an operator deletes it
+            except UntrustedEntryError as exc:  # it ran already: a copy planted again
+                _log.error("durable task refused", task_id=task_id, error=str(exc))
+                return
             if journaled is None:
                 return  # finished, or another recoverer holds it
+            if journaled.owner != owner:  # the store's index names another owner than the row
+                await call(store.journal_release, task_id, me)
+                _log.error(
+                    "journal row skipped: its owner is not the dead owner it was listed under",
+                    task_id=task_id,
+                    owner=journaled.owner,
+                    listed_under=owner,
+                )
+                return
             try:
                 renew = functools.partial(store.journal_claim, task_id, me, lease=lease)
                 async with renewing(renew, lease / 3):
-                    await handle(journaled, owner)
+                    ran = await handle(journaled, owner)
             except BaseException:
                 # cancelled (shutdown) or broken: it stays journaled for the next recovery
                 with contextlib.suppress(Exception):
                     await asyncio.shield(asyncio.to_thread(store.journal_release, task_id, me))
                 raise
-            # handled before removed: a crash in between leaves a duplicate, not a loss
-            await call(store.journal_remove_claimed, task_id, me)
+            # handled before removed: a crash in between leaves a duplicate, not a loss; a row
+            # that ran is consumed with its removal (a copy planted again is refused)
+            consume = journaled.nonce if ran else ""
+            await call(store.journal_remove_claimed, task_id, me, consume=consume)
 
     owners = await call(store.dead_owners, stale_after, now=now)
     for owner in owners:
@@ -137,7 +153,8 @@ async def _recover(
 def _dead_letterer(
     store: DeadLetterStore, moved: list[DeadLetter], at: float | None, offload: bool
 ) -> Handler:
-    async def handle(journaled: JournalEntry, owner: str) -> None:
+    async def handle(journaled: JournalEntry, owner: str) -> bool:
+        # signed as a dead letter only if the row's signature verifies
         entry = DeadLetter.from_journal(journaled, at=time.time() if at is None else at)
         if offload:
             await asyncio.to_thread(store.put, entry)
@@ -150,6 +167,7 @@ def _dead_letterer(
             task_id=entry.id,
             owner=owner,
         )
+        return False  # moved, not run: the dead letter carries its nonce
 
     return handle
 
@@ -212,8 +230,10 @@ async def recover_interrupted_tasks(
     runner = runner or standalone_executor(store)
     counts = {"ok": 0, "failed": 0, "dead": 0, "refused": 0}
 
-    async def rerun(journaled: JournalEntry, owner: str) -> None:
-        counts[await _rerun(runner, store, journaled)] += 1
+    async def rerun(journaled: JournalEntry, owner: str) -> bool:
+        result = await _rerun(runner, store, journaled)
+        counts[result] += 1
+        return result in ("ok", "failed")  # it ran (a failure was dead-lettered anew)
 
     owners = await _recover(store, stale_after, rerun, concurrency=concurrency)
     report = RecoveryReport(counts["ok"], counts["failed"], counts["dead"], counts["refused"])

@@ -285,8 +285,11 @@ class DeadLetters:
         store = self.store
         self._offload = offload
         targets: list[DeadLetter | str]
-        if ids is None:
-            targets = list(await self._call(store.list, task=task, reason=reason, since=since))
+        if ids is None:  # ids only (previews without payload): each is read when claimed
+            listed = await self._call(
+                store.previews, task=task, reason=reason, since=since, chars=0
+            )
+            targets = [preview.entry for preview in listed]
         else:
             targets = list(dict.fromkeys(ids))
         if on_start is not None:
@@ -320,6 +323,9 @@ class DeadLetters:
             entry = await self._call(store.claim, entry_id, self.owner, lease=self.lease)
         except CorruptEntryError as exc:
             return ReplayOutcome(entry_id, "corrupt", message=str(exc))
+        except UntrustedEntryError as exc:  # it already ran: a copy planted again (kept)
+            _log.error("dead letter replay refused", entry_id=entry_id, error=str(exc))
+            return ReplayOutcome(entry_id, "refused", message=str(exc))
         if entry is None:
             try:
                 exists = await self._call(store.get, entry_id) is not None
@@ -375,7 +381,10 @@ class DeadLetters:
             await self._call(store.release, entry.id, self.owner)
             return ReplayOutcome(entry.id, "error", entry.task_name, describe(exc, redact=redact))
         if result.ok:
-            if not await self._call(store.delete_claimed, entry.id, self.owner):
+            # its nonce consumed with the delete: a copy planted again is refused
+            if not await self._call(
+                store.delete_claimed, entry.id, self.owner, consume=entry.nonce
+            ):
                 _log.warning(
                     "dead letter replayed but its claim was lost (lease expired or deleted)",
                     entry_id=entry.id,

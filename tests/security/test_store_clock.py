@@ -34,7 +34,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
 
 
-def ahead(seconds: float):  # noqa: ANN201 - a clock
+def ahead(seconds: float):
     return lambda: time.time() + seconds
 
 

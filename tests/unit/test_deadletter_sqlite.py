@@ -96,7 +96,13 @@ def test_schema_is_created_with_version_and_wal(tmp_path: Path) -> None:
     SQLiteDeadLetterStore(path).close()
     with sqlite3.connect(path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert tables == {"dead_letters", "journal", "heartbeats"}
+        assert tables == {
+            "dead_letters",
+            "dead_letter_payloads",
+            "journal",
+            "heartbeats",
+            "consumed",
+        }
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
@@ -117,7 +123,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(ValueError, match=r"schema version 3 is newer .* upgrade otel-bgtasks"):
+    with pytest.raises(ValueError, match=r"schema version 4 is newer .* upgrade otel-bgtasks"):
         SQLiteDeadLetterStore(path)
 
 
@@ -247,6 +253,34 @@ def test_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
     with SQLiteDeadLetterStore(path) as store:
         assert store.claim(entry.id, "A", lease=30) == entry
         assert store.delete_claimed(entry.id, "A") is True
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+def test_version_2_file_is_migrated_and_its_rows_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    entry = make_entry()
+    with SQLiteDeadLetterStore(path) as store:
+        store.put(make_entry())  # creates a v3 file, turned into a v2 one below
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "DELETE FROM dead_letters; DROP TABLE dead_letter_payloads; DROP TABLE consumed;"
+            " PRAGMA user_version = 2;"
+        )
+        conn.execute(
+            "INSERT INTO dead_letters (id, task_name, reason, last_failure, data)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (entry.id, entry.task_name, entry.reason.value, entry.last_failure, entry.to_json()),
+        )
+    conn.close()
+    with SQLiteDeadLetterStore(path) as store:
+        assert store.list() == [entry]
+        assert store.preview(entry.id, chars=4).entry.payload == entry.payload[:4]
+        assert b"".join(store.payload_chunks(entry.id)).decode() == entry.payload
+        assert store.claim(entry.id, "A", lease=30) == entry
+        assert store.delete_claimed(entry.id, "A", consume="n" * 32) is True
+        assert set(store.consumed(["n" * 32])) == {"n" * 32}
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()

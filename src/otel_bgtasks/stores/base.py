@@ -10,13 +10,24 @@ from __future__ import annotations
 import builtins
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Self
 
 from otel_bgtasks.identity import owner_is_alive, owner_is_dead, process_identity
-from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.records import (
+    PREVIEW_CHARS,
+    DeadLetter,
+    DeadLetterPreview,
+    DeadLetterReason,
+    JournalEntry,
+)
 
-__all__ = ["DeadLetterStore"]
+__all__ = ["CONSUMED_RETENTION", "DeadLetterStore"]
+
+CONSUMED_RETENTION = 30 * 86_400.0
+"""Seconds a store remembers a consumed nonce (30 days): a copy of an entry that ran, planted
+again within that time, is refused; after it, it is not (see the README's threat model)."""
 
 
 class DeadLetterStore(ABC):
@@ -24,7 +35,8 @@ class DeadLetterStore(ABC):
 
     Methods are synchronous and thread-safe: the executor calls them from worker threads.
     `list` skips rows that cannot be decoded (logging an error naming each) and `corrupt_ids`
-    returns them, so one bad row never hides the others.
+    returns them, so one bad row never hides the others. `claim` and `journal_claim` refuse
+    an entry whose nonce was consumed (`ConsumedEntryError`, an `UntrustedEntryError`).
     """
 
     def __enter__(self) -> Self:
@@ -114,8 +126,13 @@ class DeadLetterStore(ABC):
         """
 
     @abstractmethod
-    def delete_claimed(self, entry_id: str, owner: str) -> bool:
-        """Delete the entry only if `owner` holds its claim; True if it was deleted."""
+    def delete_claimed(self, entry_id: str, owner: str, *, consume: str = "") -> bool:
+        """Delete the entry only if `owner` holds its claim; True if it was deleted.
+
+        With `consume` (the entry's nonce, after it ran), the store remembers the nonce for
+        `CONSUMED_RETENTION`, in the same transaction as the delete: a copy of the entry
+        planted again is then refused (`claim` raises `ConsumedEntryError`).
+        """
 
     @abstractmethod
     def journal_claim(
@@ -128,8 +145,58 @@ class DeadLetterStore(ABC):
         """Give up `owner`'s claim on a journal row (it stays journaled)."""
 
     @abstractmethod
-    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
-        """Remove a journal row only if `owner` holds its claim; True if removed."""
+    def journal_remove_claimed(self, task_id: str, owner: str, *, consume: str = "") -> bool:
+        """Remove a journal row only if `owner` holds its claim; True if removed. `consume`:
+        as `delete_claimed` (recovery re-ran it; a row moved to the dead letters is not
+        consumed: the dead letter carries its nonce)."""
+
+    def consumed(self, nonces: Iterable[str]) -> dict[str, float]:
+        """Which of `nonces` the store remembers as consumed, with when (the store's clock).
+
+        This default remembers nothing (a store without that memory refuses no copy).
+        """
+        return {}
+
+    # bounded views: what listings and `dlq show` read, whatever the size of a payload
+    def previews(
+        self,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+        chars: int = PREVIEW_CHARS,
+    ) -> builtins.list[DeadLetterPreview]:
+        """`list`, with each payload cut to its first `chars` characters and its size.
+
+        SQLite and Redis read only that much of each payload; this default reads entries
+        whole (a store without ranged reads).
+        """
+        found = self.list(task=task, reason=reason, since=since, limit=limit)
+        return [DeadLetterPreview.of(entry, chars) for entry in found]
+
+    def preview(self, entry_id: str, *, chars: int = PREVIEW_CHARS) -> DeadLetterPreview | None:
+        """`get`, with the payload cut as in `previews`.
+
+        Raises:
+            CorruptEntryError: the row exists but cannot be decoded.
+        """
+        entry = self.get(entry_id)
+        return None if entry is None else DeadLetterPreview.of(entry, chars)
+
+    def payload_chunks(self, entry_id: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The entry's whole payload (UTF-8) in chunks of at most `chunk_size` bytes, read as
+        they are consumed (nothing if the entry is gone).
+
+        Raises:
+            CorruptEntryError: the row exists but cannot be decoded.
+        """
+        entry = self.get(entry_id)
+        if entry is None:
+            return
+        data = entry.payload.encode()
+        for start in range(0, len(data), chunk_size):
+            yield data[start : start + chunk_size]
 
     # journal
     @abstractmethod

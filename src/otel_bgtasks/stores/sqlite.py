@@ -14,31 +14,36 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
-from otel_bgtasks.errors import CorruptEntryError, StoreUnavailableError
+from otel_bgtasks.errors import ConsumedEntryError, CorruptEntryError, StoreUnavailableError
 from otel_bgtasks.records import (
     MAX_ROW_BYTES,
+    PREVIEW_CHARS,
     DeadLetter,
+    DeadLetterPreview,
     DeadLetterReason,
     JournalEntry,
     decode_entry,
     decode_journal,
+    preview_text,
 )
-from otel_bgtasks.stores.base import DeadLetterStore
+from otel_bgtasks.stores.base import CONSUMED_RETENTION, DeadLetterStore
 
 __all__ = ["SCHEMA_VERSION", "SQLiteDeadLetterStore"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Stored in ``PRAGMA user_version``; a newer file is refused rather than misread.
-Version 2 added the claim columns (``claim_owner``, ``claim_until``); version 1 files are
-migrated in place."""
+Version 2 added the claim columns (``claim_owner``, ``claim_until``); version 3 the payloads
+kept apart (``dead_letter_payloads``) and the consumed nonces (``consumed``). Older files are
+migrated in place; their rows keep their payload inside ``data`` and are read as they are."""
 
 _log = structlog.get_logger("otel_bgtasks")
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -65,6 +70,15 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     owner TEXT PRIMARY KEY,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dead_letter_payloads (
+    id TEXT PRIMARY KEY,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS consumed (
+    nonce TEXT PRIMARY KEY,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS consumed_at ON consumed (at);
 """
 
 
@@ -75,7 +89,14 @@ _MIGRATE_1_TO_2 = (
     "ALTER TABLE journal ADD COLUMN claim_until REAL",
 )
 
+_MIGRATE_2_TO_3 = (
+    "CREATE TABLE dead_letter_payloads (id TEXT PRIMARY KEY, payload BLOB NOT NULL)",
+    "CREATE TABLE consumed (nonce TEXT PRIMARY KEY, at REAL NOT NULL)",
+    "CREATE INDEX consumed_at ON consumed (at)",
+)
+
 _TABLES = {"dead_letters": "id", "journal": "task_id"}
+_BATCH = 500  # ids per IN (...) query
 _WHAT = {"dead_letters": "dead-letter entry", "journal": "journal entry"}
 
 
@@ -273,13 +294,16 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                     f"schema version {version} is newer than this otel-bgtasks supports"
                     f" ({SCHEMA_VERSION}); upgrade otel-bgtasks"
                 )
-            if version == 1:
-                for statement in _MIGRATE_1_TO_2:
-                    conn.execute(statement)
-            elif version < SCHEMA_VERSION:
+            if version == 0:  # a new file (or one from before versions): the whole schema
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+            else:
+                migrations = ((1, _MIGRATE_1_TO_2), (2, _MIGRATE_2_TO_3))
+                for since, statements in migrations:
+                    if version <= since:
+                        for statement in statements:
+                            conn.execute(statement)
             if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
@@ -297,22 +321,43 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                 conn.close()
 
     # -- dead letters -----------------------------------------------------------------------
+    # A row holds the entry without its payload (`data`); the payload is a BLOB of its own
+    # (`dead_letter_payloads`), so listing and claiming never read it and a preview reads
+    # only its first bytes. Rows of older versions keep the payload inside `data`.
+
+    @contextmanager
+    def _transaction(self, db: sqlite3.Connection) -> Iterator[None]:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _write(self, db: sqlite3.Connection, entry: DeadLetter) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO dead_letters (id, task_name, reason, last_failure, data)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (entry.id, entry.task_name, entry.reason.value, entry.last_failure, entry.meta_json()),
+        )
+        db.execute(
+            "INSERT OR REPLACE INTO dead_letter_payloads (id, payload) VALUES (?, ?)",
+            (entry.id, entry.payload.encode()),
+        )
 
     def put(self, entry: DeadLetter) -> None:
-        with self._db(write=True) as db:
-            db.execute(
-                "INSERT OR REPLACE INTO dead_letters (id, task_name, reason, last_failure, data)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (
-                    entry.id,
-                    entry.task_name,
-                    entry.reason.value,
-                    entry.last_failure,
-                    entry.to_json(),
-                ),
-            )
+        with self._db(write=True) as db, self._transaction(db):
+            self._write(db, entry)
 
     update = put
+
+    def _too_big(self, row_id: str, what: str, exc: BaseException) -> CorruptEntryError:
+        return CorruptEntryError(
+            row_id,
+            f"longer than the limit, over the limit of {self.max_row_bytes} ({exc})",
+            what=what,
+        )
 
     def _row(self, db: sqlite3.Connection, table: str, row_id: str) -> str | bytes | None:
         """A row's data, read alone: an oversized value fails this statement, not a scan.
@@ -324,30 +369,121 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         try:
             row = db.execute(f"SELECT data FROM {table} WHERE {key} = ?", (row_id,)).fetchone()
         except sqlite3.DataError as exc:  # SQLITE_TOOBIG: never loaded
-            raise CorruptEntryError(
-                row_id,
-                f"longer than {self.max_row_bytes} bytes, over the limit of {self.max_row_bytes}"
-                f" ({exc})",
-                what=_WHAT[table],
-            ) from None
+            raise self._too_big(row_id, _WHAT[table], exc) from None
         return None if row is None else row[0]
 
-    def _decoded(self, db: sqlite3.Connection, table: str, row_id: str) -> Any:
-        """The decoded row, None if gone. Raises `CorruptEntryError` naming it."""
-        raw = self._row(db, table, row_id)
+    def _payload_size(self, db: sqlite3.Connection, entry_id: str) -> int | None:
+        """The kept-apart payload's length in bytes (read from the row header, not loaded),
+        None for a row of an older version (its payload is inside `data`)."""
+        row = db.execute(
+            "SELECT length(payload) FROM dead_letter_payloads WHERE id = ?", (entry_id,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _payload(self, db: sqlite3.Connection, entry_id: str) -> bytes | None:
+        try:
+            row = db.execute(
+                "SELECT payload FROM dead_letter_payloads WHERE id = ?", (entry_id,)
+            ).fetchone()
+        except sqlite3.DataError as exc:
+            raise self._too_big(entry_id, "dead-letter entry", exc) from None
+        return None if row is None else bytes(row[0])
+
+    def _entry(self, db: sqlite3.Connection, entry_id: str) -> DeadLetter | None:
+        """The whole entry, None if gone. Raises `CorruptEntryError` naming it."""
+        raw = self._row(db, "dead_letters", entry_id)
         if raw is None:
             return None
-        if table == "journal":
-            return decode_journal(row_id, raw, max_bytes=self.max_row_bytes)
-        return decode_entry(row_id, raw, max_bytes=self.max_row_bytes)
+        payload = self._payload(db, entry_id)
+        return decode_entry(entry_id, raw, max_bytes=self.max_row_bytes, payload=payload)
+
+    def _preview(
+        self, db: sqlite3.Connection, entry_id: str, chars: int
+    ) -> DeadLetterPreview | None:
+        """The entry with its payload's first `chars` characters (incremental blob I/O: at
+        most 4 bytes a character are read), None if gone."""
+        raw = self._row(db, "dead_letters", entry_id)
+        if raw is None:
+            return None
+        size = self._payload_size(db, entry_id)
+        if size is None:  # an older row: whole, within max_row_bytes
+            return DeadLetterPreview.of(
+                decode_entry(entry_id, raw, max_bytes=self.max_row_bytes), chars
+            )
+        head = b""
+        if chars > 0 and size:
+            (rowid,) = db.execute(
+                "SELECT rowid FROM dead_letter_payloads WHERE id = ?", (entry_id,)
+            ).fetchone()
+            with db.blobopen("dead_letter_payloads", "payload", rowid, readonly=True) as blob:
+                head = blob.read(min(size, chars * 4))
+        entry = decode_entry(
+            entry_id, raw, max_bytes=self.max_row_bytes, payload=preview_text(head, chars)
+        )
+        return DeadLetterPreview(entry, size)
 
     def _ids(self, db: sqlite3.Connection, query: str, params: Any = ()) -> builtins.list[str]:
         return [str(row[0]) for row in db.execute(query, params).fetchall()]
 
     def get(self, entry_id: str) -> DeadLetter | None:
         with self._db() as db:
-            found: DeadLetter | None = self._decoded(db, "dead_letters", entry_id)
-        return found
+            return self._entry(db, entry_id)
+
+    def preview(self, entry_id: str, *, chars: int = PREVIEW_CHARS) -> DeadLetterPreview | None:
+        with self._db() as db:
+            return self._preview(db, entry_id, chars)
+
+    def payload_chunks(self, entry_id: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        # each chunk is one read of its own, on the calling thread's connection: a consumer
+        # may pull chunks from several threads (a streamed HTTP response)
+        with self._db() as db:
+            found = db.execute(
+                "SELECT rowid, length(payload) FROM dead_letter_payloads WHERE id = ?",
+                (entry_id,),
+            ).fetchone()
+        if found is None:  # an older row (or gone): whole, within max_row_bytes
+            yield from super().payload_chunks(entry_id, chunk_size=chunk_size)
+            return
+        rowid, size = found
+        for start in range(0, size, chunk_size):
+            with self._db() as db:
+                try:
+                    blob = db.blobopen("dead_letter_payloads", "payload", rowid, readonly=True)
+                except sqlite3.OperationalError:  # deleted meanwhile
+                    return
+                with blob:
+                    blob.seek(start)
+                    yield blob.read(chunk_size)
+
+    def _scan(
+        self,
+        read: Callable[[sqlite3.Connection, str], _T | None],
+        task: str | None,
+        reason: DeadLetterReason | str | None,
+        since: float | None,
+        limit: int | None,
+    ) -> builtins.list[_T]:
+        where, params = _filters(task, reason, since)
+        out: builtins.list[_T] = []
+        if limit is not None and limit <= 0:
+            return out
+        with self._db() as db:
+            # ids first, then each row alone: one oversized row fails its own read only
+            query = f"SELECT id FROM dead_letters{where} ORDER BY last_failure, id"
+            for entry_id in self._ids(db, query, params):
+                try:
+                    found = read(db, entry_id)
+                except CorruptEntryError as exc:
+                    _log.error(
+                        "corrupt dead-letter entry skipped", entry_id=entry_id, error=str(exc)
+                    )
+                    continue
+                if found is None:  # deleted meanwhile
+                    continue
+                out.append(found)
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
 
     def list(
         self,
@@ -357,32 +493,25 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         since: float | None = None,
         limit: int | None = None,
     ) -> builtins.list[DeadLetter]:
-        where, params = _filters(task, reason, since)
-        out: builtins.list[DeadLetter] = []
-        if limit is not None and limit <= 0:
-            return out
-        with self._db() as db:
-            # ids first, then each row alone: one oversized row fails its own read only
-            ids = self._ids(
-                db, f"SELECT id FROM dead_letters{where} ORDER BY last_failure, id", params
-            )
-            for entry_id in ids:
-                try:
-                    entry = self._decoded(db, "dead_letters", entry_id)
-                except CorruptEntryError as exc:
-                    _log.error(
-                        "corrupt dead-letter entry skipped", entry_id=entry_id, error=str(exc)
-                    )
-                    continue
-                if entry is None:  # deleted meanwhile
-                    continue
-                out.append(entry)
-                if limit is not None and len(out) >= limit:
-                    break
-        return out
+        return self._scan(self._entry, task, reason, since, limit)
+
+    def previews(
+        self,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+        chars: int = PREVIEW_CHARS,
+    ) -> builtins.list[DeadLetterPreview]:
+        def read(db: sqlite3.Connection, entry_id: str) -> DeadLetterPreview | None:
+            return self._preview(db, entry_id, chars)
+
+        return self._scan(read, task, reason, since, limit)
 
     def delete(self, entry_id: str) -> bool:
-        with self._db() as db:
+        with self._db() as db, self._transaction(db):
+            db.execute("DELETE FROM dead_letter_payloads WHERE id = ?", (entry_id,))
             return db.execute("DELETE FROM dead_letters WHERE id = ?", (entry_id,)).rowcount > 0
 
     def purge(
@@ -393,7 +522,9 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         since: float | None = None,
     ) -> int:
         where, params = _filters(task, reason, since)
-        with self._db() as db:
+        with self._db() as db, self._transaction(db):
+            doomed = f"SELECT id FROM dead_letters{where}"
+            db.execute(f"DELETE FROM dead_letter_payloads WHERE id IN ({doomed})", params)
             return db.execute(f"DELETE FROM dead_letters{where}", params).rowcount
 
     def count(self) -> int:
@@ -405,18 +536,30 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         with self._db() as db:
             for entry_id in self._ids(db, "SELECT id FROM dead_letters ORDER BY id"):
                 try:
-                    self._decoded(db, "dead_letters", entry_id)
+                    size = self._payload_size(db, entry_id)
+                    if size is not None and size > self.max_row_bytes:
+                        raise self._too_big(entry_id, "dead-letter entry", ValueError(size))
+                    self._preview(db, entry_id, 0)
                 except CorruptEntryError:
                     bad.append(entry_id)
         return bad
 
     # -- claims -----------------------------------------------------------------------------
 
-    def _claim(self, table: str, row_id: str, owner: str, lease: float, now: float | None) -> Any:
-        """The claimed row decoded, None when missing or held by another owner.
+    def _claim(
+        self,
+        table: str,
+        row_id: str,
+        owner: str,
+        lease: float,
+        now: float | None,
+        read: Callable[[sqlite3.Connection, str], Any],
+    ) -> Any:
+        """The claimed row decoded (`read`), None when missing or held by another owner.
 
         Raises:
             CorruptEntryError: the row cannot be decoded (the claim is released).
+            ConsumedEntryError: its nonce was consumed: it ran already (released too).
         """
         key = _TABLES[table]
         moment = self.clock() if now is None else now
@@ -433,10 +576,15 @@ class SQLiteDeadLetterStore(DeadLetterStore):
             if not taken:
                 return None
             try:
-                return self._decoded(db, table, row_id)
-            except CorruptEntryError:
+                found = read(db, row_id)
+                if found is not None and found.nonce:
+                    consumed = self._consumed(db, [found.nonce])
+                    if consumed:
+                        raise ConsumedEntryError(row_id, consumed[found.nonce])
+            except (CorruptEntryError, ConsumedEntryError):
                 self._release(table, row_id, owner)
                 raise
+            return found
 
     def _release(self, table: str, row_id: str, owner: str) -> bool:
         key = _TABLES[table]
@@ -450,27 +598,54 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                 > 0
             )
 
-    def _delete_claimed(self, table: str, row_id: str, owner: str) -> bool:
+    def _delete_claimed(self, table: str, row_id: str, owner: str, consume: str) -> bool:
         key = _TABLES[table]
-        with self._db() as db:
-            return (
+        with self._db() as db, self._transaction(db):
+            deleted = (
                 db.execute(
                     f"DELETE FROM {table} WHERE {key} = ? AND claim_owner = ?", (row_id, owner)
                 ).rowcount
                 > 0
             )
+            if deleted and table == "dead_letters":
+                db.execute("DELETE FROM dead_letter_payloads WHERE id = ?", (row_id,))
+            if deleted and consume:  # in the delete's transaction: never one without the other
+                moment = self.clock()
+                db.execute(
+                    "INSERT OR REPLACE INTO consumed (nonce, at) VALUES (?, ?)", (consume, moment)
+                )
+                db.execute("DELETE FROM consumed WHERE at < ?", (moment - CONSUMED_RETENTION,))
+            return deleted
+
+    def _consumed(self, db: sqlite3.Connection, nonces: builtins.list[str]) -> dict[str, float]:
+        found: dict[str, float] = {}
+        for start in range(0, len(nonces), _BATCH):
+            batch = nonces[start : start + _BATCH]
+            marks = ",".join("?" * len(batch))
+            for nonce, at in db.execute(
+                f"SELECT nonce, at FROM consumed WHERE nonce IN ({marks})", batch
+            ):
+                found[str(nonce)] = float(at)
+        return found
+
+    def consumed(self, nonces: Iterable[str]) -> dict[str, float]:
+        wanted = [n for n in dict.fromkeys(nonces) if n]
+        with self._db() as db:
+            return self._consumed(db, wanted)
 
     def claim(
         self, entry_id: str, owner: str, *, lease: float, now: float | None = None
     ) -> DeadLetter | None:
-        claimed: DeadLetter | None = self._claim("dead_letters", entry_id, owner, lease, now)
+        claimed: DeadLetter | None = self._claim(
+            "dead_letters", entry_id, owner, lease, now, self._entry
+        )
         return claimed
 
     def release(self, entry_id: str, owner: str, *, entry: DeadLetter | None = None) -> bool:
         if entry is None:
             return self._release("dead_letters", entry_id, owner)
-        with self._db() as db:
-            return (
+        with self._db() as db, self._transaction(db):
+            applied = (
                 db.execute(
                     "UPDATE dead_letters SET task_name = ?, reason = ?, last_failure = ?,"
                     " data = ?, claim_owner = NULL, claim_until = NULL"
@@ -479,28 +654,40 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                         entry.task_name,
                         entry.reason.value,
                         entry.last_failure,
-                        entry.to_json(),
+                        entry.meta_json(),
                         entry_id,
                         owner,
                     ),
                 ).rowcount
                 > 0
             )
+            if applied:
+                db.execute(
+                    "INSERT OR REPLACE INTO dead_letter_payloads (id, payload) VALUES (?, ?)",
+                    (entry_id, entry.payload.encode()),
+                )
+            return applied
 
-    def delete_claimed(self, entry_id: str, owner: str) -> bool:
-        return self._delete_claimed("dead_letters", entry_id, owner)
+    def delete_claimed(self, entry_id: str, owner: str, *, consume: str = "") -> bool:
+        return self._delete_claimed("dead_letters", entry_id, owner, consume)
+
+    def _journal_row(self, db: sqlite3.Connection, task_id: str) -> JournalEntry | None:
+        raw = self._row(db, "journal", task_id)
+        return None if raw is None else decode_journal(task_id, raw, max_bytes=self.max_row_bytes)
 
     def journal_claim(
         self, task_id: str, owner: str, *, lease: float, now: float | None = None
     ) -> JournalEntry | None:
-        claimed: JournalEntry | None = self._claim("journal", task_id, owner, lease, now)
+        claimed: JournalEntry | None = self._claim(
+            "journal", task_id, owner, lease, now, self._journal_row
+        )
         return claimed
 
     def journal_release(self, task_id: str, owner: str) -> bool:
         return self._release("journal", task_id, owner)
 
-    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
-        return self._delete_claimed("journal", task_id, owner)
+    def journal_remove_claimed(self, task_id: str, owner: str, *, consume: str = "") -> bool:
+        return self._delete_claimed("journal", task_id, owner, consume)
 
     # -- journal and owners -------------------------------------------------------------------
 
@@ -526,7 +713,7 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         with self._db() as db:
             for task_id in self._ids(db, query + " ORDER BY enqueued_at, task_id", params):
                 try:
-                    entry = self._decoded(db, "journal", task_id)
+                    entry = self._journal_row(db, task_id)
                 except CorruptEntryError as exc:
                     _log.error("corrupt journal entry skipped", task_id=task_id, error=str(exc))
                     continue
