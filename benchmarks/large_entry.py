@@ -9,7 +9,8 @@ command still running after `--cap` seconds is stopped and reported as such. ``e
 same command on a store with a one-byte argument: the fixed cost (interpreter, imports).
 
 Run it with ``PYTHONPATH=<another checkout>/src`` to measure another version of the package
-(the store is written by the version measured).
+(the store is written by the version measured). Variants that version does not have
+(``show-full``, ``list-json`` previews, ``router-full``) are left out with ``--commands``.
 """
 
 from __future__ import annotations
@@ -51,14 +52,16 @@ from fastapi.testclient import TestClient
 from otel_bgtasks.health import bearer_token_auth, bgtasks_router
 from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 path, entry_id, what = sys.argv[1], sys.argv[2], sys.argv[3]
+query = "?full=true" if what == "full" else ""
 app = FastAPI()
 store = SQLiteDeadLetterStore(path)
 app.include_router(bgtasks_router(auth=bearer_token_auth("t" * 16), store=store))
 with TestClient(app) as client:
-    url = "/bgtasks/dead-letters" + ("" if what == "list" else "/" + entry_id)
-    response = client.get(url, headers={"Authorization": "Bearer " + "t" * 16})
-    sys.stdout.write(response.text)
-    assert response.status_code == 200, response.status_code
+    url = "/bgtasks/dead-letters" + ("" if what == "list" else "/" + entry_id + query)
+    with client.stream("GET", url, headers={"Authorization": "Bearer " + "t" * 16}) as response:
+        assert response.status_code == 200, response.status_code
+        for piece in response.iter_raw():
+            sys.stdout.buffer.write(piece)
 """
 
 
@@ -94,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="5,100", help="payload sizes in MB")
     parser.add_argument("--cap", type=float, default=180.0, help="seconds before stopping one")
-    parser.add_argument("--commands", default="show,show-json,list,router-show,router-list")
+    parser.add_argument(
+        "--commands",
+        default="show,show-full,show-json,list,list-json,router-show,router-full,router-list",
+    )
     args = parser.parse_args(argv)
     py = sys.executable
     results: dict[str, Any] = {}
@@ -111,9 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             cli = [py, "-m", "otel_bgtasks.cli", "--store", url, "dlq"]
             commands = {
                 "show": [*cli, "show", entry_id],
+                "show-full": [*cli, "show", entry_id, "--full"],
                 "show-json": [*cli, "show", entry_id, "--json"],
                 "list": [*cli, "list"],
+                "list-json": [*cli, "list", "--json"],
                 "router-show": [py, "-c", _ROUTER, str(path), entry_id, "show"],
+                "router-full": [py, "-c", _ROUTER, str(path), entry_id, "full"],
                 "router-list": [py, "-c", _ROUTER, str(path), entry_id, "list"],
             }
             for name in args.commands.split(","):

@@ -8,11 +8,13 @@ then parses; whatever goes wrong is one `ValueError` naming what.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["MAX_DOCUMENT_BYTES", "check_bounds", "loads_bounded"]
+__all__ = ["MAX_DOCUMENT_BYTES", "check_bounds", "dumps_streamed", "loads_bounded"]
 
 MAX_DOCUMENT_BYTES = 256 * 1024 * 1024
 """Bytes of one stored document (a row, a payload) parsed at most; a bigger one is refused
@@ -72,3 +74,22 @@ def loads_bounded(text: str | bytes, *, max_depth: int, max_bytes: int) -> Any:
         raise ValueError(f"cannot be parsed ({type(exc).__name__})") from None
     except ValueError as exc:  # JSONDecodeError: its message has a position, no content
         raise ValueError(f"not JSON ({exc})") from None
+
+
+def dumps_streamed(
+    fields: Mapping[str, Any], name: str, chunks: Iterable[bytes], *, indent: int | None = None
+) -> Iterator[str]:
+    """`fields` as a JSON object plus one more string member `name` whose value is the UTF-8
+    text of `chunks`, yielded piece by piece: a value of any size is never whole in memory.
+
+    Invalid UTF-8 shows as U+FFFD (a character cut between two chunks is kept whole).
+    """
+    head = json.dumps(dict(fields), indent=indent)
+    opening = "\n" + " " * indent if indent is not None else ""
+    closing = "\n}" if indent is not None else "}"
+    separator = ("," if indent is not None else ", ") if fields else ""
+    yield head[: -len(closing) if fields else -1] + f'{separator}{opening}"{name}": "'
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    for chunk in chunks:
+        yield json.dumps(decoder.decode(chunk))[1:-1]
+    yield json.dumps(decoder.decode(b"", final=True))[1:-1] + '"' + closing

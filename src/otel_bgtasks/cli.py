@@ -3,10 +3,11 @@
 ::
 
     otel-bgtasks [--store URL] [--tasks MODULE[,MODULE]] dlq list [--task T] [--reason R]
-                                        [--since 2h|ISO] [--limit N] [--json]
-    otel-bgtasks dlq show ID [--json]
+                                        [--since 2h|ISO] [--limit N] [--json [--full]]
+    otel-bgtasks dlq show ID [--full | --json]
     otel-bgtasks dlq delete ID [ID ...]
     otel-bgtasks dlq replay (ID [ID ...] | --all [--task T] [--reason R] [--since S])
+    otel-bgtasks dlq adopt (ID [ID ...] | --all) [--yes]
     otel-bgtasks dlq purge [--task T] [--reason R] [--since S] [--yes]
     otel-bgtasks recover [--rerun] [--stale-after SECONDS]
     otel-bgtasks demo [ARGS ...]
@@ -15,7 +16,10 @@ The store URL comes from ``--store`` (accepted before or after the subcommand), 
 ``OTEL_BGTASKS_DLQ_URL`` environment variable. The app's tasks come from the modules given by
 ``--tasks`` (else ``OTEL_BGTASKS_TASK_MODULES``), imported on purpose: replay and recover run
 only those (see `otel_bgtasks.registry`), and never import a module an entry names. With
-``OTEL_BGTASKS_SIGNING_KEY`` set, entries whose signature does not verify are refused.
+``OTEL_BGTASKS_SIGNING_KEY`` set, entries whose signature does not verify are refused;
+``dlq adopt`` shows them and, after review, signs them with the current key. ``list`` and
+``show`` read each payload's first 1,000 characters and its size only (its digest, to check
+a signature, is streamed): the whole payload only with ``--full`` or ``show --json``, streamed.
 Everything printed from an entry has its control characters escaped. An ID may be abbreviated
 to a unique prefix of at least 4 characters. Exit status: 0 success; 1 some replays (or re-runs)
 did not succeed, or an entry listed or shown is refused;
@@ -49,6 +53,7 @@ from rich.table import Table
 from rich.text import Text
 
 from otel_bgtasks._execution import Executor, active_executor
+from otel_bgtasks._json import dumps_streamed
 from otel_bgtasks._terminal import printable
 from otel_bgtasks.calls import check_replayable
 from otel_bgtasks.environment import options_from_env
@@ -511,7 +516,7 @@ def _entries_table(
 def _resolve_id(store: DeadLetterStore, ident: str) -> str:
     """The full id for `ident` (an id or a unique prefix); corrupt rows count as existing."""
     try:
-        if store.get(ident) is not None:
+        if store.preview(ident, chars=0) is not None:  # no payload read
             return ident
     except CorruptEntryError:
         return ident
@@ -577,12 +582,8 @@ def _write_full_json(out: TextIO, store: DeadLetterStore, fields: dict[str, Any]
     """`fields` as an indented JSON object whose ``payload`` is the entry's whole payload,
     streamed from the store chunk by chunk (never whole in memory)."""
     fields = {k: v for k, v in fields.items() if k not in ("payload", "payload_truncated")}
-    head = json.dumps(fields, indent=2)
-    out.write(head[:-2] + ',\n  "payload": "')
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    for chunk in store.payload_chunks(fields["id"]):
-        out.write(json.dumps(decoder.decode(chunk))[1:-1])
-    out.write(json.dumps(decoder.decode(b"", final=True))[1:-1] + '"\n}')
+    for piece in dumps_streamed(fields, "payload", store.payload_chunks(fields["id"]), indent=2):
+        out.write(piece)
 
 
 def _write_full_payload(out: TextIO, store: DeadLetterStore, entry_id: str) -> None:
@@ -635,11 +636,12 @@ def _cmd_show(ctx: _Context) -> int:
         )
         ctx.stdout.write("\n")
         return status
+    size = _size(preview.payload_size)
     if preview.truncated and not ctx.args.full:
-        shown = f"{_size(preview.payload_size)}; the first {len(entry.payload):,} characters:"
-        payload = f"{shown} {entry.payload}… (--full: all of it)"
+        size += f", the first {len(entry.payload):,} characters shown (--full: all of it)"
+        payload = entry.payload + "…"
     elif preview.truncated:
-        payload = f"{_size(preview.payload_size)}, below"
+        payload = "(below)"
     else:
         payload = entry.payload
     table = Table(show_header=False, box=None)
@@ -659,6 +661,7 @@ def _cmd_show(ctx: _Context) -> int:
         ("trace id", entry.trace_id or "-"),
         ("span id", entry.span_id or "-"),
         ("serializer", entry.serializer),
+        ("payload size", size),
         ("payload", payload),
         ("signature", entry.signature or "-"),
     ]

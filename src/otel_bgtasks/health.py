@@ -9,8 +9,9 @@ GET /bgtasks/health: running and pending tasks (pending by task, as `bgtasks.tas
 oldest running age, recent failures, circuit states, dead-letter depth and the write buffer
 (`degraded` while writes wait in memory or a circuit is open). It never waits on the store more
 than `HEALTH_STORE_TIMEOUT` seconds, and never on the event loop. Admin (auth required):
-GET /bgtasks/dead-letters,
-GET /bgtasks/dead-letters/{id}, POST /bgtasks/dead-letters/{id}/replay,
+GET /bgtasks/dead-letters (each payload cut to its first 1,000 characters, with
+``payload_size`` and ``payload_truncated``), GET /bgtasks/dead-letters/{id} (the same;
+``?full=true``: the whole payload, streamed), POST /bgtasks/dead-letters/{id}/replay,
 POST /bgtasks/dead-letters/replay (all, or filtered by task/reason),
 DELETE /bgtasks/dead-letters/{id}.
 """
@@ -26,9 +27,11 @@ from typing import Any
 
 import structlog
 from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from otel_bgtasks._execution import Executor, active_executor
+from otel_bgtasks._json import dumps_streamed
 from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks.errors import CorruptEntryError, StoreUnavailableError
 from otel_bgtasks.replay import DeadLetters, run_dead_letter
@@ -165,18 +168,30 @@ def bgtasks_router(
     async def list_dead_letters(
         task: str | None = None, reason: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
-        letters = DeadLetters(_store(store))
+        the_store = _store(store)
         with _answering():
-            found = await asyncio.to_thread(letters.list, task=task, reason=reason, limit=limit)
-        return [e.to_dict() for e in found]
+            found = await asyncio.to_thread(
+                the_store.previews, task=task, reason=reason, limit=limit
+            )
+        return [preview.to_dict() for preview in found]
 
-    @router.get("/dead-letters/{entry_id}", dependencies=guarded)
-    async def show_dead_letter(entry_id: str) -> dict[str, Any]:
+    @router.get("/dead-letters/{entry_id}", dependencies=guarded, response_model=None)
+    async def show_dead_letter(entry_id: str, full: bool = False) -> Any:
+        the_store = _store(store)
         with _answering():
-            entry = await asyncio.to_thread(_store(store).get, entry_id)
-        if entry is None:
+            preview = await asyncio.to_thread(the_store.preview, entry_id)
+        if preview is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dead letter {entry_id!r}")
-        return entry.to_dict()
+        if not full or not preview.truncated:
+            return preview.to_dict()
+        fields = {k: v for k, v in preview.entry.to_dict().items() if k != "payload"}
+        fields["payload_size"] = preview.payload_size
+        # a sync iterator: Starlette pulls each piece in a worker thread, off the loop
+        body = (
+            piece.encode()
+            for piece in dumps_streamed(fields, "payload", the_store.payload_chunks(entry_id))
+        )
+        return StreamingResponse(body, media_type="application/json")
 
     @router.post("/dead-letters/{entry_id}/replay", dependencies=guarded)
     async def replay_one(entry_id: str) -> dict[str, Any]:
