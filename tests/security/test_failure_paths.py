@@ -318,3 +318,46 @@ def test_alerting(
     assert "bgtasks alert rule failed" in logs
     assert "broken" in logs
     assert_clean(logs, redact)
+
+
+# -- every log call of the package ---------------------------------------------------------------
+
+
+def test_no_log_call_of_the_package_passes_an_exception_for_rendering() -> None:
+    """`exc_info=...` or a structlog ``.exception(...)`` would let the app's renderer format
+    frames and their locals; the package logs `exception_fields(...)` instead (its own
+    `_SafeLogger.exception` does that too)."""
+    import ast
+    from pathlib import Path
+
+    import otel_bgtasks
+
+    root = Path(otel_bgtasks.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        safe = {  # names bound to `_SafeLogger()`, whose exception() renders bounded
+            target.id
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and getattr(node.value.func, "id", "") == "_SafeLogger"
+            for target in node.targets
+            if isinstance(target, ast.Name)
+        }
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            where = f"{path.relative_to(root)}:{node.lineno}"
+            if any(k.arg == "exc_info" for k in node.keywords):
+                found.append(f"{where} exc_info=")
+            func = node.func
+            if (
+                isinstance(func, ast.Attribute)
+                and func.attr == "exception"
+                and isinstance(func.value, ast.Name)
+                and func.value.id.endswith("log")
+                and func.value.id not in safe
+            ):
+                found.append(f"{where} {func.value.id}.exception()")
+    assert found == []
