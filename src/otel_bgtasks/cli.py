@@ -52,11 +52,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from otel_bgtasks._execution import Executor, active_executor
+from otel_bgtasks._execution import Executor, active_executor, standalone_executor
 from otel_bgtasks._json import dumps_streamed
 from otel_bgtasks._terminal import printable
 from otel_bgtasks.calls import check_replayable
-from otel_bgtasks.environment import options_from_env
 from otel_bgtasks.errors import (
     ConfigurationError,
     ConsumedEntryError,
@@ -73,7 +72,6 @@ from otel_bgtasks.replay import (
     ReplayRunner,
     ReplayStatus,
     run_dead_letter,
-    standalone_executor,
 )
 from otel_bgtasks.signing import (
     SIGNING_KEY_ENV,
@@ -90,7 +88,6 @@ from otel_bgtasks.telemetry import configure_telemetry
 __all__ = ["main"]
 
 PROG = "otel-bgtasks"
-REDACT_ENV = "OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES"
 _MIN_PREFIX = 4
 _SHORT_ID = 12
 
@@ -737,30 +734,22 @@ def _cmd_delete(ctx: _Context) -> int:
     return 0
 
 
-def _redact(environ: Mapping[str, str]) -> bool:
-    """``OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES``, as the app reads it: replays and re-runs
-    here log and report the tasks' exception messages as the app would.
-
-    Raises:
-        ConfigurationError: the variable holds something else than true or false.
-    """
-    given = {REDACT_ENV: environ[REDACT_ENV]} if REDACT_ENV in environ else {}
-    return bool(options_from_env(given).get("redact_exception_messages", False))
-
-
-def _executor(ctx: _Context, store: DeadLetterStore | None = None) -> Executor:
+def _executor(store: DeadLetterStore | None = None) -> Executor:
     """The executor replays and re-runs go through: the app's when instrumented in this
-    process, else a standalone one with the environment's redaction."""
+    process, else a standalone one configured by the ``OTEL_BGTASKS_*`` variables (its
+    redaction, retry, timeout... as the app would have them)."""
     active = active_executor()
     if active is not None and (store is None or active.store is store):
         return active
-    return standalone_executor(store, redact_exception_messages=_redact(ctx.environ))
+    return standalone_executor(store)
 
 
 def _load_runner(ctx: _Context) -> ReplayRunner:
     if ctx.runner is not None:
         return ctx.runner
-    return functools.partial(run_dead_letter, executor=_executor(ctx))
+    # replays never dead-letter again (the entry is updated); the store only ties the
+    # standalone executor to this invocation's settings
+    return functools.partial(run_dead_letter, executor=_executor(ctx.store()))
 
 
 _OTLP_VARS = (
@@ -804,7 +793,9 @@ def _cmd_replay(ctx: _Context) -> int:
     store = ctx.store()
     ids = [_resolve_id(store, ident) for ident in args.ids] if args.ids else None
     runner = _load_runner(ctx)
-    dead_letters = DeadLetters(store, redact_exception_messages=_redact(ctx.environ))
+    dead_letters = DeadLetters(
+        store, redact_exception_messages=_executor(store).redact_exception_messages
+    )
 
     progress = Progress(
         TextColumn("replaying"),
@@ -884,7 +875,7 @@ def _cmd_recover(ctx: _Context) -> int:
             recover_interrupted_tasks(
                 mode="rerun" if ctx.args.rerun else "dead_letter",
                 store=store,
-                executor=_executor(ctx, store),
+                executor=_executor(store),
                 stale_after=ctx.args.stale_after,
             )
         )

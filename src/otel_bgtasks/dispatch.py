@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -57,6 +56,12 @@ from starlette.applications import Starlette
 
 from otel_bgtasks._execution import Executor
 from otel_bgtasks.attributes import SkipReason
+from otel_bgtasks.config import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MAX_CONCURRENCY,
+    check_drain_timeout,
+    check_max_concurrency,
+)
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.response_gate import RequestGate
 from otel_bgtasks.state import TaskCallState
@@ -73,9 +78,6 @@ __all__ = [
     "check_max_concurrency",
     "current_group",
 ]
-
-DEFAULT_MAX_CONCURRENCY = 64
-DEFAULT_DRAIN_TIMEOUT = 30.0
 
 _log = structlog.get_logger("otel_bgtasks")
 
@@ -128,25 +130,6 @@ _group: ContextVar[TaskGroup | None] = ContextVar("otel_bgtasks_group", default=
 def current_group() -> TaskGroup | None:
     """The task group of the request being served in this context, if any."""
     return _group.get()
-
-
-def check_max_concurrency(value: object, where: str = "max_concurrency") -> int:
-    """`value` as an int >= 1. Raises `ConfigurationError` naming `where`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{where}={value!r}: must be an integer >= 1")
-    return value
-
-
-def check_drain_timeout(value: object, where: str = "drain_timeout") -> float:
-    """`value` as seconds >= 0, finite. Raises `ConfigurationError` naming `where`."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ConfigurationError(f"{where}={value!r}: must be a finite number of seconds >= 0")
-    return float(value)
 
 
 class _Pool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -32,15 +31,15 @@ from typing import Any, Literal, Self, TypeVar
 
 import structlog
 
-from otel_bgtasks._execution import Executor, active_executor
+from otel_bgtasks._execution import Executor, active_executor, standalone_executor
 from otel_bgtasks._ids import from_hex
 from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import decode_call
+from otel_bgtasks.claims import JOURNAL, hold
 from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, UntrustedEntryError
 from otel_bgtasks.identity import owner_is_dead, process_identity
 from otel_bgtasks.records import DeadLetter, JournalEntry
-from otel_bgtasks.replay import renewing, standalone_executor
 from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = [
@@ -105,36 +104,29 @@ async def _recover(
     async def one(task_id: str, owner: str) -> None:
         async with slots:
             try:
-                journaled = await call(store.journal_claim, task_id, me, lease=lease)
+                async with hold(JOURNAL, store, task_id, me, lease=lease, offload=offload) as claim:
+                    if claim is None:
+                        return  # finished, or another recoverer holds it
+                    row = claim.row
+                    if row.owner != owner:  # the store's index names another owner than the row
+                        _log.error(
+                            "journal row skipped: its owner is not the dead owner it was"
+                            " listed under",
+                            task_id=task_id,
+                            owner=row.owner,
+                            listed_under=owner,
+                        )
+                        return  # released by `hold`
+                    ran = await handle(row, owner)
+                    # handled before removed: a crash in between leaves a duplicate, not a
+                    # loss; a row that ran is consumed with its removal (a copy planted
+                    # again is refused)
+                    await claim.settle(consume=row.nonce if ran else "")
             except CorruptEntryError:
                 return  # logged by the store; an operator deletes it
             except UntrustedEntryError as exc:  # it ran already: a copy planted again
                 _log.error("durable task refused", task_id=task_id, error=str(exc))
                 return
-            if journaled is None:
-                return  # finished, or another recoverer holds it
-            if journaled.owner != owner:  # the store's index names another owner than the row
-                await call(store.journal_release, task_id, me)
-                _log.error(
-                    "journal row skipped: its owner is not the dead owner it was listed under",
-                    task_id=task_id,
-                    owner=journaled.owner,
-                    listed_under=owner,
-                )
-                return
-            try:
-                renew = functools.partial(store.journal_claim, task_id, me, lease=lease)
-                async with renewing(renew, lease / 3):
-                    ran = await handle(journaled, owner)
-            except BaseException:
-                # cancelled (shutdown) or broken: it stays journaled for the next recovery
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(asyncio.to_thread(store.journal_release, task_id, me))
-                raise
-            # handled before removed: a crash in between leaves a duplicate, not a loss; a row
-            # that ran is consumed with its removal (a copy planted again is refused)
-            consume = journaled.nonce if ran else ""
-            await call(store.journal_remove_claimed, task_id, me, consume=consume)
 
     owners = await call(store.dead_owners, stale_after, now=now)
     for owner in owners:
@@ -257,7 +249,7 @@ async def _rerun(
     try:
         func, args, kwargs = decode_call(journaled)
     except Exception as exc:  # gone, undecodable or refused: keep it where an operator looks
-        # from_journal keeps the row's signature: a refused row stays refused, never laundered
+        # signed as a dead letter only if the row verifies: a refused row stays refused
         entry = DeadLetter.from_journal(journaled, at=time.time())
         await asyncio.to_thread(
             store.put, entry.replace(error_type=type(exc).__name__, error_message=str(exc))

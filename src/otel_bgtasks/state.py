@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ from otel_bgtasks.attributes import ErrorCategory, Outcome
 from otel_bgtasks.options import EffectiveOptions
 from otel_bgtasks.records import DeadLetterReason
 
-__all__ = ["TaskCallState"]
+__all__ = ["TaskCallState", "current_task"]
 
 
 @dataclass(slots=True, eq=False)
@@ -62,3 +63,12 @@ class TaskCallState:
     journaled: bool = False
     replay: bool = False
     first_failure: float | None = None
+
+
+current: ContextVar[TaskCallState | None] = ContextVar("otel_bgtasks_task", default=None)
+"""The state of the task running in this context (set by the executor around a run)."""
+
+
+def current_task() -> TaskCallState | None:
+    """The state of the background task running in this context, if any."""
+    return current.get()

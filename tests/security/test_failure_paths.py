@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from starlette.background import BackgroundTask
 
 from otel_bgtasks import DeadLetters, recover_interrupted_tasks, run_dead_letter
+from otel_bgtasks._execution import standalone_executor
 from otel_bgtasks.alerting import AlertingSpanProcessor
 from otel_bgtasks.alerting.alerts import Alert
 from otel_bgtasks.alerting.notifiers import Notifier
@@ -31,7 +32,6 @@ from otel_bgtasks.errors import StoreUnavailableError
 from otel_bgtasks.health import bearer_token_auth, bgtasks_router
 from otel_bgtasks.recovery import start_recovery
 from otel_bgtasks.registry import declare_task_modules
-from otel_bgtasks.replay import standalone_executor
 from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 from tests.conftest import Telemetry
 from tests.integration._server import UvicornThread, wait_for_tasks
@@ -263,17 +263,18 @@ def test_cli(
     store: SQLiteDeadLetterStore,
     logging_setup: str,  # noqa: F811
     redact: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv(REDACT_ENV, "true" if redact else "false")  # the app's, and the CLI's
     executor = standalone_executor(store)  # the app that failed, without instrumentation
     asyncio.run(executor.run(executor.prepare(charge, (CARD, API_KEY), {})))
     assert store.count() == 1
     store.heartbeat(DEAD_OWNER, at=time.time() - 3600)
     store.journal_add(planted_journal(f"{TASKS}:charge", CARD, API_KEY))
     capfd.readouterr()
-    env = {REDACT_ENV: "true" if redact else "false"}
     base = ["--store", f"sqlite:///{store.path}", "--tasks", TASKS]
-    assert main([*base, "dlq", "replay", "--all"], environ=env) == 1
-    assert main([*base, "recover", "--rerun"], environ=env) == 1
+    assert main([*base, "dlq", "replay", "--all"]) == 1
+    assert main([*base, "recover", "--rerun"]) == 1
     out, err = capfd.readouterr()
     assert "failed: " in err
     assert_clean(out + err, redact)
@@ -326,7 +327,7 @@ def test_alerting(
 def test_no_log_call_of_the_package_passes_an_exception_for_rendering() -> None:
     """`exc_info=...` or a structlog ``.exception(...)`` would let the app's renderer format
     frames and their locals; the package logs `exception_fields(...)` instead (its own
-    `_SafeLogger.exception` does that too)."""
+    `SafeLogger.exception` does that too)."""
     import ast
     from pathlib import Path
 
@@ -336,12 +337,18 @@ def test_no_log_call_of_the_package_passes_an_exception_for_rendering() -> None:
     found = []
     for path in sorted(root.rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
-        safe = {  # names bound to `_SafeLogger()`, whose exception() renders bounded
+        # the package's own logger (`otel_bgtasks._logger`), whose exception() renders bounded
+        safe = {
+            alias.asname or alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "otel_bgtasks._logger"
+            for alias in node.names
+        } | {
             target.id
             for node in ast.walk(tree)
             if isinstance(node, ast.Assign)
             and isinstance(node.value, ast.Call)
-            and getattr(node.value.func, "id", "") == "_SafeLogger"
+            and getattr(node.value.func, "id", "") == "SafeLogger"
             for target in node.targets
             if isinstance(target, ast.Name)
         }

@@ -54,7 +54,7 @@ async def test_a_replayer_whose_clock_runs_ahead_cannot_take_a_live_lease(
         # a whole replay from the skewed host: the entry is reported as held, not run
         ran: list[str] = []
 
-        async def runner(e: object) -> ReplayResult:
+        async def runner(e: object, call: object) -> ReplayResult:
             ran.append("B")
             return ReplayResult(ok=True)
 

@@ -17,6 +17,7 @@ from fastapi import BackgroundTasks, FastAPI
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import StarletteDeprecationWarning
 from starlette.requests import ClientDisconnect
+from structlog.testing import capture_logs
 
 from otel_bgtasks import BackgroundTasksInstrumentor, background_task
 from otel_bgtasks._execution import Executor, active_executor
@@ -64,25 +65,33 @@ def test_environment_variables_are_read_and_checked():
         {DISPATCH_ENV: " Local ", MAX_CONCURRENCY_ENV: "4", "OTEL_BGTASKS_DRAIN_TIMEOUT": "2.5"}
     ) == {"dispatch": "local", "max_concurrency": 4, "drain_timeout": 2.5}
     assert options_from_env({DISPATCH_ENV: "", MAX_CONCURRENCY_ENV: ""}) == {}
-    with pytest.raises(ConfigurationError) as bad_mode:
-        options_from_env({DISPATCH_ENV: "celery"})
-    assert str(bad_mode.value) == (
-        "OTEL_BGTASKS_DISPATCH='celery' is not valid; expected inline or local"
-    )
+    # an invalid value: a warning naming it, and the default applies (the SDK's convention)
+    with capture_logs() as logs:
+        assert options_from_env({DISPATCH_ENV: "celery", "OTEL_BGTASKS_DRAIN_TIMEOUT": "1"}) == {
+            "drain_timeout": 1.0
+        }
+    assert [(e["variable"], e["value"], e["problem"]) for e in logs] == [
+        ("OTEL_BGTASKS_DISPATCH", "celery", "expected inline or local")
+    ]
     for value in ("0", "-1", "two", "1.5"):
-        with pytest.raises(ConfigurationError) as bad_limit:
-            options_from_env({MAX_CONCURRENCY_ENV: value})
-        assert str(bad_limit.value) == (
-            f"OTEL_BGTASKS_MAX_CONCURRENCY={value!r} is not valid; expected an integer >= 1"
-        )
+        with capture_logs() as logs:
+            assert options_from_env({MAX_CONCURRENCY_ENV: value}) == {}
+        assert [(e["log_level"], e["variable"], e["value"]) for e in logs] == [
+            ("warning", "OTEL_BGTASKS_MAX_CONCURRENCY", value)
+        ]
 
 
-def test_the_entry_point_fails_at_startup_naming_the_variable(monkeypatch, telemetry):
+def test_a_bad_dispatch_variable_keeps_the_default_and_instruments(monkeypatch, telemetry):
     monkeypatch.setenv(DISPATCH_ENV, "later")
     instrumentor = BackgroundTasksInstrumentor()
-    with pytest.raises(ConfigurationError, match="OTEL_BGTASKS_DISPATCH='later'"):
-        instrumentor.instrument(dead_letter_store=None)
-    assert not instrumentor.is_instrumented_by_opentelemetry
+    with capture_logs() as logs:
+        instrumentor.instrument(dead_letter_store=None, tracer_provider=telemetry.tracer_provider)
+    try:
+        assert instrumentor.is_instrumented_by_opentelemetry
+        assert type(instrumentor)._seam.default.name == "inline"
+        assert [e["variable"] for e in logs if e["log_level"] == "warning"] == [DISPATCH_ENV]
+    finally:
+        instrumentor.uninstrument()
 
 
 def test_keywords_win_over_the_variables(monkeypatch, instrument):

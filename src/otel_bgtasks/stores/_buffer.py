@@ -22,7 +22,7 @@ from otel_bgtasks.records import (
     DeadLetterReason,
     JournalEntry,
 )
-from otel_bgtasks.stores.base import DeadLetterStore
+from otel_bgtasks.stores.base import DeadLetterStore, StoreStatus
 
 __all__ = ["BufferedStore"]
 
@@ -140,7 +140,7 @@ class BufferedStore(DeadLetterStore):
         with self._lock:
             return self._bytes
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> StoreStatus:
         """The buffer's state for the health endpoint (no store call)."""
         with self._lock:
             return {

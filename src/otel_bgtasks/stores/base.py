@@ -12,7 +12,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from types import TracebackType
-from typing import Self
+from typing import Self, TypedDict
 
 from otel_bgtasks.identity import owner_is_alive, owner_is_dead, process_identity
 from otel_bgtasks.records import (
@@ -23,11 +23,22 @@ from otel_bgtasks.records import (
     JournalEntry,
 )
 
-__all__ = ["CONSUMED_RETENTION", "DeadLetterStore"]
+__all__ = ["CONSUMED_RETENTION", "DeadLetterStore", "StoreStatus"]
 
 CONSUMED_RETENTION = 30 * 86_400.0
 """Seconds a store remembers a consumed nonce (30 days): a copy of an entry that ran, planted
 again within that time, is refused; after it, it is not (see the README's threat model)."""
+
+
+class StoreStatus(TypedDict):
+    """A buffering store's state for the health endpoint (no store call)."""
+
+    pending: int
+    pending_bytes: int
+    dropped: int
+    write_errors: int
+    store_down: bool
+    last_error: str | None
 
 
 class DeadLetterStore(ABC):
@@ -37,7 +48,15 @@ class DeadLetterStore(ABC):
     `list` skips rows that cannot be decoded (logging an error naming each) and `corrupt_ids`
     returns them, so one bad row never hides the others. `claim` and `journal_claim` refuse
     an entry whose nonce was consumed (`ConsumedEntryError`, an `UntrustedEntryError`).
+
+    Attributes:
+        write_errors: writes that failed and were kept in memory (`bgtasks.dlq.write_errors`;
+            a store without a buffer raises instead and leaves it at 0).
+        dropped: buffered writes given up on and logged whole (`bgtasks.dlq.dropped`).
     """
+
+    write_errors: int = 0
+    dropped: int = 0
 
     def __enter__(self) -> Self:
         return self
@@ -250,6 +269,15 @@ class DeadLetterStore(ABC):
             and not owner_is_alive(owner)
         ]
         return sorted(dead)
+
+    def status(self) -> StoreStatus | None:
+        """The write buffer's state, or None for a store that writes through."""
+        return None
+
+    def flush_or_log(self, timeout: float = 5.0) -> int:
+        """Write what is buffered within `timeout` seconds, logging the rest whole; returns
+        how many writes were logged (0 for a store that writes through)."""
+        return 0
 
     def close(self) -> None:  # noqa: B027 - optional for stores without resources
         """Release connections; pending buffered writes are flushed or logged."""
