@@ -328,9 +328,7 @@ class StoredCall(Protocol):
     @property
     def signature(self) -> str: ...
 
-    def verify_signature(
-        self, keys: SigningKeys, *, payload_sha256: str | None = None
-    ) -> None: ...
+    def verify_signature(self, keys: SigningKeys, *, payload_sha256: str | None = None) -> None: ...
 
 
 def check_replayable(
