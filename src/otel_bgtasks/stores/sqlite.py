@@ -97,6 +97,7 @@ _MIGRATE_2_TO_3 = (
 
 _TABLES = {"dead_letters": "id", "journal": "task_id"}
 _BATCH = 500  # ids per IN (...) query
+_CLOSE_WAIT = 5.0  # seconds `close` waits for other threads' calls under way
 _WHAT = {"dead_letters": "dead-letter entry", "journal": "journal entry"}
 
 
@@ -162,6 +163,8 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         self._connections: list[tuple[int, sqlite3.Connection]] = []
         self._connections_lock = threading.Lock()
         self._closed = False
+        self._idle = threading.Condition()
+        self._active = 0  # calls under way (`_db`)
         # lazy and not created yet: reads answer from an empty in-memory schema
         self._deferred = lazy and not os.path.exists(self.path)
         self._create_lock = threading.Lock()
@@ -276,10 +279,19 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                 yield self._empty()  # nothing stored yet: an empty store, nothing created
                 return
             self._create()  # a first write, or another process created the file meanwhile
+        with self._idle:  # `close` waits for calls under way (no connection closed mid-call)
+            if self._closed:
+                raise StoreUnavailableError(f"SQLite dead-letter store {self.path!r} is closed")
+            self._active += 1
         try:
             yield self._conn()
         except sqlite3.Error as exc:
             raise StoreUnavailableError(f"SQLite dead-letter store {self.path!r}: {exc}") from exc
+        finally:
+            with self._idle:
+                self._active -= 1
+                if not self._active:
+                    self._idle.notify_all()
 
     def _init_schema(self) -> None:
         conn = self._conn()
@@ -312,7 +324,11 @@ class SQLiteDeadLetterStore(DeadLetterStore):
             raise
 
     def close(self) -> None:
-        self._closed = True
+        with self._idle:
+            self._closed = True
+            # Another thread's call under way (a heartbeat) keeps its connection until it
+            # returns: closing a connection in the middle of a statement crashes SQLite.
+            self._idle.wait_for(lambda: not self._active, timeout=_CLOSE_WAIT)
         pid = os.getpid()
         with self._connections_lock:
             connections, self._connections = self._connections, []
