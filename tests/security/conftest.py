@@ -80,7 +80,7 @@ class Backend:
     open: Callable[..., DeadLetterStore]  # another store on the same data, with options
 
 
-def _sqlite_backend(path: Path) -> Backend:
+def sqlite_backend(path: Path) -> Backend:
     store = SQLiteDeadLetterStore(path)
 
     def letter(entry_id: str, raw: str | bytes, at: float) -> None:
@@ -131,7 +131,7 @@ def _redis_backend(url: str) -> Backend:
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """The SQLite store and the Redis store (a real redis-server), each empty."""
     if request.param == "sqlite":
-        opened = _sqlite_backend(tmp_path / "dlq.db")
+        opened = sqlite_backend(tmp_path / "dlq.db")
         yield opened
         opened.store.close()
         return
