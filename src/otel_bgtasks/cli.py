@@ -677,7 +677,7 @@ def _cmd_show(ctx: _Context) -> int:
 
 def _cmd_adopt(ctx: _Context) -> int:
     """Sign, after review, entries the current key does not verify (written before a key
-    was set, with a retired key, with the 0.1 scheme, or a copy of one that already ran):
+    was set, with a retired key, with the v1 scheme, or a copy of one that already ran):
     each gets a fresh nonce and a signature by the first key."""
     args = ctx.args
     keys = signing_keys()

@@ -90,7 +90,7 @@ class DeadLetter:
         trace_id, span_id: the original task span (hex), or "" when there was none.
         signature: HMAC of the call (see `otel_bgtasks.signing`), "" when written unsigned.
         nonce: this entry's nonce (128 random bits, hex; signed): once a replay ran it, the
-            store remembers it and refuses a copy ("" in entries of 0.1).
+            store remembers it and refuses a copy ("": none, in a row written by hand).
     """
 
     id: str

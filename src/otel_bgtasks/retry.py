@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from tenacity import (
@@ -83,6 +83,8 @@ class RetryPolicy:
         classifier: maps an error to its category; default `classify_error`.
         stop, wait, retry: tenacity strategies replacing the ones built from the numbers;
             `retry` alone then decides which errors retry.
+        sleep: awaited with each delay before a retry (tenacity's ``sleep=``); default
+            `asyncio.sleep`, which never blocks the event loop. Tests pass their own.
 
     Raises:
         ConfigurationError: a value of the wrong type or out of range (attempts not an
@@ -102,6 +104,7 @@ class RetryPolicy:
         stop: stop_base | None = None,
         wait: wait_base | None = None,
         retry: retry_base | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ConfigurationError(
@@ -136,6 +139,7 @@ class RetryPolicy:
             if self.retry_types:
                 retry = retry_any(retry, retry_if_exception_type(self.retry_types))
         self.retry: retry_base = retry
+        self.sleep = sleep
         self._decide = _NOT_CIRCUIT_OPEN & retry
 
     def retries(self, exc: BaseException, *, attempt: int = 1) -> bool:
@@ -146,17 +150,13 @@ class RetryPolicy:
         state.set_exception((type(exc), exc, exc.__traceback__))
         return bool(self._decide(state))
 
-    def is_retryable(self, exc: BaseException) -> bool:
-        """`retries(exc)`: the name this method had before 0.2."""
-        return self.retries(exc)
-
     def retrying(self, before_sleep: BeforeSleep | None = None) -> AsyncRetrying:
         """A tenacity `AsyncRetrying` for this policy; async sleeps never block the loop."""
         return AsyncRetrying(
             stop=self.stop,
             wait=self.wait,
             retry=self._decide,
-            sleep=asyncio.sleep,
+            sleep=self.sleep,
             before_sleep=before_sleep,
             reraise=True,
         )

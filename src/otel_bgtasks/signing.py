@@ -16,7 +16,8 @@ fields, counts and failure times are display only (escaped when shown).
 
 `SigningKeys.sign` / `verify` take the kind explicitly, so another record type (a broker
 message) signs with its own kind and fields. Signatures are ``v2:`` + hex; the ``v1:`` scheme of
-0.1 (no kind, owner or nonce) is refused with a pointer to ``otel-bgtasks dlq adopt``.
+development versions (no kind, owner or nonce) is refused with a pointer to
+``otel-bgtasks dlq adopt``.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ SignedValue = str | int | float
 """A signed field's value (floats must be finite: they are signed as their JSON form)."""
 
 _PREFIX = "v2:"  # the signature scheme, so a later one can be told apart
-_OLD_PREFIXES = ("v1:",)  # 0.1: id, task, function, serializer and payload only
+_OLD_PREFIXES = ("v1:",)  # earlier: id, task, function, serializer and payload only
 _MIN_KEY_BYTES = 16
 
 

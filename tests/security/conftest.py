@@ -54,12 +54,6 @@ def planted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Planted
     sys.modules.pop(name, None)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteDeadLetterStore]:
-    with SQLiteDeadLetterStore(tmp_path / "dlq.db") as opened:
-        yield opened
-
-
 @pytest.fixture(autouse=True)
 def _reset_ran() -> Iterator[None]:
     app_tasks.RAN.clear()
@@ -135,7 +129,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         yield opened
         opened.store.close()
         return
-    from tests.redis_server import running_redis
+    from tests.support.redis import running_redis
 
     with running_redis(tmp_path) as server:
         opened = _redis_backend(server.url)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -19,19 +17,13 @@ from otel_bgtasks import DeadLetters, recover_interrupted_tasks
 from otel_bgtasks.registry import declare_task_modules
 from otel_bgtasks.replay import ReplayResult
 from otel_bgtasks.stores.redis import RedisDeadLetterStore
-from tests.redis_server import RedisServer, running_redis
 from tests.security import app_tasks
 from tests.security.test_planted_entries import TASKS, planted_journal, planted_letter
+from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.redis
 
 LIVE_OWNER = "other-host:77:feedface0000"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path) as server:
-        yield server
 
 
 def ahead(seconds: float):

@@ -190,9 +190,9 @@ def streaming_app() -> FastAPI:
     @app.get("/stream")
     async def stream(tasks: BackgroundTasks) -> StreamingResponse:
         async def chunks() -> AsyncIterator[bytes]:
-            for _ in range(100):
-                yield b"chunk"
-                await asyncio.sleep(0.01)
+            yield b"chunk"
+            yield b"chunk"
+            await asyncio.Event().wait()  # streams until the client is gone or it is cancelled
 
         tasks.add_task(step, "after-stream")
         return StreamingResponse(chunks(), background=tasks)
@@ -300,28 +300,33 @@ async def test_tasks_cancelled_by_the_server_are_skipped_for_shutdown(telemetry,
     assert active_executor().inflight == {}
 
 
-async def hold_forever(name: str) -> None:
+async def hold_forever(name: str, started: asyncio.Event) -> None:
     done.append(f"{name} started")
+    started.set()
     await asyncio.Event().wait()
 
 
 async def test_a_drain_past_its_timeout_cancels_the_running_and_skips_the_queued(
     telemetry, instrument
 ):
-    """Deterministic: one worker, three groups; the drain's 50 ms cannot finish the first."""
+    """One worker, three groups; the first never ends, so no drain timeout can finish it."""
     done.clear()
+    holding = asyncio.Event()
     instrument()
     executor = active_executor()
     local = LocalDispatcher(max_concurrency=1)
     local.started(executor)
     groups = [
-        [executor.schedule(hold_forever, (f"g{n}",), {}), executor.schedule(step, (f"g{n}",), {})]
+        [
+            executor.schedule(hold_forever, (f"g{n}", holding), {}),
+            executor.schedule(step, (f"g{n}",), {}),
+        ]
         for n in range(3)
     ]
     for states in groups:
         local.submit(executor, states)
-    await asyncio.sleep(0.01)  # the worker takes the first group
-    await local.drain(executor, 0.05)
+    await holding.wait()  # the worker took the first group
+    await local.drain(executor, 0.01)
     assert done == ["g0 started"]
     (held,) = telemetry.spans()
     assert held.attributes["bgtasks.task.outcome"] == "failure"  # cancelled while running

@@ -14,7 +14,7 @@ Keys (``{prefix}`` defaults to ``bgtasks``):
 - ``{prefix}:consumed``: sorted set, nonce scored by when it was consumed (a replay or
   recovery that ran it), trimmed after `CONSUMED_RETENTION`.
 
-Entries of 0.1 keep their payload inside the entry JSON and are read as they are.
+An entry whose payload is inside its JSON (written by hand, or planted) is read as it is.
 
 Each write is one MULTI/EXEC transaction; claims are Lua scripts (atomic on the server) that
 judge leases on the server's clock (``TIME``), as heartbeats and the dead-owner judgement do:
@@ -109,7 +109,7 @@ return out
 """
 
 # KEYS: payload keys. ARGV: bytes of head. For each key: {length, first bytes}; length -1 when
-# missing (an entry of 0.1: the payload is in the entry), -2 when not a string.
+# missing (an entry written with the payload inside it), -2 when not a string.
 _PREVIEW = """
 local out = {}
 local head = tonumber(ARGV[1])
@@ -394,7 +394,7 @@ class RedisDeadLetterStore(DeadLetterStore):
             try:
                 if size == -2:
                     raise self._oversized(entry_id, -1, "dead-letter entry")
-                if size == -1:  # an entry of 0.1: whole, within max_row_bytes
+                if size == -1:  # the payload inside the entry: whole, within max_row_bytes
                     yield entry_id, DeadLetterPreview.of(self._decode_entry(entry_id, raw), chars)
                     continue
                 entry = self._decode_entry(entry_id, raw, preview_text(head, chars))
@@ -456,7 +456,7 @@ class RedisDeadLetterStore(DeadLetterStore):
         key = self._payload_key(entry_id)
         with self._redis() as r:
             ((size, _),) = self._previews_of(r, [entry_id], 0)
-        if size == -1:  # an entry of 0.1 (or gone)
+        if size == -1:  # the payload inside the entry (or gone)
             yield from super().payload_chunks(entry_id, chunk_size=chunk_size)
             return
         if size == -2:

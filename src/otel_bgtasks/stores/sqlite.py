@@ -20,7 +20,12 @@ from typing import Any, TypeVar
 
 import structlog
 
-from otel_bgtasks.errors import ConsumedEntryError, CorruptEntryError, StoreUnavailableError
+from otel_bgtasks.errors import (
+    ConfigurationError,
+    ConsumedEntryError,
+    CorruptEntryError,
+    StoreUnavailableError,
+)
 from otel_bgtasks.records import (
     MAX_ROW_BYTES,
     PREVIEW_CHARS,
@@ -37,10 +42,9 @@ from otel_bgtasks.stores.base import CONSUMED_RETENTION, DeadLetterStore
 __all__ = ["SCHEMA_VERSION", "SQLiteDeadLetterStore"]
 
 SCHEMA_VERSION = 3
-"""Stored in ``PRAGMA user_version``; a newer file is refused rather than misread.
-Version 2 added the claim columns (``claim_owner``, ``claim_until``); version 3 the payloads
-kept apart (``dead_letter_payloads``) and the consumed nonces (``consumed``). Older files are
-migrated in place; their rows keep their payload inside ``data`` and are read as they are."""
+"""Stored in ``PRAGMA user_version``; a file of another version is refused rather than
+misread (versions 1 and 2, without the claim columns, then without the payloads kept apart
+in ``dead_letter_payloads`` and the consumed nonces in ``consumed``, were never released)."""
 
 _log = structlog.get_logger("otel_bgtasks")
 _T = TypeVar("_T")
@@ -80,20 +84,6 @@ CREATE TABLE IF NOT EXISTS consumed (
 );
 CREATE INDEX IF NOT EXISTS consumed_at ON consumed (at);
 """
-
-
-_MIGRATE_1_TO_2 = (
-    "ALTER TABLE dead_letters ADD COLUMN claim_owner TEXT",
-    "ALTER TABLE dead_letters ADD COLUMN claim_until REAL",
-    "ALTER TABLE journal ADD COLUMN claim_owner TEXT",
-    "ALTER TABLE journal ADD COLUMN claim_until REAL",
-)
-
-_MIGRATE_2_TO_3 = (
-    "CREATE TABLE dead_letter_payloads (id TEXT PRIMARY KEY, payload BLOB NOT NULL)",
-    "CREATE TABLE consumed (nonce TEXT PRIMARY KEY, at REAL NOT NULL)",
-    "CREATE INDEX consumed_at ON consumed (at)",
-)
 
 _TABLES = {"dead_letters": "id", "journal": "task_id"}
 _BATCH = 500  # ids per IN (...) query
@@ -135,8 +125,9 @@ class SQLiteDeadLetterStore(DeadLetterStore):
             take each other's leases; use Redis across hosts.
 
     Raises:
-        ValueError: the directory does not exist, the file is not an SQLite database, or it
-            was created by a newer version of this package.
+        ValueError: the directory does not exist.
+        ConfigurationError: the file is not an SQLite database, or its schema is of another
+            version of this package (the message says what to do).
         StoreUnavailableError: any other SQLite error (raised by every method too).
     """
 
@@ -181,7 +172,7 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                 raise StoreUnavailableError(
                     f"SQLite dead-letter store {self.path!r}: {exc}"
                 ) from exc
-            raise ValueError(f"cannot open dead-letter store {self.path!r}: {exc}") from exc
+            raise ConfigurationError(f"cannot open dead-letter store {self.path!r}: {exc}") from exc
 
     def __repr__(self) -> str:
         return f"SQLiteDeadLetterStore({self.path!r})"
@@ -306,17 +297,17 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                     f"schema version {version} is newer than this otel-bgtasks supports"
                     f" ({SCHEMA_VERSION}); upgrade otel-bgtasks"
                 )
-            if version == 0:  # a new file (or one from before versions): the whole schema
+            if 0 < version < SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"schema version {version} was written by an unreleased development version"
+                    f" of otel-bgtasks and is not read by this one ({SCHEMA_VERSION}); move the"
+                    " file aside and a new one is created (its entries are JSON in the `data`"
+                    " column: restore them with DeadLetter.from_json and store.put)"
+                )
+            if version == 0:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-            else:
-                migrations = ((1, _MIGRATE_1_TO_2), (2, _MIGRATE_2_TO_3))
-                for since, statements in migrations:
-                    if version <= since:
-                        for statement in statements:
-                            conn.execute(statement)
-            if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -339,7 +330,8 @@ class SQLiteDeadLetterStore(DeadLetterStore):
     # -- dead letters -----------------------------------------------------------------------
     # A row holds the entry without its payload (`data`); the payload is a BLOB of its own
     # (`dead_letter_payloads`), so listing and claiming never read it and a preview reads
-    # only its first bytes. Rows of older versions keep the payload inside `data`.
+    # only its first bytes. A row with its payload inside `data` (written by hand, or
+    # planted) is read as it is, within `max_row_bytes`.
 
     @contextmanager
     def _transaction(self, db: sqlite3.Connection) -> Iterator[None]:
@@ -390,7 +382,7 @@ class SQLiteDeadLetterStore(DeadLetterStore):
 
     def _payload_size(self, db: sqlite3.Connection, entry_id: str) -> int | None:
         """The kept-apart payload's length in bytes (read from the row header, not loaded),
-        None for a row of an older version (its payload is inside `data`)."""
+        None for a row whose payload is inside `data`."""
         row = db.execute(
             "SELECT length(payload) FROM dead_letter_payloads WHERE id = ?", (entry_id,)
         ).fetchone()
@@ -422,7 +414,7 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         if raw is None:
             return None
         size = self._payload_size(db, entry_id)
-        if size is None:  # an older row: whole, within max_row_bytes
+        if size is None:  # the payload inside `data`: whole, within max_row_bytes
             return DeadLetterPreview.of(
                 decode_entry(entry_id, raw, max_bytes=self.max_row_bytes), chars
             )
@@ -455,7 +447,7 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                 "SELECT rowid, length(payload) FROM dead_letter_payloads WHERE id = ?",
                 (entry_id,),
             ).fetchone()
-        if found is None:  # an older row (or gone): whole, within max_row_bytes
+        if found is None:  # the payload inside `data` (or gone): whole, within max_row_bytes
             yield from super().payload_chunks(entry_id, chunk_size=chunk_size)
             return
         rowid, size = found
