@@ -66,6 +66,7 @@ from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.response_gate import RequestGate
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.task import DISPATCH_MODES, DispatchMode
+from otel_bgtasks.telemetry import flush_global_providers
 
 __all__ = [
     "DEFAULT_DRAIN_TIMEOUT",
@@ -409,6 +410,7 @@ class DispatchSeam:
                 # Then the journal's queued writes and the store's buffer (bounded): uvicorn
                 # ends a SIGTERM'd process without exit handlers.
                 await asyncio.to_thread(seam.executor.flush_store)
+                await asyncio.to_thread(flush_global_providers)  # spans, metrics: same reason
             return message
 
         return wrapped

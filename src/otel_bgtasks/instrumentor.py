@@ -63,7 +63,7 @@ from otel_bgtasks.dispatch import (
     Dispatcher,
     DispatchSeam,
 )
-from otel_bgtasks.errors import ErrorClassifier, UnsafeConfigurationError
+from otel_bgtasks.errors import ErrorClassifier, NotInstrumentedError, UnsafeConfigurationError
 from otel_bgtasks.package import _instruments
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
@@ -167,11 +167,11 @@ def schedule(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Schedule
     returned task runs (`asyncio.create_task(task.run())`, or `task.run_sync` in a thread).
 
     Raises:
-        RuntimeError: the package is not instrumented yet.
+        NotInstrumentedError: (a `RuntimeError`) the package is not instrumented yet.
     """
     executor = active_executor()
     if executor is None:
-        raise RuntimeError(
+        raise NotInstrumentedError(
             "otel_bgtasks is not instrumented: call BackgroundTasksInstrumentor().instrument() "
             "(or run under opentelemetry-instrument) before schedule()"
         )

@@ -27,7 +27,7 @@ from otel_bgtasks._tracebacks import REDACTED, describe, exception_fields
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import DecodedCall, decode_call
 from otel_bgtasks.claims import DEAD_LETTERS, Claim, hold
-from otel_bgtasks.errors import CorruptEntryError, UntrustedEntryError
+from otel_bgtasks.errors import CircuitOpenError, CorruptEntryError, UntrustedEntryError
 from otel_bgtasks.identity import process_identity
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.stores.base import DeadLetterStore
@@ -86,6 +86,8 @@ async def run_dead_letter(
     )
     if outcome is Outcome.SUCCESS:
         return ReplayResult(ok=True)
+    if isinstance(state.exception, CircuitOpenError):  # refused: nothing ran
+        return ReplayResult(ok=False, rejected_by=state.exception.circuit or entry.task_name)
     return ReplayResult(
         ok=False,
         entry=entry.with_failure(
@@ -108,6 +110,9 @@ class ReplayResult:
 
     ok: bool
     entry: DeadLetter | None = None
+    rejected_by: str | None = None
+    """The circuit that refused the run: nothing ran, the entry is kept unchanged and
+    `DeadLetters.replay` stops (the entries after it are reported ``not_run``)."""
 
 
 ReplayRunner = Callable[[DeadLetter, DecodedCall], Awaitable[ReplayResult]]
@@ -116,7 +121,15 @@ signature and function were checked), as a new span linked to the original; repo
 result (`run_dead_letter`)."""
 
 ReplayStatus = Literal[
-    "replayed", "failed", "refused", "import_error", "missing", "corrupt", "error", "claimed"
+    "replayed",
+    "failed",
+    "not_run",
+    "refused",
+    "import_error",
+    "missing",
+    "corrupt",
+    "error",
+    "claimed",
 ]
 
 
@@ -130,13 +143,16 @@ class ReplayOutcome:
     serializer unavailable here, entry kept), ``missing`` (no such id), ``corrupt`` (row
     cannot be decoded, kept), ``error`` (the runner itself raised; entry kept unchanged),
     ``claimed`` (another replayer holds it, or, replaying every entry, it was replayed and
-    deleted by another meanwhile: not run here).
+    deleted by another meanwhile: not run here), ``not_run`` (an open circuit refused it, or
+    it came after such a refusal: the replay stopped; kept unchanged).
+    `traceback`: for ``failed``, the new failure's traceback (as stored in the entry).
     """
 
     entry_id: str
     status: ReplayStatus
     task_name: str = ""
     message: str = ""
+    traceback: str = ""
 
 
 @dataclass(slots=True)
@@ -228,6 +244,7 @@ class DeadLetters:
         on_outcome: Callable[[ReplayOutcome], None] | None = None,
         on_start: Callable[[int], None] | None = None,
         offload: bool = True,
+        stop_on_open_circuit: bool = True,
     ) -> ReplayReport:
         """Replay entries one after the other (a recovering downstream gets no burst).
 
@@ -239,6 +256,9 @@ class DeadLetters:
             offload: run store calls in a worker thread, so a server's event loop keeps
                 serving; a process that owns its loop (the CLI) passes False: the thread hop
                 costs more than the store call.
+            stop_on_open_circuit: once a task's circuit breaker refuses a replay (its
+                downstream is still failing), stop: that entry and every one after it are
+                reported ``not_run`` and kept unchanged, instead of each being refused in turn.
 
         A `TaskImportError` or a runner exception affects only its entry, which is kept; the
         others continue.
@@ -257,8 +277,19 @@ class DeadLetters:
             targets = list(dict.fromkeys(ids))
         if on_start is not None:
             on_start(len(targets))
+        stopped: str | None = None
         for target in targets:
-            outcome = await self._replay_one(target, runner, listed=ids is None)
+            if stopped is not None:
+                outcome = ReplayOutcome(
+                    target if isinstance(target, str) else target.id,
+                    "not_run",
+                    "" if isinstance(target, str) else target.task_name,
+                    f"not attempted: {stopped}",
+                )
+            else:
+                outcome = await self._replay_one(target, runner, listed=ids is None)
+                if outcome.status == "not_run" and stop_on_open_circuit:
+                    stopped = outcome.message
             report.outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)
@@ -329,6 +360,10 @@ class DeadLetters:
                 **exception_fields(exc, redact=redact),
             )
             return ReplayOutcome(entry.id, "error", entry.task_name, describe(exc, redact=redact))
+        if result.rejected_by is not None:
+            await claim.release()  # unchanged: it did not run
+            message = f"circuit {result.rejected_by!r} opened; replay again once it closes"
+            return ReplayOutcome(entry.id, "not_run", entry.task_name, message)
         if result.ok:
             # its nonce consumed with the delete: a copy planted again is refused
             if not await claim.settle(consume=entry.nonce):
@@ -341,6 +376,9 @@ class DeadLetters:
         updated = result.entry if result.entry is not None else entry.with_failure()
         # only if the row is still there and ours: an entry deleted meanwhile stays deleted
         await claim.release(entry=updated)
-        shown = REDACTED if self.redact else updated.error_message
+        redact = self.redact
+        shown = REDACTED if redact else updated.error_message
         message = f"{updated.error_type}: {shown}" if updated.error_type else "failed"
-        return ReplayOutcome(entry.id, "failed", entry.task_name, message)
+        # the stored traceback holds the message: with redaction, it stays in the dead letter
+        traceback = "" if redact else updated.traceback
+        return ReplayOutcome(entry.id, "failed", entry.task_name, message, traceback)

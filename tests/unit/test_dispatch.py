@@ -7,7 +7,6 @@ local pool, its exit drains it); the uvicorn tests are in tests/integration/test
 from __future__ import annotations
 
 import asyncio
-import warnings
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 import structlog
 from fastapi import BackgroundTasks, FastAPI
 from fastapi.responses import StreamingResponse
-from starlette.exceptions import StarletteDeprecationWarning
+from fastapi.testclient import TestClient  # on httpx2 (the `testing` extra): no warning
 from starlette.requests import ClientDisconnect
 from structlog.testing import capture_logs
 
@@ -25,10 +24,6 @@ from otel_bgtasks.dispatch import Dispatcher, LocalDispatcher
 from otel_bgtasks.environment import options_from_env
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.state import TaskCallState
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)  # Starlette 1.10 wants httpx2
-    from fastapi.testclient import TestClient
 
 DISPATCH_ENV = "OTEL_BGTASKS_DISPATCH"
 MAX_CONCURRENCY_ENV = "OTEL_BGTASKS_MAX_CONCURRENCY"
