@@ -759,12 +759,13 @@ def _cmd_delete(ctx: _Context) -> int:
     return 0
 
 
-def _executor(store: DeadLetterStore | None = None) -> Executor:
-    """The executor replays and re-runs go through: the app's when instrumented in this
-    process, else a standalone one configured by the ``OTEL_BGTASKS_*`` variables (its
-    redaction, retry, timeout... as the app would have them)."""
+def _executor(store: DeadLetterStore, *, same_store: bool = False) -> Executor:
+    """The executor replays (and, with `same_store`, re-runs that dead-letter into `store`)
+    go through: the app's when instrumented in this process, else a standalone one for this
+    invocation, configured by the ``OTEL_BGTASKS_*`` variables (its redaction, retry,
+    timeout... as the app would have them)."""
     active = active_executor()
-    if active is not None and (store is None or active.store is store):
+    if active is not None and (not same_store or active.store is store):
         return active
     return standalone_executor(store)
 
@@ -929,7 +930,7 @@ def _cmd_recover(ctx: _Context) -> int:
             recover_interrupted_tasks(
                 mode="rerun" if ctx.args.rerun else "dead_letter",
                 store=store,
-                executor=_executor(store),
+                executor=_executor(store, same_store=True),
                 stale_after=ctx.args.stale_after,
             )
         )
