@@ -15,6 +15,7 @@ from otel_bgtasks.errors import (
     BusinessError,
     CircuitOpenError,
     ConfigurationError,
+    ConsumedEntryError,
     CorruptEntryError,
     NotInstrumentedError,
     NotReplayableError,
@@ -35,7 +36,13 @@ from otel_bgtasks.instrumentor import (
 )
 from otel_bgtasks.logs import TraceContextFilter, TraceContextProcessor, configure_structlog_json
 from otel_bgtasks.options import EffectiveOptions
-from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry, TaskMessage
+from otel_bgtasks.records import (
+    DeadLetter,
+    DeadLetterPreview,
+    DeadLetterReason,
+    JournalEntry,
+    TaskMessage,
+)
 from otel_bgtasks.recovery import (
     RecoveryReport,
     RecoveryTask,
@@ -66,8 +73,10 @@ __all__ = [
     "CircuitOpenError",
     "CircuitState",
     "ConfigurationError",
+    "ConsumedEntryError",
     "CorruptEntryError",
     "DeadLetter",
+    "DeadLetterPreview",
     "DeadLetterReason",
     "DeadLetterStore",
     "DeadLetters",

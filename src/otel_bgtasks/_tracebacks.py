@@ -24,6 +24,7 @@ __all__ = [
     "bounded_message",
     "bounded_text",
     "bounded_traceback",
+    "describe",
     "exception_fields",
     "task_traceback",
 ]
@@ -38,6 +39,7 @@ REDACTED = "<redacted>"
 """What replaces an exception message when messages are redacted."""
 
 _FRAMES = 64  # frames formatted at most: the first and last 32 (a RecursionError has 1,000)
+_GROUP_MEMBERS = 4  # exceptions of an ExceptionGroup rendered at most
 
 LOG_FRAMES = 8
 """Frames of each exception in a failure's log line (the innermost: where it broke)."""
@@ -172,6 +174,17 @@ def _format(
     name = _qualified(exc)
     message = REDACTED if redact else bounded_message(exc)
     parts.append(f"{name}: {message}\n" if message else f"{name}\n")
+    if isinstance(exc, BaseExceptionGroup) and depth < 4:  # a TaskGroup's failures
+        members = exc.exceptions
+        for number, member in enumerate(members[:_GROUP_MEMBERS], 1):
+            if id(member) in seen:
+                continue
+            parts.append(f"+---------------- {number} of {len(members)} ----------------\n")
+            parts.extend(_format(member, redact, depth + 1, seen))
+        if len(members) > _GROUP_MEMBERS:
+            parts.append(
+                f"+---------------- {len(members) - _GROUP_MEMBERS} more ----------------\n"
+            )
     return parts
 
 
@@ -198,6 +211,13 @@ def _qualified(exc: BaseException) -> str:
     if module in ("builtins", "__main__"):
         return cls.__qualname__
     return f"{module}.{cls.__qualname__}"
+
+
+def describe(exc: BaseException, *, redact: bool = False) -> str:
+    """``"Type: message"`` for an outcome or a report line: the message bounded, or
+    ``<redacted>`` with `redact` (``redact_exception_messages``)."""
+    message = REDACTED if redact else bounded_message(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def exception_fields(

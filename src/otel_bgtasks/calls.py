@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from otel_bgtasks._json import MAX_DOCUMENT_BYTES, loads_bounded
 from otel_bgtasks.errors import NotReplayableError, SerializationError, TaskImportError
 from otel_bgtasks.registry import lookup_task
 from otel_bgtasks.signing import SigningKeys, signing_keys
@@ -87,7 +88,8 @@ class JSONSerializer:
         return json.dumps({"args": list(args), "kwargs": kwargs}, separators=(",", ":"))
 
     def loads(self, payload: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        data = json.loads(payload)
+        # bounded before parsing: arguments nest at most 64 deep, inside {"args": [...]}
+        data = loads_bounded(payload, max_depth=_MAX_DEPTH + 2, max_bytes=MAX_DOCUMENT_BYTES)
         if (
             not isinstance(data, dict)
             or not isinstance(data.get("args"), list)
@@ -329,16 +331,19 @@ class StoredCall(Protocol):
     @property
     def signature(self) -> str: ...
 
-    def call_fields(self) -> tuple[str, ...]: ...
+    def verify_signature(self, keys: SigningKeys, *, payload_sha256: str | None = None) -> None: ...
 
 
-def check_replayable(entry: StoredCall, *, keys: SigningKeys | None = None) -> None:
-    """Raises what `decode_call` would, short of decoding the payload.
+def check_replayable(
+    entry: StoredCall, *, keys: SigningKeys | None = None, payload_sha256: str | None = None
+) -> None:
+    """Raises what `decode_call` would, short of decoding the payload (`payload_sha256`: the
+    stored payload's digest when `entry.payload` is only a preview of it).
 
     Raises:
         UntrustedEntryError, NotReplayableError, TaskImportError, LookupError: as `decode_call`.
     """
-    _check(entry, keys)
+    _check(entry, keys, payload_sha256)
 
 
 class DecodedCall(NamedTuple):
@@ -365,17 +370,23 @@ def decode_call(entry: StoredCall, *, keys: SigningKeys | None = None) -> Decode
     func, serializer = _check(entry, keys)
     try:
         args, kwargs = serializer.loads(entry.payload)
-    except (ValueError, TypeError, RecursionError) as exc:
+    except ValueError as exc:  # a serializer's own refusal says what is wrong
+        raise ValueError(
+            f"payload cannot be decoded by {_short(entry.serializer)}: {_bounded(str(exc))}"
+        ) from None
+    except (TypeError, RecursionError, MemoryError) as exc:
         raise ValueError(
             f"payload cannot be decoded by {_short(entry.serializer)}: {_error_text(exc)}"
-        ) from exc
+        ) from None
     return DecodedCall(func, tuple(args), dict(kwargs))
 
 
-def _check(entry: StoredCall, keys: SigningKeys | None) -> tuple[Callable[..., Any], Serializer]:
+def _check(
+    entry: StoredCall, keys: SigningKeys | None, payload_sha256: str | None = None
+) -> tuple[Callable[..., Any], Serializer]:
     keys = keys if keys is not None else signing_keys()
-    if keys is not None:
-        keys.verify(entry.call_fields(), entry.signature)
+    if keys is not None:  # its kind, owner and nonce too (otel_bgtasks.signing)
+        entry.verify_signature(keys, payload_sha256=payload_sha256)
     if entry.serializer == UNREPLAYABLE:
         raise NotReplayableError(
             f"the call cannot be replayed: {_unreplayable_reason(entry.payload)}"

@@ -5,7 +5,7 @@ Replay (dead letters) and recovery (journal rows) both go through `hold`:
     async with hold(DEAD_LETTERS, store, entry_id, owner, lease=60) as claim:
         if claim is None: ...            # missing, or another owner holds a live lease
         ...                              # claim.row is ours; renewed every lease / 3
-        await claim.settle()             # done: remove the row if the claim is still ours
+        await claim.settle(consume=nonce)  # done: remove it (and consume its nonce)
         # or: await claim.release(update) # give it back (updated), e.g. after a failure
 
 A block that leaves without settling or releasing (an exception, a cancellation at shutdown)
@@ -49,8 +49,8 @@ def _dlq_release(store: DeadLetterStore, key: str, owner: str, **update: Any) ->
     return store.release(key, owner, **update)
 
 
-def _dlq_settle(store: DeadLetterStore, key: str, owner: str) -> bool:
-    return store.delete_claimed(key, owner)
+def _dlq_settle(store: DeadLetterStore, key: str, owner: str, consume: str = "") -> bool:
+    return store.delete_claimed(key, owner, consume=consume)
 
 
 def _journal_claim(
@@ -63,8 +63,8 @@ def _journal_release(store: DeadLetterStore, key: str, owner: str) -> bool:
     return store.journal_release(key, owner)
 
 
-def _journal_settle(store: DeadLetterStore, key: str, owner: str) -> bool:
-    return store.journal_remove_claimed(key, owner)
+def _journal_settle(store: DeadLetterStore, key: str, owner: str, consume: str = "") -> bool:
+    return store.journal_remove_claimed(key, owner, consume=consume)
 
 
 DEAD_LETTERS: Table[DeadLetter] = Table(_dlq_claim, _dlq_release, _dlq_settle)
@@ -98,19 +98,20 @@ class Claim(Generic[_Row]):
             return await asyncio.to_thread(fn, *args, **kwargs)
         return fn(*args, **kwargs)
 
-    async def settle(self) -> bool:
+    async def settle(self, *, consume: str = "") -> bool:
         """Remove the row if the claim is still ours (False: its lease expired and another
-        took it, or it was deleted)."""
+        took it, or it was deleted). `consume`: the row's nonce, once its task ran: the store
+        remembers it with the removal, and refuses a copy planted again."""
         self.done = True
-        return await self._call(self._table.settle, self._store, self._key, self._owner)
+        return await self._call(
+            self._table.settle, self._store, self._key, self._owner, consume=consume
+        )
 
     async def release(self, **update: Any) -> bool:
         """Give the row back (replacing it with `update`'s ``entry=``, dead letters only)
         if the claim is still ours."""
         self.done = True
-        return await self._call(
-            self._table.release, self._store, self._key, self._owner, **update
-        )
+        return await self._call(self._table.release, self._store, self._key, self._owner, **update)
 
     def renew(self, lease: float) -> object:
         return self._table.claim(self._store, self._key, self._owner, lease=lease)
@@ -131,6 +132,7 @@ async def hold(
 
     Raises:
         CorruptEntryError: the row exists but cannot be decoded (the store released it).
+        ConsumedEntryError: the row's nonce was consumed: it ran already (released too).
     """
     take = functools.partial(table.claim, store, key, owner, lease=lease)
     row = await asyncio.to_thread(take) if offload else take()
@@ -144,9 +146,7 @@ async def hold(
     except BaseException:
         if not claim.done:  # cancelled or broken: give it back now (the lease would expire)
             with contextlib.suppress(Exception):
-                await asyncio.shield(
-                    asyncio.to_thread(table.release, store, key, owner)
-                )
+                await asyncio.shield(asyncio.to_thread(table.release, store, key, owner))
         raise
     if not claim.done:
         await claim.release()

@@ -3,10 +3,11 @@
 ::
 
     otel-bgtasks [--store URL] [--tasks MODULE[,MODULE]] dlq list [--task T] [--reason R]
-                                        [--since 2h|ISO] [--limit N] [--json]
-    otel-bgtasks dlq show ID [--json]
+                                        [--since 2h|ISO] [--limit N] [--json [--full]]
+    otel-bgtasks dlq show ID [--full | --json]
     otel-bgtasks dlq delete ID [ID ...]
     otel-bgtasks dlq replay (ID [ID ...] | --all [--task T] [--reason R] [--since S])
+    otel-bgtasks dlq adopt (ID [ID ...] | --all) [--yes]
     otel-bgtasks dlq purge [--task T] [--reason R] [--since S] [--yes]
     otel-bgtasks recover [--rerun] [--stale-after SECONDS]
     otel-bgtasks demo [ARGS ...]
@@ -16,7 +17,10 @@ The store URL comes from ``--store`` (accepted before or after the subcommand), 
 ``--tasks`` (else ``OTEL_BGTASKS_TASK_MODULES``), imported on purpose: replay and recover run
 only those (see `otel_bgtasks.registry`), and never import a module an entry names; they are
 found from the current directory first, as with Celery's ``-A``. With
-``OTEL_BGTASKS_SIGNING_KEY`` set, entries whose signature does not verify are refused.
+``OTEL_BGTASKS_SIGNING_KEY`` set, entries whose signature does not verify are refused;
+``dlq adopt`` shows them and, after review, signs them with the current key. ``list`` and
+``show`` read each payload's first 1,000 characters and its size only (its digest, to check
+a signature, is streamed): the whole payload only with ``--full`` or ``show --json``, streamed.
 Everything printed from an entry has its control characters escaped. An ID may be abbreviated
 to a unique prefix of at least 4 characters. Exit status: 0 success; 1 some replays (or re-runs)
 did not succeed, or an entry listed or shown is refused;
@@ -28,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import functools
+import hashlib
 import importlib
 import inspect
 import json
@@ -47,16 +53,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from otel_bgtasks._execution import active_executor, standalone_executor
+from otel_bgtasks._execution import Executor, active_executor, standalone_executor
+from otel_bgtasks._json import dumps_streamed
 from otel_bgtasks._terminal import printable
 from otel_bgtasks.calls import check_replayable
 from otel_bgtasks.errors import (
     ConfigurationError,
+    ConsumedEntryError,
     CorruptEntryError,
     StoreUnavailableError,
     UntrustedEntryError,
 )
-from otel_bgtasks.records import DeadLetter, DeadLetterReason
+from otel_bgtasks.records import PREVIEW_CHARS, DeadLetter, DeadLetterPreview, DeadLetterReason
 from otel_bgtasks.recovery import recover_interrupted_tasks
 from otel_bgtasks.registry import TASK_MODULES_ENV, declare_task_modules, declared_task_modules
 from otel_bgtasks.replay import (
@@ -66,7 +74,14 @@ from otel_bgtasks.replay import (
     ReplayStatus,
     run_dead_letter,
 )
-from otel_bgtasks.signing import SIGNING_KEY_ENV, SigningKeys, signing_keys, signing_override
+from otel_bgtasks.signing import (
+    SIGNING_KEY_ENV,
+    SigningKeys,
+    new_nonce,
+    payload_digest,
+    signing_keys,
+    signing_override,
+)
 from otel_bgtasks.stores import DLQ_URL_ENV, default_store_path, default_store_url, open_store
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.telemetry import configure_telemetry
@@ -207,13 +222,37 @@ def _add_dlq(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser("list", parents=[common], help="list dead letters, oldest first")
     _filters(p)
     p.add_argument("--limit", type=_positive, metavar="N", help="at most N entries")
-    p.add_argument("--json", action="store_true", help="JSON array on stdout")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON array on stdout; each payload cut to its first"
+        f" {PREVIEW_CHARS:,} characters, with payload_size and payload_truncated",
+    )
+    p.add_argument("--full", action="store_true", help="with --json: whole payloads, streamed")
     p.set_defaults(handler=_cmd_list)
 
     p = commands.add_parser("show", parents=[common], help="one entry with its traceback")
     p.add_argument("id", help="entry id (or a unique prefix)")
-    p.add_argument("--json", action="store_true", help="JSON object on stdout")
+    p.add_argument(
+        "--json", action="store_true", help="JSON object on stdout (the whole payload, streamed)"
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help=f"the whole payload (streamed) instead of its first {PREVIEW_CHARS:,} characters",
+    )
     p.set_defaults(handler=_cmd_show)
+
+    p = commands.add_parser(
+        "adopt",
+        parents=[common],
+        help="show entries that do not verify with the current key (unsigned, another key,"
+        " an older scheme, already ran) and sign them with it after review",
+    )
+    p.add_argument("ids", nargs="*", metavar="ID", help="entry ids (or unique prefixes)")
+    p.add_argument("--all", action="store_true", help="every entry that does not verify")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(handler=_cmd_adopt)
 
     p = commands.add_parser("delete", parents=[common], help="delete entries (corrupt ones too)")
     p.add_argument("ids", nargs="+", metavar="ID", help="entry ids (or unique prefixes)")
@@ -389,26 +428,52 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
-def _verdict(entry: DeadLetter, *, check_function: bool) -> tuple[str, str]:
-    """("ok" | "refused" | "not replayable" | "-", why): what a replay here would do.
+def _digest(store: DeadLetterStore, preview: DeadLetterPreview) -> str:
+    """The SHA-256 of the entry's whole payload, streamed when only a preview is at hand."""
+    if not preview.truncated:
+        return payload_digest(preview.entry.payload)
+    digest = hashlib.sha256()
+    for chunk in store.payload_chunks(preview.entry.id):
+        digest.update(chunk)
+    return digest.hexdigest()
 
-    The signature is checked when a key is set; the function only when task modules are
-    declared (without them, no function is a task here and the check says nothing).
+
+def _verdicts(
+    store: DeadLetterStore, previews: list[DeadLetterPreview], *, check_function: bool
+) -> list[tuple[str, str]]:
+    """For each entry ("ok" | "refused" | "not replayable" | "-", why): what a replay here
+    would do, without reading any payload whole (its digest is streamed).
+
+    The signature is checked when a key is set, the nonce against those the store remembers
+    as consumed, the function only when task modules are declared (without them, no
+    function is a task here and the check says nothing).
     """
     keys = signing_keys()
-    try:
-        if keys is not None:
-            keys.verify(entry.call_fields(), entry.signature)
-        if check_function:
-            check_replayable(entry)
-    except UntrustedEntryError as exc:
-        return "refused", str(exc)
-    except LookupError as exc:
-        return "not replayable", str(exc)
-    return ("ok" if keys is not None or check_function else "-"), ""
+    consumed = store.consumed([p.entry.nonce for p in previews])
+    out: list[tuple[str, str]] = []
+    for preview in previews:
+        entry = preview.entry
+        try:
+            digest = _digest(store, preview) if keys is not None else None
+            if keys is not None:
+                entry.verify_signature(keys, payload_sha256=digest)
+            if entry.nonce in consumed:
+                raise ConsumedEntryError(entry.id, consumed[entry.nonce])
+            if check_function:
+                check_replayable(entry, payload_sha256=digest)
+        except UntrustedEntryError as exc:
+            out.append(("refused", str(exc)))
+            continue
+        except LookupError as exc:
+            out.append(("not replayable", str(exc)))
+            continue
+        out.append(("ok" if keys is not None or check_function else "-", ""))
+    return out
 
 
-def _entries_table(entries: list[DeadLetter], width: int, verdicts: list[tuple[str, str]]) -> Table:
+def _entries_table(
+    entries: Sequence[DeadLetter], width: int, verdicts: list[tuple[str, str]]
+) -> Table:
     """One line per entry; task, function and error share what the fixed columns leave (the
     last failure time only on terminals 120 columns wide or more)."""
     with_time = width >= 120
@@ -468,12 +533,12 @@ def _entries_table(entries: list[DeadLetter], width: int, verdicts: list[tuple[s
 def _resolve_id(store: DeadLetterStore, ident: str) -> str:
     """The full id for `ident` (an id or a unique prefix); corrupt rows count as existing."""
     try:
-        if store.get(ident) is not None:
+        if store.preview(ident, chars=0) is not None:  # no payload read
             return ident
     except CorruptEntryError:
         return ident
     if len(ident) >= _MIN_PREFIX:
-        known = [e.id for e in store.list()] + store.corrupt_ids()
+        known = [p.entry.id for p in store.previews(chars=0)] + store.corrupt_ids()
         matches = sorted({i for i in known if i.startswith(ident)})
         if len(matches) == 1:
             return matches[0]
@@ -510,15 +575,20 @@ def _filter_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_list(ctx: _Context) -> int:
     args = ctx.args
     store = ctx.store()
-    entries = store.list(**_filter_kwargs(args), limit=args.limit)
-    check_function = bool(declared_task_modules())
-    verdicts = [_verdict(e, check_function=check_function) for e in entries]
+    chars = PREVIEW_CHARS if args.json and not args.full else 0
+    previews = store.previews(**_filter_kwargs(args), limit=args.limit, chars=chars)
+    entries = [p.entry for p in previews]
+    verdicts = _verdicts(store, previews, check_function=bool(declared_task_modules()))
     if args.json:
-        listed = [
-            {**e.to_dict(), "check": check, "check_reason": why}
-            for e, (check, why) in zip(entries, verdicts, strict=True)
-        ]
-        ctx.stdout.write(json.dumps(listed, indent=2) + "\n")
+        ctx.stdout.write("[")
+        for n, (preview, (check, why)) in enumerate(zip(previews, verdicts, strict=True)):
+            ctx.stdout.write(",\n" if n else "\n")
+            listed = {**preview.to_dict(), "check": check, "check_reason": why}
+            if args.full:
+                _write_full_json(ctx.stdout, store, listed)
+            else:
+                ctx.stdout.write(json.dumps(listed, indent=2))
+        ctx.stdout.write("\n]\n" if previews else "]\n")
     elif not entries:
         ctx.out.print("No dead letters.")
     else:
@@ -530,8 +600,24 @@ def _cmd_list(ctx: _Context) -> int:
     return _report_refused(ctx, entries, verdicts)
 
 
+def _write_full_json(out: TextIO, store: DeadLetterStore, fields: dict[str, Any]) -> None:
+    """`fields` as an indented JSON object whose ``payload`` is the entry's whole payload,
+    streamed from the store chunk by chunk (never whole in memory)."""
+    fields = {k: v for k, v in fields.items() if k not in ("payload", "payload_truncated")}
+    for piece in dumps_streamed(fields, "payload", store.payload_chunks(fields["id"]), indent=2):
+        out.write(piece)
+
+
+def _write_full_payload(out: TextIO, store: DeadLetterStore, entry_id: str) -> None:
+    """The whole payload on `out`, streamed, control characters escaped."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    for chunk in store.payload_chunks(entry_id):
+        out.write(printable(decoder.decode(chunk), multiline=True))
+    out.write(printable(decoder.decode(b"", final=True), multiline=True) + "\n")
+
+
 def _report_refused(
-    ctx: _Context, entries: list[DeadLetter], verdicts: list[tuple[str, str]]
+    ctx: _Context, entries: Sequence[DeadLetter], verdicts: list[tuple[str, str]]
 ) -> int:
     """One stderr line per refused entry with the function it names and why; 1 if any."""
     pairs = zip(entries, verdicts, strict=True)
@@ -547,20 +633,39 @@ def _report_refused(
     return 1 if refused else 0
 
 
+def _size(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit} ({size:,} bytes)"
+    return f"{size} bytes"
+
+
 def _cmd_show(ctx: _Context) -> int:
     store = ctx.store()
     entry_id = _resolve_id(store, ctx.args.id)
     try:
-        entry = store.get(entry_id)
+        preview = store.preview(entry_id)
     except CorruptEntryError as exc:
         raise CLIError(f"{exc}; remove it with '{PROG} dlq delete {entry_id}'") from None
-    if entry is None:  # deleted meanwhile
+    if preview is None:  # deleted meanwhile
         raise CLIError(f"no dead letter with id {entry_id!r}")
-    check, why = _verdict(entry, check_function=bool(declared_task_modules()))
-    if ctx.args.json:
-        shown = {**entry.to_dict(), "check": check, "check_reason": why}
-        ctx.stdout.write(json.dumps(shown, indent=2) + "\n")
-        return 1 if check == "refused" else 0
+    entry = preview.entry
+    ((check, why),) = _verdicts(store, [preview], check_function=bool(declared_task_modules()))
+    status = 1 if check == "refused" else 0
+    if ctx.args.json:  # the whole entry, its payload streamed
+        _write_full_json(
+            ctx.stdout, store, {**entry.to_dict(), "check": check, "check_reason": why}
+        )
+        ctx.stdout.write("\n")
+        return status
+    size = _size(preview.payload_size)
+    if preview.truncated and not ctx.args.full:
+        size += f", the first {len(entry.payload):,} characters shown (--full: all of it)"
+        payload = entry.payload + "…"
+    elif preview.truncated:
+        payload = "(below)"
+    else:
+        payload = entry.payload
     table = Table(show_header=False, box=None)
     table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")
@@ -578,7 +683,8 @@ def _cmd_show(ctx: _Context) -> int:
         ("trace id", entry.trace_id or "-"),
         ("span id", entry.span_id or "-"),
         ("serializer", entry.serializer),
-        ("payload", entry.payload),
+        ("payload size", size),
+        ("payload", payload),
         ("signature", entry.signature or "-"),
     ]
     for name, value in rows:
@@ -587,7 +693,62 @@ def _cmd_show(ctx: _Context) -> int:
     if entry.traceback:
         ctx.out.print(Text("traceback:", style="bold"))
         ctx.out.print(Text(printable(entry.traceback.rstrip(), multiline=True)), soft_wrap=True)
-    return 1 if check == "refused" else 0
+    if preview.truncated and ctx.args.full:
+        ctx.out.print(Text("payload:", style="bold"))
+        ctx.out.file.flush()
+        _write_full_payload(ctx.stdout, store, entry.id)
+    return status
+
+
+def _cmd_adopt(ctx: _Context) -> int:
+    """Sign, after review, entries the current key does not verify (written before a key
+    was set, with a retired key, with the v1 scheme, or a copy of one that already ran):
+    each gets a fresh nonce and a signature by the first key."""
+    args = ctx.args
+    keys = signing_keys()
+    if keys is None:
+        raise CLIError(f"adopt signs with the current key: set {SIGNING_KEY_ENV}")
+    if args.all == bool(args.ids):
+        raise CLIError("give entry ids or --all (not both)")
+    store = ctx.store()
+    if args.ids:
+        found = [store.preview(_resolve_id(store, ident)) for ident in dict.fromkeys(args.ids)]
+        previews = [p for p in found if p is not None]
+    else:
+        previews = store.previews()
+    verdicts = _verdicts(store, previews, check_function=False)
+    pending = [(p, why) for p, (check, why) in zip(previews, verdicts, strict=True) if why]
+    if not pending:
+        ctx.out.print("nothing to adopt: every entry verifies")
+        return 0
+    for preview, why in pending:
+        entry = preview.entry
+        call = _clip(entry.payload, 200) + ("…" if preview.truncated else "")
+        ctx.out.print(
+            Text(
+                f"{printable(entry.id)}  {printable(entry.task_name)}"
+                f"  {printable(entry.func_ref) or '-'}\n"
+                f"  payload ({_size(preview.payload_size)}): {printable(call)}\n"
+                f"  {printable(why)}"
+            )
+        )
+    noun = f"{len(pending)} entr{'ies' if len(pending) != 1 else 'y'}"
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CLIError(f"refusing to sign {noun} without --yes (stdin is not a terminal)")
+        answer = input(f"sign {noun} with the current key, to be replayed? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            ctx.out.print("adopt cancelled")
+            return 0
+    signed = 0
+    for preview, _ in pending:
+        whole = store.get(preview.entry.id)
+        if whole is None:  # deleted meanwhile
+            continue
+        store.update(whole.replace(nonce=new_nonce(), signature="").signed(keys))
+        signed += 1
+    ctx.out.print(f"signed {signed} entr{'ies' if signed != 1 else 'y'} with the current key")
+    return 0
 
 
 def _cmd_delete(ctx: _Context) -> int:
@@ -596,6 +757,17 @@ def _cmd_delete(ctx: _Context) -> int:
     deleted = sum(store.delete(entry_id) for entry_id in dict.fromkeys(ids))
     ctx.out.print(f"deleted {deleted} dead letter{'s' if deleted != 1 else ''}")
     return 0
+
+
+def _executor(store: DeadLetterStore, *, same_store: bool = False) -> Executor:
+    """The executor replays (and, with `same_store`, re-runs that dead-letter into `store`)
+    go through: the app's when instrumented in this process, else a standalone one for this
+    invocation, configured by the ``OTEL_BGTASKS_*`` variables (its redaction, retry,
+    timeout... as the app would have them)."""
+    active = active_executor()
+    if active is not None and (not same_store or active.store is store):
+        return active
+    return standalone_executor(store)
 
 
 _OTLP_VARS = (
@@ -638,7 +810,9 @@ def _cmd_replay(ctx: _Context) -> int:
         raise CLIError("--task, --reason and --since select entries for --all only")
     store = ctx.store()
     ids = [_resolve_id(store, ident) for ident in args.ids] if args.ids else None
-    dead_letters = DeadLetters(store)
+    dead_letters = DeadLetters(
+        store, redact_exception_messages=_executor(store).redact_exception_messages
+    )
 
     progress = Progress(
         TextColumn("replaying"),
@@ -705,7 +879,7 @@ def _replay_runner(ctx: _Context) -> Iterator[ReplayRunner]:
     if ctx.runner is not None:
         yield ctx.runner
         return
-    executor = active_executor() or standalone_executor()
+    executor = _executor(ctx.store())  # this invocation's settings (redaction included)
     quiet = executor.failures.quiet
     executor.failures.quiet = True
     try:
@@ -733,7 +907,7 @@ def _cmd_purge(ctx: _Context) -> int:
     store = ctx.store()
     filters = _filter_kwargs(args)
     unfiltered = all(v is None for v in filters.values())
-    matching = store.count() if unfiltered else len(store.list(**filters))
+    matching = store.count() if unfiltered else len(store.previews(**filters, chars=0))
     if matching == 0:
         ctx.out.print("nothing to purge")
         return 0
@@ -757,6 +931,7 @@ def _cmd_recover(ctx: _Context) -> int:
             recover_interrupted_tasks(
                 mode="rerun" if ctx.args.rerun else "dead_letter",
                 store=store,
+                executor=_executor(store, same_store=True),
                 stale_after=ctx.args.stale_after,
             )
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from otel_bgtasks.attributes import ErrorCategory
@@ -19,6 +20,7 @@ __all__ = [
     "BusinessError",
     "CircuitOpenError",
     "ConfigurationError",
+    "ConsumedEntryError",
     "CorruptEntryError",
     "ErrorClassifier",
     "NotInstrumentedError",
@@ -91,6 +93,29 @@ class UntrustedEntryError(BgTasksError, LookupError):
     a function that is not one of the app's tasks. Nothing of it ran; the entry is kept."""
 
 
+class ConsumedEntryError(UntrustedEntryError):
+    """A stored entry already ran: the store remembers its nonce (consumed by a successful
+    replay or recovery). A copy planted again, or a backup restored, is refused and kept.
+
+    Attributes:
+        entry_id: the row's id.
+        consumed_at: when its nonce was consumed (epoch seconds, the store's clock).
+    """
+
+    def __init__(self, entry_id: str, consumed_at: float) -> None:
+        try:
+            when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(consumed_at))
+        except (OverflowError, OSError, ValueError):  # a time no date can show (untrusted)
+            when = "an unknown time"
+        super().__init__(
+            f"refused: this entry already ran (its nonce was consumed at {when}): a copy was"
+            " planted again, or a backup restored; delete it, or after review adopt it"
+            " (`otel-bgtasks dlq adopt ID`) to run it once more"
+        )
+        self.entry_id = entry_id
+        self.consumed_at = consumed_at
+
+
 class UnregisteredTaskError(UntrustedEntryError, TaskImportError):
     """A stored call names a function that is not a registered task of this app."""
 
@@ -127,17 +152,22 @@ class SerializationError(BgTasksError, TypeError):
 
 
 class CorruptEntryError(BgTasksError, ValueError):
-    """A stored row cannot be decoded (bad JSON, missing or invalid fields).
+    """A stored row cannot be decoded (bad JSON, too big or too deep, missing or invalid
+    fields).
 
     Attributes:
         entry_id: the row's id in the store.
-        reason: what is wrong with it.
+        reason: what is wrong with it (at most 500 characters: the row is untrusted).
+        what: the kind of row ("dead-letter entry", "journal entry").
     """
 
-    def __init__(self, entry_id: str, reason: str) -> None:
-        super().__init__(f"dead-letter entry {entry_id!r} is corrupt: {reason}")
+    def __init__(self, entry_id: str, reason: str, *, what: str = "dead-letter entry") -> None:
+        shown_id = entry_id if len(entry_id) <= 200 else entry_id[:199] + "…"
+        reason = reason if len(reason) <= 500 else reason[:499] + "…"
+        super().__init__(f"{what} {shown_id!r} is corrupt: {reason}")
         self.entry_id = entry_id
         self.reason = reason
+        self.what = what
 
 
 class StoreUnavailableError(BgTasksError, RuntimeError):

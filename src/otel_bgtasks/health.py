@@ -9,8 +9,9 @@ GET /bgtasks/health: running and pending tasks (pending by task, as `bgtasks.tas
 oldest running age, recent failures, circuit states, dead-letter depth and the write buffer
 (`degraded` while writes wait in memory or a circuit is open). It never waits on the store more
 than `HEALTH_STORE_TIMEOUT` seconds, and never on the event loop. Admin (auth required):
-GET /bgtasks/dead-letters,
-GET /bgtasks/dead-letters/{id}, POST /bgtasks/dead-letters/{id}/replay,
+GET /bgtasks/dead-letters (each payload cut to its first 1,000 characters, with
+``payload_size`` and ``payload_truncated``), GET /bgtasks/dead-letters/{id} (the same;
+``?full=true``: the whole payload, streamed), POST /bgtasks/dead-letters/{id}/replay,
 POST /bgtasks/dead-letters/replay (all, or filtered by task/reason),
 DELETE /bgtasks/dead-letters/{id}.
 """
@@ -18,16 +19,21 @@ DELETE /bgtasks/dead-letters/{id}.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
+import structlog
 from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from otel_bgtasks._execution import Executor, active_executor
-from otel_bgtasks.errors import ConfigurationError
+from otel_bgtasks._json import dumps_streamed
+from otel_bgtasks._tracebacks import exception_fields
+from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, StoreUnavailableError
 from otel_bgtasks.replay import DeadLetters, run_dead_letter
 from otel_bgtasks.stores.base import DeadLetterStore, StoreStatus
 
@@ -35,6 +41,8 @@ __all__ = ["HEALTH_STORE_TIMEOUT", "bearer_token_auth", "bgtasks_router"]
 
 HEALTH_STORE_TIMEOUT = 1.0
 """Seconds the health endpoint waits for the store's depth before reporting it unknown."""
+
+_log = structlog.get_logger("otel_bgtasks")
 
 
 def bearer_token_auth(token: str) -> Callable[..., None]:
@@ -62,6 +70,22 @@ def bearer_token_auth(token: str) -> Callable[..., None]:
 
 def _executor() -> Executor | None:
     return active_executor()
+
+
+@contextlib.contextmanager
+def _answering() -> Iterator[None]:
+    """Store failures become answers (503; 422 for a corrupt row), logged without `exc_info`:
+    an exception escaping to the server would be logged with its frames, whose locals hold
+    entries and their arguments."""
+    try:
+        yield
+    except StoreUnavailableError as exc:
+        _log.error("bgtasks admin: dead-letter store unavailable", **exception_fields(exc))
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, f"dead-letter store unavailable: {exc}"
+        ) from None
+    except CorruptEntryError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
 
 
 def _store(explicit: DeadLetterStore | None) -> DeadLetterStore:
@@ -143,20 +167,35 @@ def bgtasks_router(
     async def list_dead_letters(
         task: str | None = None, reason: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
-        letters = DeadLetters(_store(store))
-        found = await asyncio.to_thread(letters.list, task=task, reason=reason, limit=limit)
-        return [e.to_dict() for e in found]
+        the_store = _store(store)
+        with _answering():
+            found = await asyncio.to_thread(
+                the_store.previews, task=task, reason=reason, limit=limit
+            )
+        return [preview.to_dict() for preview in found]
 
-    @router.get("/dead-letters/{entry_id}", dependencies=guarded)
-    async def show_dead_letter(entry_id: str) -> dict[str, Any]:
-        entry = await asyncio.to_thread(_store(store).get, entry_id)
-        if entry is None:
+    @router.get("/dead-letters/{entry_id}", dependencies=guarded, response_model=None)
+    async def show_dead_letter(entry_id: str, full: bool = False) -> Any:
+        the_store = _store(store)
+        with _answering():
+            preview = await asyncio.to_thread(the_store.preview, entry_id)
+        if preview is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dead letter {entry_id!r}")
-        return entry.to_dict()
+        if not full or not preview.truncated:
+            return preview.to_dict()
+        fields = {k: v for k, v in preview.entry.to_dict().items() if k != "payload"}
+        fields["payload_size"] = preview.payload_size
+        # a sync iterator: Starlette pulls each piece in a worker thread, off the loop
+        body = (
+            piece.encode()
+            for piece in dumps_streamed(fields, "payload", the_store.payload_chunks(entry_id))
+        )
+        return StreamingResponse(body, media_type="application/json")
 
     @router.post("/dead-letters/{entry_id}/replay", dependencies=guarded)
     async def replay_one(entry_id: str) -> dict[str, Any]:
-        report = await DeadLetters(_store(store)).replay([entry_id], run_dead_letter)
+        with _answering():
+            report = await DeadLetters(_store(store)).replay([entry_id], run_dead_letter)
         (outcome,) = report.outcomes
         if outcome.status == "missing":
             raise HTTPException(status.HTTP_404_NOT_FOUND, outcome.message)
@@ -165,7 +204,8 @@ def bgtasks_router(
     @router.post("/dead-letters/replay", dependencies=guarded)
     async def replay_all(task: str | None = None, reason: str | None = None) -> dict[str, Any]:
         letters = DeadLetters(_store(store))
-        report = await letters.replay(None, run_dead_letter, task=task, reason=reason)
+        with _answering():
+            report = await letters.replay(None, run_dead_letter, task=task, reason=reason)
         return {
             "replayed": report.replayed,
             "sent": report.sent,
@@ -177,7 +217,9 @@ def bgtasks_router(
 
     @router.delete("/dead-letters/{entry_id}", dependencies=guarded)
     async def delete_dead_letter(entry_id: str) -> dict[str, bool]:
-        if not await asyncio.to_thread(_store(store).delete, entry_id):
+        with _answering():
+            deleted = await asyncio.to_thread(_store(store).delete, entry_id)
+        if not deleted:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dead letter {entry_id!r}")
         return {"deleted": True}
 

@@ -26,6 +26,7 @@ from otel_bgtasks.calls import Serializer, encode_call
 from otel_bgtasks.identity import process_identity
 from otel_bgtasks.records import JournalEntry, route_owner
 from otel_bgtasks.response_gate import gate_active, track_write
+from otel_bgtasks.signing import new_nonce
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.stores.base import DeadLetterStore
 
@@ -56,6 +57,7 @@ class Journal:
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._writer_lock = threading.Lock()
         self._adds: dict[str, concurrent.futures.Future[None]] = {}  # deferred, not yet done
+        self._nonces: dict[str, str] = {}  # task id -> its row's nonce, while it is ours
 
     def add(self, state: TaskCallState) -> None:
         """Journal a task at scheduling.
@@ -68,7 +70,8 @@ class Journal:
             state.call = encode_call(
                 self.serializer, state.func, state.args, state.kwargs, task_name=state.name
             )
-        entry = self._entry(state, process_identity())
+        nonce = self._nonces[state.task_id] = new_nonce()
+        entry = self._entry(state, process_identity(), nonce)
         if gate_active() and _on_event_loop():
             future = self._writer_pool().submit(self._write_add, entry)
             self._adds[state.task_id] = future
@@ -85,10 +88,10 @@ class Journal:
             self._thread.start()
 
     def _entry(
-        self, state: TaskCallState, owner: str, deadline: float | None = None
+        self, state: TaskCallState, owner: str, nonce: str, deadline: float | None = None
     ) -> JournalEntry:
-        """The row of `state` (encoded: `state.call`), signed with a signing key set
-        (recovery verifies it before decoding)."""
+        """The row of `state` (encoded: `state.call`) with its `nonce`, signed with a signing
+        key set (recovery verifies it before decoding)."""
         call = state.call
         assert call is not None
         return JournalEntry(
@@ -101,6 +104,7 @@ class Journal:
             enqueued_at=state.enqueued_wall,
             trace_id=trace_id_hex(state.link),
             span_id=span_id_hex(state.link),
+            nonce=nonce,
             deadline=deadline,
         ).signed()
 
@@ -109,7 +113,11 @@ class Journal:
         until `deadline` (`DeadLetterStore.journal_hand_off`), after its add, off the loop."""
         self.in_flight -= 1
         owner = route_owner(route)
-        signature = self._entry(state, owner, deadline).signature if state.call else None
+        nonce = self._nonces.pop(state.task_id, "")
+        # re-signed for its new owner and deadline (the signature binds both), same nonce
+        signature = (
+            self._entry(state, owner, nonce, deadline).signature if state.call and nonce else None
+        )
         write = functools.partial(
             self._hand_off, state.task_id, state.name, owner, deadline, signature or None
         )
@@ -169,6 +177,7 @@ class Journal:
     def finished(self, state: TaskCallState, *, keep: bool = False) -> None:
         """A journaled task ended; `keep` leaves its row for recovery (it was cancelled)."""
         self.in_flight -= 1
+        self._nonces.pop(state.task_id, None)
         if keep:
             return
         self._after_add(state.task_id, functools.partial(self._remove, state.task_id, state.name))

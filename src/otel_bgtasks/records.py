@@ -9,6 +9,7 @@ the others.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import math
@@ -17,26 +18,41 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from opentelemetry.trace import SpanContext
 
 from otel_bgtasks._ids import check_hex, from_traceparent
+from otel_bgtasks._json import MAX_DOCUMENT_BYTES, loads_bounded
 from otel_bgtasks._tracebacks import bounded_message, bounded_traceback
 from otel_bgtasks.attributes import ErrorCategory
-from otel_bgtasks.errors import CorruptEntryError, error_type
-from otel_bgtasks.signing import SigningKeys, signing_keys
+from otel_bgtasks.errors import CorruptEntryError, UntrustedEntryError, error_type
+from otel_bgtasks.signing import (
+    DEAD_LETTER,
+    JOURNAL,
+    MESSAGE,
+    SignedValue,
+    SigningKeys,
+    new_nonce,
+    payload_digest,
+    signing_keys,
+)
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "MAX_RECORD_DEPTH",
+    "MAX_ROW_BYTES",
+    "PREVIEW_CHARS",
     "ROUTE_OWNER_PREFIX",
     "DeadLetter",
+    "DeadLetterPreview",
     "DeadLetterReason",
     "JournalEntry",
     "TaskMessage",
     "decode_entry",
     "decode_journal",
     "decode_message",
+    "preview_text",
     "route_owner",
 ]
 
@@ -53,6 +69,16 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 def route_owner(route: str) -> str:
     """The journal owner of a row handed to `route` (``route:<route>``)."""
     return ROUTE_OWNER_PREFIX + route
+
+MAX_ROW_BYTES = MAX_DOCUMENT_BYTES
+"""Bytes of a stored row decoded at most (256 MiB): a longer row is corrupt, and stores check
+the length before they fetch it (`max_row_bytes=` of each store)."""
+
+MAX_RECORD_DEPTH = 8
+"""Nesting a stored record may have: records are flat objects (the payload is a string)."""
+
+PREVIEW_CHARS = 1_000
+"""Characters of a payload that listings and ``dlq show`` show (the rest only on request)."""
 
 
 class DeadLetterReason(StrEnum):
@@ -92,6 +118,8 @@ class DeadLetter:
         reason: why the task was dead-lettered.
         trace_id, span_id: the original task span (hex), or "" when there was none.
         signature: HMAC of the call (see `otel_bgtasks.signing`), "" when written unsigned.
+        nonce: this entry's nonce (128 random bits, hex; signed): once a replay ran it, the
+            store remembers it and refuses a copy ("": none, in a row written by hand).
         route: the route of the dispatcher the task was sent through (a remote engine), or
             None for a task of this process; a replay sends it back there when a dispatcher
             for that route is registered (`otel_bgtasks.dispatch.register_dispatcher`).
@@ -113,7 +141,10 @@ class DeadLetter:
     trace_id: str = ""
     span_id: str = ""
     signature: str = ""
+    nonce: str = ""
     route: str | None = None
+
+    SIGNING_KIND: ClassVar[str] = DEAD_LETTER
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -162,6 +193,7 @@ class DeadLetter:
             reason=reason,
             trace_id=trace_id,
             span_id=span_id,
+            nonce=new_nonce(),
             route=route,
         )
 
@@ -172,16 +204,21 @@ class DeadLetter:
         *,
         at: float | None = None,
         reason: DeadLetterReason = DeadLetterReason.INTERRUPTED,
+        keys: SigningKeys | None = None,
     ) -> DeadLetter:
         """The dead letter for a journaled task whose process died while it ran.
 
         Its id is the task id, so recovering the same journal entry twice (two processes
-        racing, or a crash between put and journal_remove) yields one entry, not two. A row
-        handed to a route keeps that route (a replay sends it back there).
+        racing, or a crash between put and journal_remove) yields one entry, not two; its
+        nonce is the row's (the same call: once either ran, a copy of the other is refused).
+        With `keys` (default: the configured ones) it is signed as a dead letter only if the
+        journal row's own signature verifies; otherwise it stays unsigned, with the refusal
+        as its error (a refused row stays refused, never laundered). A row handed to a route
+        keeps that route (a replay sends it back there).
         """
         now = time.time() if at is None else at
         route = entry.route
-        return cls(
+        letter = cls(
             id=entry.task_id,
             task_name=entry.task_name,
             func_ref=entry.func_ref,
@@ -201,20 +238,45 @@ class DeadLetter:
             reason=reason,
             trace_id=entry.trace_id,
             span_id=entry.span_id,
-            signature=entry.signature,  # same id and call: the row's signature still holds
+            nonce=entry.nonce,
             route=route,
         )
+        keys = keys if keys is not None else signing_keys()
+        if keys is None:
+            return letter
+        try:
+            entry.verify_signature(keys)
+        except UntrustedEntryError as exc:
+            return letter.replace(error_type=error_type(exc), error_message=str(exc))
+        return letter.signed(keys)
 
-    def call_fields(self) -> tuple[str, str, str, str, str]:
-        """What the signature covers: id, task name, function reference, serializer, payload."""
-        return (self.id, self.task_name, self.func_ref, self.serializer, self.payload)
+    def signed_fields(self, payload_sha256: str | None = None) -> dict[str, SignedValue]:
+        """What the signature covers (kind `DEAD_LETTER`): id, task name, function
+        reference, serializer, the payload's SHA-256 (given, when it was streamed) and nonce."""
+        return {
+            "id": self.id,
+            "task_name": self.task_name,
+            "func_ref": self.func_ref,
+            "serializer": self.serializer,
+            "payload_sha256": payload_sha256 or payload_digest(self.payload),
+            "nonce": self.nonce,
+        }
+
+    def verify_signature(self, keys: SigningKeys, *, payload_sha256: str | None = None) -> None:
+        """Raises `UntrustedEntryError` unless one of `keys` signed this entry as a dead
+        letter (`payload_sha256`: the digest of the stored payload, when only a preview of it
+        is in `payload`)."""
+        keys.verify(self.SIGNING_KIND, self.signed_fields(payload_sha256), self.signature)
 
     def signed(self, keys: SigningKeys | None = None) -> DeadLetter:
-        """A copy signed with `keys` (default: the configured ones); itself without keys."""
+        """A copy signed with `keys` (default: the configured ones), with a fresh nonce if it
+        had none; itself without keys."""
         keys = keys if keys is not None else signing_keys()
         if keys is None:
             return self
-        return dataclasses.replace(self, signature=keys.sign(self.call_fields()))
+        entry = self if self.nonce else dataclasses.replace(self, nonce=new_nonce())
+        signature = keys.sign(self.SIGNING_KIND, entry.signed_fields())
+        return dataclasses.replace(entry, signature=signature)
 
     def replace(self, **changes: Any) -> DeadLetter:
         """A copy with `changes` applied (`dataclasses.replace`)."""
@@ -260,6 +322,13 @@ class DeadLetter:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
 
+    def meta_json(self) -> str:
+        """The stored form without the payload, for stores that keep the payload apart (so
+        that listing and claiming an entry never reads a payload of any size)."""
+        data = self.to_dict()
+        del data["payload"]
+        return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DeadLetter:
         """Decode a stored dict.
@@ -287,7 +356,8 @@ class JournalEntry:
         enqueued_at: epoch seconds at scheduling.
         deadline: for a handed-off row, the epoch second (store clock) after which recovery
             re-sends it through its route's dispatcher; None otherwise.
-        The other fields are as in `DeadLetter`.
+        The other fields are as in `DeadLetter`; the signature (kind `JOURNAL`) also covers
+        the owner, the enqueue time and the deadline.
     """
 
     task_id: str
@@ -300,7 +370,10 @@ class JournalEntry:
     trace_id: str = ""
     span_id: str = ""
     signature: str = ""
+    nonce: str = ""
     deadline: float | None = None
+
+    SIGNING_KIND: ClassVar[str] = JOURNAL
 
     def __post_init__(self) -> None:
         if not self.task_id:
@@ -308,9 +381,26 @@ class JournalEntry:
         check_hex("trace_id", self.trace_id, 32)
         check_hex("span_id", self.span_id, 16)
 
-    def call_fields(self) -> tuple[str, str, str, str, str]:
-        """What the signature covers (as `DeadLetter.call_fields`; the task id is the id)."""
-        return (self.task_id, self.task_name, self.func_ref, self.serializer, self.payload)
+    def signed_fields(self, payload_sha256: str | None = None) -> dict[str, SignedValue]:
+        """What the signature covers (kind `JOURNAL`): as a dead letter's (the task id is the
+        id), plus the owner, the enqueue time and a handed-off row's deadline."""
+        return {
+            "id": self.task_id,
+            "task_name": self.task_name,
+            "func_ref": self.func_ref,
+            "serializer": self.serializer,
+            "payload_sha256": payload_sha256 or payload_digest(self.payload),
+            "nonce": self.nonce,
+            "owner": self.owner,
+            "enqueued_at": self.enqueued_at,
+            # a handed-off row's deadline (absent before: earlier rows' signatures hold)
+            **({"deadline": self.deadline} if self.deadline is not None else {}),
+        }
+
+    def verify_signature(self, keys: SigningKeys, *, payload_sha256: str | None = None) -> None:
+        """Raises `UntrustedEntryError` unless one of `keys` signed this row as a journal row
+        of this owner, enqueued at this time."""
+        keys.verify(self.SIGNING_KIND, self.signed_fields(payload_sha256), self.signature)
 
     @property
     def route(self) -> str | None:
@@ -332,11 +422,14 @@ class JournalEntry:
         )
 
     def signed(self, keys: SigningKeys | None = None) -> JournalEntry:
-        """A copy signed with `keys` (default: the configured ones); itself without keys."""
+        """A copy signed with `keys` (default: the configured ones), with a fresh nonce if it
+        had none; itself without keys."""
         keys = keys if keys is not None else signing_keys()
         if keys is None:
             return self
-        return dataclasses.replace(self, signature=keys.sign(self.call_fields()))
+        entry = self if self.nonce else dataclasses.replace(self, nonce=new_nonce())
+        signature = keys.sign(self.SIGNING_KIND, entry.signed_fields())
+        return dataclasses.replace(entry, signature=signature)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the stored form; `deadline` only when set)."""
@@ -395,20 +488,25 @@ class TaskMessage:
         if self.traceparent and from_traceparent(self.traceparent) is None:
             raise ValueError(f"TaskMessage.traceparent is not valid: {self.traceparent[:80]!r}")
 
-    def call_fields(self) -> tuple[str, ...]:
-        """What the signature covers: the kind ``message``, the ids, the call, the route, the
-        enqueue time and the durable flag (a row's signature never verifies as a message)."""
-        return (
-            "message",
-            self.task_id,
-            self.task_name,
-            self.func_ref,
-            self.serializer,
-            self.payload,
-            self.route,
-            repr(float(self.enqueued_at)),
-            "durable" if self.durable else "",
-        )
+    SIGNING_KIND: ClassVar[str] = MESSAGE
+
+    def signed_fields(self, payload_sha256: str | None = None) -> dict[str, SignedValue]:
+        """What the signature covers (kind `MESSAGE`: a row's signature never verifies as a
+        message): the task id, the call, the route, the enqueue time and the durable flag."""
+        return {
+            "id": self.task_id,
+            "task_name": self.task_name,
+            "func_ref": self.func_ref,
+            "serializer": self.serializer,
+            "payload_sha256": payload_sha256 or payload_digest(self.payload),
+            "route": self.route,
+            "enqueued_at": self.enqueued_at,
+            "durable": int(self.durable),
+        }
+
+    def verify_signature(self, keys: SigningKeys, *, payload_sha256: str | None = None) -> None:
+        """Raises `UntrustedEntryError` unless one of `keys` signed this message."""
+        keys.verify(self.SIGNING_KIND, self.signed_fields(payload_sha256), self.signature)
 
     def link(self) -> SpanContext | None:
         """The producer's span context (to link to), or None."""
@@ -419,7 +517,9 @@ class TaskMessage:
         keys = keys if keys is not None else signing_keys()
         if keys is None:
             return self
-        return dataclasses.replace(self, signature=keys.sign(self.call_fields()))
+        return dataclasses.replace(
+            self, signature=keys.sign(self.SIGNING_KIND, self.signed_fields())
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -511,35 +611,97 @@ def _decode_fields(
     return out
 
 
-def _loads_object(text: str | bytes) -> dict[str, Any]:
-    data = json.loads(text)
+def _loads_object(text: str | bytes, max_bytes: int = MAX_ROW_BYTES) -> dict[str, Any]:
+    data = loads_bounded(text, max_depth=MAX_RECORD_DEPTH, max_bytes=max_bytes)
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     return data
 
 
-def _decode(row_id: str, raw: str | bytes | None, kind: type[_Record], id_field: str) -> _Record:
+def _decode(
+    row_id: str,
+    raw: str | bytes | None,
+    kind: type[_Record],
+    id_field: str,
+    what: str,
+    max_bytes: int,
+    payload: str | bytes | None = None,
+) -> _Record:
     if raw is None:
-        raise CorruptEntryError(row_id, "no data")
+        raise CorruptEntryError(row_id, "no data", what=what)
     try:
-        record = kind.from_json(raw)
-    except (ValueError, TypeError, UnicodeDecodeError, RecursionError, MemoryError) as exc:
-        raise CorruptEntryError(row_id, f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+        data = _loads_object(raw, max_bytes)
+        if payload is not None:  # kept apart by the store: it is the one that runs
+            data["payload"] = payload.decode() if isinstance(payload, bytes) else payload
+        record = kind.from_dict(data)
+    # whatever the row holds, it is this row's corruption: never an error of the whole scan
+    except (ValueError, TypeError, RecursionError, MemoryError) as exc:
+        raise CorruptEntryError(row_id, f"{type(exc).__name__}: {exc}", what=what) from None
     stored = getattr(record, id_field)
     if stored != row_id:
-        raise CorruptEntryError(row_id, f"stored data has {id_field} {stored!r}")
+        raise CorruptEntryError(row_id, f"stored data has {id_field} {stored!r}", what=what)
     return record
 
 
-def decode_entry(entry_id: str, raw: str | bytes | None) -> DeadLetter:
-    """Decode a stored dead letter, raising `CorruptEntryError` naming the row on failure."""
-    return _decode(entry_id, raw, DeadLetter, "id")
+def decode_entry(
+    entry_id: str,
+    raw: str | bytes | None,
+    *,
+    max_bytes: int = MAX_ROW_BYTES,
+    payload: str | bytes | None = None,
+) -> DeadLetter:
+    """Decode a stored dead letter, raising `CorruptEntryError` naming the row on failure
+    (not JSON, longer than `max_bytes`, nested deeper than the record's shape, bad fields,
+    a `payload` kept apart that is not UTF-8)."""
+    return _decode(entry_id, raw, DeadLetter, "id", "dead-letter entry", max_bytes, payload)
 
 
-def decode_journal(task_id: str, raw: str | bytes | None) -> JournalEntry:
+@dataclass(frozen=True, slots=True)
+class DeadLetterPreview:
+    """A dead letter as listed and shown: every field, but only the start of its payload.
+
+    Attributes:
+        entry: the dead letter whose `payload` is cut to its first characters (never store
+            it back: the call would be lost).
+        payload_size: bytes of the whole payload (UTF-8).
+    """
+
+    entry: DeadLetter
+    payload_size: int
+
+    @property
+    def truncated(self) -> bool:
+        """Whether `entry.payload` is only the start of the payload."""
+        return len(self.entry.payload.encode()) < self.payload_size
+
+    @classmethod
+    def of(cls, entry: DeadLetter, chars: int = PREVIEW_CHARS) -> DeadLetterPreview:
+        """The preview of a whole entry (stores without a cheaper way)."""
+        head = entry.payload[: max(chars, 0)]
+        return cls(dataclasses.replace(entry, payload=head), len(entry.payload.encode()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry's dict (`payload`: the preview) with ``payload_size`` (bytes) and
+        ``payload_truncated``."""
+        return {
+            **self.entry.to_dict(),
+            "payload_size": self.payload_size,
+            "payload_truncated": self.truncated,
+        }
+
+
+def preview_text(head: bytes, chars: int) -> str:
+    """At most `chars` characters decoded from the first bytes of a UTF-8 payload (a
+    character cut at the end is dropped, invalid bytes are shown as U+FFFD)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    return decoder.decode(head, final=False)[: max(chars, 0)]
+
+
+def decode_journal(
+    task_id: str, raw: str | bytes | None, *, max_bytes: int = MAX_ROW_BYTES
+) -> JournalEntry:
     """Decode a stored journal entry, raising `CorruptEntryError` naming the row on failure."""
-    return _decode(task_id, raw, JournalEntry, "task_id")
-
+    return _decode(task_id, raw, JournalEntry, "task_id", "journal entry", max_bytes)
 
 def decode_message(raw: str | bytes | None) -> TaskMessage:
     """Decode a message read from a broker (at most `MAX_MESSAGE_BYTES`).
@@ -550,9 +712,7 @@ def decode_message(raw: str | bytes | None) -> TaskMessage:
     """
     if raw is None:
         raise CorruptEntryError("message", "no data")
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise CorruptEntryError("message", f"{len(raw)} bytes, more than {MAX_MESSAGE_BYTES}")
     try:
-        return TaskMessage.from_json(raw)
-    except (ValueError, TypeError, UnicodeDecodeError, RecursionError, MemoryError) as exc:
+        return TaskMessage.from_dict(_loads_object(raw, MAX_MESSAGE_BYTES))
+    except (ValueError, TypeError, RecursionError, MemoryError) as exc:
         raise CorruptEntryError("message", f"{type(exc).__name__}: {str(exc)[:200]}") from exc

@@ -41,6 +41,7 @@ import structlog
 
 from otel_bgtasks._execution import Executor, active_executor, standalone_executor
 from otel_bgtasks._ids import from_hex
+from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import decode_call
 from otel_bgtasks.claims import JOURNAL, hold
@@ -98,7 +99,9 @@ class RecoveryReport:
         )
 
 
-Handler = Callable[[JournalEntry, str], Awaitable[None]]
+Handler = Callable[[JournalEntry, str], Awaitable[bool]]
+"""Handles one claimed row of a dead owner; True when the task ran (its nonce is consumed
+with the row's removal), False when it was moved (the dead letter carries the nonce)."""
 
 
 async def _recover(
@@ -127,11 +130,26 @@ async def _recover(
                 async with hold(JOURNAL, store, task_id, me, lease=lease, offload=offload) as claim:
                     if claim is None:
                         return  # finished, or another recoverer holds it
-                    await handle(claim.row, owner)
-                    # handled before removed: a crash in between leaves a duplicate, not a loss
-                    await claim.settle()
+                    row = claim.row
+                    if row.owner != owner:  # the store's index names another owner than the row
+                        _log.error(
+                            "journal row skipped: its owner is not the dead owner it was"
+                            " listed under",
+                            task_id=task_id,
+                            owner=row.owner,
+                            listed_under=owner,
+                        )
+                        return  # released by `hold`
+                    ran = await handle(row, owner)
+                    # handled before removed: a crash in between leaves a duplicate, not a
+                    # loss; a row that ran is consumed with its removal (a copy planted
+                    # again is refused)
+                    await claim.settle(consume=row.nonce if ran else "")
             except CorruptEntryError:
                 return  # logged by the store; an operator deletes it
+            except UntrustedEntryError as exc:  # it ran already: a copy planted again
+                _log.error("durable task refused", task_id=task_id, error=str(exc))
+                return
 
     owners = await call(store.dead_owners, stale_after, now=now)
     for owner in owners:
@@ -140,7 +158,7 @@ async def _recover(
             for journaled in entries:
                 group.create_task(one(journaled.task_id, owner))
         if not await call(store.journal_list, owner=owner):
-            moment = time.time() if now is None else now
+            moment = await call(store.now) if now is None else now  # the store's clock
             # judged by heartbeat age: if it heartbeat meanwhile it is alive, keep its heartbeat
             seen_before = None if owner_is_dead(owner) else moment - stale_after
             await call(store.forget_owner, owner, seen_before=seen_before)
@@ -220,10 +238,11 @@ async def _resend_expired(
                     )
                     continue
                 except Exception:
-                    _log.exception(
+                    _log.error(
                         "handed-off durable task could not be re-sent; it stays journaled",
                         task_id=row.task_id,
                         route=route,
+                        **exception_fields(redact=executor.redact_exception_messages),
                     )
                     continue  # given back: the next pass tries again
                 next_deadline = deadline if deadline is not None else moment + RESEND_DEADLINE
@@ -253,7 +272,8 @@ async def _resend_expired(
 def _dead_letterer(
     store: DeadLetterStore, moved: list[DeadLetter], at: float | None, offload: bool
 ) -> Handler:
-    async def handle(journaled: JournalEntry, owner: str) -> None:
+    async def handle(journaled: JournalEntry, owner: str) -> bool:
+        # signed as a dead letter only if the row's signature verifies
         entry = DeadLetter.from_journal(journaled, at=time.time() if at is None else at)
         if offload:
             await asyncio.to_thread(store.put, entry)
@@ -266,6 +286,7 @@ def _dead_letterer(
             task_id=entry.id,
             owner=owner,
         )
+        return False  # moved, not run: the dead letter carries its nonce
 
     return handle
 
@@ -339,8 +360,10 @@ async def recover_interrupted_tasks(
     runner = runner or standalone_executor(store)
     counts = {"ok": 0, "failed": 0, "dead": 0, "refused": 0}
 
-    async def rerun(journaled: JournalEntry, owner: str) -> None:
-        counts[await _rerun(runner, store, journaled)] += 1
+    async def rerun(journaled: JournalEntry, owner: str) -> bool:
+        result = await _rerun(runner, store, journaled)
+        counts[result] += 1
+        return result in ("ok", "failed")  # it ran (a failure was dead-lettered anew)
 
     owners = await _recover(store, stale_after, rerun, now=now, concurrency=concurrency)
     handed = await _resend_expired(store, runner, now=now, offload=True)
@@ -371,7 +394,7 @@ async def _rerun(
     try:
         func, args, kwargs = decode_call(journaled)
     except Exception as exc:  # gone, undecodable or refused: keep it where an operator looks
-        # from_journal keeps the row's signature: a refused row stays refused, never laundered
+        # signed as a dead letter only if the row verifies: a refused row stays refused
         entry = DeadLetter.from_journal(journaled, at=time.time())
         await asyncio.to_thread(
             store.put, entry.replace(error_type=type(exc).__name__, error_message=str(exc))
@@ -474,7 +497,13 @@ def start_recovery(
                 try:
                     report = await once()
                 except Exception:
-                    _log.exception("a recovery pass failed; the next one runs as planned")
+                    running = executor or active_executor()
+                    _log.error(
+                        "a recovery pass failed; the next one runs as planned",
+                        **exception_fields(
+                            redact=running is not None and running.redact_exception_messages
+                        ),
+                    )
                 else:
                     total = _add(total, report)
                 await sleep(every)
@@ -482,10 +511,23 @@ def start_recovery(
             _log.warning("recovery interrupted by shutdown; remaining tasks stay journaled")
             raise
         except Exception:
-            _log.exception("recovery of interrupted durable tasks failed")
+            # never `exc_info`: its frames hold the decoded journal rows (task arguments)
+            running = executor or active_executor()
+            redact = running is not None and running.redact_exception_messages
+            _log.error(
+                "recovery of interrupted durable tasks failed", **exception_fields(redact=redact)
+            )
             raise
 
-    return RecoveryTask(asyncio.create_task(run(), name="otel-bgtasks-recovery"))
+    task = asyncio.create_task(run(), name="otel-bgtasks-recovery")
+    # logged above: asyncio must not log it again (with its frames) if nobody awaits it
+    task.add_done_callback(_retrieve)
+    return RecoveryTask(task)
+
+
+def _retrieve(task: asyncio.Task[RecoveryReport]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _add(a: RecoveryReport, b: RecoveryReport) -> RecoveryReport:

@@ -28,7 +28,7 @@ import structlog
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._execution import Executor, active_executor, standalone_executor
 from otel_bgtasks._ids import from_hex, new_task_id
-from otel_bgtasks._tracebacks import exception_fields
+from otel_bgtasks._tracebacks import REDACTED, describe, exception_fields
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import DecodedCall, decode_call
 from otel_bgtasks.claims import DEAD_LETTERS, Claim, hold
@@ -81,7 +81,11 @@ async def run_dead_letter(
     state = executor.prepare(func, args, kwargs, link=from_hex(entry.trace_id, entry.span_id))
     state.replay = True
     state.first_failure = entry.first_failure
-    await executor.run(state, dead_letter=False)
+    try:
+        await executor.run(state, dead_letter=False)
+    except Exception as exc:  # `propagate_exceptions`: the task's own failure is the result
+        if exc is not state.exception:
+            raise
     outcome = state.outcome or Outcome.FAILURE
     executor.instruments.dlq_replays.add(
         1, {attr.TASK_NAME: entry.task_name, attr.TASK_OUTCOME: outcome.value}
@@ -185,11 +189,25 @@ class ReplayReport:
 
 
 class DeadLetters:
-    """Operator API over a store: inspect, delete, purge and replay dead letters."""
+    """Operator API over a store: inspect, delete, purge and replay dead letters.
 
-    def __init__(self, store: DeadLetterStore, *, lease: float = REPLAY_LEASE) -> None:
+    Args:
+        store: the dead letters.
+        lease: seconds a replay's claim lasts without renewal.
+        redact_exception_messages: replace the tasks' exception messages in outcomes and
+            logs by ``<redacted>``; None: as the active instrumentation does (off without).
+    """
+
+    def __init__(
+        self,
+        store: DeadLetterStore,
+        *,
+        lease: float = REPLAY_LEASE,
+        redact_exception_messages: bool | None = None,
+    ) -> None:
         self.store = store
         self.lease = lease
+        self._redact = redact_exception_messages
         # one owner per DeadLetters: two replays in one process exclude each other too
         self.owner = f"{process_identity()}/replay/{secrets.token_hex(4)}"
         self._offload = True
@@ -264,7 +282,11 @@ class DeadLetters:
         self._offload = offload
         targets: list[DeadLetter | str]
         if ids is None:
-            targets = list(await self._call(store.list, task=task, reason=reason, since=since))
+            # ids only (previews without payload): each entry is read whole when claimed
+            listed = await self._call(
+                store.previews, task=task, reason=reason, since=since, chars=0
+            )
+            targets = [preview.entry for preview in listed]
         else:
             targets = list(dict.fromkeys(ids))
         if on_start is not None:
@@ -286,6 +308,14 @@ class DeadLetters:
             if on_outcome is not None:
                 on_outcome(outcome)
         return report
+
+    @property
+    def redact(self) -> bool:
+        """Whether task exception messages are redacted in outcomes and logs."""
+        if self._redact is not None:
+            return self._redact
+        executor = active_executor()
+        return executor is not None and executor.redact_exception_messages
 
     async def _call(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         if self._offload:
@@ -310,6 +340,9 @@ class DeadLetters:
                 return await self._run_claimed(claim, runner)
         except CorruptEntryError as exc:
             return ReplayOutcome(entry_id, "corrupt", message=str(exc))
+        except UntrustedEntryError as exc:  # it already ran: a copy planted again (kept)
+            _log.error("dead letter replay refused", entry_id=entry_id, error=str(exc))
+            return ReplayOutcome(entry_id, "refused", message=str(exc))
 
     async def _not_claimed(self, entry_id: str, listed: bool) -> ReplayOutcome:
         try:
@@ -337,16 +370,20 @@ class DeadLetters:
             _log.error("dead letter replay: task not importable", entry_id=entry.id, error=str(exc))
             return ReplayOutcome(entry.id, "import_error", entry.task_name, str(exc))
         except Exception as exc:  # undecodable, or the runner broke: keep the entry, go on
+            redact = self.redact
             _log.error(
-                "dead letter replay: runner failed", entry_id=entry.id, **exception_fields(exc)
+                "dead letter replay: runner failed",
+                entry_id=entry.id,
+                **exception_fields(exc, redact=redact),
             )
-            return ReplayOutcome(entry.id, "error", entry.task_name, f"{type(exc).__name__}: {exc}")
+            return ReplayOutcome(entry.id, "error", entry.task_name, describe(exc, redact=redact))
         if result.rejected_by is not None:
             await claim.release()  # unchanged: it did not run
             message = f"circuit {result.rejected_by!r} opened; replay again once it closes"
             return ReplayOutcome(entry.id, "not_run", entry.task_name, message)
         if result.ok:
-            if not await claim.settle():
+            # its nonce consumed with the delete: a copy planted again is refused
+            if not await claim.settle(consume=entry.nonce):
                 _log.warning(
                     "dead letter replayed but its claim was lost (lease expired or deleted)",
                     entry_id=entry.id,
@@ -356,10 +393,12 @@ class DeadLetters:
         updated = result.entry if result.entry is not None else entry.with_failure()
         # only if the row is still there and ours: an entry deleted meanwhile stays deleted
         await claim.release(entry=updated)
-        message = (
-            f"{updated.error_type}: {updated.error_message}" if updated.error_type else "failed"
-        )
-        return ReplayOutcome(entry.id, "failed", entry.task_name, message, updated.traceback)
+        redact = self.redact
+        shown = REDACTED if redact else updated.error_message
+        message = f"{updated.error_type}: {shown}" if updated.error_type else "failed"
+        # the stored traceback holds the message: with redaction, it stays in the dead letter
+        traceback = "" if redact else updated.traceback
+        return ReplayOutcome(entry.id, "failed", entry.task_name, message, traceback)
 
     async def _send(self, claim: Claim[DeadLetter], dispatcher: Dispatcher) -> ReplayOutcome:
         """Publish a claimed entry through its route's dispatcher (a new task id; the

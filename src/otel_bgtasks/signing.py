@@ -1,14 +1,23 @@
-"""HMAC signatures on stored calls: with a key set, only entries this app wrote are replayed.
+"""HMAC signatures on stored calls: with a key set, only entries this app wrote are run, once.
 
 Set ``OTEL_BGTASKS_SIGNING_KEY`` (several keys separated by commas, for rotation: the first
 signs, every one verifies) or call `configure_signing`. Each dead letter and journal row is
 then signed when written; replay and recovery verify the signature before decoding the payload
 or looking the function up, and refuse (keeping the entry) an unsigned or tampered one.
 
-What is signed is the call: the entry id, task name, function reference, serializer and
-payload, as canonical JSON, with HMAC-SHA256. Those decide what runs and with which arguments;
-the error fields, counts and timestamps are display only (and are escaped when shown). A dead
-letter made from a journal row (recovery) keeps the row's id and call, so its signature too.
+A signature authorizes one use of one thing. It is an HMAC-SHA256 over canonical JSON of the
+row's **kind** (`DEAD_LETTER`, `JOURNAL`, `MESSAGE`: a signed journal row copied into the dead
+letters does not verify there) and of the fields that decide what runs and for whom: the id,
+task name, function reference, serializer, the payload's SHA-256, a per-entry **nonce**, and
+for a journal row its **owner** and **enqueue time** (a live process's row pointed at a dead
+owner does not verify). The nonce is what a store remembers once the entry ran (a successful
+replay or recovery records it with the delete), so a copy planted again is refused. The error
+fields, counts and failure times are display only (escaped when shown).
+
+`SigningKeys.sign` / `verify` take the kind explicitly, so another record type (a broker
+message) signs with its own kind and fields. Signatures are ``v2:`` + hex; the ``v1:`` scheme of
+development versions (no kind, owner or nonce) is refused with a pointer to
+``otel-bgtasks dlq adopt``.
 """
 
 from __future__ import annotations
@@ -17,17 +26,26 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import os
+import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from otel_bgtasks.errors import UnsafeConfigurationError, UntrustedEntryError
 
 __all__ = [
+    "ADOPT_HINT",
+    "DEAD_LETTER",
+    "JOURNAL",
+    "MESSAGE",
     "SIGNING_KEY_ENV",
+    "SignedValue",
     "SigningKeys",
     "configure_signing",
+    "new_nonce",
+    "payload_digest",
     "signing_keys",
     "signing_override",
 ]
@@ -35,8 +53,34 @@ __all__ = [
 SIGNING_KEY_ENV = "OTEL_BGTASKS_SIGNING_KEY"
 """Environment variable: the signing key(s), comma-separated, the first one signs."""
 
-_PREFIX = "v1:"  # the signature scheme, so a later one can be told apart
+DEAD_LETTER = "dead_letter"
+"""Kind of a dead letter's signature."""
+JOURNAL = "journal"
+"""Kind of a durable task's journal row's signature."""
+MESSAGE = "message"
+"""Kind of a broker message's signature (a distributed dispatcher's)."""
+
+ADOPT_HINT = "review it, then sign it with `otel-bgtasks dlq adopt ID`"
+"""What to do with an entry refused for its signature's scheme or absence."""
+
+SignedValue = str | int | float
+"""A signed field's value (floats must be finite: they are signed as their JSON form)."""
+
+_PREFIX = "v2:"  # the signature scheme, so a later one can be told apart
+_OLD_PREFIXES = ("v1:",)  # earlier: id, task, function, serializer and payload only
 _MIN_KEY_BYTES = 16
+
+
+def new_nonce() -> str:
+    """A fresh per-entry nonce: 128 random bits, hex."""
+    return secrets.token_hex(16)
+
+
+def payload_digest(payload: str | bytes) -> str:
+    """The SHA-256 (hex) of a payload's UTF-8 bytes: what a signature covers of it, so that a
+    large payload can be verified while it is streamed."""
+    data = payload.encode() if isinstance(payload, str) else payload
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,34 +114,57 @@ class SigningKeys:
             items = list(keys)
         return cls(tuple(k.strip().encode() if isinstance(k, str) else k for k in items))
 
-    def sign(self, fields: Sequence[str]) -> str:
-        """The signature of a call's fields (id, task name, func_ref, serializer, payload)."""
-        return _PREFIX + _mac(self.keys[0], fields)
-
-    def verify(self, fields: Sequence[str], signature: str) -> None:
-        """Accept `signature` if any key made it.
+    def sign(self, kind: str, fields: Mapping[str, SignedValue]) -> str:
+        """The signature of one `kind` of record (`DEAD_LETTER`, `JOURNAL`, `MESSAGE`, or a
+        kind of your own) with these `fields`, by the first key.
 
         Raises:
-            UntrustedEntryError: the entry is unsigned, or no key verifies its signature
-                (tampered, or signed with a key this process does not have).
+            ValueError: an empty kind, or a field that is not a str, int or finite float.
+        """
+        return _PREFIX + _mac(self.keys[0], kind, fields)
+
+    def verify(self, kind: str, fields: Mapping[str, SignedValue], signature: str) -> None:
+        """Accept `signature` if any key made it for this `kind` and these `fields`.
+
+        Raises:
+            UntrustedEntryError: the entry is unsigned, signed with an older scheme, or no key
+                verifies its signature for this kind (tampered, copied from another kind of
+                row, or signed with a key this process does not have).
         """
         if not signature:
             raise UntrustedEntryError(
                 "refused: the entry is not signed and a signing key is set (it was not written"
-                " by this app, or before signing was enabled)"
+                f" by this app, or before signing was enabled); {ADOPT_HINT}"
+            )
+        if signature.startswith(_OLD_PREFIXES):
+            raise UntrustedEntryError(
+                "refused: the entry's signature is of an older scheme (v1: it does not bind the"
+                f" row's kind, owner or nonce); {ADOPT_HINT}"
             )
         if not signature.startswith(_PREFIX):
             raise UntrustedEntryError("refused: the entry's signature has an unknown format")
         given = signature[len(_PREFIX) :]
-        if not any(hmac.compare_digest(given, _mac(key, fields)) for key in self.keys):
+        if not any(hmac.compare_digest(given, _mac(key, kind, fields)) for key in self.keys):
             raise UntrustedEntryError(
-                "refused: the entry's signature does not match (tampered, or signed with a key"
-                " this process does not have)"
+                "refused: the entry's signature does not match (tampered, copied from another"
+                " kind of row, or signed with a key this process does not have)"
             )
 
 
-def _mac(key: bytes, fields: Sequence[str]) -> str:
-    message = json.dumps(list(fields), separators=(",", ":"), ensure_ascii=True)
+def _mac(key: bytes, kind: str, fields: Mapping[str, SignedValue]) -> str:
+    if not kind:
+        raise ValueError("a signature needs a kind (e.g. signing.DEAD_LETTER)")
+    for name, value in fields.items():
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"signed field {name!r} must be a str, int or float")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"signed field {name!r} must be finite")
+    message = json.dumps(
+        {"kind": kind, "fields": dict(fields)},
+        separators=(",", ":"),
+        sort_keys=True,
+        ensure_ascii=True,
+    )
     return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
 
 

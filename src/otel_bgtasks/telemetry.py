@@ -52,6 +52,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import Sampler
 
 from otel_bgtasks._execution import active_executor
+from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks.sampling import LinkAwareSampler
 
 __all__ = [
@@ -110,7 +111,8 @@ def flush_providers(providers: Mapping[str, object], *, timeout: float = FLUSH_T
             if not results[signal]:
                 _log.warning("telemetry flush at shutdown incomplete", signal=signal)
         except Exception:  # an exporter's bug must not break the app's shutdown
-            _log.exception("telemetry flush at shutdown failed", signal=signal)
+            # never `exc_info`: the app's renderer would show every frame's locals
+            _log.error("telemetry flush at shutdown failed", signal=signal, **exception_fields())
             results[signal] = False
 
     for signal, provider in providers.items():

@@ -69,11 +69,13 @@ def test_key_layout(shared_server: RedisServer, raw: redis.Redis) -> None:
     assert sorted(raw.keys("layout:*")) == [
         "layout:dlq:by_time",
         "layout:dlq:entries",
+        f"layout:dlq:payload:{entry.id}",
         "layout:heartbeats",
         "layout:journal:by_time",
         "layout:journal:entries",
     ]
-    assert json.loads(raw.hget("layout:dlq:entries", entry.id)) == entry.to_dict()
+    stored = json.loads(raw.hget("layout:dlq:entries", entry.id))
+    assert {**stored, "payload": raw.get(f"layout:dlq:payload:{entry.id}")} == entry.to_dict()
     assert raw.zscore("layout:dlq:by_time", entry.id) == T0 + 42
     assert raw.zscore("layout:journal:by_time", journal.task_id) == T0 + 7
     assert float(raw.hget("layout:heartbeats", "h:1:a")) == T0 + 1

@@ -27,11 +27,16 @@ OTHER_KEY = "kX-00000000000000000000000000000000"
 
 UNSIGNED = (
     "refused: the entry is not signed and a signing key is set (it was not written by this"
-    " app, or before signing was enabled)"
+    " app, or before signing was enabled); review it, then sign it with"
+    " `otel-bgtasks dlq adopt ID`"
 )
 MISMATCH = (
-    "refused: the entry's signature does not match (tampered, or signed with a key this"
-    " process does not have)"
+    "refused: the entry's signature does not match (tampered, copied from another kind of"
+    " row, or signed with a key this process does not have)"
+)
+OLDER = (
+    "refused: the entry's signature is of an older scheme (v1: it does not bind the row's"
+    " kind, owner or nonce); review it, then sign it with `otel-bgtasks dlq adopt ID`"
 )
 
 
@@ -65,13 +70,26 @@ async def test_an_entry_the_app_signed_replays(store: SQLiteDeadLetterStore) -> 
         (lambda e: signed(e).replace(func_ref=f"{TASKS}:undecorated"), MISMATCH),
         (lambda e: signed(e).replace(task_name="other"), MISMATCH),
         (lambda e: signed(e).replace(id="f" * 32), MISMATCH),  # a signed call moved elsewhere
-        (lambda e: signed(e).replace(signature="v1:" + "0" * 64), MISMATCH),
+        (lambda e: signed(e).replace(signature="v2:" + "0" * 64), MISMATCH),
+        (lambda e: signed(e).replace(nonce="0" * 32), MISMATCH),  # another use of the call
+        (lambda e: signed(e).replace(signature="v1:" + "0" * 64), OLDER),
         (
             lambda e: signed(e).replace(signature="sha1:abc"),
             "refused: the entry's signature has an unknown format",
         ),
     ],
-    ids=["unsigned", "wrong key", "payload", "function", "task name", "id", "forged", "format"],
+    ids=[
+        "unsigned",
+        "wrong key",
+        "payload",
+        "function",
+        "task name",
+        "id",
+        "forged",
+        "nonce",
+        "0.1 scheme",
+        "format",
+    ],
 )
 async def test_unsigned_or_tampered_entries_are_refused_and_kept(
     store: SQLiteDeadLetterStore, make: Any, message: str
@@ -136,7 +154,7 @@ async def test_the_executor_signs_dead_letters_and_journal_rows(
         instrument(dead_letter_store=store)
         await BackgroundTask(app_tasks.fail_with, 3)()
         (entry,) = store.list()
-        keys.verify(entry.call_fields(), entry.signature)
+        entry.verify_signature(keys)
         report = await DeadLetters(store).replay([entry.id], run_dead_letter)
     assert [o.status for o in report.outcomes] == ["failed"]  # ran again, failed again
     (updated,) = store.list()
@@ -245,7 +263,7 @@ async def test_the_environment_key_signs_and_verifies(
     instrument(dead_letter_store=store)
     await BackgroundTask(app_tasks.fail_with, 4)()
     (entry,) = store.list()
-    SigningKeys.of(KEY).verify(entry.call_fields(), entry.signature)
+    entry.verify_signature(SigningKeys.of(KEY))
     store.put(entry.replace(payload='{"args":[5],"kwargs":{}}'))
     report = await DeadLetters(store).replay(None, run_dead_letter)
     assert [(o.status, o.message) for o in report.outcomes] == [("refused", MISMATCH)]

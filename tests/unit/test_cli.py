@@ -150,9 +150,10 @@ def test_list_json_with_filters(
     code, out, _ = run(capsys, "dlq", "list", "--store", url, "--json", "--task", "send_mail")
     assert code == 0
     unchecked = {"check": "-", "check_reason": ""}
+    whole = {"payload_size": len(entries[0].payload), "payload_truncated": False}
     assert json.loads(out) == [
-        {**entries[0].to_dict(), **unchecked},
-        {**entries[2].to_dict(), **unchecked},
+        {**entries[0].to_dict(), **whole, **unchecked},
+        {**entries[2].to_dict(), **whole, **unchecked},
     ]
 
     code, out, _ = run(capsys, "dlq", "list", "--store", url, "--json", "--since", "2h")

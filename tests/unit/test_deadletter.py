@@ -102,6 +102,7 @@ def test_dead_letter_json_round_trip() -> None:
         "trace_id": TRACE_ID,
         "span_id": SPAN_ID,
         "signature": "",
+        "nonce": "",
     }
     assert DeadLetter.from_json(entry.to_json()) == entry
     assert DeadLetter.from_dict({**data, "last_failure": 5}).last_failure == 5.0

@@ -108,9 +108,9 @@ class FlakyStore(DeadLetterStore):
         self._check("release")
         return self.inner.release(entry_id, owner, **kwargs)
 
-    def delete_claimed(self, entry_id: str, owner: str) -> bool:
+    def delete_claimed(self, entry_id: str, owner: str, **kwargs: Any) -> bool:
         self._check("delete_claimed")
-        return self.inner.delete_claimed(entry_id, owner)
+        return self.inner.delete_claimed(entry_id, owner, **kwargs)
 
     def journal_claim(self, task_id: str, owner: str, **kwargs: Any) -> JournalEntry | None:
         self._check("journal_claim")
@@ -120,9 +120,9 @@ class FlakyStore(DeadLetterStore):
         self._check("journal_release")
         return self.inner.journal_release(task_id, owner)
 
-    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
+    def journal_remove_claimed(self, task_id: str, owner: str, **kwargs: Any) -> bool:
         self._check("journal_remove_claimed")
-        return self.inner.journal_remove_claimed(task_id, owner)
+        return self.inner.journal_remove_claimed(task_id, owner, **kwargs)
 
     def journal_hand_off(self, task_id: str, **kwargs: Any) -> bool:
         self._check("journal_hand_off")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from otel_bgtasks.errors import CorruptEntryError
+from otel_bgtasks.errors import ConsumedEntryError, CorruptEntryError
 from otel_bgtasks.identity import process_identity
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry, route_owner
 from otel_bgtasks.recovery import recover_interrupted
@@ -417,6 +417,71 @@ class StoreContract:
         now = store.now()  # the local clock, or the shared server's
         assert isinstance(now, float)
         assert now > T0
+
+    # -- bounded views ------------------------------------------------------------------------
+
+    def test_previews_cut_payloads_and_give_their_size(self, store: DeadLetterStore) -> None:
+        big = make_entry(payload='{"args":["' + "é" * 3000 + '"],"kwargs":{}}', last_failure=T0)
+        small = make_entry(last_failure=T0 + 1)
+        store.put(big)
+        store.put(small)
+        first, second = store.previews(chars=100)
+        assert first.entry == big.replace(payload=big.payload[:100])
+        assert (first.payload_size, first.truncated) == (len(big.payload.encode()), True)
+        assert (second.entry, second.truncated) == (small, False)
+        assert [p.entry.id for p in store.previews(limit=1, chars=0)] == [big.id]
+        assert store.preview(big.id, chars=5) == first.__class__(
+            big.replace(payload=big.payload[:5]), first.payload_size
+        )
+        assert store.preview("nope") is None
+
+    def test_payload_chunks_stream_the_whole_payload(self, store: DeadLetterStore) -> None:
+        entry = make_entry(payload='{"args":["' + "x€" * 5000 + '"],"kwargs":{}}')
+        store.put(entry)
+        chunks = list(store.payload_chunks(entry.id, chunk_size=4096))
+        assert all(len(chunk) <= 4096 for chunk in chunks)
+        assert len(chunks) > 3
+        assert b"".join(chunks).decode() == entry.payload
+        assert list(store.payload_chunks("nope")) == []
+
+    def test_rows_of_0_1_are_read_whole(self, store: DeadLetterStore, inject_raw: Any) -> None:
+        entry = make_entry()
+        inject_raw(entry.id, entry.to_json(), entry.last_failure)  # the payload inside
+        assert store.get(entry.id) == entry
+        assert store.list() == [entry]
+        assert store.preview(entry.id, chars=3) is not None
+        assert b"".join(store.payload_chunks(entry.id)).decode() == entry.payload
+        assert store.claim(entry.id, "A", lease=30) == entry
+
+    # -- consumed nonces ------------------------------------------------------------------
+
+    def test_a_consumed_nonce_refuses_a_copy(self, store: DeadLetterStore) -> None:
+        entry = make_entry(nonce="n" * 32)
+        store.put(entry)
+        assert store.claim(entry.id, "A", lease=30) == entry
+        assert store.delete_claimed(entry.id, "A", consume=entry.nonce) is True
+        assert set(store.consumed([entry.nonce, "other"])) == {entry.nonce}
+        store.put(entry)  # planted again
+        with pytest.raises(ConsumedEntryError) as raised:
+            store.claim(entry.id, "B", lease=30)
+        assert raised.value.entry_id == entry.id
+        assert store.get(entry.id) == entry  # kept, and not held by B
+        assert store.delete(entry.id) is True
+        unconsumed = make_entry(nonce="m" * 32)
+        store.put(unconsumed)
+        assert store.claim(unconsumed.id, "A", lease=30) == unconsumed
+        assert store.delete_claimed(unconsumed.id, "A") is True  # nothing consumed
+        assert store.consumed([unconsumed.nonce]) == {}
+
+    def test_a_consumed_journal_nonce_refuses_a_copy(self, store: DeadLetterStore) -> None:
+        row = make_journal(nonce="j" * 32)
+        store.journal_add(row)
+        assert store.journal_claim(row.task_id, "A", lease=30) == row
+        assert store.journal_remove_claimed(row.task_id, "A", consume=row.nonce) is True
+        store.journal_add(row)
+        with pytest.raises(ConsumedEntryError):
+            store.journal_claim(row.task_id, "B", lease=30)
+        assert store.journal_list() == [row]
 
     def test_forget_owner_keeps_an_owner_that_came_back(self, store: DeadLetterStore) -> None:
         store.heartbeat("h:1:a", at=T0 + 10)

@@ -36,7 +36,13 @@ def test_schema_is_created_with_version_and_wal(tmp_path: Path) -> None:
     SQLiteDeadLetterStore(path).close()
     with sqlite3.connect(path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert tables == {"dead_letters", "journal", "heartbeats"}
+        assert tables == {
+            "dead_letters",
+            "dead_letter_payloads",
+            "journal",
+            "heartbeats",
+            "consumed",
+        }
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
@@ -57,7 +63,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(ValueError, match=r"schema version 3 is newer .* upgrade otel-bgtasks"):
+    with pytest.raises(ValueError, match=r"schema version 4 is newer .* upgrade otel-bgtasks"):
         SQLiteDeadLetterStore(path)
 
 
@@ -173,7 +179,7 @@ def test_a_version_1_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(
         ConfigurationError,
-        match=r"schema version 1 .* not read by this one \(2\); move the file aside",
+        match=r"schema version 1 .* not read by this one \(3\); move the file aside",
     ):
         SQLiteDeadLetterStore(path)
     with sqlite3.connect(path) as conn:  # refused, not touched
@@ -183,6 +189,19 @@ def test_a_version_1_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
             "sqlite_autoindex_dead_letters_1",
         ]
     conn.close()
+
+
+def test_version_2_file_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    with SQLiteDeadLetterStore(path) as store:
+        store.put(make_entry())  # creates a v3 file, turned into a v2 one below
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "DROP TABLE dead_letter_payloads; DROP TABLE consumed; PRAGMA user_version = 2;"
+        )
+    conn.close()
+    with pytest.raises(ConfigurationError, match="schema version 2 was written by an unreleased"):
+        SQLiteDeadLetterStore(path)
 
 
 def test_a_deleted_file_is_detected_and_reopened(tmp_path: Path) -> None:

@@ -140,7 +140,7 @@ def test_the_message_carries_the_call_the_ids_and_the_wall_clock(parts):
         "durable": False,
         "signature": message.signature,
     }
-    assert message.signature.startswith("v1:")
+    assert message.signature.startswith("v2:")
     assert decode_message(message.to_json()) == message
 
 
@@ -380,3 +380,18 @@ def test_each_process_gets_its_own_service_instance_id(monkeypatch):
         assert pinned.instance_id == "pod-7"  # the environment's wins
     finally:
         pinned.shutdown()
+
+
+def test_a_handed_off_row_is_signed_for_its_route_and_deadline(parts):
+    executor, _, _ = parts
+    keys = SigningKeys.of(KEY)
+    with signing_override(keys):
+        state = executor.schedule(durable_invoice, ("o-10",), {})
+        (added,) = executor.store.journal_list()
+        executor.hand_off(state, "remote:test", T0 + 60)
+    (row,) = executor.store.journal_list()
+    assert (row.owner, row.deadline, row.nonce) == ("route:remote:test", T0 + 60, added.nonce)
+    row.verify_signature(keys)  # re-signed: the signature binds the new owner and deadline
+    for forged in (row.handed(row.owner, T0), row.handed("route:elsewhere", T0 + 60)):
+        with pytest.raises(UntrustedEntryError):
+            forged.verify_signature(keys)  # a store writer cannot move it, nor re-send it early

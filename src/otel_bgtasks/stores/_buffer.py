@@ -9,14 +9,20 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import structlog
 
 from otel_bgtasks.errors import ConfigurationError, StoreUnavailableError
-from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.records import (
+    PREVIEW_CHARS,
+    DeadLetter,
+    DeadLetterPreview,
+    DeadLetterReason,
+    JournalEntry,
+)
 from otel_bgtasks.stores.base import DeadLetterStore, StoreStatus
 
 __all__ = ["BufferedStore"]
@@ -189,9 +195,6 @@ class BufferedStore(DeadLetterStore):
         return self._write(
             _Op("journal_hand_off", task_id, hand_off=(owner, float(deadline), signature))
         )
-
-    def now(self) -> float:
-        return self.store.now()
 
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
         """Best effort: skipped while the store is down (the next beat will do)."""
@@ -382,6 +385,9 @@ class BufferedStore(DeadLetterStore):
         self.flush()
         return self.store.last_seen()
 
+    def now(self) -> float:
+        return self.store.now()
+
     def forget_owner(self, owner: str, *, seen_before: float | None = None) -> None:
         self.flush()
         self.store.forget_owner(owner, seen_before=seen_before)
@@ -396,9 +402,33 @@ class BufferedStore(DeadLetterStore):
         self.flush()
         return self.store.release(entry_id, owner, entry=entry)
 
-    def delete_claimed(self, entry_id: str, owner: str) -> bool:
+    def delete_claimed(self, entry_id: str, owner: str, *, consume: str = "") -> bool:
         self.flush()
-        return self.store.delete_claimed(entry_id, owner)
+        return self.store.delete_claimed(entry_id, owner, consume=consume)
+
+    def consumed(self, nonces: Iterable[str]) -> dict[str, float]:
+        self.flush()
+        return self.store.consumed(nonces)
+
+    def previews(
+        self,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+        chars: int = PREVIEW_CHARS,
+    ) -> builtins.list[DeadLetterPreview]:
+        self.flush()
+        return self.store.previews(task=task, reason=reason, since=since, limit=limit, chars=chars)
+
+    def preview(self, entry_id: str, *, chars: int = PREVIEW_CHARS) -> DeadLetterPreview | None:
+        self.flush()
+        return self.store.preview(entry_id, chars=chars)
+
+    def payload_chunks(self, entry_id: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        self.flush()
+        return self.store.payload_chunks(entry_id, chunk_size=chunk_size)
 
     def journal_claim(
         self, task_id: str, owner: str, *, lease: float, now: float | None = None
@@ -410,9 +440,9 @@ class BufferedStore(DeadLetterStore):
         self.flush()
         return self.store.journal_release(task_id, owner)
 
-    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
+    def journal_remove_claimed(self, task_id: str, owner: str, *, consume: str = "") -> bool:
         self.flush()
-        return self.store.journal_remove_claimed(task_id, owner)
+        return self.store.journal_remove_claimed(task_id, owner, consume=consume)
 
     # -- shutdown -----------------------------------------------------------------------------
 

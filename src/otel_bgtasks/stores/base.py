@@ -10,13 +10,25 @@ from __future__ import annotations
 import builtins
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Self, TypedDict
 
 from otel_bgtasks.identity import owner_is_alive, owner_is_dead, process_identity
-from otel_bgtasks.records import ROUTE_OWNER_PREFIX, DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.records import (
+    PREVIEW_CHARS,
+    ROUTE_OWNER_PREFIX,
+    DeadLetter,
+    DeadLetterPreview,
+    DeadLetterReason,
+    JournalEntry,
+)
 
-__all__ = ["DeadLetterStore", "StoreStatus"]
+__all__ = ["CONSUMED_RETENTION", "DeadLetterStore", "StoreStatus"]
+
+CONSUMED_RETENTION = 30 * 86_400.0
+"""Seconds a store remembers a consumed nonce (30 days): a copy of an entry that ran, planted
+again within that time, is refused; after it, it is not (see the README's threat model)."""
 
 
 class StoreStatus(TypedDict):
@@ -35,7 +47,8 @@ class DeadLetterStore(ABC):
 
     Methods are synchronous and thread-safe: the executor calls them from worker threads.
     `list` skips rows that cannot be decoded (logging an error naming each) and `corrupt_ids`
-    returns them, so one bad row never hides the others.
+    returns them, so one bad row never hides the others. `claim` and `journal_claim` refuse
+    an entry whose nonce was consumed (`ConsumedEntryError`, an `UntrustedEntryError`).
 
     Attributes:
         write_errors: writes that failed and were kept in memory (`bgtasks.dlq.write_errors`;
@@ -133,8 +146,13 @@ class DeadLetterStore(ABC):
         """
 
     @abstractmethod
-    def delete_claimed(self, entry_id: str, owner: str) -> bool:
-        """Delete the entry only if `owner` holds its claim; True if it was deleted."""
+    def delete_claimed(self, entry_id: str, owner: str, *, consume: str = "") -> bool:
+        """Delete the entry only if `owner` holds its claim; True if it was deleted.
+
+        With `consume` (the entry's nonce, after it ran), the store remembers the nonce for
+        `CONSUMED_RETENTION`, in the same transaction as the delete: a copy of the entry
+        planted again is then refused (`claim` raises `ConsumedEntryError`).
+        """
 
     @abstractmethod
     def journal_claim(
@@ -147,8 +165,58 @@ class DeadLetterStore(ABC):
         """Give up `owner`'s claim on a journal row (it stays journaled)."""
 
     @abstractmethod
-    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
-        """Remove a journal row only if `owner` holds its claim; True if removed."""
+    def journal_remove_claimed(self, task_id: str, owner: str, *, consume: str = "") -> bool:
+        """Remove a journal row only if `owner` holds its claim; True if removed. `consume`:
+        as `delete_claimed` (recovery re-ran it; a row moved to the dead letters is not
+        consumed: the dead letter carries its nonce)."""
+
+    def consumed(self, nonces: Iterable[str]) -> dict[str, float]:
+        """Which of `nonces` the store remembers as consumed, with when (the store's clock).
+
+        This default remembers nothing (a store without that memory refuses no copy).
+        """
+        return {}
+
+    # bounded views: what listings and `dlq show` read, whatever the size of a payload
+    def previews(
+        self,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+        chars: int = PREVIEW_CHARS,
+    ) -> builtins.list[DeadLetterPreview]:
+        """`list`, with each payload cut to its first `chars` characters and its size.
+
+        SQLite and Redis read only that much of each payload; this default reads entries
+        whole (a store without ranged reads).
+        """
+        found = self.list(task=task, reason=reason, since=since, limit=limit)
+        return [DeadLetterPreview.of(entry, chars) for entry in found]
+
+    def preview(self, entry_id: str, *, chars: int = PREVIEW_CHARS) -> DeadLetterPreview | None:
+        """`get`, with the payload cut as in `previews`.
+
+        Raises:
+            CorruptEntryError: the row exists but cannot be decoded.
+        """
+        entry = self.get(entry_id)
+        return None if entry is None else DeadLetterPreview.of(entry, chars)
+
+    def payload_chunks(self, entry_id: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The entry's whole payload (UTF-8) in chunks of at most `chunk_size` bytes, read as
+        they are consumed (nothing if the entry is gone).
+
+        Raises:
+            CorruptEntryError: the row exists but cannot be decoded.
+        """
+        entry = self.get(entry_id)
+        if entry is None:
+            return
+        data = entry.payload.encode()
+        for start in range(0, len(data), chunk_size):
+            yield data[start : start + chunk_size]
 
     # journal
     @abstractmethod
@@ -181,11 +249,6 @@ class DeadLetterStore(ABC):
             CorruptEntryError: the row exists but cannot be decoded (it is left as it is).
         """
 
-    def now(self) -> float:
-        """This store's clock, epoch seconds: hand-off deadlines are judged on it. The local
-        clock here; a store shared by several hosts answers with the server's."""
-        return time.time()
-
     def expired_hand_offs(self, *, now: float | None = None) -> builtins.list[JournalEntry]:
         """Journal rows handed to a route whose deadline has passed (`now`, default the
         store's clock), oldest first: recovery re-sends them through their dispatcher."""
@@ -211,13 +274,23 @@ class DeadLetterStore(ABC):
         """Drop `owner`'s heartbeat (after its journal entries were recovered); with
         `seen_before`, only if its last heartbeat is older than that (it did not come back)."""
 
+    def now(self) -> float:
+        """The store's clock (epoch seconds): what leases, liveness and hand-off deadlines are
+        judged by.
+
+        Here the caller's wall clock; a store with a clock of its own (Redis: ``TIME``)
+        overrides it, so that hosts whose clocks disagree still agree on every lease.
+        """
+        return time.time()
+
     def dead_owners(self, stale_after: float, *, now: float | None = None) -> builtins.list[str]:
         """Owners whose last sign of life (heartbeat or newest journal row) is older than
-        `stale_after` seconds, or on this host whose process is gone (`owner_is_dead`). This
-        process, and a process on this machine known to be running (`owner_is_alive`), are
-        never listed, however old their heartbeat. Rows handed to a route (``route:...``)
-        have no process: they are judged by their deadline (`expired_hand_offs`)."""
-        moment = time.time() if now is None else now
+        `stale_after` seconds by the store's clock (`now()`, or `now` given), or on this host
+        whose process is gone (`owner_is_dead`). This process, and a process on this machine
+        known to be running (`owner_is_alive`), are never listed, however old their
+        heartbeat. Rows handed to a route (``route:...``) have no process: they are judged by
+        their deadline (`expired_hand_offs`)."""
+        moment = self.now() if now is None else now
         me = process_identity()
         dead = [
             owner

@@ -2,15 +2,23 @@
 
 Keys (``{prefix}`` defaults to ``bgtasks``):
 
-- ``{prefix}:dlq:entries``: hash, entry id -> entry JSON;
+- ``{prefix}:dlq:entries``: hash, entry id -> entry JSON without its payload;
+- ``{prefix}:dlq:payload:{id}``: string, the entry's payload (read by ranges: a preview reads
+  its first bytes only, ``--full`` streams it);
 - ``{prefix}:dlq:by_time``: sorted set, entry id scored by ``last_failure`` (order, ``since``);
 - ``{prefix}:journal:entries`` / ``{prefix}:journal:by_time``: the same for journaled tasks,
   scored by ``enqueued_at``;
 - ``{prefix}:dlq:claims`` / ``{prefix}:journal:claims``: hash, id -> ``"{until}|{owner}"``,
   the lease of the replayer/recoverer working on the row;
-- ``{prefix}:heartbeats``: hash, owner -> last heartbeat (epoch seconds).
+- ``{prefix}:heartbeats``: hash, owner -> last heartbeat (epoch seconds);
+- ``{prefix}:consumed``: sorted set, nonce scored by when it was consumed (a replay or
+  recovery that ran it), trimmed after `CONSUMED_RETENTION`.
 
-Each write is one MULTI/EXEC transaction; claims are Lua scripts (atomic on the server).
+An entry whose payload is inside its JSON (written by hand, or planted) is read as it is.
+
+Each write is one MULTI/EXEC transaction; claims are Lua scripts (atomic on the server) that
+judge leases on the server's clock (``TIME``), as heartbeats and the dead-owner judgement do:
+a host whose clock runs ahead takes no live lease and judges no live owner dead.
 Connect and command timeouts are short (1 s by default) with a single immediate reconnect
 attempt, so an outage costs a task about a second at most; `open_store` adds the
 `BufferedStore` that keeps those writes until Redis is back.
@@ -20,7 +28,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -36,38 +44,136 @@ except ImportError as exc:  # pragma: no cover - installed with the dev extra
         "RedisDeadLetterStore needs the redis package: pip install 'otel-bgtasks[redis]'"
     ) from exc
 
-from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, StoreUnavailableError
+from otel_bgtasks.errors import (
+    ConfigurationError,
+    ConsumedEntryError,
+    CorruptEntryError,
+    StoreUnavailableError,
+)
 from otel_bgtasks.records import (
+    MAX_ROW_BYTES,
+    PREVIEW_CHARS,
     DeadLetter,
+    DeadLetterPreview,
     DeadLetterReason,
     JournalEntry,
     decode_entry,
     decode_journal,
+    preview_text,
 )
-from otel_bgtasks.stores.base import DeadLetterStore
+from otel_bgtasks.stores.base import CONSUMED_RETENTION, DeadLetterStore
 
 __all__ = ["RedisDeadLetterStore"]
 
 _log = structlog.get_logger("otel_bgtasks")
 
 _BATCH = 500
+_SKEW_WARNING = 1.0  # seconds between this host's clock and Redis's worth a warning
 
-# KEYS: entries, claims. ARGV: id, owner, now, until. The row's data, or false.
-_CLAIM = """
+# KEYS: a hash. ARGV: max bytes, then ids. For each id: its value, false when missing, or its
+# length (an integer) when longer than max bytes: an oversized row is never sent.
+_FETCH = """
+local out = {}
+local limit = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local size = redis.call('HSTRLEN', KEYS[1], ARGV[i])
+  if size > limit then
+    out[i - 1] = size
+  else
+    out[i - 1] = redis.call('HGET', KEYS[1], ARGV[i])
+  end
+end
+return out
+"""
+
+# The server's clock in epoch seconds: leases and liveness are judged on it, whatever the
+# clocks of the hosts calling (Redis replicates a script's effects, so TIME is allowed).
+_NOW = """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
+# KEYS: string keys. ARGV: max bytes. For each key: its value, false when missing, its length
+# (an integer) when longer than max bytes, or -1 when it is not a string.
+_FETCH_KEYS = """
+local out = {}
+local limit = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local size = redis.pcall('STRLEN', KEYS[i])
+  if type(size) ~= 'number' then
+    out[i] = -1
+  elseif size > limit then
+    out[i] = size
+  else
+    out[i] = redis.call('GET', KEYS[i])
+  end
+end
+return out
+"""
+
+# KEYS: payload keys. ARGV: bytes of head. For each key: {length, first bytes}; length -1 when
+# missing (an entry written with the payload inside it), -2 when not a string.
+_PREVIEW = """
+local out = {}
+local head = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local kind = redis.call('TYPE', KEYS[i])['ok']
+  if kind == 'none' then
+    out[i] = {-1, ''}
+  elseif kind ~= 'string' then
+    out[i] = {-2, ''}
+  else
+    local size = redis.call('STRLEN', KEYS[i])
+    out[i] = {size, head > 0 and redis.call('GETRANGE', KEYS[i], 0, head - 1) or ''}
+  end
+end
+return out
+"""
+
+# KEYS: entries, claims[, payload]. ARGV: id, owner, now ('' for the server's TIME), lease
+# seconds, max bytes. {entry, payload or false}; false when missing or held by another owner;
+# an integer (nothing claimed) when the entry or its payload is longer than max bytes (its
+# length), or -1 when the payload is not a string.
+_CLAIM = (
+    _NOW
+    + """
+local size = redis.call('HSTRLEN', KEYS[1], ARGV[1])
+if size > tonumber(ARGV[5]) then return size end
 local data = redis.call('HGET', KEYS[1], ARGV[1])
 if not data then return false end
+local payload = false
+if KEYS[3] then
+  local psize = redis.pcall('STRLEN', KEYS[3])
+  if type(psize) ~= 'number' then return -1 end
+  if psize > tonumber(ARGV[5]) then return psize end
+  payload = redis.call('GET', KEYS[3])
+end
+local moment = ARGV[3] == '' and now() or tonumber(ARGV[3])
 local held = redis.call('HGET', KEYS[2], ARGV[1])
 if held then
   local sep = string.find(held, '|', 1, true)
   local untl = tonumber(string.sub(held, 1, sep - 1))
   local holder = string.sub(held, sep + 1)
-  if holder ~= ARGV[2] and untl > tonumber(ARGV[3]) then return false end
+  if holder ~= ARGV[2] and untl > moment then return false end
 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[4] .. '|' .. ARGV[2])
-return data
+local untl = string.format('%.6f', moment + tonumber(ARGV[4]))
+redis.call('HSET', KEYS[2], ARGV[1], untl .. '|' .. ARGV[2])
+return {data, payload}
 """
+)
 
-# KEYS: entries, by_time, claims. ARGV: id, owner, data ('' keeps the row), score.
+# KEYS: heartbeats. ARGV: owner. Records the server's TIME as the owner's last heartbeat.
+_HEARTBEAT = (
+    _NOW
+    + """
+redis.call('HSET', KEYS[1], ARGV[1], string.format('%.6f', now()))
+"""
+)
+
+# KEYS: entries, by_time, claims[, payload]. ARGV: id, owner, data ('' keeps the row), score,
+# payload.
 _RELEASE = """
 local held = redis.call('HGET', KEYS[3], ARGV[1])
 if not held then return 0 end
@@ -77,6 +183,7 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
   redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+  if KEYS[4] then redis.call('SET', KEYS[4], ARGV[5]) end
 end
 return 1
 """
@@ -88,15 +195,26 @@ if at and at < tonumber(ARGV[2]) then return redis.call('HDEL', KEYS[1], ARGV[1]
 return 0
 """
 
-# KEYS: entries, by_time, claims. ARGV: id, owner.
-_DELETE_CLAIMED = """
+# KEYS: entries, by_time, claims, consumed[, payload]. ARGV: id, owner, nonce ('' consumes
+# nothing), retention seconds. The nonce is recorded in the same script as the delete.
+_DELETE_CLAIMED = (
+    _NOW
+    + """
 local held = redis.call('HGET', KEYS[3], ARGV[1])
 if not held then return 0 end
 if string.sub(held, string.find(held, '|', 1, true) + 1) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-return redis.call('HDEL', KEYS[1], ARGV[1])
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+if KEYS[5] then redis.call('DEL', KEYS[5]) end
+if removed == 1 and ARGV[3] ~= '' then
+  local moment = now()
+  redis.call('ZADD', KEYS[4], moment, ARGV[3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (moment - tonumber(ARGV[4])))
+end
+return removed
 """
+)
 
 
 # KEYS: entries, claims. ARGV: id, expected data, new data. Compare-and-set of one row's data
@@ -140,6 +258,11 @@ class RedisDeadLetterStore(DeadLetterStore):
             a ready `redis.Redis` client (used as is: its own timeouts apply).
         prefix: key prefix, so several applications can share one Redis.
         timeout: connect and command timeout in seconds when built from a URL.
+        max_row_bytes: a row longer than this is corrupt; Redis never sends it (its length
+            is checked on the server first; default 256 MiB).
+        clock: this host's wall clock, compared with Redis's (a skew over a second is logged
+            once); never used to judge a lease or an owner's liveness: those use Redis's
+            ``TIME`` (inside the claim script), so hosts whose clocks disagree still agree.
 
     Raises:
         ConfigurationError: an empty prefix (a `ValueError`); ValueError: a malformed URL.
@@ -152,7 +275,11 @@ class RedisDeadLetterStore(DeadLetterStore):
         *,
         prefix: str = "bgtasks",
         timeout: float = 1.0,
+        max_row_bytes: int = MAX_ROW_BYTES,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.max_row_bytes = max_row_bytes
+        self.clock = clock
         if isinstance(url_or_client, str):
             url, prefix = _split_prefix(url_or_client, prefix)
             self.client: redis.Redis = redis.Redis.from_url(
@@ -175,9 +302,16 @@ class RedisDeadLetterStore(DeadLetterStore):
         self._journal = f"{prefix}:journal:entries"
         self._journal_by_time = f"{prefix}:journal:by_time"
         self._heartbeats = f"{prefix}:heartbeats"
+        self._consumed = f"{prefix}:consumed"
+        self._payloads = f"{prefix}:dlq:payload:"
         self._claims = f"{prefix}:dlq:claims"
         self._journal_claims = f"{prefix}:journal:claims"
         self._claim_script = self.client.register_script(_CLAIM)
+        self._fetch_script = self.client.register_script(_FETCH)
+        self._fetch_keys_script = self.client.register_script(_FETCH_KEYS)
+        self._preview_script = self.client.register_script(_PREVIEW)
+        self._heartbeat_script = self.client.register_script(_HEARTBEAT)
+        self._skew_logged = False
         self._release_script = self.client.register_script(_RELEASE)
         self._delete_claimed_script = self.client.register_script(_DELETE_CLAIMED)
         self._forget_script = self.client.register_script(_FORGET)
@@ -209,27 +343,110 @@ class RedisDeadLetterStore(DeadLetterStore):
     # -- helpers ------------------------------------------------------------------------------
 
     def _fetch(self, r: redis.Redis, key: str, ids: builtins.list[str]) -> Iterable[Any]:
+        """Each id's raw value: bytes, None when missing, or its length (int) when oversized."""
         for start in range(0, len(ids), _BATCH):
-            yield from cast(builtins.list[Any], r.hmget(key, ids[start : start + _BATCH]))
+            batch = ids[start : start + _BATCH]
+            yield from cast(
+                builtins.list[Any],
+                self._fetch_script(keys=[key], args=[self.max_row_bytes, *batch], client=r),
+            )
+
+    def _oversized(self, row_id: str, size: int, what: str) -> CorruptEntryError:
+        if size < 0:
+            return CorruptEntryError(row_id, "its payload key is not a string", what=what)
+        return CorruptEntryError(
+            row_id, f"{size} bytes, over the limit of {self.max_row_bytes}", what=what
+        )
+
+    def _payload_key(self, entry_id: str) -> str:
+        return self._payloads + entry_id
+
+    def _decode_entry(self, entry_id: str, raw: Any, payload: Any = None) -> DeadLetter:
+        """`raw` and `payload` as `_fetch`/`_FETCH_KEYS` give them (an int: oversized)."""
+        for value in (raw, payload):
+            if isinstance(value, int):
+                raise self._oversized(entry_id, value, "dead-letter entry")
+        return decode_entry(entry_id, raw, max_bytes=self.max_row_bytes, payload=payload)
+
+    def _decode_journal(self, task_id: str, raw: Any) -> JournalEntry:
+        if isinstance(raw, int):
+            raise self._oversized(task_id, raw, "journal entry")
+        return decode_journal(task_id, raw, max_bytes=self.max_row_bytes)
+
+    def _payloads_of(self, r: redis.Redis, ids: builtins.list[str]) -> builtins.list[Any]:
+        keys = [self._payload_key(i) for i in ids]
+        out: builtins.list[Any] = []
+        for start in range(0, len(keys), _BATCH):
+            batch = keys[start : start + _BATCH]
+            out.extend(
+                cast(
+                    builtins.list[Any],
+                    self._fetch_keys_script(keys=batch, args=[self.max_row_bytes], client=r),
+                )
+            )
+        return out
+
+    def _previews_of(
+        self, r: redis.Redis, ids: builtins.list[str], chars: int
+    ) -> builtins.list[tuple[int, bytes]]:
+        keys = [self._payload_key(i) for i in ids]
+        out: builtins.list[tuple[int, bytes]] = []
+        for start in range(0, len(keys), _BATCH):
+            batch = keys[start : start + _BATCH]
+            found = self._preview_script(keys=batch, args=[max(chars, 0) * 4], client=r)
+            out.extend((int(size), bytes(head)) for size, head in cast(builtins.list[Any], found))
+        return out
+
+    def _read(
+        self, r: redis.Redis, ids: builtins.list[str], mode: str, chars: int
+    ) -> Iterator[tuple[str, Any]]:
+        """(id, decoded or `CorruptEntryError`, or None when gone) for each id, with the
+        whole payload (`mode` "full") or its first `chars` characters ("preview")."""
+        metas = builtins.list(self._fetch(r, self._entries, ids))
+        if mode == "full":
+            for entry_id, raw, payload in zip(ids, metas, self._payloads_of(r, ids), strict=True):
+                if raw is None:
+                    yield entry_id, None
+                    continue
+                try:
+                    yield entry_id, self._decode_entry(entry_id, raw, payload)
+                except CorruptEntryError as exc:
+                    yield entry_id, exc
+            return
+        for entry_id, raw, (size, head) in zip(
+            ids, metas, self._previews_of(r, ids, chars), strict=True
+        ):
+            if raw is None:
+                yield entry_id, None
+                continue
+            try:
+                if size == -2:
+                    raise self._oversized(entry_id, -1, "dead-letter entry")
+                if size == -1:  # the payload inside the entry: whole, within max_row_bytes
+                    yield entry_id, DeadLetterPreview.of(self._decode_entry(entry_id, raw), chars)
+                    continue
+                entry = self._decode_entry(entry_id, raw, preview_text(head, chars))
+                yield entry_id, DeadLetterPreview(entry, size)
+            except CorruptEntryError as exc:
+                yield entry_id, exc
 
     def _ids_since(self, r: redis.Redis, key: str, since: float | None) -> builtins.list[str]:
         low: float | str = "-inf" if since is None else since
         return [_text(i) for i in cast(builtins.list[Any], r.zrangebyscore(key, low, "+inf"))]
 
     def _scan(
-        self, r: redis.Redis, since: float | None
-    ) -> Iterator[tuple[str, DeadLetter | CorruptEntryError]]:
-        """(id, entry or decoding error) in `last_failure` order; drops stale index ids."""
+        self, r: redis.Redis, since: float | None, mode: str = "preview", chars: int = 0
+    ) -> Iterator[tuple[str, Any]]:
+        """(id, entry or preview or decoding error) in `last_failure` order; drops stale
+        index ids."""
         ids = self._ids_since(r, self._by_time, since)
         stale: builtins.list[str] = []
-        for entry_id, raw in zip(ids, self._fetch(r, self._entries, ids), strict=True):
-            if raw is None:  # deleted between ZRANGE and HMGET, or index out of sync
-                stale.append(entry_id)
-                continue
-            try:
-                yield entry_id, decode_entry(entry_id, raw)
-            except CorruptEntryError as exc:
-                yield entry_id, exc
+        for start in range(0, len(ids), _BATCH):
+            for entry_id, found in self._read(r, ids[start : start + _BATCH], mode, chars):
+                if found is None:  # deleted between ZRANGE and HMGET, or index out of sync
+                    stale.append(entry_id)
+                    continue
+                yield entry_id, found
         if stale:
             # only ids still without data: an entry put meanwhile keeps its index
             for entry_id in stale:
@@ -241,7 +458,8 @@ class RedisDeadLetterStore(DeadLetterStore):
     def put(self, entry: DeadLetter) -> None:
         with self._redis() as r:
             pipe = r.pipeline(transaction=True)
-            pipe.hset(self._entries, entry.id, entry.to_json())
+            pipe.hset(self._entries, entry.id, entry.meta_json())
+            pipe.set(self._payload_key(entry.id), entry.payload)
             pipe.zadd(self._by_time, {entry.id: entry.last_failure})
             pipe.hdel(self._claims, entry.id)
             pipe.execute()
@@ -250,8 +468,59 @@ class RedisDeadLetterStore(DeadLetterStore):
 
     def get(self, entry_id: str) -> DeadLetter | None:
         with self._redis() as r:
-            raw = r.hget(self._entries, entry_id)
-        return None if raw is None else decode_entry(entry_id, cast(bytes, raw))
+            ((_, found),) = self._read(r, [entry_id], "full", 0)
+        if isinstance(found, CorruptEntryError):
+            raise found
+        return cast(DeadLetter | None, found)
+
+    def preview(self, entry_id: str, *, chars: int = PREVIEW_CHARS) -> DeadLetterPreview | None:
+        with self._redis() as r:
+            ((_, found),) = self._read(r, [entry_id], "preview", chars)
+        if isinstance(found, CorruptEntryError):
+            raise found
+        return cast(DeadLetterPreview | None, found)
+
+    def payload_chunks(self, entry_id: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        key = self._payload_key(entry_id)
+        with self._redis() as r:
+            ((size, _),) = self._previews_of(r, [entry_id], 0)
+        if size == -1:  # the payload inside the entry (or gone)
+            yield from super().payload_chunks(entry_id, chunk_size=chunk_size)
+            return
+        if size == -2:
+            raise self._oversized(entry_id, -1, "dead-letter entry")
+        for start in range(0, size, chunk_size):
+            with self._redis() as r:
+                yield cast(bytes, r.getrange(key, start, min(start + chunk_size, size) - 1))
+
+    def _matching(
+        self,
+        mode: str,
+        task: str | None,
+        reason: DeadLetterReason | str | None,
+        since: float | None,
+        limit: int | None,
+        chars: int,
+    ) -> builtins.list[Any]:
+        wanted = None if reason is None else DeadLetterReason(reason)
+        out: builtins.list[Any] = []
+        if limit is not None and limit <= 0:
+            return out
+        with self._redis() as r:
+            for entry_id, found in self._scan(r, since, mode, chars):
+                if isinstance(found, CorruptEntryError):
+                    _log.error(
+                        "corrupt dead-letter entry skipped", entry_id=entry_id, error=str(found)
+                    )
+                    continue
+                entry = found.entry if isinstance(found, DeadLetterPreview) else found
+                if (task is None or entry.task_name == task) and (
+                    wanted is None or entry.reason is wanted
+                ):
+                    out.append(found)
+                    if limit is not None and len(out) >= limit:
+                        break
+        return out
 
     def list(
         self,
@@ -261,24 +530,18 @@ class RedisDeadLetterStore(DeadLetterStore):
         since: float | None = None,
         limit: int | None = None,
     ) -> builtins.list[DeadLetter]:
-        wanted = None if reason is None else DeadLetterReason(reason)
-        out: builtins.list[DeadLetter] = []
-        if limit is not None and limit <= 0:
-            return out
-        with self._redis() as r:
-            for entry_id, found in self._scan(r, since):
-                if isinstance(found, CorruptEntryError):
-                    _log.error(
-                        "corrupt dead-letter entry skipped", entry_id=entry_id, error=str(found)
-                    )
-                    continue
-                if (task is None or found.task_name == task) and (
-                    wanted is None or found.reason is wanted
-                ):
-                    out.append(found)
-                    if limit is not None and len(out) >= limit:
-                        break
-        return out
+        return self._matching("full", task, reason, since, limit, 0)
+
+    def previews(
+        self,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+        chars: int = PREVIEW_CHARS,
+    ) -> builtins.list[DeadLetterPreview]:
+        return self._matching("preview", task, reason, since, limit, chars)
 
     def delete(self, entry_id: str) -> bool:
         with self._redis() as r:
@@ -286,7 +549,8 @@ class RedisDeadLetterStore(DeadLetterStore):
             pipe.hdel(self._entries, entry_id)
             pipe.zrem(self._by_time, entry_id)
             pipe.hdel(self._claims, entry_id)
-            removed, _, _ = pipe.execute()
+            pipe.delete(self._payload_key(entry_id))
+            removed, _, _, _ = pipe.execute()
         return bool(removed)
 
     def purge(
@@ -299,6 +563,9 @@ class RedisDeadLetterStore(DeadLetterStore):
         wanted = None if reason is None else DeadLetterReason(reason)
         with self._redis() as r:
             if task is None and wanted is None and since is None:
+                ids = [_text(key) for key in cast(builtins.list[Any], r.hkeys(self._entries))]
+                for start in range(0, len(ids), _BATCH):
+                    r.delete(*(self._payload_key(i) for i in ids[start : start + _BATCH]))
                 pipe = r.pipeline(transaction=True)
                 pipe.hlen(self._entries)
                 pipe.delete(self._entries, self._by_time, self._claims)
@@ -306,13 +573,13 @@ class RedisDeadLetterStore(DeadLetterStore):
                 return int(total)
             doomed = [
                 entry_id
-                for entry_id, found in self._scan(r, since)
+                for entry_id, found in self._scan(r, since, "preview", 0)
                 # a corrupt row matches only filters we can check without decoding it
                 if (
                     task is None and wanted is None
                     if isinstance(found, CorruptEntryError)
-                    else (task is None or found.task_name == task)
-                    and (wanted is None or found.reason is wanted)
+                    else (task is None or found.entry.task_name == task)
+                    and (wanted is None or found.entry.reason is wanted)
                 )
             ]
             removed = 0
@@ -322,7 +589,8 @@ class RedisDeadLetterStore(DeadLetterStore):
                 pipe.hdel(self._entries, *batch)
                 pipe.zrem(self._by_time, *batch)
                 pipe.hdel(self._claims, *batch)
-                count, _, _ = pipe.execute()
+                pipe.delete(*(self._payload_key(i) for i in batch))
+                count, _, _, _ = pipe.execute()
                 removed += int(count)
         return removed
 
@@ -333,78 +601,134 @@ class RedisDeadLetterStore(DeadLetterStore):
     def corrupt_ids(self) -> builtins.list[str]:
         bad: builtins.list[str] = []
         with self._redis() as r:
-            for key, raw in r.hscan_iter(self._entries):
-                entry_id = _text(key)
-                try:
-                    decode_entry(entry_id, raw)
-                except CorruptEntryError:
-                    bad.append(entry_id)
+            ids = [_text(key) for key in cast(builtins.list[Any], r.hkeys(self._entries))]
+            for start in range(0, len(ids), _BATCH):
+                for entry_id, found in self._read(r, ids[start : start + _BATCH], "preview", 0):
+                    if isinstance(found, CorruptEntryError):
+                        bad.append(entry_id)
         return sorted(bad)
+
+    def consumed(self, nonces: Iterable[str]) -> dict[str, float]:
+        wanted = [n for n in dict.fromkeys(nonces) if n]
+        found: dict[str, float] = {}
+        with self._redis() as r:
+            for start in range(0, len(wanted), _BATCH):
+                batch = wanted[start : start + _BATCH]
+                scores = cast(builtins.list[Any], r.zmscore(self._consumed, batch))
+                for nonce, score in zip(batch, scores, strict=True):
+                    if score is not None:
+                        found[nonce] = float(score)
+        return found
 
     # -- claims -------------------------------------------------------------------------------
 
     def _claim(
-        self, keys: tuple[str, str], row_id: str, owner: str, lease: float, now: float | None
+        self, keys: builtins.list[str], row_id: str, owner: str, lease: float, now: float | None
     ) -> Any:
-        moment = time.time() if now is None else now
+        moment = "" if now is None else repr(now)  # "": the server's clock
         with self._redis():
             return self._claim_script(
-                keys=list(keys), args=[row_id, owner, repr(moment), repr(moment + lease)]
+                keys=keys, args=[row_id, owner, moment, repr(lease), self.max_row_bytes]
             )
 
     def _release(
-        self, keys: tuple[str, str, str], row_id: str, owner: str, data: str = "", score: float = 0
+        self,
+        keys: builtins.list[str],
+        row_id: str,
+        owner: str,
+        data: str = "",
+        score: float = 0,
+        payload: str = "",
     ) -> bool:
         with self._redis():
-            return bool(self._release_script(keys=list(keys), args=[row_id, owner, data, score]))
+            return bool(self._release_script(keys=keys, args=[row_id, owner, data, score, payload]))
 
-    def _delete_claimed(self, keys: tuple[str, str, str], row_id: str, owner: str) -> bool:
+    def _delete_claimed(
+        self, keys: builtins.list[str], row_id: str, owner: str, consume: str
+    ) -> bool:
+        args = [row_id, owner, consume, repr(CONSUMED_RETENTION)]
         with self._redis():
-            return bool(self._delete_claimed_script(keys=list(keys), args=[row_id, owner]))
+            return bool(self._delete_claimed_script(keys=keys, args=args))
 
-    def _dlq_keys(self) -> tuple[str, str, str]:
-        return self._entries, self._by_time, self._claims
+    def _dlq_keys(self, entry_id: str) -> builtins.list[str]:
+        return [self._entries, self._by_time, self._claims, self._payload_key(entry_id)]
 
-    def _journal_keys(self) -> tuple[str, str, str]:
-        return self._journal, self._journal_by_time, self._journal_claims
+    def _journal_keys(self) -> builtins.list[str]:
+        return [self._journal, self._journal_by_time, self._journal_claims]
+
+    def _refuse_consumed(self, row_id: str, nonce: str, release: Callable[[], object]) -> None:
+        if not nonce:
+            return
+        consumed = self.consumed([nonce])
+        if consumed:
+            release()
+            raise ConsumedEntryError(row_id, consumed[nonce])
 
     def claim(
         self, entry_id: str, owner: str, *, lease: float, now: float | None = None
     ) -> DeadLetter | None:
-        raw = self._claim((self._entries, self._claims), entry_id, owner, lease, now)
-        if raw is None:
+        claimed = self._claim(
+            [self._entries, self._claims, self._payload_key(entry_id)], entry_id, owner, lease, now
+        )
+        if claimed is None:
             return None
+        if isinstance(claimed, int):  # oversized: not claimed
+            raise self._oversized(entry_id, claimed, "dead-letter entry")
+        raw, payload = claimed
+
+        def release() -> object:
+            keys = [self._entries, self._by_time, self._claims]
+            return self._release(keys, entry_id, owner)
+
         try:
-            return decode_entry(entry_id, raw)
+            entry = self._decode_entry(entry_id, raw, payload)
         except CorruptEntryError:
-            self._release(self._dlq_keys(), entry_id, owner)
+            release()
             raise
+        self._refuse_consumed(entry_id, entry.nonce, release)
+        return entry
 
     def release(self, entry_id: str, owner: str, *, entry: DeadLetter | None = None) -> bool:
         if entry is None:
-            return self._release(self._dlq_keys(), entry_id, owner)
-        return self._release(self._dlq_keys(), entry_id, owner, entry.to_json(), entry.last_failure)
+            return self._release([self._entries, self._by_time, self._claims], entry_id, owner)
+        return self._release(
+            self._dlq_keys(entry_id),
+            entry_id,
+            owner,
+            entry.meta_json(),
+            entry.last_failure,
+            entry.payload,
+        )
 
-    def delete_claimed(self, entry_id: str, owner: str) -> bool:
-        return self._delete_claimed(self._dlq_keys(), entry_id, owner)
+    def delete_claimed(self, entry_id: str, owner: str, *, consume: str = "") -> bool:
+        keys = [self._entries, self._by_time, self._claims, self._consumed]
+        return self._delete_claimed([*keys, self._payload_key(entry_id)], entry_id, owner, consume)
 
     def journal_claim(
         self, task_id: str, owner: str, *, lease: float, now: float | None = None
     ) -> JournalEntry | None:
-        raw = self._claim((self._journal, self._journal_claims), task_id, owner, lease, now)
-        if raw is None:
+        claimed = self._claim([self._journal, self._journal_claims], task_id, owner, lease, now)
+        if claimed is None:
             return None
+        if isinstance(claimed, int):  # oversized: not claimed
+            raise self._oversized(task_id, claimed, "journal entry")
+        raw, _ = claimed
         try:
-            return decode_journal(task_id, raw)
+            entry = self._decode_journal(task_id, raw)
         except CorruptEntryError:
             self._release(self._journal_keys(), task_id, owner)
             raise
+        self._refuse_consumed(
+            task_id, entry.nonce, lambda: self._release(self._journal_keys(), task_id, owner)
+        )
+        return entry
 
     def journal_release(self, task_id: str, owner: str) -> bool:
         return self._release(self._journal_keys(), task_id, owner)
 
-    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
-        return self._delete_claimed(self._journal_keys(), task_id, owner)
+    def journal_remove_claimed(self, task_id: str, owner: str, *, consume: str = "") -> bool:
+        keys = [self._journal, self._journal_by_time, self._journal_claims, self._consumed]
+        return self._delete_claimed(keys, task_id, owner, consume)
 
     # -- journal and owners -------------------------------------------------------------------
 
@@ -431,7 +755,7 @@ class RedisDeadLetterStore(DeadLetterStore):
             if raw is None:
                 continue
             try:
-                yield decode_journal(task_id, raw)
+                yield self._decode_journal(task_id, raw)
             except CorruptEntryError as exc:
                 _log.error("corrupt journal entry skipped", task_id=task_id, error=str(exc))
 
@@ -447,7 +771,7 @@ class RedisDeadLetterStore(DeadLetterStore):
                 raw = r.hget(self._journal, task_id)
                 if raw is None:
                     return False
-                moved = decode_journal(task_id, cast(bytes, raw)).handed(
+                moved = self._decode_journal(task_id, raw).handed(
                     owner, deadline, signature
                 )
                 done = int(
@@ -464,14 +788,28 @@ class RedisDeadLetterStore(DeadLetterStore):
         )
 
     def now(self) -> float:
-        """The Redis server's clock (``TIME``): one clock for every host sharing the store."""
+        """Redis's clock (``TIME``), which every lease and liveness judgement uses; a host
+        clock more than a second away from it is logged once (it no longer matters here, but
+        it does for whatever else the host times)."""
         with self._redis() as r:
             seconds, micros = r.time()
-        return seconds + micros / 1_000_000
+        moment = seconds + micros / 1_000_000
+        skew = self.clock() - moment
+        if abs(skew) > _SKEW_WARNING and not self._skew_logged:
+            self._skew_logged = True
+            _log.warning(
+                "clock skew between this host and Redis; leases and liveness use Redis's clock",
+                skew_seconds=round(skew, 3),
+                store=repr(self),
+            )
+        return moment
 
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
         with self._redis() as r:
-            r.hset(self._heartbeats, owner, repr(time.time() if at is None else at))
+            if at is None:  # the server's clock, as liveness is judged on it
+                self._heartbeat_script(keys=[self._heartbeats], args=[owner], client=r)
+            else:
+                r.hset(self._heartbeats, owner, repr(at))
 
     def last_seen(self) -> dict[str, float]:
         with self._redis() as r:

@@ -14,29 +14,40 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
-from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, StoreUnavailableError
+from otel_bgtasks.errors import (
+    ConfigurationError,
+    ConsumedEntryError,
+    CorruptEntryError,
+    StoreUnavailableError,
+)
 from otel_bgtasks.records import (
+    MAX_ROW_BYTES,
+    PREVIEW_CHARS,
     DeadLetter,
+    DeadLetterPreview,
     DeadLetterReason,
     JournalEntry,
     decode_entry,
     decode_journal,
+    preview_text,
 )
-from otel_bgtasks.stores.base import DeadLetterStore
+from otel_bgtasks.stores.base import CONSUMED_RETENTION, DeadLetterStore
 
 __all__ = ["SCHEMA_VERSION", "SQLiteDeadLetterStore"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Stored in ``PRAGMA user_version``; a file of another version is refused rather than
-misread (version 1, without the claim columns, was never released)."""
+misread (versions 1 and 2, without the claim columns, then without the payloads kept apart
+in ``dead_letter_payloads`` and the consumed nonces in ``consumed``, were never released)."""
 
 _log = structlog.get_logger("otel_bgtasks")
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -63,9 +74,21 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     owner TEXT PRIMARY KEY,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dead_letter_payloads (
+    id TEXT PRIMARY KEY,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS consumed (
+    nonce TEXT PRIMARY KEY,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS consumed_at ON consumed (at);
 """
 
 _TABLES = {"dead_letters": "id", "journal": "task_id"}
+_BATCH = 500  # ids per IN (...) query
+_CLOSE_WAIT = 5.0  # seconds `close` waits for other threads' calls under way
+_WHAT = {"dead_letters": "dead-letter entry", "journal": "journal entry"}
 
 
 def _filters(
@@ -94,6 +117,12 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         lazy: create the file (and its directory) only at the first write: a dead letter, a
             journal row or a heartbeat. Until then reads see an empty store. The creation is
             logged once, with the path (how the instrumentor's default store is opened).
+        max_row_bytes: a row longer than this is corrupt, and SQLite refuses to load it
+            (``SQLITE_LIMIT_LENGTH``): it is never read into memory (default 256 MiB).
+        clock: the wall clock leases and liveness are judged by (`now()`). Every process
+            using the file is on this host and shares it: SQLite has no clock of its own, so
+            processes whose clocks disagree (several hosts on a network file system) would
+            take each other's leases; use Redis across hosts.
 
     Raises:
         ConfigurationError: (a `ValueError`) the directory does not exist, the file is not an
@@ -103,10 +132,18 @@ class SQLiteDeadLetterStore(DeadLetterStore):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, timeout: float = 5.0, lazy: bool = False
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 5.0,
+        lazy: bool = False,
+        max_row_bytes: int = MAX_ROW_BYTES,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = os.fspath(path)
+        self.clock = clock
         self.timeout = timeout
+        self.max_row_bytes = max_row_bytes
         directory = os.path.dirname(os.path.abspath(self.path))
         if not lazy and not os.path.isdir(directory):
             raise ConfigurationError(
@@ -117,6 +154,8 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         self._connections: list[tuple[int, sqlite3.Connection]] = []
         self._connections_lock = threading.Lock()
         self._closed = False
+        self._idle = threading.Condition()
+        self._active = 0  # calls under way (`_db`)
         # lazy and not created yet: reads answer from an empty in-memory schema
         self._deferred = lazy and not os.path.exists(self.path)
         self._create_lock = threading.Lock()
@@ -173,6 +212,9 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         )
         conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
         conn.execute("PRAGMA synchronous = NORMAL")
+        # a value longer than this is refused by SQLite itself ("string or blob too big")
+        # instead of being loaded: an oversized row is that row's corruption (`_row`)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self.max_row_bytes)
         self._local.conn = conn
         self._local.pid = pid
         self._local.file_id = self._file_id()
@@ -233,10 +275,19 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                 yield self._empty()  # nothing stored yet: an empty store, nothing created
                 return
             self._create()  # a first write, or another process created the file meanwhile
+        with self._idle:  # `close` waits for calls under way (no connection closed mid-call)
+            if self._closed:
+                raise StoreUnavailableError(f"SQLite dead-letter store {self.path!r} is closed")
+            self._active += 1
         try:
             yield self._conn()
         except sqlite3.Error as exc:
             raise StoreUnavailableError(f"SQLite dead-letter store {self.path!r}: {exc}") from exc
+        finally:
+            with self._idle:
+                self._active -= 1
+                if not self._active:
+                    self._idle.notify_all()
 
     def _init_schema(self) -> None:
         conn = self._conn()
@@ -269,7 +320,11 @@ class SQLiteDeadLetterStore(DeadLetterStore):
             raise
 
     def close(self) -> None:
-        self._closed = True
+        with self._idle:
+            self._closed = True
+            # Another thread's call under way (a heartbeat) keeps its connection until it
+            # returns: closing a connection in the middle of a statement crashes SQLite.
+            self._idle.wait_for(lambda: not self._active, timeout=_CLOSE_WAIT)
         pid = os.getpid()
         with self._connections_lock:
             connections, self._connections = self._connections, []
@@ -278,27 +333,175 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                 conn.close()
 
     # -- dead letters -----------------------------------------------------------------------
+    # A row holds the entry without its payload (`data`); the payload is a BLOB of its own
+    # (`dead_letter_payloads`), so listing and claiming never read it and a preview reads
+    # only its first bytes. A row with its payload inside `data` (written by hand, or
+    # planted) is read as it is, within `max_row_bytes`.
+
+    @contextmanager
+    def _transaction(self, db: sqlite3.Connection) -> Iterator[None]:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _write(self, db: sqlite3.Connection, entry: DeadLetter) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO dead_letters (id, task_name, reason, last_failure, data)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (entry.id, entry.task_name, entry.reason.value, entry.last_failure, entry.meta_json()),
+        )
+        db.execute(
+            "INSERT OR REPLACE INTO dead_letter_payloads (id, payload) VALUES (?, ?)",
+            (entry.id, entry.payload.encode()),
+        )
 
     def put(self, entry: DeadLetter) -> None:
-        with self._db(write=True) as db:
-            db.execute(
-                "INSERT OR REPLACE INTO dead_letters (id, task_name, reason, last_failure, data)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (
-                    entry.id,
-                    entry.task_name,
-                    entry.reason.value,
-                    entry.last_failure,
-                    entry.to_json(),
-                ),
-            )
+        with self._db(write=True) as db, self._transaction(db):
+            self._write(db, entry)
 
     update = put
 
+    def _too_big(self, row_id: str, what: str, exc: BaseException) -> CorruptEntryError:
+        return CorruptEntryError(
+            row_id,
+            f"longer than the limit, over the limit of {self.max_row_bytes} ({exc})",
+            what=what,
+        )
+
+    def _row(self, db: sqlite3.Connection, table: str, row_id: str) -> str | bytes | None:
+        """A row's data, read alone: an oversized value fails this statement, not a scan.
+
+        Raises:
+            CorruptEntryError: the value is longer than `max_row_bytes`.
+        """
+        key = _TABLES[table]
+        try:
+            row = db.execute(f"SELECT data FROM {table} WHERE {key} = ?", (row_id,)).fetchone()
+        except sqlite3.DataError as exc:  # SQLITE_TOOBIG: never loaded
+            raise self._too_big(row_id, _WHAT[table], exc) from None
+        return None if row is None else row[0]
+
+    def _payload_size(self, db: sqlite3.Connection, entry_id: str) -> int | None:
+        """The kept-apart payload's length in bytes (read from the row header, not loaded),
+        None for a row whose payload is inside `data`."""
+        row = db.execute(
+            "SELECT length(payload) FROM dead_letter_payloads WHERE id = ?", (entry_id,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _payload(self, db: sqlite3.Connection, entry_id: str) -> bytes | None:
+        try:
+            row = db.execute(
+                "SELECT payload FROM dead_letter_payloads WHERE id = ?", (entry_id,)
+            ).fetchone()
+        except sqlite3.DataError as exc:
+            raise self._too_big(entry_id, "dead-letter entry", exc) from None
+        return None if row is None else bytes(row[0])
+
+    def _entry(self, db: sqlite3.Connection, entry_id: str) -> DeadLetter | None:
+        """The whole entry, None if gone. Raises `CorruptEntryError` naming it."""
+        raw = self._row(db, "dead_letters", entry_id)
+        if raw is None:
+            return None
+        payload = self._payload(db, entry_id)
+        return decode_entry(entry_id, raw, max_bytes=self.max_row_bytes, payload=payload)
+
+    def _preview(
+        self, db: sqlite3.Connection, entry_id: str, chars: int
+    ) -> DeadLetterPreview | None:
+        """The entry with its payload's first `chars` characters (incremental blob I/O: at
+        most 4 bytes a character are read), None if gone."""
+        raw = self._row(db, "dead_letters", entry_id)
+        if raw is None:
+            return None
+        size = self._payload_size(db, entry_id)
+        if size is None:  # the payload inside `data`: whole, within max_row_bytes
+            return DeadLetterPreview.of(
+                decode_entry(entry_id, raw, max_bytes=self.max_row_bytes), chars
+            )
+        head = b""
+        if chars > 0 and size:
+            (rowid,) = db.execute(
+                "SELECT rowid FROM dead_letter_payloads WHERE id = ?", (entry_id,)
+            ).fetchone()
+            with db.blobopen("dead_letter_payloads", "payload", rowid, readonly=True) as blob:
+                head = blob.read(min(size, chars * 4))
+        entry = decode_entry(
+            entry_id, raw, max_bytes=self.max_row_bytes, payload=preview_text(head, chars)
+        )
+        return DeadLetterPreview(entry, size)
+
+    def _ids(self, db: sqlite3.Connection, query: str, params: Any = ()) -> builtins.list[str]:
+        return [str(row[0]) for row in db.execute(query, params).fetchall()]
+
     def get(self, entry_id: str) -> DeadLetter | None:
         with self._db() as db:
-            row = db.execute("SELECT data FROM dead_letters WHERE id = ?", (entry_id,)).fetchone()
-        return None if row is None else decode_entry(entry_id, row[0])
+            return self._entry(db, entry_id)
+
+    def preview(self, entry_id: str, *, chars: int = PREVIEW_CHARS) -> DeadLetterPreview | None:
+        with self._db() as db:
+            return self._preview(db, entry_id, chars)
+
+    def payload_chunks(self, entry_id: str, *, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        with self._db() as db:
+            found = db.execute(
+                "SELECT rowid, length(payload) FROM dead_letter_payloads WHERE id = ?",
+                (entry_id,),
+            ).fetchone()
+        if found is None:  # the payload inside `data` (or gone): whole, within max_row_bytes
+            yield from super().payload_chunks(entry_id, chunk_size=chunk_size)
+            return
+        rowid, size = found
+        # A connection of the stream's own, with one blob handle: reopening the blob for each
+        # chunk walks its overflow pages from the start again (quadratic: 4 s for 100 MB
+        # against 0.3 s), and a consumer may pull chunks from several threads (a streamed
+        # HTTP response), which the thread's own connection must not see.
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.timeout, check_same_thread=False)
+            try:
+                with conn.blobopen("dead_letter_payloads", "payload", rowid, readonly=True) as blob:
+                    for _ in range(0, size, chunk_size):
+                        yield blob.read(chunk_size)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:  # deleted or replaced meanwhile, or the file is gone
+            raise StoreUnavailableError(
+                f"SQLite dead-letter store {self.path!r}: payload of {entry_id!r}: {exc}"
+            ) from exc
+
+    def _scan(
+        self,
+        read: Callable[[sqlite3.Connection, str], _T | None],
+        task: str | None,
+        reason: DeadLetterReason | str | None,
+        since: float | None,
+        limit: int | None,
+    ) -> builtins.list[_T]:
+        where, params = _filters(task, reason, since)
+        out: builtins.list[_T] = []
+        if limit is not None and limit <= 0:
+            return out
+        with self._db() as db:
+            # ids first, then each row alone: one oversized row fails its own read only
+            query = f"SELECT id FROM dead_letters{where} ORDER BY last_failure, id"
+            for entry_id in self._ids(db, query, params):
+                try:
+                    found = read(db, entry_id)
+                except CorruptEntryError as exc:
+                    _log.error(
+                        "corrupt dead-letter entry skipped", entry_id=entry_id, error=str(exc)
+                    )
+                    continue
+                if found is None:  # deleted meanwhile
+                    continue
+                out.append(found)
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
 
     def list(
         self,
@@ -308,28 +511,25 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         since: float | None = None,
         limit: int | None = None,
     ) -> builtins.list[DeadLetter]:
-        where, params = _filters(task, reason, since)
-        out: builtins.list[DeadLetter] = []
-        if limit is not None and limit <= 0:
-            return out
-        with self._db() as db:
-            rows = db.execute(
-                f"SELECT id, data FROM dead_letters{where} ORDER BY last_failure, id", params
-            )
-            for entry_id, data in rows:
-                try:
-                    out.append(decode_entry(entry_id, data))
-                except CorruptEntryError as exc:
-                    _log.error(
-                        "corrupt dead-letter entry skipped", entry_id=entry_id, error=str(exc)
-                    )
-                    continue
-                if limit is not None and len(out) >= limit:
-                    break
-        return out
+        return self._scan(self._entry, task, reason, since, limit)
+
+    def previews(
+        self,
+        *,
+        task: str | None = None,
+        reason: DeadLetterReason | str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+        chars: int = PREVIEW_CHARS,
+    ) -> builtins.list[DeadLetterPreview]:
+        def read(db: sqlite3.Connection, entry_id: str) -> DeadLetterPreview | None:
+            return self._preview(db, entry_id, chars)
+
+        return self._scan(read, task, reason, since, limit)
 
     def delete(self, entry_id: str) -> bool:
-        with self._db() as db:
+        with self._db() as db, self._transaction(db):
+            db.execute("DELETE FROM dead_letter_payloads WHERE id = ?", (entry_id,))
             return db.execute("DELETE FROM dead_letters WHERE id = ?", (entry_id,)).rowcount > 0
 
     def purge(
@@ -340,7 +540,9 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         since: float | None = None,
     ) -> int:
         where, params = _filters(task, reason, since)
-        with self._db() as db:
+        with self._db() as db, self._transaction(db):
+            doomed = f"SELECT id FROM dead_letters{where}"
+            db.execute(f"DELETE FROM dead_letter_payloads WHERE id IN ({doomed})", params)
             return db.execute(f"DELETE FROM dead_letters{where}", params).rowcount
 
     def count(self) -> int:
@@ -350,9 +552,12 @@ class SQLiteDeadLetterStore(DeadLetterStore):
     def corrupt_ids(self) -> builtins.list[str]:
         bad: builtins.list[str] = []
         with self._db() as db:
-            for entry_id, data in db.execute("SELECT id, data FROM dead_letters ORDER BY id"):
+            for entry_id in self._ids(db, "SELECT id FROM dead_letters ORDER BY id"):
                 try:
-                    decode_entry(entry_id, data)
+                    size = self._payload_size(db, entry_id)
+                    if size is not None and size > self.max_row_bytes:
+                        raise self._too_big(entry_id, "dead-letter entry", ValueError(size))
+                    self._preview(db, entry_id, 0)
                 except CorruptEntryError:
                     bad.append(entry_id)
         return bad
@@ -360,18 +565,44 @@ class SQLiteDeadLetterStore(DeadLetterStore):
     # -- claims -----------------------------------------------------------------------------
 
     def _claim(
-        self, table: str, row_id: str, owner: str, lease: float, now: float | None
-    ) -> str | None:
+        self,
+        table: str,
+        row_id: str,
+        owner: str,
+        lease: float,
+        now: float | None,
+        read: Callable[[sqlite3.Connection, str], Any],
+    ) -> Any:
+        """The claimed row decoded (`read`), None when missing or held by another owner.
+
+        Raises:
+            CorruptEntryError: the row cannot be decoded (the claim is released).
+            ConsumedEntryError: its nonce was consumed: it ran already (released too).
+        """
         key = _TABLES[table]
-        moment = time.time() if now is None else now
+        moment = self.clock() if now is None else now
         with self._db() as db:
-            rows = db.execute(
-                f"UPDATE {table} SET claim_owner = ?, claim_until = ? WHERE {key} = ?"
-                " AND (claim_owner IS NULL OR claim_owner = ? OR claim_until <= ?)"
-                " RETURNING data",
-                (owner, moment + lease, row_id, owner, moment),
-            ).fetchall()
-        return str(rows[0][0]) if rows else None
+            try:
+                taken = db.execute(
+                    f"UPDATE {table} SET claim_owner = ?, claim_until = ? WHERE {key} = ?"
+                    " AND (claim_owner IS NULL OR claim_owner = ? OR claim_until <= ?)",
+                    (owner, moment + lease, row_id, owner, moment),
+                ).rowcount
+            except sqlite3.DataError:  # an oversized row cannot be rewritten: not claimed
+                self._row(db, table, row_id)  # raises CorruptEntryError naming it
+                raise
+            if not taken:
+                return None
+            try:
+                found = read(db, row_id)
+                if found is not None and found.nonce:
+                    consumed = self._consumed(db, [found.nonce])
+                    if consumed:
+                        raise ConsumedEntryError(row_id, consumed[found.nonce])
+            except (CorruptEntryError, ConsumedEntryError):
+                self._release(table, row_id, owner)
+                raise
+            return found
 
     def _release(self, table: str, row_id: str, owner: str) -> bool:
         key = _TABLES[table]
@@ -385,33 +616,54 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                 > 0
             )
 
-    def _delete_claimed(self, table: str, row_id: str, owner: str) -> bool:
+    def _delete_claimed(self, table: str, row_id: str, owner: str, consume: str) -> bool:
         key = _TABLES[table]
-        with self._db() as db:
-            return (
+        with self._db() as db, self._transaction(db):
+            deleted = (
                 db.execute(
                     f"DELETE FROM {table} WHERE {key} = ? AND claim_owner = ?", (row_id, owner)
                 ).rowcount
                 > 0
             )
+            if deleted and table == "dead_letters":
+                db.execute("DELETE FROM dead_letter_payloads WHERE id = ?", (row_id,))
+            if deleted and consume:  # in the delete's transaction: never one without the other
+                moment = self.clock()
+                db.execute(
+                    "INSERT OR REPLACE INTO consumed (nonce, at) VALUES (?, ?)", (consume, moment)
+                )
+                db.execute("DELETE FROM consumed WHERE at < ?", (moment - CONSUMED_RETENTION,))
+            return deleted
+
+    def _consumed(self, db: sqlite3.Connection, nonces: builtins.list[str]) -> dict[str, float]:
+        found: dict[str, float] = {}
+        for start in range(0, len(nonces), _BATCH):
+            batch = nonces[start : start + _BATCH]
+            marks = ",".join("?" * len(batch))
+            for nonce, at in db.execute(
+                f"SELECT nonce, at FROM consumed WHERE nonce IN ({marks})", batch
+            ):
+                found[str(nonce)] = float(at)
+        return found
+
+    def consumed(self, nonces: Iterable[str]) -> dict[str, float]:
+        wanted = [n for n in dict.fromkeys(nonces) if n]
+        with self._db() as db:
+            return self._consumed(db, wanted)
 
     def claim(
         self, entry_id: str, owner: str, *, lease: float, now: float | None = None
     ) -> DeadLetter | None:
-        data = self._claim("dead_letters", entry_id, owner, lease, now)
-        if data is None:
-            return None
-        try:
-            return decode_entry(entry_id, data)
-        except CorruptEntryError:
-            self._release("dead_letters", entry_id, owner)
-            raise
+        claimed: DeadLetter | None = self._claim(
+            "dead_letters", entry_id, owner, lease, now, self._entry
+        )
+        return claimed
 
     def release(self, entry_id: str, owner: str, *, entry: DeadLetter | None = None) -> bool:
         if entry is None:
             return self._release("dead_letters", entry_id, owner)
-        with self._db() as db:
-            return (
+        with self._db() as db, self._transaction(db):
+            applied = (
                 db.execute(
                     "UPDATE dead_letters SET task_name = ?, reason = ?, last_failure = ?,"
                     " data = ?, claim_owner = NULL, claim_until = NULL"
@@ -420,34 +672,40 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                         entry.task_name,
                         entry.reason.value,
                         entry.last_failure,
-                        entry.to_json(),
+                        entry.meta_json(),
                         entry_id,
                         owner,
                     ),
                 ).rowcount
                 > 0
             )
+            if applied:
+                db.execute(
+                    "INSERT OR REPLACE INTO dead_letter_payloads (id, payload) VALUES (?, ?)",
+                    (entry_id, entry.payload.encode()),
+                )
+            return applied
 
-    def delete_claimed(self, entry_id: str, owner: str) -> bool:
-        return self._delete_claimed("dead_letters", entry_id, owner)
+    def delete_claimed(self, entry_id: str, owner: str, *, consume: str = "") -> bool:
+        return self._delete_claimed("dead_letters", entry_id, owner, consume)
+
+    def _journal_row(self, db: sqlite3.Connection, task_id: str) -> JournalEntry | None:
+        raw = self._row(db, "journal", task_id)
+        return None if raw is None else decode_journal(task_id, raw, max_bytes=self.max_row_bytes)
 
     def journal_claim(
         self, task_id: str, owner: str, *, lease: float, now: float | None = None
     ) -> JournalEntry | None:
-        data = self._claim("journal", task_id, owner, lease, now)
-        if data is None:
-            return None
-        try:
-            return decode_journal(task_id, data)
-        except CorruptEntryError:
-            self._release("journal", task_id, owner)
-            raise
+        claimed: JournalEntry | None = self._claim(
+            "journal", task_id, owner, lease, now, self._journal_row
+        )
+        return claimed
 
     def journal_release(self, task_id: str, owner: str) -> bool:
         return self._release("journal", task_id, owner)
 
-    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
-        return self._delete_claimed("journal", task_id, owner)
+    def journal_remove_claimed(self, task_id: str, owner: str, *, consume: str = "") -> bool:
+        return self._delete_claimed("journal", task_id, owner, consume)
 
     # -- journal and owners -------------------------------------------------------------------
 
@@ -464,18 +722,21 @@ class SQLiteDeadLetterStore(DeadLetterStore):
             return db.execute("DELETE FROM journal WHERE task_id = ?", (task_id,)).rowcount > 0
 
     def journal_list(self, *, owner: str | None = None) -> builtins.list[JournalEntry]:
-        query = "SELECT task_id, data FROM journal"
+        query = "SELECT task_id FROM journal"
         params: tuple[str, ...] = ()
         if owner is not None:
             query += " WHERE owner = ?"
             params = (owner,)
         out: builtins.list[JournalEntry] = []
         with self._db() as db:
-            for task_id, data in db.execute(query + " ORDER BY enqueued_at, task_id", params):
+            for task_id in self._ids(db, query + " ORDER BY enqueued_at, task_id", params):
                 try:
-                    out.append(decode_journal(task_id, data))
+                    entry = self._journal_row(db, task_id)
                 except CorruptEntryError as exc:
                     _log.error("corrupt journal entry skipped", task_id=task_id, error=str(exc))
+                    continue
+                if entry is not None:
+                    out.append(entry)
         return out
 
     def journal_hand_off(
@@ -484,13 +745,11 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")  # read, rewrite and store the row atomically
             try:
-                row = db.execute(
-                    "SELECT data FROM journal WHERE task_id = ?", (task_id,)
-                ).fetchone()
+                row = self._journal_row(db, task_id)
                 if row is None:
                     db.execute("COMMIT")
                     return False
-                moved = decode_journal(task_id, row[0]).handed(owner, deadline, signature)
+                moved = row.handed(owner, deadline, signature)
                 db.execute(
                     "UPDATE journal SET owner = ?, data = ?, claim_owner = NULL,"
                     " claim_until = NULL WHERE task_id = ?",
@@ -502,11 +761,14 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                 raise
         return True
 
+    def now(self) -> float:
+        return self.clock()
+
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
         with self._db(write=True) as db:
             db.execute(
                 "INSERT OR REPLACE INTO heartbeats (owner, at) VALUES (?, ?)",
-                (owner, time.time() if at is None else at),
+                (owner, self.clock() if at is None else at),
             )
 
     def last_seen(self) -> dict[str, float]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import builtins
 import threading
 import time
+from collections.abc import Callable, Iterable
 
 import structlog
 
 from otel_bgtasks import (
+    ConsumedEntryError,
     CorruptEntryError,
     DeadLetter,
     DeadLetterReason,
@@ -20,6 +22,7 @@ from otel_bgtasks import (
     JournalEntry,
 )
 from otel_bgtasks.records import decode_entry, decode_journal
+from otel_bgtasks.stores.base import CONSUMED_RETENTION
 
 __all__ = ["InMemoryDeadLetterStore"]
 
@@ -51,6 +54,7 @@ class InMemoryDeadLetterStore(DeadLetterStore):
         # claims: row id -> (owner, lease expiry), for dead letters and journal rows apart
         self._claims: dict[str, tuple[str, float]] = {}
         self._journal_claims: dict[str, tuple[str, float]] = {}
+        self._consumed: dict[str, float] = {}  # nonce -> when it was consumed
 
     def __repr__(self) -> str:
         return f"InMemoryDeadLetterStore({len(self._rows)} dead letters)"
@@ -175,10 +179,12 @@ class InMemoryDeadLetterStore(DeadLetterStore):
             if row is None or not self._take(self._claims, entry_id, owner, lease, now):
                 return None
         try:
-            return decode_entry(entry_id, row.raw)
+            entry = decode_entry(entry_id, row.raw)
         except CorruptEntryError:
             self.release(entry_id, owner)
             raise
+        self._refuse_consumed(entry_id, entry.nonce, lambda: self.release(entry_id, owner))
+        return entry
 
     def release(self, entry_id: str, owner: str, *, entry: DeadLetter | None = None) -> bool:
         with self._lock:
@@ -191,12 +197,30 @@ class InMemoryDeadLetterStore(DeadLetterStore):
             del self._claims[entry_id]
             return True
 
-    def delete_claimed(self, entry_id: str, owner: str) -> bool:
+    def delete_claimed(self, entry_id: str, owner: str, *, consume: str = "") -> bool:
         with self._lock:
             if entry_id not in self._rows or not self._holds(self._claims, entry_id, owner):
                 return False
             del self._rows[entry_id], self._claims[entry_id]
+            self._consume(consume)
             return True
+
+    def _consume(self, nonce: str) -> None:
+        if nonce:  # under the lock, with the delete
+            moment = time.time()
+            self._consumed[nonce] = moment
+            for old in [n for n, at in self._consumed.items() if at < moment - CONSUMED_RETENTION]:
+                del self._consumed[old]
+
+    def consumed(self, nonces: Iterable[str]) -> dict[str, float]:
+        with self._lock:
+            return {n: self._consumed[n] for n in nonces if n in self._consumed}
+
+    def _refuse_consumed(self, row_id: str, nonce: str, release: Callable[[], object]) -> None:
+        at = self.consumed([nonce]).get(nonce) if nonce else None
+        if at is not None:
+            release()
+            raise ConsumedEntryError(row_id, at)
 
     def journal_claim(
         self, task_id: str, owner: str, *, lease: float, now: float | None = None
@@ -206,10 +230,12 @@ class InMemoryDeadLetterStore(DeadLetterStore):
             if row is None or not self._take(self._journal_claims, task_id, owner, lease, now):
                 return None
         try:
-            return decode_journal(task_id, row[2])
+            entry = decode_journal(task_id, row[2])
         except CorruptEntryError:
             self.journal_release(task_id, owner)
             raise
+        self._refuse_consumed(task_id, entry.nonce, lambda: self.journal_release(task_id, owner))
+        return entry
 
     def journal_release(self, task_id: str, owner: str) -> bool:
         with self._lock:
@@ -220,13 +246,14 @@ class InMemoryDeadLetterStore(DeadLetterStore):
             del self._journal_claims[task_id]
             return True
 
-    def journal_remove_claimed(self, task_id: str, owner: str) -> bool:
+    def journal_remove_claimed(self, task_id: str, owner: str, *, consume: str = "") -> bool:
         with self._lock:
             if task_id not in self._journal or not self._holds(
                 self._journal_claims, task_id, owner
             ):
                 return False
             del self._journal[task_id], self._journal_claims[task_id]
+            self._consume(consume)
             return True
 
     # -- journal and owners -------------------------------------------------------------------
