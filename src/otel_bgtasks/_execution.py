@@ -29,6 +29,8 @@ from opentelemetry.semconv.attributes.exception_attributes import (
     EXCEPTION_TYPE,
 )
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
 from starlette.concurrency import run_in_threadpool
 from tenacity import RetryCallState
 
@@ -41,7 +43,14 @@ from otel_bgtasks._tracebacks import (
     exception_fields,
 )
 from otel_bgtasks.attributes import ErrorCategory, Outcome, SkipReason
-from otel_bgtasks.calls import JSONSerializer, Serializer, describe_call
+from otel_bgtasks.calls import (
+    EncodedCall,
+    JSONSerializer,
+    Serializer,
+    decode_call,
+    describe_call,
+    encode_call,
+)
 from otel_bgtasks.circuit import CircuitBreaker, CircuitState
 from otel_bgtasks.errors import (
     CircuitOpenError,
@@ -61,7 +70,7 @@ from otel_bgtasks.options import (
     check_trace_mode,
     effective_options,
 )
-from otel_bgtasks.records import DeadLetter, DeadLetterReason
+from otel_bgtasks.records import ROUTE_OWNER, DeadLetter, DeadLetterReason, TaskMessage
 from otel_bgtasks.registry import note_scheduled
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.signing import signing_keys
@@ -176,6 +185,25 @@ def _release_frames(exc: BaseException, caught_in: FrameType | None) -> None:
         current = current.__cause__ or current.__context__
 
 
+_propagator = TraceContextTextMapPropagator()
+
+
+def _remote_link(traceparent: str, tracestate: str) -> SpanContext | None:
+    """The producer's span context from a received W3C trace context (None if invalid)."""
+    if not traceparent:
+        return None
+    carrier = {"traceparent": traceparent}
+    if tracestate:
+        carrier["tracestate"] = tracestate
+    context = trace.get_current_span(_propagator.extract(carrier)).get_span_context()
+    return context if context.is_valid else None
+
+
+def _route_of(state: TaskCallState) -> str:
+    route = getattr(state.options.dispatch, "route", "")
+    return route if isinstance(route, str) else ""
+
+
 def call_hook(hook: TaskHook | None, span: Span, state: TaskCallState) -> None:
     """Run a user hook; a hook that raises is logged and never breaks the task."""
     if hook is None:
@@ -243,6 +271,9 @@ class Executor:
         self._scheduled: set[str] = set()  # task names ever scheduled (their series stay, at 0)
         self.instruments.set_pending_source(self.pending_counts)
         self.recent_failures: list[dict[str, Any]] = []
+        # The seam's default dispatcher sends tasks to another process (set by DispatchSeam):
+        # tasks without a dispatcher of their own are then encoded at scheduling too.
+        self.default_remote = False
         if dead_letter_store is not None:
             self.instruments.add_depth_source(self._observe_depth)
             if hasattr(dead_letter_store, "write_errors"):  # a BufferedStore
@@ -286,6 +317,9 @@ class Executor:
             enqueued_wall=time.time(),
             is_async=options.is_async if is_async is None else is_async,
         )
+        if options.remote or (self.default_remote and options.dispatch is None):
+            # bound for another process: bad arguments raise here, in the endpoint
+            state.call = encode_call(self.serializer, func, args, kwargs, task_name=state.name)
         if options.durable:
             self._journal(state)
         if recording:
@@ -306,15 +340,24 @@ class Executor:
         *,
         link: SpanContext | None = None,
         is_async: bool | None = None,
+        task_id: str | None = None,
+        enqueued_wall: float | None = None,
     ) -> TaskCallState:
         """The state of a task about to be scheduled, without side effects (`schedule` makes
-        the same state inline)."""
+        the same state inline). `task_id` keeps an existing id (a received message);
+        `enqueued_wall` (epoch s) an earlier scheduling time, from which the wait is
+        measured."""
         try:  # `options_for`'s cache, read here: one call less per task
             options = self._described[func]
         except (KeyError, TypeError):
             options = self.options_for(func)
+        now = time.perf_counter()
+        wall = time.time()
+        enqueued_at = now
+        if enqueued_wall is not None:
+            enqueued_at = now - max(0.0, wall - enqueued_wall)
         return TaskCallState(
-            task_id=f"{_getrandbits(128):032x}",  # `new_task_id()`, inline
+            task_id=task_id or f"{_getrandbits(128):032x}",  # `new_task_id()`, inline
             func=func,
             args=args,
             kwargs=kwargs,
@@ -322,8 +365,8 @@ class Executor:
             name=options.name,
             function=options.function,
             link=link if link is not None and link.is_valid else None,
-            enqueued_at=time.perf_counter(),
-            enqueued_wall=time.time(),
+            enqueued_at=enqueued_at,
+            enqueued_wall=wall if enqueued_wall is None else enqueued_wall,
             is_async=options.is_async if is_async is None else is_async,
         )
 
@@ -394,6 +437,152 @@ class Executor:
         dispatcher published it): it leaves `inflight` and `bgtasks.task.pending`, no span."""
         if self.inflight.pop(state.task_id, None) is not None:
             self._leave_pending(state)
+
+    def hand_off(self, state: TaskCallState, route: str, deadline: float) -> None:
+        """A remote dispatcher took `state` for good (published, or left to recovery): it
+        leaves `inflight` and `bgtasks.task.pending`, no span here. A durable task's journal
+        row moves to ``route:<route>`` with `deadline` (epoch s): never recovered on this
+        host; recovery re-sends it through the route's dispatcher once the deadline passed
+        and no worker holds it. Blocking (a store write): call it off the event loop."""
+        if self.inflight.pop(state.task_id, None) is not None:
+            self._leave_pending(state)
+        if state.journaled and self.journal is not None:
+            state.journaled = False
+            self.journal.hand_off(state, ROUTE_OWNER + route, deadline)
+
+    def dead_letter_unrun(
+        self, state: TaskCallState, reason: DeadLetterReason, error: BaseException
+    ) -> None:
+        """Dead-letter a task that never ran (`undeliverable`, `refused`, `worker_lost`):
+        stored (replayable when its call is), counted in `bgtasks.dlq.moves`, logged once,
+        no task span. Blocking (a store write): call it off the event loop."""
+        if self.inflight.pop(state.task_id, None) is not None:
+            self._leave_pending(state)
+        call = state.call or describe_call(
+            self.serializer, state.func, state.args, state.kwargs, task_name=state.name
+        )
+        link = state.link
+        self._store_unrun(
+            DeadLetter.from_exception(
+                error,
+                task_name=state.name,
+                func_ref=call.func_ref,
+                payload=call.payload,
+                serializer=call.serializer,
+                reason=reason,
+                attempts=0,
+                category=ErrorCategory.SYSTEM.value,
+                trace_id=trace_id_hex(link),
+                span_id=span_id_hex(link),
+                route=_route_of(state),
+            ).replace(id=state.task_id),
+            state.task_id,
+        )
+        if state.journaled and self.journal is not None:
+            state.journaled = False
+            self.journal.finished(state)
+
+    def dead_letter_message(
+        self,
+        message: TaskMessage | None,
+        reason: DeadLetterReason,
+        error: BaseException,
+        *,
+        task_id: str,
+        task_name: str,
+    ) -> None:
+        """Dead-letter a received message that cannot become a task (refused: unregistered,
+        unsigned/tampered, undecodable, malformed): nothing of it is imported or run. Its
+        call is kept as received (`message` None: the message was malformed; kept as a
+        description for inspection only)."""
+        if message is not None:
+            entry = DeadLetter.from_exception(
+                error,
+                task_name=message.task_name[:200],
+                func_ref=message.func_ref,
+                payload=message.payload,
+                serializer=message.serializer,
+                reason=reason,
+                attempts=0,
+                category=ErrorCategory.SYSTEM.value,
+                route=message.route[:200],
+            ).replace(id=message.task_id or task_id)
+        else:
+            entry = DeadLetter.from_exception(
+                error,
+                task_name=task_name,
+                func_ref="",
+                payload='{"unreplayable": "malformed message"}',
+                serializer="unreplayable",
+                reason=reason,
+                attempts=0,
+                category=ErrorCategory.SYSTEM.value,
+            ).replace(id=task_id or f"{_getrandbits(128):032x}")
+        self._store_unrun(entry, task_id)
+        if message is not None and message.durable and self.store is not None:
+            try:  # its row (if this message's) is now the dead letter
+                self.store.journal_remove(message.task_id)
+            except Exception:
+                _log.exception("journal row of a refused message could not be removed")
+
+    def _store_unrun(self, entry: DeadLetter, task_id: str) -> None:
+        stored = self.store is not None and self._put(entry)
+        if stored:
+            self.instruments.dlq_moves.add(
+                1, {attr.TASK_NAME: entry.task_name, attr.DLQ_REASON: entry.reason.value}
+            )
+        _log.error(
+            "background task dead-lettered without running",
+            task_name=entry.task_name,
+            task_id=task_id,
+            reason=entry.reason.value,
+            error_type=entry.error_type,
+            error_message=REDACTED if self.redact_exception_messages else entry.error_message,
+            stored=stored,
+        )
+
+    def receive(
+        self, message: TaskMessage, *, attributes: dict[str, AttributeValue] | None = None
+    ) -> TaskCallState:
+        """The state of a task received from another process (a remote dispatcher's
+        message), ready for `run`: the signature verified (with a key set), the function
+        looked up among the app's registered tasks, the call decoded once. It keeps the
+        original task id; its wait (`bgtasks.task.wait`) is measured from the message's
+        wall-clock enqueue time; its span links to (or, in ``child`` mode, is a child of)
+        the producer span; `attributes` go on its span. A durable task's row is removed
+        when it ends.
+
+        Raises:
+            UntrustedEntryError, TaskImportError, NotReplayableError, LookupError,
+            ValueError: refused (`dead_letter_message` it as ``refused``).
+        """
+        func, args, kwargs = decode_call(message)
+        state = self.prepare(
+            func,
+            args,
+            kwargs,
+            link=_remote_link(message.traceparent, message.tracestate),
+            task_id=message.task_id,
+            enqueued_wall=message.enqueued_at,
+        )
+        state.call = EncodedCall(message.func_ref, message.payload, message.serializer)
+        state.attributes = attributes
+        if message.durable and self.journal is not None:
+            state.journaled = True
+            self.journal.in_flight += 1
+        return state
+
+    def drop_duplicate(self, state: TaskCallState) -> None:
+        """A received durable task whose journal row is gone (it already ran) or held by
+        another worker: this delivery is a duplicate and does not run."""
+        _structlog.info(
+            "duplicate delivery of a durable task dropped",
+            task_name=state.name,
+            task_id=state.task_id,
+        )
+        if state.journaled and self.journal is not None:
+            state.journaled = False
+            self.journal.in_flight -= 1
 
     def _leave_pending(self, state: TaskCallState) -> None:
         self._unstarted.discard(state.task_id)  # absent: a replay, a recovery, already started
@@ -540,6 +729,8 @@ class Executor:
                 attr.TASK_WAIT: wait,
             },
         )
+        if state.attributes is not None and span.is_recording():
+            span.set_attributes(state.attributes)
         span_context = trace.set_span_in_context(span)
         # Recorded in the task span's context: exemplars point at the task's trace.
         self.instruments.wait.record(wait, {attr.TASK_NAME: name}, span_context)

@@ -58,6 +58,7 @@ from starlette.applications import Starlette
 from otel_bgtasks._execution import Executor
 from otel_bgtasks.attributes import SkipReason
 from otel_bgtasks.errors import ConfigurationError
+from otel_bgtasks.registry import dispatcher_for, register_dispatcher
 from otel_bgtasks.response_gate import RequestGate
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.task import DISPATCH_MODES, DispatchMode
@@ -72,6 +73,8 @@ __all__ = [
     "check_drain_timeout",
     "check_max_concurrency",
     "current_group",
+    "dispatcher_for",
+    "register_dispatcher",
 ]
 
 DEFAULT_MAX_CONCURRENCY = 64
@@ -123,6 +126,7 @@ class TaskGroup:
 
 
 _group: ContextVar[TaskGroup | None] = ContextVar("otel_bgtasks_group", default=None)
+
 
 
 def current_group() -> TaskGroup | None:
@@ -301,11 +305,24 @@ class DispatchSeam:
             self.default: Dispatcher = self.by_mode[dispatch]
         elif isinstance(dispatch, Dispatcher):
             self.default = dispatch
+            executor.default_remote = bool(getattr(dispatch, "remote", False))
         else:
             raise ConfigurationError(
                 f"dispatch={dispatch!r}: pass one of {', '.join(DISPATCH_MODES)} or a Dispatcher"
             )
         self._original_call: Callable[..., Any] | None = None
+        self.used: set[Any] = set()  # dispatchers other than local that got tasks
+
+    def submit_now(self, state: TaskCallState) -> bool:
+        """A task scheduled outside a response (`schedule()`): a remote dispatcher takes it
+        at once (True); other tasks are run by the caller (False)."""
+        mode = state.options.dispatch
+        dispatcher = self.default if mode is None else mode
+        if isinstance(dispatcher, str) or not getattr(dispatcher, "remote", False):
+            return False
+        self.used.add(dispatcher)
+        dispatcher.submit(self.executor, [state])
+        return True
 
     # -- scheduling and the response --------------------------------------------------------
 
@@ -321,12 +338,23 @@ class DispatchSeam:
         group = _group.get()
         if group is not None and group.closed:  # run later by the app itself, outside a response
             group = None
-        if group is None:
-            return self.executor.run(state)
         mode = state.options.dispatch
-        dispatcher = self.by_mode[mode] if mode is not None else self.default
+        if mode is None:
+            dispatcher = self.default
+        elif isinstance(mode, str):
+            dispatcher = self.by_mode[mode]
+        else:
+            dispatcher = mode
+        if group is None:
+            if getattr(dispatcher, "remote", False):  # bound for another process anyway
+                self.used.add(dispatcher)
+                dispatcher.submit(self.executor, [state])
+                return _handed()
+            return self.executor.run(state)
         group.called.add(state.task_id)
         if dispatcher is not INLINE and (dispatcher is not self.local or self.local.ready()):
+            if dispatcher is not self.local:
+                self.used.add(dispatcher)
             group.handed.append((dispatcher, state))
             return _handed()
         if self.executor.propagate_exceptions:  # the run may raise: the group must know
@@ -433,5 +461,8 @@ class DispatchSeam:
     async def drain(self) -> None:
         """Drain the running loop's local pool (and a custom default dispatcher)."""
         await self.local.drain(self.executor, self.drain_timeout)
+        others = set(self.used)
         if self.default is not self.local and self.default is not INLINE:
-            await self.default.drain(self.executor, self.drain_timeout)
+            others.add(self.default)
+        for dispatcher in others:
+            await dispatcher.drain(self.executor, self.drain_timeout)

@@ -90,6 +90,7 @@ __all__ = [
     "BackgroundTasksInstrumentor",
     "InstrumentOptions",
     "ScheduledTask",
+    "build_executor",
     "current_executor",
     "schedule",
 ]
@@ -164,21 +165,28 @@ def current_executor() -> Executor | None:
 
 
 class ScheduledTask:
-    """A task scheduled outside Starlette: run it with `await task.run()` or `task.run_sync()`."""
+    """A task scheduled outside Starlette: run it with `await task.run()` or `task.run_sync()`.
 
-    __slots__ = ("_executor", "state")
+    A task bound for a remote dispatcher (e.g. Celery) was handed to it at scheduling:
+    `handed` is True and `run` does nothing.
+    """
 
-    def __init__(self, executor: Executor, state: TaskCallState) -> None:
+    __slots__ = ("_executor", "handed", "state")
+
+    def __init__(self, executor: Executor, state: TaskCallState, handed: bool = False) -> None:
         self._executor = executor
         self.state = state
+        self.handed = handed
 
     async def run(self) -> None:
         """Run the task on the current event loop (sync functions go to the thread pool)."""
-        await self._executor.run(self.state)
+        if not self.handed:
+            await self._executor.run(self.state)
 
     def run_sync(self) -> None:
         """Run the task on this thread, e.g. as a `threading.Thread` target."""
-        asyncio.run(self._executor.run(self.state, inline=True))
+        if not self.handed:
+            asyncio.run(self._executor.run(self.state, inline=True))
 
 
 def schedule(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> ScheduledTask:
@@ -196,7 +204,9 @@ def schedule(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Schedule
             "otel_bgtasks is not instrumented: call BackgroundTasksInstrumentor().instrument() "
             "(or run under opentelemetry-instrument) before schedule()"
         )
-    return ScheduledTask(executor, executor.schedule(func, args, kwargs))
+    state = executor.schedule(func, args, kwargs)
+    seam = BackgroundTasksInstrumentor._seam
+    return ScheduledTask(executor, state, seam is not None and seam.submit_now(state))
 
 
 def _probe() -> None:
@@ -213,6 +223,53 @@ def _is_starlette_init(init: Callable[..., None]) -> bool:
     probe = BackgroundTask.__new__(BackgroundTask)
     init(probe, _probe, 1, k=2)
     return vars(probe) == {"func": _probe, "args": (1,), "kwargs": {"k": 2}, "is_async": False}
+
+
+def build_executor(options: InstrumentOptions) -> tuple[Executor, DeadLetterStore | None]:
+    """An executor from `instrument()` keywords (also a Celery worker's, `install_worker`);
+    returns it and the store it opened from a URL (the caller closes it), if any.
+
+    Raises:
+        TypeError, ConfigurationError: a bad value.
+    """
+    tracer = trace.get_tracer(
+        _SCOPE,
+        __version__,
+        options.get("tracer_provider"),
+        schema_url="https://opentelemetry.io/schemas/1.11.0",
+    )
+    meter = metrics.get_meter(
+        _SCOPE,
+        __version__,
+        options.get("meter_provider"),
+        schema_url="https://opentelemetry.io/schemas/1.11.0",
+    )
+    given = options.get("dead_letter_store", _ABSENT)
+    store = _store(given)
+    owned = store if not isinstance(given, DeadLetterStore) else None
+    try:
+        executor = Executor(
+            tracer,
+            Instruments(meter),
+            trace_mode=options.get("trace_mode", "link"),
+            propagate_exceptions=options.get("propagate_exceptions", False),
+            start_hook=options.get("start_hook"),
+            end_hook=options.get("end_hook"),
+            retry=options.get("retry"),
+            circuit=options.get("circuit"),
+            timeout=options.get("timeout"),
+            durable=options.get("durable", False),
+            dead_letter_store=store,
+            serializer=options.get("serializer"),
+            error_classifier=options.get("error_classifier", classify_error),
+            redact_exception_messages=options.get("redact_exception_messages", False),
+            log_locals=options.get("log_locals", False),
+        )
+    except Exception:
+        if owned is not None:
+            owned.close()
+        raise
+    return executor, owned
 
 
 class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -249,40 +306,10 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         dispatch = options.get("dispatch", "inline")
         max_concurrency = options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
         drain_timeout = options.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
-        tracer = trace.get_tracer(
-            _SCOPE,
-            __version__,
-            options.get("tracer_provider"),
-            schema_url="https://opentelemetry.io/schemas/1.11.0",
-        )
-        meter = metrics.get_meter(
-            _SCOPE,
-            __version__,
-            options.get("meter_provider"),
-            schema_url="https://opentelemetry.io/schemas/1.11.0",
-        )
-        given = options.get("dead_letter_store", _ABSENT)
-        store = _store(given)
+        executor, owned = build_executor(options)
         # A store opened here from a URL is ours to close; one passed in is the caller's.
-        self._owned_store = store if not isinstance(given, DeadLetterStore) else None
+        self._owned_store = owned
         try:
-            executor = Executor(
-                tracer,
-                Instruments(meter),
-                trace_mode=trace_mode,
-                propagate_exceptions=options.get("propagate_exceptions", False),
-                start_hook=options.get("start_hook"),
-                end_hook=options.get("end_hook"),
-                retry=options.get("retry"),
-                circuit=options.get("circuit"),
-                timeout=options.get("timeout"),
-                durable=options.get("durable", False),
-                dead_letter_store=store,
-                serializer=options.get("serializer"),
-                error_classifier=options.get("error_classifier", classify_error),
-                redact_exception_messages=options.get("redact_exception_messages", False),
-                log_locals=options.get("log_locals", False),
-            )
             seam = DispatchSeam(
                 executor,
                 dispatch=dispatch,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 
 import structlog
@@ -66,20 +67,7 @@ class Journal:
             TypeError: the function is not importable or an argument cannot be serialized
                 (`SerializationError`, naming it).
         """
-        call = encode_call(
-            self.serializer, state.func, state.args, state.kwargs, task_name=state.name
-        )
-        entry = JournalEntry(
-            task_id=state.task_id,
-            task_name=state.name,
-            func_ref=call.func_ref,
-            payload=call.payload,
-            serializer=call.serializer,
-            owner=process_identity(),
-            enqueued_at=state.enqueued_wall,
-            trace_id=trace_id_hex(state.link),
-            span_id=span_id_hex(state.link),
-        ).signed()  # with a signing key set; recovery verifies it before decoding
+        entry = self._entry(state, process_identity(), 0.0)
         if gate_active() and _on_event_loop():
             future = self._writer_pool().submit(self._write_add, entry)
             self._adds[state.task_id] = future
@@ -94,6 +82,42 @@ class Journal:
                 target=self._beat, name="otel-bgtasks-heartbeat", daemon=True
             )
             self._thread.start()
+
+    def _entry(self, state: TaskCallState, owner: str, deadline: float) -> JournalEntry:
+        call = state.call or encode_call(
+            self.serializer, state.func, state.args, state.kwargs, task_name=state.name
+        )
+        return JournalEntry(
+            task_id=state.task_id,
+            task_name=state.name,
+            func_ref=call.func_ref,
+            payload=call.payload,
+            serializer=call.serializer,
+            owner=owner,
+            enqueued_at=state.enqueued_wall,
+            trace_id=trace_id_hex(state.link),
+            span_id=span_id_hex(state.link),
+            deadline=deadline,
+        ).signed()  # with a signing key set; recovery verifies it before decoding
+
+    def hand_off(self, state: TaskCallState, owner: str, deadline: float) -> None:
+        """Move a journaled task's row to `owner` (``route:<route>``) with `deadline`;
+        blocking, off the event loop. The task no longer counts as in flight here."""
+        self.in_flight -= 1
+        pending = self._adds.get(state.task_id)
+        if pending is not None:
+            with contextlib.suppress(Exception):  # logged by the writer; written again below
+                pending.result()
+        try:
+            self.store.journal_add(self._entry(state, owner, deadline))
+        except Exception:  # the row stays with this process: a duplicate beats a loss
+            _log.error(
+                "durable task could not be handed off in the journal",
+                task_id=state.task_id,
+                task_name=state.name,
+                owner=owner,
+                **exception_fields(),
+            )
 
     def _writer_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._writer_lock:

@@ -77,7 +77,10 @@ class EffectiveOptions:
         breaker: the circuit breaker guarding it (resolved, shared by name), or None.
         timeout: seconds per attempt, or None.
         durable: journaled while scheduled or running.
-        dispatch: the decorator's dispatch mode, or None for the instrumentor's default.
+        dispatch: the decorator's dispatch mode or dispatcher, or None for the
+            instrumentor's default.
+        remote: the decorator's dispatcher sends tasks to another process (its call is
+            encoded at scheduling).
     """
 
     name: str
@@ -87,7 +90,8 @@ class EffectiveOptions:
     breaker: CircuitBreaker | None
     timeout: float | None
     durable: bool
-    dispatch: DispatchMode | None = None
+    dispatch: DispatchMode | Any | None = None
+    remote: bool = False
 
 
 def effective_options(
@@ -109,4 +113,5 @@ def effective_options(
         timeout=options.timeout or defaults.timeout,
         durable=options.durable if options.durable is not None else defaults.durable,
         dispatch=options.dispatch,
+        remote=bool(getattr(options.dispatch, "remote", False)),
     )

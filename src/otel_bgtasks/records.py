@@ -24,9 +24,11 @@ from otel_bgtasks.errors import CorruptEntryError, error_type
 from otel_bgtasks.signing import SigningKeys, signing_keys
 
 __all__ = [
+    "ROUTE_OWNER",
     "DeadLetter",
     "DeadLetterReason",
     "JournalEntry",
+    "TaskMessage",
     "decode_entry",
     "decode_journal",
 ]
@@ -42,6 +44,14 @@ class DeadLetterReason(StrEnum):
     CIRCUIT_OPEN = "circuit_open"
     TIMEOUT = "timeout"
     INTERRUPTED = "interrupted"
+    # Tasks that never ran (`Executor.dead_letter_unrun`): remote dispatch.
+    UNDELIVERABLE = "undeliverable"
+    """Could not be published to its remote engine within the publish deadline."""
+    REFUSED = "refused"
+    """The consumer refused the message: unregistered, unsigned/tampered or undecodable."""
+    WORKER_LOST = "worker_lost"
+    """Its worker was lost more than max_deliveries times (or once, for a task that is not
+    durable: at most once)."""
 
 
 def _format_traceback(exc: BaseException) -> str:
@@ -64,6 +74,8 @@ class DeadLetter:
         reason: why the task was dead-lettered.
         trace_id, span_id: the original task span (hex), or "" when there was none.
         signature: HMAC of the call (see `otel_bgtasks.signing`), "" when written unsigned.
+        route: the remote dispatcher the task was bound for (e.g. ``celery:bgtasks``); a
+            replay sends it there when that dispatcher is registered. "" = this process.
     """
 
     id: str
@@ -82,6 +94,7 @@ class DeadLetter:
     trace_id: str = ""
     span_id: str = ""
     signature: str = ""
+    route: str = ""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -109,6 +122,7 @@ class DeadLetter:
         serializer: str = "json",
         trace_id: str = "",
         span_id: str = "",
+        route: str = "",
     ) -> DeadLetter:
         """A new entry (fresh id) whose error fields come from `exc`."""
         now = time.time() if last_failure is None else last_failure
@@ -128,6 +142,7 @@ class DeadLetter:
             reason=reason,
             trace_id=trace_id,
             span_id=span_id,
+            route=route,
         )
 
     @classmethod
@@ -236,8 +251,11 @@ class JournalEntry:
 
     Attributes:
         task_id: the task's `bgtasks.task.id`.
-        owner: the `process_identity()` of the process running it.
+        owner: the `process_identity()` of the process running it, or ``route:<route>``
+            once handed to a remote dispatcher (`Executor.hand_off`).
         enqueued_at: epoch seconds at scheduling.
+        deadline: epoch seconds after which a handed-off row is re-sent by recovery (0:
+            not handed off).
         The other fields are as in `DeadLetter`.
     """
 
@@ -251,6 +269,7 @@ class JournalEntry:
     trace_id: str = ""
     span_id: str = ""
     signature: str = ""
+    deadline: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.task_id:
@@ -269,6 +288,10 @@ class JournalEntry:
             return self
         return dataclasses.replace(self, signature=keys.sign(self.call_fields()))
 
+    def replace(self, **changes: Any) -> JournalEntry:
+        """A copy with `changes` applied (`dataclasses.replace`)."""
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
@@ -282,6 +305,55 @@ class JournalEntry:
     @classmethod
     def from_json(cls, text: str | bytes) -> JournalEntry:
         return cls.from_dict(_loads_object(text))
+
+
+ROUTE_OWNER = "route:"
+"""Owner prefix of a journal row handed to a remote dispatcher (never recovered locally)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMessage:
+    """A task sent to another process by a remote dispatcher: untrusted when received.
+
+    Attributes:
+        task_id: the original `bgtasks.task.id` (the message id).
+        task_name, func_ref, serializer, payload: the encoded call (as in `JournalEntry`).
+        traceparent, tracestate: W3C trace context of the producer span ("" if none).
+        enqueued_at: wall clock (epoch s) at scheduling: the consumer's wait is measured
+            from it (`bgtasks.task.wait` is the broker wait).
+        route: the dispatcher's route; durable: the task has a journal row.
+        signature: HMAC of `call_fields` (kind ``message``), "" unsigned.
+    """
+
+    task_id: str
+    task_name: str
+    func_ref: str
+    serializer: str
+    payload: str
+    enqueued_at: float
+    traceparent: str = ""
+    tracestate: str = ""
+    route: str = ""
+    durable: bool = False
+    signature: str = ""
+
+    def call_fields(self) -> tuple[str, str, str, str, str]:
+        """What the signature covers; the id is bound to the kind (a journal row's or dead
+        letter's signature does not verify as a message)."""
+        return (
+            "message:" + self.task_id,
+            self.task_name,
+            self.func_ref,
+            self.serializer,
+            self.payload,
+        )
+
+    def signed(self, keys: SigningKeys | None = None) -> TaskMessage:
+        """A copy signed with `keys` (default: the configured ones); itself without keys."""
+        keys = keys if keys is not None else signing_keys()
+        if keys is None:
+            return self
+        return dataclasses.replace(self, signature=keys.sign(self.call_fields()))
 
 
 def _decode_reason(value: Any) -> DeadLetterReason:

@@ -38,7 +38,8 @@ from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import decode_call
 from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, UntrustedEntryError
 from otel_bgtasks.identity import owner_is_dead, process_identity
-from otel_bgtasks.records import DeadLetter, JournalEntry
+from otel_bgtasks.records import ROUTE_OWNER, DeadLetter, JournalEntry
+from otel_bgtasks.registry import dispatcher_for
 from otel_bgtasks.replay import renewing, standalone_executor
 from otel_bgtasks.stores.base import DeadLetterStore
 
@@ -49,6 +50,7 @@ __all__ = [
     "RecoveryTask",
     "recover_interrupted",
     "recover_interrupted_tasks",
+    "resend_expired",
     "start_recovery",
 ]
 
@@ -250,6 +252,66 @@ async def _rerun(
     )
     await executor.run(state)
     return "ok" if state.outcome is Outcome.SUCCESS else "failed"
+
+
+def resend_expired(
+    store: DeadLetterStore,
+    executor: Executor | None = None,
+    *,
+    now: float | None = None,
+    lease: float = RECOVERY_LEASE,
+) -> int:
+    """Re-send journal rows handed to a remote dispatcher whose deadline passed (the worker
+    that took them died, or the broker lost them); never runs them here. Each row is claimed
+    first (a worker running it holds its claim, so it is not re-sent), published again
+    through `dispatcher_for(route).resend`, and handed off again with a new deadline. Rows
+    of a route with no dispatcher registered in this process stay (logged once per route).
+    Blocking: call it from a thread. Returns the rows re-sent.
+    """
+    executor = executor or active_executor()
+    if executor is None:
+        raise ConfigurationError("resend_expired needs an executor: instrument() first")
+    moment = time.time() if now is None else now
+    me = f"{process_identity()}/resend/{secrets.token_hex(4)}"
+    sent = 0
+    missing: set[str] = set()
+    for row in store.journal_list():
+        if not row.owner.startswith(ROUTE_OWNER) or row.deadline > moment:
+            continue
+        route = row.owner[len(ROUTE_OWNER) :]
+        dispatcher = dispatcher_for(route)
+        if dispatcher is None:
+            if route not in missing:
+                missing.add(route)
+                _log.warning(
+                    "handed-off durable tasks past their deadline, but no dispatcher for"
+                    " their route in this process",
+                    route=route,
+                )
+            continue
+        try:
+            claimed = store.journal_claim(row.task_id, me, lease=lease, now=moment)
+        except CorruptEntryError:
+            continue
+        if claimed is None:
+            continue  # finished meanwhile, or a worker holds it
+        try:
+            dispatcher.resend(executor, claimed, task_id=claimed.task_id)
+        except Exception:
+            store.journal_release(row.task_id, me)
+            _log.warning(
+                "re-sending a handed-off durable task failed; retried later",
+                task_id=row.task_id,
+                route=route,
+            )
+            continue
+        lease_for = getattr(dispatcher, "lease", RECOVERY_LEASE)
+        # journal_add replaces the row and drops our claim: the worker can claim it
+        store.journal_add(claimed.replace(deadline=time.time() + lease_for))
+        sent += 1
+    if sent:
+        _log.warning("re-sent handed-off durable tasks past their deadline", count=sent)
+    return sent
 
 
 class RecoveryTask:

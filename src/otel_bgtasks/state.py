@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.trace import SpanContext
+from opentelemetry.util.types import AttributeValue
 
 from otel_bgtasks.attributes import ErrorCategory, Outcome
+from otel_bgtasks.calls import EncodedCall
 from otel_bgtasks.options import EffectiveOptions
 from otel_bgtasks.records import DeadLetterReason
 
@@ -39,6 +41,9 @@ class TaskCallState:
         journaled: the task has a journal row (durable).
         replay: the run replays a dead letter (never parented under the old request).
         first_failure: epoch seconds of the first failure of a replayed dead letter.
+        call: the encoded call of a task bound for another process (encoded at scheduling,
+            so bad arguments raise in the endpoint), or of a received one.
+        attributes: extra span attributes (a received message's ``messaging.*``).
     """
 
     task_id: str
@@ -61,3 +66,5 @@ class TaskCallState:
     journaled: bool = False
     replay: bool = False
     first_failure: float | None = None
+    call: EncodedCall | None = None
+    attributes: dict[str, AttributeValue] | None = None

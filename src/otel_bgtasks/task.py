@@ -27,6 +27,7 @@ __all__ = [
     "check_timeout",
     "function_name",
     "is_async_callable",
+    "is_dispatcher",
     "task_name",
     "task_options",
 ]
@@ -38,6 +39,16 @@ _OPTIONS_ATTR = "__bgtasks_options__"
 DispatchMode = Literal["inline", "local"]
 """Where a task goes once its response is done (`otel_bgtasks.dispatch`)."""
 DISPATCH_MODES: tuple[DispatchMode, ...] = ("inline", "local")
+
+
+def is_dispatcher(value: object) -> bool:
+    """`value` looks like an `otel_bgtasks.dispatch.Dispatcher` (checked structurally here,
+    below the dispatch module)."""
+    return (
+        isinstance(getattr(value, "name", None), str)
+        and callable(getattr(value, "submit", None))
+        and callable(getattr(value, "drain", None))
+    )
 
 
 def check_timeout(timeout: object, where: str) -> float | None:
@@ -70,7 +81,7 @@ class TaskOptions:
     circuit: CircuitBreaker | None = None
     timeout: float | None = None
     durable: bool | None = None
-    dispatch: DispatchMode | None = None
+    dispatch: DispatchMode | Any | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
@@ -86,10 +97,15 @@ class TaskOptions:
             )
         if self.durable is not None and not isinstance(self.durable, bool):
             raise ConfigurationError(f"background_task(durable={self.durable!r}): True or False")
-        if self.dispatch is not None and self.dispatch not in DISPATCH_MODES:
+        if (
+            self.dispatch is not None
+            and self.dispatch not in DISPATCH_MODES
+            and not is_dispatcher(self.dispatch)
+        ):
             raise ConfigurationError(
                 f"background_task(dispatch={self.dispatch!r}): use one of"
-                f" {', '.join(DISPATCH_MODES)} or None (the instrumentor's default)"
+                f" {', '.join(DISPATCH_MODES)}, a Dispatcher (e.g. CeleryDispatcher) or None"
+                " (the instrumentor's default)"
             )
 
 
@@ -108,7 +124,7 @@ def background_task(
     circuit: CircuitBreaker | None = None,
     timeout: float | None = None,
     durable: bool | None = None,
-    dispatch: DispatchMode | None = None,
+    dispatch: DispatchMode | Any | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -121,13 +137,14 @@ def background_task(
     circuit: CircuitBreaker | None = None,
     timeout: float | None = None,
     durable: bool | None = None,
-    dispatch: DispatchMode | None = None,
+    dispatch: DispatchMode | Any | None = None,
 ) -> F | Callable[[F], F]:
     """Give a background task a stable name and its policies.
 
     Usable bare (`@background_task`) or with arguments (`@background_task(name="send-mail")`).
-    Options left out use the instrumentor's defaults. `dispatch` ("inline" or "local") says
-    where the task runs once its response is done (`otel_bgtasks.dispatch`). The function
+    Options left out use the instrumentor's defaults. `dispatch` ("inline", "local" or a
+    `Dispatcher` such as `otel_bgtasks.celery.CeleryDispatcher`) says where the task runs once
+    its response is done (`otel_bgtasks.dispatch`). The function
     becomes one of the app's registered tasks: its dead letters and journal rows can be
     replayed and recovered (see `otel_bgtasks.registry`).
 

@@ -69,7 +69,7 @@ def filter_upstream(task_name: str) -> None:
         _names[task_name] = _names.get(task_name, 0) + 1
         for signal in _SIGNALS:
             if not getattr(signal.__dict__.get("_live_receivers"), "__bgtasks_filter__", False):
-                signal._live_receivers = _filtering(signal._live_receivers)  # type: ignore[method-assign]
+                signal._live_receivers = _filtering(signal._live_receivers)
 
 
 def unfilter_upstream(task_name: str) -> None:

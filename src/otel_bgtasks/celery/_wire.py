@@ -100,9 +100,12 @@ class Header:
     traceparent: str = ""
     tracestate: str = ""
     max_deliveries: int = 0  # 0: the worker's default
+    resent: bool = False  # a copy re-sent by recovery or replay: counted as a redelivery
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"task_id": self.task_id, "enqueued_at": self.enqueued_at}
+        if self.resent:
+            data["resent"] = True
         if self.traceparent:
             data["traceparent"] = self.traceparent
         if self.tracestate:
@@ -164,6 +167,9 @@ def decode_header(task_id: str, headers: Any) -> Header:
         or not _MIN_TIME <= enqueued <= _MAX_TIME
     ):
         raise MessageError(task_id, "header field 'enqueued_at' must be epoch seconds")
+    resent = data.get("resent", False)
+    if not isinstance(resent, bool):
+        raise MessageError(task_id, "header field 'resent' must be true or false")
     max_deliveries = data.get("max_deliveries", 0)
     if isinstance(max_deliveries, bool) or not isinstance(max_deliveries, int):
         raise MessageError(task_id, "header field 'max_deliveries' must be an integer")
@@ -174,6 +180,7 @@ def decode_header(task_id: str, headers: Any) -> Header:
             traceparent=_text(data, "traceparent", _MAX_TRACE, required=False),
             tracestate=_text(data, "tracestate", _MAX_TRACE, required=False),
             max_deliveries=min(max(max_deliveries, 0), MAX_DELIVERIES_LIMIT),
+            resent=resent,
         )
     except MessageError as exc:
         raise MessageError(task_id, exc.reason) from None

@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Self
 
 from otel_bgtasks.identity import owner_is_alive, owner_is_dead, process_identity
-from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.records import ROUTE_OWNER, DeadLetter, DeadLetterReason, JournalEntry
 
 __all__ = ["DeadLetterStore"]
 
@@ -163,13 +163,16 @@ class DeadLetterStore(ABC):
         """Owners whose last sign of life (heartbeat or newest journal row) is older than
         `stale_after` seconds, or on this host whose process is gone (`owner_is_dead`). This
         process, and a process on this machine known to be running (`owner_is_alive`), are
-        never listed, however old their heartbeat."""
+        never listed, however old their heartbeat; nor are routes (``route:...``, rows handed
+        to a remote dispatcher: re-sent by `otel_bgtasks.recovery.resend_expired`, never run
+        locally)."""
         moment = time.time() if now is None else now
         me = process_identity()
         dead = [
             owner
             for owner, seen in self.last_seen().items()
             if owner != me
+            and not owner.startswith(ROUTE_OWNER)
             and (moment - seen > stale_after or owner_is_dead(owner))
             and not owner_is_alive(owner)
         ]

@@ -1,0 +1,322 @@
+"""`install_worker`: run the tasks `CeleryDispatcher` sends, in Celery workers, through the
+same executor, policies, signals and dead letters as in the web process.
+
+    # the worker's module: celery -A shop.worker worker -Q bgtasks
+    install_worker(celery_app, dead_letter_store="redis://store:6379/1")  # + instrument() keywords
+
+It registers the Celery task ``otel_bgtasks.run`` (late acknowledgement, reject on worker
+loss) and, per worker process (each prefork child, after the fork):
+
+- telemetry: the global providers when the process has them (``opentelemetry-instrument``,
+  or a ``worker_process_init`` handler of the app), otherwise `configure_telemetry()` from the
+  ``OTEL_*`` variables; flushed when the child exits (``worker_process_shutdown``);
+- one executor built from the given keywords, one dead-letter store connection, one event
+  loop on which async task functions run (not a new loop per task);
+- for each message: the header and body are checked (bounded; a malformed message is
+  dead-lettered as ``refused``), the delivery counted (past ``max_deliveries``: dead-lettered
+  as ``worker_lost``; a task that is not durable is dead-lettered at its first redelivery: at
+  most once), a durable task's journal row claimed for this worker (none left: the task
+  already ran, this copy is dropped), then the task runs as `Executor.run` runs it anywhere:
+  one CONSUMER span ``process {task}`` linked to the producer span, with the messaging
+  attributes, retries, breaker, timeout and dead letters; the row is removed when it ends.
+
+Upstream's Celery instrumentation, when on, is filtered out for this task only: one producer
+and one consumer span per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from celery import Celery, Task, signals
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
+from opentelemetry.sdk.trace import TracerProvider as SDKTracerProvider
+from opentelemetry.trace import Span
+from opentelemetry.util.types import AttributeValue
+
+from otel_bgtasks import attributes as attr
+from otel_bgtasks._execution import Executor, call_hook, set_active_executor
+from otel_bgtasks._tracebacks import exception_fields
+from otel_bgtasks.celery._deliveries import DeliveryCounter
+from otel_bgtasks.celery._transport import messaging_system, visibility_timeout
+from otel_bgtasks.celery._upstream import filter_upstream
+from otel_bgtasks.celery._wire import (
+    RUN_TASK,
+    Body,
+    Header,
+    MessageError,
+    decode_body,
+    decode_header,
+)
+from otel_bgtasks.celery.dispatcher import DEFAULT_HAND_OFF_LEASE
+from otel_bgtasks.environment import options_from_env
+from otel_bgtasks.errors import (
+    CorruptEntryError,
+    TaskImportError,
+    UntrustedEntryError,
+    WorkerLostError,
+)
+from otel_bgtasks.identity import process_identity
+from otel_bgtasks.instrumentor import _check_keywords, build_executor
+from otel_bgtasks.records import DeadLetterReason, TaskMessage
+from otel_bgtasks.state import TaskCallState
+from otel_bgtasks.stores.base import DeadLetterStore
+from otel_bgtasks.telemetry import Telemetry, configure_telemetry
+
+__all__ = ["WorkerRuntime", "install_worker"]
+
+_log = structlog.get_logger("otel_bgtasks")
+_MAX_ID = 64
+DEFAULT_MAX_DELIVERIES = 5
+# What `Executor.receive` raises for a message it refuses (nothing of it ran or was imported).
+REFUSED_ERRORS = (UntrustedEntryError, TaskImportError, CorruptEntryError, LookupError, ValueError)
+
+
+def _short_id(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text[:_MAX_ID]
+
+
+@dataclass(slots=True, eq=False)
+class _Child:
+    """What one worker process runs tasks with."""
+
+    pid: int
+    executor: Executor
+    loop: asyncio.AbstractEventLoop
+    counter: DeliveryCounter
+    telemetry: Telemetry | None  # ours to shut down (None: the process's own providers)
+    store: DeadLetterStore | None  # opened here from a URL: ours to close
+
+
+class WorkerRuntime:
+    """The worker side of one Celery app (`install_worker` returns it)."""
+
+    def __init__(self, app: Celery, keywords: dict[str, Any]) -> None:
+        self.app = app
+        self.keywords = keywords
+        self.system = messaging_system(app)
+        visibility = visibility_timeout(app)
+        self.lease = visibility if visibility is not None else DEFAULT_HAND_OFF_LEASE
+        # Every child of one worker claims durable rows as the worker: a message requeued
+        # after its child was killed is claimed again by a sibling at once.
+        self.node = f"{process_identity()}/celery"
+        self._child: _Child | None = None
+        self._lock = threading.Lock()
+        self._redelivered: dict[str, int] = {}  # task id -> delivery number, for the span
+        self._user_start_hook = keywords.get("start_hook")
+
+    # -- per process ------------------------------------------------------------------------
+
+    def child(self) -> _Child:
+        """This process's runtime, made at the first call after a fork."""
+        child = self._child
+        pid = os.getpid()
+        if child is not None and child.pid == pid:
+            return child
+        with self._lock:
+            child = self._child
+            if child is None or child.pid != pid:
+                child = self._child = self._start(pid)
+        return child
+
+    def _start(self, pid: int) -> _Child:
+        keywords = dict(self.keywords)
+        telemetry: Telemetry | None = None
+        if "tracer_provider" not in keywords and "meter_provider" not in keywords:
+            tracer_set = isinstance(trace.get_tracer_provider(), SDKTracerProvider)
+            meter_set = isinstance(metrics.get_meter_provider(), SDKMeterProvider)
+            if not (tracer_set and meter_set):
+                telemetry = configure_telemetry(service_name="celery-worker")
+        keywords["start_hook"] = self._start_hook
+        executor, owned = _build_executor(keywords)
+        set_active_executor(executor)
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        return _Child(pid, executor, loop, DeliveryCounter(self.app), telemetry, owned)
+
+    def stop(self) -> None:
+        """This process is exiting: flush the store, the journal and telemetry."""
+        child = self._child
+        if child is None or child.pid != os.getpid():
+            return
+        self._child = None
+        try:
+            child.executor.close()
+        except Exception:
+            _log.error("worker executor close failed", **exception_fields())
+        set_active_executor(None)
+        child.counter.close()
+        child.loop.close()
+        if child.store is not None:
+            child.store.close()
+        if child.telemetry is not None:
+            child.telemetry.shutdown()
+        else:
+            for provider in (trace.get_tracer_provider(), metrics.get_meter_provider()):
+                flush = getattr(provider, "force_flush", None)
+                if flush is not None:
+                    flush()
+
+    def _start_hook(self, span: Span, state: TaskCallState) -> None:
+        deliveries = self._redelivered.pop(state.task_id, None)
+        if deliveries is not None and span.is_recording():
+            span.add_event(attr.EVENT_REDELIVERED, {attr.MESSAGE_DELIVERIES: deliveries})
+        call_hook(self._user_start_hook, span, state)
+
+    # -- one message ------------------------------------------------------------------------
+
+    def handle(self, request: Any, args: Any) -> None:
+        """Run one message of ``otel_bgtasks.run`` (the Celery task's body); never raises for
+        what the task or the message did: the message is then acknowledged."""
+        child = self.child()
+        executor = child.executor
+        task_id = _short_id(getattr(request, "id", ""))
+        try:
+            header = decode_header(task_id, getattr(request, "headers", None))
+            body = decode_body(task_id, args)
+        except MessageError as exc:
+            self._refuse_malformed(executor, task_id, request, exc)
+            return
+        delivery = getattr(request, "delivery_info", None) or {}
+        headers = getattr(request, "headers", None) or {}
+        redelivered = bool(
+            delivery.get("redelivered")
+            or headers.get("redelivered")
+            or (getattr(request, "retries", 0) or 0) > 0
+            or header.resent
+        )
+        deliveries = child.counter.count(task_id, redelivered)
+        attributes: dict[str, AttributeValue] = {
+            attr.MESSAGING_SYSTEM: self.system,
+            attr.MESSAGING_DESTINATION_NAME: str(delivery.get("routing_key") or "")[:200],
+            attr.MESSAGING_OPERATION_TYPE: "process",
+            attr.MESSAGING_MESSAGE_ID: task_id,
+            attr.MESSAGING_CLIENT_ID: str(getattr(request, "hostname", "") or "")[:200],
+            attr.MESSAGE_DELIVERIES: deliveries,
+        }
+        message = _message(header, body)
+        try:
+            state = executor.receive(message, attributes=attributes)
+        except REFUSED_ERRORS as exc:
+            executor.dead_letter_message(
+                message,
+                DeadLetterReason.REFUSED,
+                exc,
+                task_id=task_id,
+                task_name=body.task_name[:200],
+            )
+            return
+        max_deliveries = header.max_deliveries or DEFAULT_MAX_DELIVERIES
+        if deliveries > max_deliveries or (redelivered and not body.durable):
+            why = (
+                f"delivered {deliveries} times (max_deliveries={max_deliveries}): its worker"
+                " was lost each time"
+                if body.durable
+                else "its worker was lost while it ran (not durable: at most once)"
+            )
+            executor.dead_letter_unrun(state, DeadLetterReason.WORKER_LOST, WorkerLostError(why))
+            if deliveries > 1:
+                child.counter.forget(task_id)
+            return
+        if body.durable and not self._claim(executor, state):
+            return
+        if deliveries > 1:
+            self._redelivered[task_id] = deliveries
+        try:
+            child.loop.run_until_complete(executor.run(state, inline=True))
+        finally:
+            self._redelivered.pop(task_id, None)
+            if deliveries > 1:
+                child.counter.forget(task_id)
+
+    def _claim(self, executor: Executor, state: TaskCallState) -> bool:
+        """Claim a durable task's journal row for this worker; False: none left (it ran
+        already) or another worker holds it (this copy is a duplicate)."""
+        store = executor.store
+        if store is None:
+            return True
+        row = store.journal_claim(state.task_id, self.node, lease=self.lease)
+        if row is not None:
+            return True
+        executor.drop_duplicate(state)
+        return False
+
+    def _refuse_malformed(
+        self, executor: Executor, task_id: str, request: Any, exc: MessageError
+    ) -> None:
+        shadow = getattr(request, "shadow", None)
+        name = shadow[:200] if isinstance(shadow, str) and shadow else RUN_TASK
+        executor.dead_letter_message(
+            None, DeadLetterReason.REFUSED, exc, task_id=task_id, task_name=name
+        )
+
+
+def _message(header: Header, body: Body) -> TaskMessage:
+    return TaskMessage(
+        task_id=header.task_id,
+        task_name=body.task_name,
+        func_ref=body.func_ref,
+        serializer=body.serializer,
+        payload=body.payload,
+        traceparent=header.traceparent,
+        tracestate=header.tracestate,
+        enqueued_at=header.enqueued_at,
+        route=body.route,
+        durable=body.durable,
+        signature=body.signature,
+    )
+
+
+def _build_executor(keywords: dict[str, Any]) -> tuple[Executor, DeadLetterStore | None]:
+    options = {**options_from_env(), **keywords}
+    return build_executor(options)  # type: ignore[arg-type]
+
+
+def install_worker(celery_app: Celery, **instrument_keywords: Any) -> WorkerRuntime:
+    """Run background tasks sent by `CeleryDispatcher` in this Celery app's workers.
+
+    Call it in the module the worker imports (``celery -A module worker``). Keywords are
+    those of ``BackgroundTasksInstrumentor().instrument()`` (``dead_letter_store``, ``retry``,
+    ``trace_mode``, ...): pass a store URL, opened in each worker process after the fork.
+
+    Raises:
+        TypeError: an unknown keyword.
+        ConfigurationError: a bad value (checked here, before the worker forks).
+    """
+    _check_keywords(instrument_keywords)
+    for key in ("dispatch", "max_concurrency", "drain_timeout"):
+        if key in instrument_keywords:
+            raise TypeError(f"install_worker({key}=...): a worker runs tasks, it does not dispatch")
+    runtime = WorkerRuntime(celery_app, dict(instrument_keywords))
+
+    def run(self: Task, *args: Any, **kwargs: Any) -> None:
+        runtime.handle(self.request, args)
+
+    celery_app.task(
+        name=RUN_TASK,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        typing=False,
+        max_retries=None,
+    )(run)
+
+    def on_child_start(**_: Any) -> None:
+        runtime.child()
+
+    def on_child_stop(**_: Any) -> None:
+        runtime.stop()
+
+    signals.worker_process_init.connect(on_child_start, weak=False)
+    signals.worker_process_shutdown.connect(on_child_stop, weak=False)
+    signals.worker_shutdown.connect(on_child_stop, weak=False)  # solo / threads pools
+    filter_upstream(RUN_TASK)
+    return runtime
