@@ -226,6 +226,8 @@ class DeadLetter:
         """A JSON-ready dict (the stored form)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["reason"] = self.reason.value
+        if not self.route:  # the stored form of a local task is unchanged
+            del data["route"]
         return data
 
     def to_json(self) -> str:
@@ -293,7 +295,10 @@ class JournalEntry:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if not self.deadline:  # the stored form of a row not handed off is unchanged
+            del data["deadline"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)

@@ -119,8 +119,8 @@ def test_the_decorator_checks_dispatch():
     with pytest.raises(ConfigurationError) as raised:
         background_task(dispatch="celery")  # type: ignore[arg-type]
     assert str(raised.value) == (
-        "background_task(dispatch='celery'): use one of inline, local or None"
-        " (the instrumentor's default)"
+        "background_task(dispatch='celery'): use one of inline, local, a Dispatcher (e.g."
+        " CeleryDispatcher) or None (the instrumentor's default)"
     )
 
 
