@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -50,8 +51,10 @@ __all__ = [
     "RecoveryTask",
     "recover_interrupted",
     "recover_interrupted_tasks",
+    "Resender",
     "resend_expired",
     "start_recovery",
+    "start_resender",
 ]
 
 RECOVERY_LEASE = 60.0
@@ -312,6 +315,56 @@ def resend_expired(
     if sent:
         _log.warning("re-sent handed-off durable tasks past their deadline", count=sent)
     return sent
+
+
+class Resender:
+    """`resend_expired` every `interval` seconds on a daemon thread (`start_resender`);
+    `stop()` ends it. A failing pass is logged and the next one runs as usual."""
+
+    def __init__(self, store: DeadLetterStore, executor: Executor, interval: float) -> None:
+        self.store = store
+        self.executor = executor
+        self.interval = interval
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="otel-bgtasks-resend", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sent += resend_expired(self.store, self.executor)
+            except Exception:
+                _log.exception("re-sending handed-off durable tasks failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 30)
+
+
+def start_resender(
+    *,
+    store: DeadLetterStore | None = None,
+    executor: Executor | None = None,
+    interval: float = 10.0,
+) -> Resender:
+    """Keep re-sending journal rows handed to remote dispatchers (Celery) once their
+    deadline passed, every `interval` s, in this process (the web app, e.g. in its lifespan):
+    a durable task whose worker died, or whose message the broker lost, runs again within
+    about its deadline plus `interval`, without a worker restart.
+
+    Raises:
+        ConfigurationError: no executor or store (instrument first), or a bad interval.
+    """
+    executor = executor or active_executor()
+    if executor is None:
+        raise ConfigurationError("start_resender needs an executor: instrument() first")
+    store = store or executor.store
+    if store is None:
+        raise ConfigurationError("start_resender needs a dead-letter store")
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+        raise ConfigurationError(f"interval={interval!r}: must be > 0 seconds")
+    return Resender(store, executor, float(interval))
 
 
 class RecoveryTask:

@@ -240,6 +240,7 @@ class CeleryDispatcher:
         except Exception as exc:
             self._record_attempt(executor, task_name, started, exc)
             _end_failed(span, exc)
+            self._reset()
             raise
         self._record_attempt(executor, task_name, started, None)
         span.end()

@@ -192,14 +192,12 @@ class WorkerRuntime:
             or (getattr(request, "retries", 0) or 0) > 0
             or header.resent
         )
-        deliveries = child.counter.count(task_id, redelivered)
         attributes: dict[str, AttributeValue] = {
             attr.MESSAGING_SYSTEM: self.system,
             attr.MESSAGING_DESTINATION_NAME: str(delivery.get("routing_key") or "")[:200],
             attr.MESSAGING_OPERATION_TYPE: "process",
             attr.MESSAGING_MESSAGE_ID: task_id,
             attr.MESSAGING_CLIENT_ID: str(getattr(request, "hostname", "") or "")[:200],
-            attr.MESSAGE_DELIVERIES: deliveries,
         }
         message = _message(header, body)
         try:
@@ -213,6 +211,12 @@ class WorkerRuntime:
                 task_name=body.task_name[:200],
             )
             return
+        # A durable copy whose row is gone (it ran) or held by another worker: dropped,
+        # before it counts as a delivery.
+        if body.durable and not self._claim(executor, state):
+            return
+        deliveries = child.counter.count(task_id, redelivered)
+        attributes[attr.MESSAGE_DELIVERIES] = deliveries
         max_deliveries = header.max_deliveries or DEFAULT_MAX_DELIVERIES
         if deliveries > max_deliveries or (redelivered and not body.durable):
             why = (
@@ -224,8 +228,6 @@ class WorkerRuntime:
             executor.dead_letter_unrun(state, DeadLetterReason.WORKER_LOST, WorkerLostError(why))
             if deliveries > 1:
                 child.counter.forget(task_id)
-            return
-        if body.durable and not self._claim(executor, state):
             return
         if deliveries > 1:
             self._redelivered[task_id] = deliveries
