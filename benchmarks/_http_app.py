@@ -169,7 +169,7 @@ async def stats() -> dict[str, Any]:
         from otel_bgtasks._execution import active_executor as current_executor
 
         executor = current_executor()
-        failures = len(executor.recent_failures) if executor is not None else -1
+        failures = len(executor.failures.recent) if executor is not None else -1
     return {
         "variant": VARIANT,
         "requests": STATS.requests,

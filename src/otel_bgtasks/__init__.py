@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from otel_bgtasks._execution import TaskHook, current_task
 from otel_bgtasks._version import __version__
 from otel_bgtasks.alerting import AlertingSpanProcessor, install_alerting
 from otel_bgtasks.attributes import ErrorCategory, Outcome
@@ -26,6 +25,7 @@ from otel_bgtasks.errors import (
     UntrustedEntryError,
     classify_error,
 )
+from otel_bgtasks.hooks import TaskHook
 from otel_bgtasks.instrumentor import (
     BackgroundTasksInstrumentor,
     InstrumentOptions,
@@ -47,7 +47,7 @@ from otel_bgtasks.response_gate import JournalGate
 from otel_bgtasks.retry import RetryPolicy, retry_if_category
 from otel_bgtasks.sampling import LinkAwareSampler
 from otel_bgtasks.signing import configure_signing
-from otel_bgtasks.state import TaskCallState
+from otel_bgtasks.state import TaskCallState, current_task
 from otel_bgtasks.stores import SQLiteDeadLetterStore, open_store
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.task import DispatchMode, TaskOptions, background_task

@@ -1,48 +1,35 @@
-"""The one execution path every background task takes: span, metrics, logs, policies.
+"""The executor: the one path every background task takes (span, metrics, logs, policies),
+from scheduling to its final outcome.
 
-Also the registry of the active executor (`active_executor`), next to `current_task`: modules
-that run tasks outside Starlette (replay, recovery, the health router) find it here, below the
-instrumentor that sets it.
+Its parts live in their own modules: accounting (in flight, pending, skipped), the breaker
+registry, dead-lettering, failure reporting, the journal. Also here: the registry of the
+active executor (`active_executor`), which modules that run tasks outside Starlette (replay,
+recovery, the health router) read, below the instrumentor that sets it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
-import logging
 import random
-import threading
 import time
-import traceback
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
-from types import FrameType, FunctionType, MethodType
+from types import FunctionType, MethodType
 from typing import Any
 
-import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.metrics import Observation
-from opentelemetry.semconv.attributes.exception_attributes import (
-    EXCEPTION_STACKTRACE,
-    EXCEPTION_TYPE,
-)
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 from starlette.concurrency import run_in_threadpool
 from tenacity import RetryCallState
 
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._ids import span_id_hex, trace_id_hex
-from otel_bgtasks._tracebacks import (
-    REDACTED,
-    bounded_message,
-    bounded_traceback,
-    exception_fields,
-)
+from otel_bgtasks._logger import log
+from otel_bgtasks.accounting import Accounting
 from otel_bgtasks.attributes import ErrorCategory, Outcome, SkipReason
+from otel_bgtasks.breakers import BreakerRegistry
 from otel_bgtasks.calls import (
     EncodedCall,
     JSONSerializer,
@@ -51,7 +38,8 @@ from otel_bgtasks.calls import (
     describe_call,
     encode_call,
 )
-from otel_bgtasks.circuit import CircuitBreaker, CircuitState
+from otel_bgtasks.circuit import CircuitBreaker
+from otel_bgtasks.dead_lettering import DeadLetterWriter
 from otel_bgtasks.errors import (
     CircuitOpenError,
     ConfigurationError,
@@ -60,6 +48,8 @@ from otel_bgtasks.errors import (
     classify_error,
     error_type,
 )
+from otel_bgtasks.failures import FailureReporter, release_frames
+from otel_bgtasks.hooks import TaskHook, call_hook
 from otel_bgtasks.journal import Journal
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.options import (
@@ -70,11 +60,12 @@ from otel_bgtasks.options import (
     check_trace_mode,
     effective_options,
 )
-from otel_bgtasks.records import ROUTE_OWNER, DeadLetter, DeadLetterReason, TaskMessage
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, TaskMessage, route_owner
 from otel_bgtasks.registry import note_scheduled
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.signing import signing_keys
-from otel_bgtasks.state import TaskCallState
+from otel_bgtasks.state import TaskCallState, current_task
+from otel_bgtasks.state import current as _current
 from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = [
@@ -88,48 +79,6 @@ __all__ = [
     "current_task",
     "set_active_executor",
 ]
-
-TaskHook = Callable[[Span, TaskCallState], None]
-"""Called with the task span and state: at start (`start_hook`) and at the end (`end_hook`)."""
-
-_structlog = structlog.get_logger("otel_bgtasks")
-
-
-class _SafeLogger:
-    """The package's own logging: a broken user log processor never breaks a task.
-
-    An exception is logged as ``error_type``, ``error_message`` (bounded) and ``traceback``
-    (a bounded string without locals), never as ``exc_info``: structlog's default console
-    renderer and ``dict_tracebacks`` would render every frame's local variables (task
-    arguments, secrets) at a cost without bound. `exc_info` is passed only on opt-in.
-    """
-
-    def _emit(self, method: str, event: str, **fields: Any) -> None:
-        try:
-            getattr(_structlog, method)(event, **fields)
-        except Exception:  # the fallback must not raise either
-            with contextlib.suppress(Exception):
-                logging.getLogger("otel_bgtasks").log(
-                    logging.ERROR if method in ("error", "exception") else logging.WARNING,
-                    "%s %s",
-                    event,
-                    fields,
-                )
-
-    def error(self, event: str, **fields: Any) -> None:
-        self._emit("error", event, **fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._emit("warning", event, **fields)
-
-    def exception(self, event: str, **fields: Any) -> None:
-        """Log at error level with the exception being handled, rendered bounded."""
-        self._emit("error", event, **fields, **exception_fields())
-
-
-_log = _SafeLogger()
-
-_current: ContextVar[TaskCallState | None] = ContextVar("otel_bgtasks_task", default=None)
 
 # Errors that say nothing about the downstream's health do not trip a breaker.
 _NOT_BREAKER_FAILURES = frozenset({ErrorCategory.VALIDATION, ErrorCategory.BUSINESS})
@@ -147,11 +96,6 @@ _FAILURE = Outcome.FAILURE
 _CONSUMER = SpanKind.CONSUMER
 
 
-def current_task() -> TaskCallState | None:
-    """The state of the background task running in this context, if any."""
-    return _current.get()
-
-
 def active_executor() -> Executor | None:
     """The executor of the active instrumentation (None when not instrumented)."""
     return _active
@@ -161,57 +105,6 @@ def set_active_executor(executor: Executor | None) -> None:
     """Make `executor` the active one (the instrumentor does, at instrument/uninstrument)."""
     global _active
     _active = executor
-
-
-def _release_frames(exc: BaseException, caught_in: FrameType | None) -> None:
-    """Free a handled failure's frames now (it was rendered, stored and logged already).
-
-    Its traceback holds every frame from the executor down to the task, each with its locals
-    (the arguments), and the executor's frame holds the state holding the exception: a cycle
-    that keeps the arguments alive until the next cyclic collection (measured with a 900-deep
-    list argument: twice the collector's time, gen-2 pauses over 100 ms). Dropping our own
-    frame and clearing the others' locals lets reference counting free them at once; the
-    traceback still shows every line (as on the span and in the dead letter).
-    """
-    current: BaseException | None = exc
-    for _ in range(8):  # the exception and its causes
-        if current is None:
-            return
-        tb = current.__traceback__
-        if tb is not None and tb.tb_frame is caught_in:
-            current.__traceback__ = tb = tb.tb_next
-        if tb is not None:
-            traceback.clear_frames(tb)
-        current = current.__cause__ or current.__context__
-
-
-_propagator = TraceContextTextMapPropagator()
-
-
-def _remote_link(traceparent: str, tracestate: str) -> SpanContext | None:
-    """The producer's span context from a received W3C trace context (None if invalid)."""
-    if not traceparent:
-        return None
-    carrier = {"traceparent": traceparent}
-    if tracestate:
-        carrier["tracestate"] = tracestate
-    context = trace.get_current_span(_propagator.extract(carrier)).get_span_context()
-    return context if context.is_valid else None
-
-
-def _route_of(state: TaskCallState) -> str:
-    route = getattr(state.options.dispatch, "route", "")
-    return route if isinstance(route, str) else ""
-
-
-def call_hook(hook: TaskHook | None, span: Span, state: TaskCallState) -> None:
-    """Run a user hook; a hook that raises is logged and never breaks the task."""
-    if hook is None:
-        return
-    try:
-        hook(span, state)
-    except Exception:  # a broken hook must not lose the task or its span
-        _log.exception("bgtasks hook failed", hook=getattr(hook, "__qualname__", repr(hook)))
 
 
 class Executor:
@@ -255,30 +148,30 @@ class Executor:
         self.store = dead_letter_store
         self.serializer: Serializer = serializer if serializer is not None else JSONSerializer()
         self.classify = error_classifier
-        self.redact_exception_messages = bool(redact_exception_messages)
-        self.log_locals = bool(log_locals)
+        self.failures = FailureReporter(
+            redact_exception_messages=bool(redact_exception_messages), log_locals=bool(log_locals)
+        )
         self.journal = Journal(dead_letter_store, self.serializer) if dead_letter_store else None
-        self.breakers: dict[str, CircuitBreaker] = {}
-        self._breaker_lock = threading.Lock()
+        self.dead_letters = (
+            DeadLetterWriter(dead_letter_store, self.serializer, instruments)
+            if dead_letter_store is not None
+            else None
+        )
+        self.breakers = BreakerRegistry(instruments)
+        self.accounting = Accounting(instruments, self.journal)
+        # The accounting's containers, read and written inline on the hot path.
+        self.inflight = self.accounting.inflight
+        self._unstarted = self.accounting.unstarted
+        self._ran = self.accounting.ran
+        self._scheduled = self.accounting.scheduled
         self._described: dict[Any, EffectiveOptions] = {}
-        # Scheduled or running tasks, for the health endpoint and the shutdown report; those
-        # with `started_at` set are running (`bgtasks.task.active`, counted at collection).
-        self.inflight: dict[str, TaskCallState] = {}
-        self._ran: set[str] = set()  # task names that ever ran (their series stay, at 0)
-        self.instruments.set_active_source(self.active_counts)
-        # Ids of scheduled tasks not started yet (`bgtasks.task.pending`).
-        self._unstarted: set[str] = set()
-        self._scheduled: set[str] = set()  # task names ever scheduled (their series stay, at 0)
-        self.instruments.set_pending_source(self.pending_counts)
-        self.recent_failures: list[dict[str, Any]] = []
         # The seam's default dispatcher sends tasks to another process (set by DispatchSeam):
         # tasks without a dispatcher of their own are then encoded at scheduling too.
         self.default_remote = False
-        if dead_letter_store is not None:
-            self.instruments.add_depth_source(self._observe_depth)
-            if hasattr(dead_letter_store, "write_errors"):  # a BufferedStore
-                self.instruments.add_write_error_source(self._observe_write_errors)
-                self.instruments.add_dropped_source(self._observe_dropped)
+
+    @property
+    def redact_exception_messages(self) -> bool:
+        return self.failures.redact
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -299,24 +192,8 @@ class Executor:
         current = trace.get_current_span()
         link = current.get_span_context()
         recording = current.is_recording()  # a recording span's context is valid
-        # `prepare`, inline (one call less per task).
-        try:
-            options = self._described[func]
-        except (KeyError, TypeError):
-            options = self.options_for(func)
-        state = TaskCallState(
-            task_id=f"{_getrandbits(128):032x}",
-            func=func,
-            args=args,
-            kwargs=kwargs,
-            options=options,
-            name=options.name,
-            function=options.function,
-            link=link if recording or link.is_valid else None,
-            enqueued_at=time.perf_counter(),
-            enqueued_wall=time.time(),
-            is_async=options.is_async if is_async is None else is_async,
-        )
+        state = self.prepare(func, args, kwargs, link, is_async)
+        options = state.options
         if options.remote or (self.default_remote and options.dispatch is None):
             # bound for another process: bad arguments raise here, in the endpoint
             state.call = encode_call(self.serializer, func, args, kwargs, task_name=state.name)
@@ -337,25 +214,25 @@ class Executor:
         func: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        *,
         link: SpanContext | None = None,
         is_async: bool | None = None,
+        *,
         task_id: str | None = None,
         enqueued_wall: float | None = None,
     ) -> TaskCallState:
-        """The state of a task about to be scheduled, without side effects (`schedule` makes
-        the same state inline). `task_id` keeps an existing id (a received message);
-        `enqueued_wall` (epoch s) an earlier scheduling time, from which the wait is
-        measured."""
+        """The state of a task about to be scheduled or run, without side effects (replay
+        and recovery run it as it is; `schedule` accounts for it). `task_id` keeps an
+        existing id (a received message); `enqueued_wall` (epoch s) an earlier scheduling
+        time, from which its wait is measured."""
         try:  # `options_for`'s cache, read here: one call less per task
             options = self._described[func]
         except (KeyError, TypeError):
             options = self.options_for(func)
-        now = time.perf_counter()
-        wall = time.time()
-        enqueued_at = now
-        if enqueued_wall is not None:
-            enqueued_at = now - max(0.0, wall - enqueued_wall)
+        if enqueued_wall is None:
+            enqueued_at, wall = time.perf_counter(), time.time()
+        else:
+            wall = enqueued_wall
+            enqueued_at = time.perf_counter() - max(0.0, time.time() - enqueued_wall)
         return TaskCallState(
             task_id=task_id or f"{_getrandbits(128):032x}",  # `new_task_id()`, inline
             func=func,
@@ -366,7 +243,7 @@ class Executor:
             function=options.function,
             link=link if link is not None and link.is_valid else None,
             enqueued_at=enqueued_at,
-            enqueued_wall=wall if enqueued_wall is None else enqueued_wall,
+            enqueued_wall=wall,
             is_async=options.is_async if is_async is None else is_async,
         )
 
@@ -380,7 +257,7 @@ class Executor:
             return self._described[func]
         except (KeyError, TypeError):  # TypeError: an unhashable callable object
             pass
-        options = effective_options(func, self.defaults, self._breaker)
+        options = effective_options(func, self.defaults, self.breakers.get)
         note_scheduled(func)  # this app's own task: its dead letters stay replayable here
         if isinstance(func, FunctionType | MethodType):
             if len(self._described) >= _DESCRIBED_MAX:
@@ -396,72 +273,43 @@ class Executor:
             )
         self.journal.add(state)
 
+    # -- accounting (otel_bgtasks.accounting) -----------------------------------------------
+
     def skip(self, state: TaskCallState, reason: SkipReason) -> None:
-        """Account for a scheduled task that will never run: counted in `bgtasks.task.skipped`,
-        one log line, and it leaves `inflight` at once.
-
-        A durable task's journal row is removed when its request failed (its side effects
-        belong to a request the client saw fail); for `previous_task_failed` and `shutdown`
-        it stays journaled, and recovery runs it later. Skipping twice counts once.
-        """
-        if self.inflight.pop(state.task_id, None) is None:
-            return
-        self._leave_pending(state)
-        self.instruments.skipped.add(
-            1, {attr.TASK_NAME: state.name, attr.SKIP_REASON: reason.value}
-        )
-        if state.journaled and self.journal is not None:
-            self.journal.finished(state, keep=reason is not SkipReason.REQUEST_FAILED)
-        _log.warning(
-            "background task skipped",
-            task_name=state.name,
-            task_id=state.task_id,
-            reason=reason.value,
-            durable=state.journaled,
-        )
-
-    def active_counts(self) -> dict[str, int]:
-        """Tasks running now by task name; every name that ran is there (0 when none runs).
-
-        Counted from `inflight` at each metric collection instead of per task: a copy of the
-        dict and of the set is atomic under the GIL, whichever thread runs tasks.
-        """
-        counts = dict.fromkeys(self._ran, 0)
-        for state in list(self.inflight.values()):
-            if state.started_at is not None:
-                counts[state.name] = counts.get(state.name, 0) + 1
-        return counts
+        """Account for a scheduled task that will never run (`Accounting.skip`)."""
+        self.accounting.skip(state, reason)
 
     def release(self, state: TaskCallState) -> None:
         """A scheduled task left this process without running here (a distributed
         dispatcher published it): it leaves `inflight` and `bgtasks.task.pending`, no span."""
-        if self.inflight.pop(state.task_id, None) is not None:
-            self._leave_pending(state)
+        self.accounting.leave(state)
+
+    # -- remote dispatch (the seam, SEAM.md) -------------------------------------------------
 
     def hand_off(self, state: TaskCallState, route: str, deadline: float) -> None:
         """A remote dispatcher took `state` for good (published, or left to recovery): it
         leaves `inflight` and `bgtasks.task.pending`, no span here. A durable task's journal
-        row moves to ``route:<route>`` with `deadline` (epoch s): never recovered on this
-        host; recovery re-sends it through the route's dispatcher once the deadline passed
-        and no worker holds it. Blocking (a store write): call it off the event loop."""
-        if self.inflight.pop(state.task_id, None) is not None:
-            self._leave_pending(state)
+        row moves to ``route:<route>`` until `deadline` (epoch s, store clock): never
+        recovered on this host; recovery re-sends it through the route's dispatcher once
+        the deadline passed and no worker holds it. Blocking (a store write): call it off the
+        event loop."""
+        self.accounting.leave(state)
         if state.journaled and self.journal is not None:
             state.journaled = False
-            self.journal.hand_off(state, ROUTE_OWNER + route, deadline)
+            self.journal.hand_off(state, route_owner(route), deadline)
 
     def dead_letter_unrun(
         self, state: TaskCallState, reason: DeadLetterReason, error: BaseException
     ) -> None:
         """Dead-letter a task that never ran (`undeliverable`, `refused`, `worker_lost`):
-        stored (replayable when its call is), counted in `bgtasks.dlq.moves`, logged once,
-        no task span. Blocking (a store write): call it off the event loop."""
-        if self.inflight.pop(state.task_id, None) is not None:
-            self._leave_pending(state)
+        stored under its task id (replayable when its call is), counted in
+        `bgtasks.dlq.moves`, logged once, no task span; a durable task's row is removed.
+        Blocking (a store write): call it off the event loop."""
+        self.accounting.leave(state)
         call = state.call or describe_call(
             self.serializer, state.func, state.args, state.kwargs, task_name=state.name
         )
-        link = state.link
+        route = getattr(state.options.dispatch, "route", None)
         self._store_unrun(
             DeadLetter.from_exception(
                 error,
@@ -472,10 +320,11 @@ class Executor:
                 reason=reason,
                 attempts=0,
                 category=ErrorCategory.SYSTEM.value,
-                trace_id=trace_id_hex(link),
-                span_id=span_id_hex(link),
-                route=_route_of(state),
-            ).replace(id=state.task_id),
+                trace_id=trace_id_hex(state.link),
+                span_id=span_id_hex(state.link),
+                route=route if isinstance(route, str) else None,
+                entry_id=state.task_id,
+            ).signed(),
             state.task_id,
         )
         if state.journaled and self.journal is not None:
@@ -492,9 +341,9 @@ class Executor:
         task_name: str,
     ) -> None:
         """Dead-letter a received message that cannot become a task (refused: unregistered,
-        unsigned/tampered, undecodable, malformed): nothing of it is imported or run. Its
-        call is kept as received (`message` None: the message was malformed; kept as a
-        description for inspection only)."""
+        unsigned or tampered, undecodable, malformed): nothing of it is imported or run. Its
+        call is kept as received, with the message's own signature (`message` None: it was
+        malformed; kept as a description, for inspection only)."""
         if message is not None:
             entry = DeadLetter.from_exception(
                 error,
@@ -505,8 +354,9 @@ class Executor:
                 reason=reason,
                 attempts=0,
                 category=ErrorCategory.SYSTEM.value,
-                route=message.route[:200],
-            ).replace(id=message.task_id or task_id)
+                route=message.route[:200] or None,
+                entry_id=message.task_id,
+            )
         else:
             entry = DeadLetter.from_exception(
                 error,
@@ -517,27 +367,23 @@ class Executor:
                 reason=reason,
                 attempts=0,
                 category=ErrorCategory.SYSTEM.value,
-            ).replace(id=task_id or f"{_getrandbits(128):032x}")
+                entry_id=task_id or f"{_getrandbits(128):032x}",
+            )
         self._store_unrun(entry, task_id)
-        if message is not None and message.durable and self.store is not None:
-            try:  # its row (if this message's) is now the dead letter
-                self.store.journal_remove(message.task_id)
-            except Exception:
-                _log.exception("journal row of a refused message could not be removed")
 
     def _store_unrun(self, entry: DeadLetter, task_id: str) -> None:
-        stored = self.store is not None and self._put(entry)
+        writer = self.dead_letters
+        stored = writer is not None and writer.put(entry)
         if stored:
             self.instruments.dlq_moves.add(
                 1, {attr.TASK_NAME: entry.task_name, attr.DLQ_REASON: entry.reason.value}
             )
-        _log.error(
+        log.error(
             "background task dead-lettered without running",
             task_name=entry.task_name,
             task_id=task_id,
             reason=entry.reason.value,
             error_type=entry.error_type,
-            error_message=REDACTED if self.redact_exception_messages else entry.error_message,
             stored=stored,
         )
 
@@ -548,8 +394,8 @@ class Executor:
         message), ready for `run`: the signature verified (with a key set), the function
         looked up among the app's registered tasks, the call decoded once. It keeps the
         original task id; its wait (`bgtasks.task.wait`) is measured from the message's
-        wall-clock enqueue time; its span links to (or, in ``child`` mode, is a child of)
-        the producer span; `attributes` go on its span. A durable task's row is removed
+        wall-clock enqueue time (the broker wait); its span links to (``child``: is a child
+        of) the producer span; `attributes` go on its span; a durable task's row is removed
         when it ends.
 
         Raises:
@@ -561,7 +407,7 @@ class Executor:
             func,
             args,
             kwargs,
-            link=_remote_link(message.traceparent, message.tracestate),
+            message.link(),
             task_id=message.task_id,
             enqueued_wall=message.enqueued_at,
         )
@@ -575,7 +421,7 @@ class Executor:
     def drop_duplicate(self, state: TaskCallState) -> None:
         """A received durable task whose journal row is gone (it already ran) or held by
         another worker: this delivery is a duplicate and does not run."""
-        _structlog.info(
+        log.warning(
             "duplicate delivery of a durable task dropped",
             task_name=state.name,
             task_id=state.task_id,
@@ -584,18 +430,13 @@ class Executor:
             state.journaled = False
             self.journal.in_flight -= 1
 
-    def _leave_pending(self, state: TaskCallState) -> None:
-        self._unstarted.discard(state.task_id)  # absent: a replay, a recovery, already started
+    def active_counts(self) -> dict[str, int]:
+        """Tasks running now by task name (`Accounting.active_counts`)."""
+        return self.accounting.active_counts()
 
     def pending_counts(self) -> dict[str, int]:
-        """Tasks scheduled and not started, by task name; every name ever scheduled is there
-        (0 when none waits). Counted at collection, like `active_counts`."""
-        counts = dict.fromkeys(self._scheduled, 0)
-        unstarted = set(self._unstarted)
-        for state in list(self.inflight.values()):
-            if state.task_id in unstarted:
-                counts[state.name] = counts.get(state.name, 0) + 1
-        return counts
+        """Tasks scheduled and not started by task name (`Accounting.pending_counts`)."""
+        return self.accounting.pending_counts()
 
     def pending_count(self) -> int:
         """Tasks scheduled and not started yet."""
@@ -605,93 +446,29 @@ class Executor:
         """`state` was scheduled here and has not started (nor been skipped)."""
         return state.task_id in self._unstarted
 
-    # -- policies ---------------------------------------------------------------------------
+    def report_pending(self, *, sample: int = 5) -> None:
+        """Log one summary of the tasks still scheduled or running (`Accounting`)."""
+        self.accounting.report_pending(sample=sample)
 
-    def _breaker(self, template: CircuitBreaker, task: str) -> CircuitBreaker:
-        """The breaker a task uses: `template` itself when named (shared by every task using
-        that name), else a copy named after the task."""
-        key = template.name or task
-        breaker = self.breakers.get(key)
-        if breaker is None:
-            with self._breaker_lock:
-                breaker = self.breakers.get(key)
-                if breaker is None:
-                    breaker = template if template.name else template.named(task)
-                    if self._on_transition not in breaker.listeners:
-                        breaker.listeners.append(self._on_transition)
-                    self.breakers[key] = breaker
-                    state = breaker.last_state if breaker.blocking else breaker.state
-                    self.instruments.circuit_state.set(int(state), {attr.CIRCUIT_NAME: key})
-        return breaker
-
-    def _on_transition(self, name: str, before: CircuitState, after: CircuitState) -> None:
-        span = trace.get_current_span()
-        if span.is_recording():
-            span.add_event(
-                attr.EVENT_CIRCUIT_STATE_CHANGE,
-                {
-                    attr.CIRCUIT_NAME: name,
-                    attr.CIRCUIT_FROM: before.label,
-                    attr.CIRCUIT_TO: after.label,
-                },
-            )
-        self.instruments.circuit_state.set(int(after), {attr.CIRCUIT_NAME: name})
-        self.instruments.circuit_transitions.add(
-            1,
-            {
-                attr.CIRCUIT_NAME: name,
-                attr.CIRCUIT_FROM: before.label,
-                attr.CIRCUIT_TO: after.label,
-            },
-        )
-        _log.warning(
-            "circuit breaker state change",
-            circuit=name,
-            from_state=before.label,
-            to_state=after.label,
-        )
+    # -- shutdown ---------------------------------------------------------------------------
 
     def flush_store(self) -> None:
         """At shutdown: let the journal's queued writes finish, then flush the store's buffer
         within a bounded time, logging whole what it could not write (never silently)."""
         if self.journal is not None:
             self.journal.close()
-        flush = getattr(self.store, "flush_or_log", None)  # a BufferedStore
-        if flush is not None:
+        if self.store is not None:
             try:
-                flush()
+                self.store.flush_or_log()
             except Exception:  # shutdown goes on; the buffer logs what it holds
-                _log.exception("dead-letter buffer flush at shutdown failed")
+                log.exception("dead-letter buffer flush at shutdown failed")
 
     def close(self) -> None:
         """Detach from breakers, flush the store's buffer and report tasks that never
         finished (never silently)."""
         self.flush_store()
-        for breaker in self.breakers.values():
-            if self._on_transition in breaker.listeners:
-                breaker.listeners.remove(self._on_transition)
+        self.breakers.detach()
         self.report_pending()
-
-    def report_pending(self, *, sample: int = 5) -> None:
-        """Log one summary of the tasks still scheduled or running (at shutdown: never
-        dropped silently): counts by task, running/pending/durable counts, a few ids."""
-        pending = list(self.inflight.values())
-        if not pending:
-            return
-        by_task: dict[str, int] = {}
-        for s in pending:
-            by_task[s.name] = by_task.get(s.name, 0) + 1
-        running = sum(1 for s in pending if s.task_id not in self._unstarted)
-        _log.warning(
-            "background tasks still pending or running at shutdown",
-            count=len(pending),
-            running=running,
-            pending=len(pending) - running,
-            durable=sum(1 for s in pending if s.journaled),
-            by_task=dict(sorted(by_task.items(), key=lambda kv: (-kv[1], kv[0]))[:20]),
-            sample_ids=[s.task_id for s in pending[:sample]],
-            hint="durable tasks stay journaled and are recovered by `otel-bgtasks recover`",
-        )
 
     # -- running ----------------------------------------------------------------------------
 
@@ -776,7 +553,7 @@ class Executor:
         if error is not None and (self.propagate_exceptions or not isinstance(error, Exception)):
             raise error
         if error is not None:
-            _release_frames(error, inspect.currentframe())
+            release_frames(error, inspect.currentframe())
         return state
 
     async def _retry(
@@ -800,7 +577,7 @@ class Executor:
                         attr.RETRY_ATTEMPT: retry_state.attempt_number + 1,
                         attr.RETRY_DELAY: delay,
                         attr.ERROR_TYPE: kind,
-                        attr.EXCEPTION_MESSAGE: self._message(failure),
+                        attr.EXCEPTION_MESSAGE: self.failures.message(failure),
                     },
                 )
             self.instruments.retries.add(1, {attr.TASK_NAME: state.name, attr.ERROR_TYPE: kind})
@@ -828,9 +605,7 @@ class Executor:
         if breaker is not None:
             allowed = await breaker.allow_async()
             if breaker.blocking:  # shared state: another replica may have changed it
-                self.instruments.circuit_state.set(
-                    int(breaker.last_state), {attr.CIRCUIT_NAME: breaker.key}
-                )
+                self.breakers.observed(breaker)
         if breaker is not None and not allowed:
             if span.is_recording():
                 span.add_event(attr.EVENT_CIRCUIT_REJECTED, {attr.CIRCUIT_NAME: breaker.key})
@@ -915,9 +690,10 @@ class Executor:
             retryable = policy.retries(exc, attempt=state.attempt)
             reason = DeadLetterReason.EXHAUSTED if retryable else DeadLetterReason.PERMANENT
         state.reason = reason
-        if dead_letter and self.store is not None:
-            entry = self._dead_letter(state, span, exc, category, reason)
-            stored = await run_in_threadpool(self._put, entry)
+        writer = self.dead_letters
+        if dead_letter and writer is not None:
+            entry = writer.entry(state, span, exc, category, reason)
+            stored = await run_in_threadpool(writer.put, entry)
             if stored:
                 if outcome is Outcome.FAILURE:
                     outcome = Outcome.DEAD_LETTERED
@@ -931,75 +707,6 @@ class Executor:
         state.outcome = outcome
         if span.is_recording():
             span.set_attribute(attr.ERROR_CATEGORY, category.value)
-
-    def _put(self, entry: DeadLetter) -> bool:
-        store = self.store
-        assert store is not None
-        try:
-            store.put(entry)
-        except Exception:  # the store's own buffer failed too: the log line keeps the task
-            _log.exception("dead letter could not be stored", entry=entry.to_json())
-            return False
-        return True
-
-    def _dead_letter(
-        self,
-        state: TaskCallState,
-        span: Span,
-        exc: BaseException,
-        category: ErrorCategory,
-        reason: DeadLetterReason,
-    ) -> DeadLetter:
-        ctx = span.get_span_context()
-        call = describe_call(
-            self.serializer, state.func, state.args, state.kwargs, task_name=state.name
-        )
-        return DeadLetter.from_exception(
-            exc,
-            task_name=state.name,
-            func_ref=call.func_ref,
-            payload=call.payload,
-            serializer=call.serializer,
-            reason=reason,
-            attempts=state.attempt,
-            first_failure=state.first_failure,
-            category=category.value,
-            trace_id=trace_id_hex(ctx),
-            span_id=span_id_hex(ctx),
-        ).signed()  # with a signing key set: replay verifies it before decoding anything
-
-    def _message(self, exc: BaseException | None) -> str:
-        """An exception message as spans carry it: bounded, or redacted on request."""
-        if exc is None:
-            return ""
-        return REDACTED if self.redact_exception_messages else bounded_message(exc)
-
-    def _record_exception(self, span: Span, exc: BaseException) -> None:
-        """The standard `exception` event, bounded and without locals (the SDK's own
-        `record_exception` formats the whole traceback and the whole message)."""
-        span.add_event(
-            "exception",
-            {
-                EXCEPTION_TYPE: error_type(exc),
-                attr.EXCEPTION_MESSAGE: self._message(exc),
-                EXCEPTION_STACKTRACE: bounded_traceback(exc, redact=self.redact_exception_messages),
-            },
-        )
-
-    def _observe_write_errors(self) -> list[Observation]:
-        return [Observation(getattr(self.store, "write_errors", 0))]
-
-    def _observe_dropped(self) -> list[Observation]:
-        return [Observation(getattr(self.store, "dropped", 0))]
-
-    def _observe_depth(self) -> list[Observation]:
-        store = self.store
-        if store is None:
-            return []
-        try:
-            return [Observation(store.count())]
-        except Exception:  # a store that is down reports nothing rather than a wrong zero
-            return []
 
     def _finish(
         self,
@@ -1025,8 +732,8 @@ class Executor:
             if outcome is not _SUCCESS:
                 if exc is not None and kind is not None:
                     span.set_attribute(attr.ERROR_TYPE, kind)
-                    self._record_exception(span, exc)
-                    description = f"{type(exc).__name__}: {self._message(exc)}"
+                    self.failures.record_exception(span, exc)
+                    description = f"{type(exc).__name__}: {self.failures.message(exc)}"
                 else:
                     description = outcome.value
                 span.set_status(Status(StatusCode.ERROR, description))
@@ -1038,37 +745,4 @@ class Executor:
             # cancelled (shutdown): the row stays for recovery to re-run
             self.journal.finished(state, keep=isinstance(exc, asyncio.CancelledError))
         if outcome is not _SUCCESS:
-            self._report_failure(span, state, outcome, exc)
-
-    def _report_failure(
-        self, span: Span, state: TaskCallState, outcome: Outcome, exc: BaseException | None
-    ) -> None:
-        ctx = span.get_span_context()
-        record = {
-            "task_name": state.name,
-            "task_id": state.task_id,
-            "outcome": outcome.value,
-            "attempts": state.attempt,
-            "error_type": error_type(exc) if exc is not None else None,
-            "at": time.time(),
-            "trace_id": trace_id_hex(ctx),
-        }
-        self.recent_failures.append(record)
-        del self.recent_failures[:-50]
-        _log.error(
-            "background task failed",
-            task_name=state.name,
-            task_id=state.task_id,
-            outcome=outcome.value,
-            attempts=state.attempt,
-            category=str(state.category or ""),
-            trace_id=record["trace_id"],
-            span_id=span_id_hex(ctx),
-            **(
-                exception_fields(
-                    exc, redact=self.redact_exception_messages, with_locals=self.log_locals
-                )
-                if exc is not None
-                else {}
-            ),
-        )
+            self.failures.report(span, state, outcome, exc)

@@ -21,6 +21,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, status
@@ -28,7 +29,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from otel_bgtasks._execution import Executor, active_executor
 from otel_bgtasks.replay import DeadLetters, run_dead_letter
-from otel_bgtasks.stores.base import DeadLetterStore
+from otel_bgtasks.stores.base import DeadLetterStore, StoreStatus
 
 __all__ = ["HEALTH_STORE_TIMEOUT", "bearer_token_auth", "bgtasks_router"]
 
@@ -107,10 +108,9 @@ def bgtasks_router(
         running = [s for s in states if not executor.is_pending(s)]
         pending = {name: n for name, n in sorted(executor.instruments.pending().items()) if n}
         depth: int | None = None
-        buffer: dict[str, object] | None = None
+        buffer: StoreStatus | None = None
         if executor.store is not None:
-            status_of = getattr(executor.store, "status", None)  # a BufferedStore
-            buffer = status_of() if callable(status_of) else None
+            buffer = executor.store.status()
             try:
                 depth = await asyncio.wait_for(
                     asyncio.to_thread(executor.store.count), HEALTH_STORE_TIMEOUT
@@ -120,7 +120,7 @@ def bgtasks_router(
         # a Redis-backed breaker's state as this process last saw it: no Redis call here
         circuits = {
             name: (b.last_state if b.blocking else b.state).label
-            for name, b in executor.breakers.items()
+            for name, b in executor.breakers.by_name.items()
         }
         failing = buffer is not None and bool(buffer["pending"] or buffer["store_down"])
         return {
@@ -129,7 +129,7 @@ def bgtasks_router(
             "pending": len(states) - len(running),
             "pending_by_task": pending,  # bgtasks.task.pending
             "oldest_running_seconds": max((now - s.enqueued_at for s in running), default=0.0),
-            "recent_failures": executor.recent_failures[-10:],
+            "recent_failures": [asdict(f) for f in list(executor.failures.recent)[-10:]],
             "circuits": circuits,
             "dead_letter_depth": depth,
             "dead_letter_buffer": buffer,

@@ -67,7 +67,7 @@ class Journal:
             TypeError: the function is not importable or an argument cannot be serialized
                 (`SerializationError`, naming it).
         """
-        entry = self._entry(state, process_identity(), 0.0)
+        entry = self._entry(state, process_identity())
         if gate_active() and _on_event_loop():
             future = self._writer_pool().submit(self._write_add, entry)
             self._adds[state.task_id] = future
@@ -83,7 +83,7 @@ class Journal:
             )
             self._thread.start()
 
-    def _entry(self, state: TaskCallState, owner: str, deadline: float) -> JournalEntry:
+    def _entry(self, state: TaskCallState, owner: str) -> JournalEntry:
         call = state.call or encode_call(
             self.serializer, state.func, state.args, state.kwargs, task_name=state.name
         )
@@ -97,7 +97,6 @@ class Journal:
             enqueued_at=state.enqueued_wall,
             trace_id=trace_id_hex(state.link),
             span_id=span_id_hex(state.link),
-            deadline=deadline,
         ).signed()  # with a signing key set; recovery verifies it before decoding
 
     def hand_off(self, state: TaskCallState, owner: str, deadline: float) -> None:
@@ -109,7 +108,9 @@ class Journal:
             with contextlib.suppress(Exception):  # logged by the writer; written again below
                 pending.result()
         try:
-            self.store.journal_add(self._entry(state, owner, deadline))
+            if not self.store.journal_hand_off(state.task_id, owner=owner, deadline=deadline):
+                # not written yet (its add failed and was logged): write it handed off
+                self.store.journal_add(self._entry(state, owner).handed(owner, deadline))
         except Exception:  # the row stays with this process: a duplicate beats a loss
             _log.error(
                 "durable task could not be handed off in the journal",

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 from opentelemetry import trace
 
-from otel_bgtasks._execution import current_task
+from otel_bgtasks.state import current_task
 
 __all__ = ["TraceContextFilter", "TraceContextProcessor", "configure_structlog_json"]
 

@@ -39,7 +39,7 @@ from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import decode_call
 from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, UntrustedEntryError
 from otel_bgtasks.identity import owner_is_dead, process_identity
-from otel_bgtasks.records import ROUTE_OWNER, DeadLetter, JournalEntry
+from otel_bgtasks.records import DeadLetter, JournalEntry
 from otel_bgtasks.registry import dispatcher_for
 from otel_bgtasks.replay import renewing, standalone_executor
 from otel_bgtasks.stores.base import DeadLetterStore
@@ -49,9 +49,9 @@ __all__ = [
     "RecoveryMode",
     "RecoveryReport",
     "RecoveryTask",
+    "Resender",
     "recover_interrupted",
     "recover_interrupted_tasks",
-    "Resender",
     "resend_expired",
     "start_recovery",
     "start_resender",
@@ -274,14 +274,13 @@ def resend_expired(
     executor = executor or active_executor()
     if executor is None:
         raise ConfigurationError("resend_expired needs an executor: instrument() first")
-    moment = time.time() if now is None else now
+    moment = store.now() if now is None else now
     me = f"{process_identity()}/resend/{secrets.token_hex(4)}"
     sent = 0
     missing: set[str] = set()
-    for row in store.journal_list():
-        if not row.owner.startswith(ROUTE_OWNER) or row.deadline > moment:
-            continue
-        route = row.owner[len(ROUTE_OWNER) :]
+    for row in store.expired_hand_offs(now=moment):
+        route = row.route
+        assert route is not None
         dispatcher = dispatcher_for(route)
         if dispatcher is None:
             if route not in missing:
@@ -309,8 +308,10 @@ def resend_expired(
             )
             continue
         lease_for = getattr(dispatcher, "lease", RECOVERY_LEASE)
-        # journal_add replaces the row and drops our claim: the worker can claim it
-        store.journal_add(claimed.replace(deadline=time.time() + lease_for))
+        # handed off again (our claim released): a worker can claim it
+        store.journal_hand_off(
+            row.task_id, owner=row.owner, deadline=store.now() + lease_for
+        )
         sent += 1
     if sent:
         _log.warning("re-sent handed-off durable tasks past their deadline", count=sent)

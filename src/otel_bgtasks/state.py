@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ from otel_bgtasks.calls import EncodedCall
 from otel_bgtasks.options import EffectiveOptions
 from otel_bgtasks.records import DeadLetterReason
 
-__all__ = ["TaskCallState"]
+__all__ = ["TaskCallState", "current_task"]
 
 
 @dataclass(slots=True, eq=False)
@@ -68,3 +69,12 @@ class TaskCallState:
     first_failure: float | None = None
     call: EncodedCall | None = None
     attributes: dict[str, AttributeValue] | None = None
+
+
+current: ContextVar[TaskCallState | None] = ContextVar("otel_bgtasks_task", default=None)
+"""The state of the task running in this context (set by the executor around a run)."""
+
+
+def current_task() -> TaskCallState | None:
+    """The state of the background task running in this context, if any."""
+    return current.get()

@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from otel_bgtasks.errors import CorruptEntryError
 from otel_bgtasks.identity import process_identity
-from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry, route_owner
 from otel_bgtasks.recovery import recover_interrupted
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.testing import InMemoryDeadLetterStore
@@ -384,6 +384,47 @@ class StoreContract:
         assert store.journal_remove(second.task_id) is True
         assert store.journal_list() == []
         assert store.journal_release(second.task_id, "A") is False
+
+    # -- hand-off to a route (the dispatch seam) ----------------------------------------------
+
+    def test_a_hand_off_moves_the_row_to_its_route_until_its_deadline(
+        self, store: DeadLetterStore
+    ) -> None:
+        row = make_journal(owner=process_identity(), enqueued_at=T0, signature="v1:old")
+        other = make_journal(owner="h:1:a", enqueued_at=T0 + 1)
+        store.journal_add(row)
+        store.journal_add(other)
+        assert store.journal_claim(row.task_id, "recoverer", lease=30, now=T0) == row
+        assert store.journal_hand_off(
+            row.task_id, owner=route_owner("queue:a"), deadline=T0 + 60
+        ) is True
+        moved = row.handed(route_owner("queue:a"), T0 + 60)
+        assert moved.route == "queue:a"
+        assert moved.signature == "v1:old"  # None keeps the row's signature
+        assert store.journal_list() == [moved, other]
+        assert store.journal_list(owner="route:queue:a") == [moved]
+        # the claim went with the move: anyone may claim it now
+        assert store.journal_claim(row.task_id, "other", lease=30, now=T0 + 1) == moved
+        # a handed-off row has no process: never a dead owner, judged by its deadline
+        assert "route:queue:a" not in store.dead_owners(stale_after=1, now=T0 + 1_000_000)
+        assert store.expired_hand_offs(now=T0 + 59) == []
+        assert store.expired_hand_offs(now=T0 + 60) == [moved]
+        # handed off again (re-sent): a new deadline, a new signature
+        assert store.journal_hand_off(
+            row.task_id, owner=route_owner("queue:a"), deadline=T0 + 120, signature="v1:new"
+        )
+        again = row.handed(route_owner("queue:a"), T0 + 120, "v1:new")
+        assert store.journal_list(owner="route:queue:a") == [again]
+        assert store.expired_hand_offs(now=T0 + 60) == []
+        # the consumer removes the row when the task ends; a late hand-off finds nothing
+        assert store.journal_remove(row.task_id) is True
+        assert store.journal_hand_off(row.task_id, owner="route:queue:a", deadline=T0) is False
+        assert store.journal_list() == [other]
+
+    def test_the_store_clock_is_epoch_seconds(self, store: DeadLetterStore) -> None:
+        now = store.now()  # the local clock, or the shared server's
+        assert isinstance(now, float)
+        assert now > T0
 
     def test_forget_owner_keeps_an_owner_that_came_back(self, store: DeadLetterStore) -> None:
         store.heartbeat("h:1:a", at=T0 + 10)

@@ -6,7 +6,7 @@ Celery's logs and events), with the Celery id = ``bgtasks.task.id``:
 - body (Celery args): one JSON object, the signed encoded call: ``task_name``, ``func_ref``,
   ``serializer``, ``payload``, ``signature``, ``durable``, ``route``;
 - header `HEADER` (a key of our own: upstream's instrumentation writes ``traceparent`` into
-  the same header dict): ``traceparent``/``tracestate`` of the PRODUCER span, ``enqueued_at``
+  the same header dict): ``traceparent`` of the PRODUCER span, ``enqueued_at``
   (wall clock, epoch s: the broker wait is measured from it), ``task_id``, ``max_deliveries``.
 
 A message in the broker is untrusted input: `decode_body` and `decode_header` check every
@@ -46,7 +46,7 @@ MAX_PAYLOAD = 4 * 1024 * 1024  # characters of an encoded call accepted from the
 MAX_DELIVERIES_LIMIT = 100
 _MAX_NAME = 1_000  # task names, function references, serializer names, routes
 _MAX_SIGNATURE = 200
-_MAX_TRACE = 512  # traceparent / tracestate
+_MAX_TRACE = 64  # a W3C traceparent is 55 characters
 _MIN_TIME = 0.0
 _MAX_TIME = 253_402_300_799.0  # 9999-12-31
 
@@ -98,7 +98,6 @@ class Header:
     task_id: str
     enqueued_at: float
     traceparent: str = ""
-    tracestate: str = ""
     max_deliveries: int = 0  # 0: the worker's default
     resent: bool = False  # a copy re-sent by recovery or replay: counted as a redelivery
 
@@ -108,8 +107,6 @@ class Header:
             data["resent"] = True
         if self.traceparent:
             data["traceparent"] = self.traceparent
-        if self.tracestate:
-            data["tracestate"] = self.tracestate
         if self.max_deliveries:
             data["max_deliveries"] = self.max_deliveries
         return data
@@ -178,7 +175,6 @@ def decode_header(task_id: str, headers: Any) -> Header:
             task_id=_text(data, "task_id", 64),
             enqueued_at=float(enqueued),
             traceparent=_text(data, "traceparent", _MAX_TRACE, required=False),
-            tracestate=_text(data, "tracestate", _MAX_TRACE, required=False),
             max_deliveries=min(max(max_deliveries, 0), MAX_DELIVERIES_LIMIT),
             resent=resent,
         )

@@ -69,7 +69,6 @@ from otel_bgtasks.celery._wire import (
 from otel_bgtasks.errors import ConfigurationError, UndeliverableError, error_type
 from otel_bgtasks.records import DeadLetterReason, JournalEntry, TaskMessage
 from otel_bgtasks.registry import register_dispatcher
-from otel_bgtasks.signing import signing_keys
 from otel_bgtasks.state import TaskCallState
 
 __all__ = ["DEFAULT_HAND_OFF_LEASE", "CeleryDispatcher"]
@@ -225,18 +224,14 @@ class CeleryDispatcher:
             links=[Link(link)] if link is not None else None,
             attributes=self._span_attributes(task_name, task_id),
         )
-        body = Body(
-            task_name=task_name,
-            func_ref=call.func_ref,
-            serializer=call.serializer,
-            payload=call.payload,
-            signature=_signature(task_id, task_name, call.func_ref, call.serializer, call.payload),
-            durable=durable,
-            route=self.route,
-        )
+        enqueued = time.time()
+        body, header = self._envelope(
+            span, task_id, task_name, call.func_ref, call.serializer, call.payload,
+            durable=durable, enqueued_at=enqueued, resent=True,
+        )  # fmt: skip
         started = time.perf_counter()
         try:
-            self._send(body, self._header(span, task_id, time.time(), resent=True), task_name)
+            self._send(body, header, task_name)
         except Exception as exc:
             self._record_attempt(executor, task_name, started, exc)
             _end_failed(span, exc)
@@ -266,20 +261,13 @@ class CeleryDispatcher:
         item.attempts += 1
         call = state.call
         assert call is not None  # remote: encoded at scheduling
-        body = Body(
-            task_name=state.name,
-            func_ref=call.func_ref,
-            serializer=call.serializer,
-            payload=call.payload,
-            signature=_signature(
-                state.task_id, state.name, call.func_ref, call.serializer, call.payload
-            ),
-            durable=state.options.durable,
-            route=self.route,
-        )
+        body, header = self._envelope(
+            span, state.task_id, state.name, call.func_ref, call.serializer, call.payload,
+            durable=state.options.durable, enqueued_at=state.enqueued_wall,
+        )  # fmt: skip
         started = time.perf_counter()
         try:
-            self._send(body, self._header(span, state.task_id, state.enqueued_wall), state.name)
+            self._send(body, header, state.name)
         except Exception as exc:
             self._record_attempt(executor, state.name, started, exc)
             if span.is_recording():
@@ -325,19 +313,52 @@ class CeleryDispatcher:
             return
         executor.dead_letter_unrun(state, DeadLetterReason.UNDELIVERABLE, failure)
 
-    def _header(
-        self, span: Span, task_id: str, enqueued_at: float, *, resent: bool = False
-    ) -> Header:
+    def _envelope(
+        self,
+        span: Span,
+        task_id: str,
+        task_name: str,
+        func_ref: str,
+        serializer: str,
+        payload: str,
+        *,
+        durable: bool,
+        enqueued_at: float,
+        resent: bool = False,
+    ) -> tuple[Body, Header]:
+        """The message's body and our header; the body carries the `TaskMessage` signature
+        (which covers the enqueue time and the route too)."""
         carrier: dict[str, str] = {}
         _propagator.inject(carrier, context=trace.set_span_in_context(span))
-        return Header(
+        traceparent = carrier.get("traceparent", "")
+        message = TaskMessage(
+            task_id=task_id,
+            task_name=task_name,
+            func_ref=func_ref,
+            payload=payload,
+            route=self.route,
+            enqueued_at=enqueued_at,
+            serializer=serializer,
+            traceparent=traceparent,
+            durable=durable,
+        ).signed()
+        body = Body(
+            task_name=task_name,
+            func_ref=func_ref,
+            serializer=serializer,
+            payload=payload,
+            signature=message.signature,
+            durable=durable,
+            route=self.route,
+        )
+        header = Header(
             task_id=task_id,
             enqueued_at=enqueued_at,
-            traceparent=carrier.get("traceparent", ""),
-            tracestate=carrier.get("tracestate", ""),
+            traceparent=traceparent,
             max_deliveries=self.max_deliveries,
             resent=resent,
         )
+        return body, header
 
     def _send(self, body: Body, header: Header, task_name: str) -> None:
         with self._lock:
@@ -395,13 +416,6 @@ class CeleryDispatcher:
         for item in self._outbox.close():
             self._unsent(item, None)
         self._reset()
-
-
-def _signature(task_id: str, task_name: str, func_ref: str, serializer: str, payload: str) -> str:
-    """The message signature (kind ``message``, `TaskMessage.call_fields`), "" without a key."""
-    if signing_keys() is None:
-        return ""
-    return TaskMessage(task_id, task_name, func_ref, serializer, payload, 0.0).signed().signature
 
 
 def _stored_link(call: StoredCall) -> SpanContext | None:

@@ -199,7 +199,11 @@ class WorkerRuntime:
             attr.MESSAGING_MESSAGE_ID: task_id,
             attr.MESSAGING_CLIENT_ID: str(getattr(request, "hostname", "") or "")[:200],
         }
-        message = _message(header, body)
+        try:
+            message = _message(header, body)
+        except ValueError as exc:
+            self._refuse_malformed(executor, task_id, request, MessageError(task_id, str(exc)))
+            return
         try:
             state = executor.receive(message, attributes=attributes)
         except REFUSED_ERRORS as exc:
@@ -261,16 +265,20 @@ class WorkerRuntime:
 
 
 def _message(header: Header, body: Body) -> TaskMessage:
+    """The seam's message from our header and body (both checked already).
+
+    Raises:
+        ValueError: the traceparent is not a valid W3C one.
+    """
     return TaskMessage(
         task_id=header.task_id,
         task_name=body.task_name,
         func_ref=body.func_ref,
-        serializer=body.serializer,
         payload=body.payload,
-        traceparent=header.traceparent,
-        tracestate=header.tracestate,
-        enqueued_at=header.enqueued_at,
         route=body.route,
+        enqueued_at=header.enqueued_at,
+        serializer=body.serializer,
+        traceparent=header.traceparent,
         durable=body.durable,
         signature=body.signature,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import json
 import threading
 import time
 import weakref
@@ -16,13 +17,13 @@ import structlog
 
 from otel_bgtasks.errors import StoreUnavailableError
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
-from otel_bgtasks.stores.base import DeadLetterStore
+from otel_bgtasks.stores.base import DeadLetterStore, StoreStatus
 
 __all__ = ["BufferedStore"]
 
 _log = structlog.get_logger("otel_bgtasks")
 
-_OpKind = Literal["put", "journal_add", "journal_remove"]
+_OpKind = Literal["put", "journal_add", "journal_remove", "journal_hand_off"]
 
 SHUTDOWN_FLUSH_TIMEOUT = 5.0
 """Seconds a shutdown waits for buffered writes to reach the store before logging them."""
@@ -45,6 +46,7 @@ class _Op:
     entry: DeadLetter | JournalEntry | None = None
     done: bool = False
     size: int = 0
+    hand_off: tuple[str, float, str | None] | None = None  # owner, deadline, signature
 
     def apply(self, store: DeadLetterStore) -> bool:
         if self.kind == "put":
@@ -55,11 +57,23 @@ class _Op:
             assert isinstance(self.entry, JournalEntry)
             store.journal_add(self.entry)
             return True
+        if self.kind == "journal_hand_off":
+            assert self.hand_off is not None
+            owner, deadline, signature = self.hand_off
+            return store.journal_hand_off(
+                self.key, owner=owner, deadline=deadline, signature=signature
+            )
         return store.journal_remove(self.key)
 
     def as_json(self) -> str:
         if self.entry is not None:
             return self.entry.to_json()
+        if self.hand_off is not None:
+            owner, deadline, _ = self.hand_off
+            return json.dumps(
+                {"journal_hand_off": self.key, "owner": owner, "deadline": deadline},
+                separators=(",", ":"),
+            )
         return f'{{"journal_remove":"{self.key}"}}'
 
 
@@ -134,7 +148,7 @@ class BufferedStore(DeadLetterStore):
         with self._lock:
             return self._bytes
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> StoreStatus:
         """The buffer's state for the health endpoint (no store call)."""
         with self._lock:
             return {
@@ -166,6 +180,18 @@ class BufferedStore(DeadLetterStore):
                     self._bytes -= op.size
                     return True
         return self._write(_Op("journal_remove", task_id))
+
+    def journal_hand_off(
+        self, task_id: str, *, owner: str, deadline: float, signature: str | None = None
+    ) -> bool:
+        """Buffered like `journal_add`: a hand-off never raises into a dispatcher; while the
+        store is down it waits in order behind the row's add (True: accepted)."""
+        return self._write(
+            _Op("journal_hand_off", task_id, hand_off=(owner, float(deadline), signature))
+        )
+
+    def now(self) -> float:
+        return self.store.now()
 
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
         """Best effort: skipped while the store is down (the next beat will do)."""

@@ -11,12 +11,23 @@ import builtins
 import time
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import Self
+from typing import Self, TypedDict
 
 from otel_bgtasks.identity import owner_is_alive, owner_is_dead, process_identity
-from otel_bgtasks.records import ROUTE_OWNER, DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.records import ROUTE_OWNER_PREFIX, DeadLetter, DeadLetterReason, JournalEntry
 
-__all__ = ["DeadLetterStore"]
+__all__ = ["DeadLetterStore", "StoreStatus"]
+
+
+class StoreStatus(TypedDict):
+    """A buffering store's state for the health endpoint (no store call)."""
+
+    pending: int
+    pending_bytes: int
+    dropped: int
+    write_errors: int
+    store_down: bool
+    last_error: str | None
 
 
 class DeadLetterStore(ABC):
@@ -25,7 +36,15 @@ class DeadLetterStore(ABC):
     Methods are synchronous and thread-safe: the executor calls them from worker threads.
     `list` skips rows that cannot be decoded (logging an error naming each) and `corrupt_ids`
     returns them, so one bad row never hides the others.
+
+    Attributes:
+        write_errors: writes that failed and were kept in memory (`bgtasks.dlq.write_errors`;
+            a store without a buffer raises instead and leaves it at 0).
+        dropped: buffered writes given up on and logged whole (`bgtasks.dlq.dropped`).
     """
+
+    write_errors: int = 0
+    dropped: int = 0
 
     def __enter__(self) -> Self:
         return self
@@ -144,6 +163,39 @@ class DeadLetterStore(ABC):
     def journal_list(self, *, owner: str | None = None) -> builtins.list[JournalEntry]:
         """Journaled tasks, oldest first, optionally of one owner; corrupt rows skipped."""
 
+    @abstractmethod
+    def journal_hand_off(
+        self, task_id: str, *, owner: str, deadline: float, signature: str | None = None
+    ) -> bool:
+        """Move a journal row to `owner` (``route:<route>``, `records.route_owner`) until
+        `deadline` (epoch seconds on this store's clock, `now`): the task was published to
+        another process, which removes the row when the task ends; recovery re-sends it
+        through that route's dispatcher once the deadline has passed, never runs it here.
+
+        The row's stored ``owner`` and ``deadline`` change (its call does not); `signature`
+        replaces the stored one (a row signed for its new owner), None keeps it. Any claim
+        on the row is released. Returns False when the row does not exist (the task already
+        ended).
+
+        Raises:
+            CorruptEntryError: the row exists but cannot be decoded (it is left as it is).
+        """
+
+    def now(self) -> float:
+        """This store's clock, epoch seconds: hand-off deadlines are judged on it. The local
+        clock here; a store shared by several hosts answers with the server's."""
+        return time.time()
+
+    def expired_hand_offs(self, *, now: float | None = None) -> builtins.list[JournalEntry]:
+        """Journal rows handed to a route whose deadline has passed (`now`, default the
+        store's clock), oldest first: recovery re-sends them through their dispatcher."""
+        moment = self.now() if now is None else now
+        return [
+            entry
+            for entry in self.journal_list()
+            if entry.route is not None and entry.deadline is not None and entry.deadline <= moment
+        ]
+
     # owners
     @abstractmethod
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
@@ -163,20 +215,28 @@ class DeadLetterStore(ABC):
         """Owners whose last sign of life (heartbeat or newest journal row) is older than
         `stale_after` seconds, or on this host whose process is gone (`owner_is_dead`). This
         process, and a process on this machine known to be running (`owner_is_alive`), are
-        never listed, however old their heartbeat; nor are routes (``route:...``, rows handed
-        to a remote dispatcher: re-sent by `otel_bgtasks.recovery.resend_expired`, never run
-        locally)."""
+        never listed, however old their heartbeat. Rows handed to a route (``route:...``)
+        have no process: they are judged by their deadline (`expired_hand_offs`)."""
         moment = time.time() if now is None else now
         me = process_identity()
         dead = [
             owner
             for owner, seen in self.last_seen().items()
             if owner != me
-            and not owner.startswith(ROUTE_OWNER)
+            and not owner.startswith(ROUTE_OWNER_PREFIX)
             and (moment - seen > stale_after or owner_is_dead(owner))
             and not owner_is_alive(owner)
         ]
         return sorted(dead)
+
+    def status(self) -> StoreStatus | None:
+        """The write buffer's state, or None for a store that writes through."""
+        return None
+
+    def flush_or_log(self, timeout: float = 5.0) -> int:
+        """Write what is buffered within `timeout` seconds, logging the rest whole; returns
+        how many writes were logged (0 for a store that writes through)."""
+        return 0
 
     def close(self) -> None:  # noqa: B027 - optional for stores without resources
         """Release connections; pending buffered writes are flushed or logged."""

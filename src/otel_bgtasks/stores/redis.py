@@ -99,6 +99,21 @@ return redis.call('HDEL', KEYS[1], ARGV[1])
 """
 
 
+# KEYS: entries, claims. ARGV: id, expected data, new data. Compare-and-set of one row's data
+# (computed by the client, which keeps every number exact), releasing its claim: 1 if set,
+# 0 if the row changed meanwhile, -1 if it is gone.
+_REPLACE = """
+local data = redis.call('HGET', KEYS[1], ARGV[1])
+if not data then return -1 end
+if data ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"""
+
+_REPLACE_TRIES = 16  # concurrent rewrites of one row are rare (a renewal, a removal)
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -166,6 +181,7 @@ class RedisDeadLetterStore(DeadLetterStore):
         self._release_script = self.client.register_script(_RELEASE)
         self._delete_claimed_script = self.client.register_script(_DELETE_CLAIMED)
         self._forget_script = self.client.register_script(_FORGET)
+        self._replace_script = self.client.register_script(_REPLACE)
 
     def __repr__(self) -> str:
         kwargs = self.client.connection_pool.connection_kwargs
@@ -415,6 +431,36 @@ class RedisDeadLetterStore(DeadLetterStore):
     def journal_list(self, *, owner: str | None = None) -> builtins.list[JournalEntry]:
         with self._redis() as r:
             return [e for e in self._journal_entries(r) if owner is None or e.owner == owner]
+
+    def journal_hand_off(
+        self, task_id: str, *, owner: str, deadline: float, signature: str | None = None
+    ) -> bool:
+        with self._redis() as r:
+            for _ in range(_REPLACE_TRIES):
+                raw = r.hget(self._journal, task_id)
+                if raw is None:
+                    return False
+                moved = decode_journal(task_id, cast(bytes, raw)).handed(
+                    owner, deadline, signature
+                )
+                done = int(
+                    self._replace_script(
+                        keys=[self._journal, self._journal_claims],
+                        args=[task_id, raw, moved.to_json()],
+                    )
+                )
+                if done != 0:
+                    return done > 0
+        raise StoreUnavailableError(
+            f"Redis dead-letter store {self!r}: journal row {task_id!r} kept changing while"
+            " it was handed off"
+        )
+
+    def now(self) -> float:
+        """The Redis server's clock (``TIME``): one clock for every host sharing the store."""
+        with self._redis() as r:
+            seconds, micros = r.time()
+        return seconds + micros / 1_000_000
 
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
         with self._redis() as r:

@@ -478,6 +478,30 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                     _log.error("corrupt journal entry skipped", task_id=task_id, error=str(exc))
         return out
 
+    def journal_hand_off(
+        self, task_id: str, *, owner: str, deadline: float, signature: str | None = None
+    ) -> bool:
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")  # read, rewrite and store the row atomically
+            try:
+                row = db.execute(
+                    "SELECT data FROM journal WHERE task_id = ?", (task_id,)
+                ).fetchone()
+                if row is None:
+                    db.execute("COMMIT")
+                    return False
+                moved = decode_journal(task_id, row[0]).handed(owner, deadline, signature)
+                db.execute(
+                    "UPDATE journal SET owner = ?, data = ?, claim_owner = NULL,"
+                    " claim_until = NULL WHERE task_id = ?",
+                    (owner, moved.to_json(), task_id),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return True
+
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
         with self._db(write=True) as db:
             db.execute(

@@ -249,6 +249,18 @@ class InMemoryDeadLetterStore(DeadLetterStore):
                 _log.error("corrupt journal entry skipped", task_id=task_id, error=str(exc))
         return out
 
+    def journal_hand_off(
+        self, task_id: str, *, owner: str, deadline: float, signature: str | None = None
+    ) -> bool:
+        with self._lock:
+            row = self._journal.get(task_id)
+            if row is None:
+                return False
+            moved = decode_journal(task_id, row[2]).handed(owner, deadline, signature)
+            self._journal[task_id] = (owner, row[1], moved.to_json())
+            self._journal_claims.pop(task_id, None)
+            return True
+
     def heartbeat(self, owner: str, *, at: float | None = None) -> None:
         with self._lock:
             self._heartbeats[owner] = time.time() if at is None else at
