@@ -85,18 +85,19 @@ def wait_records(r: redis.Redis, key: str, count: int) -> list[list[Any]]:
 
 
 def worker_spans(r: redis.Redis, name: str, count: int = 1) -> list[dict[str, Any]]:
-    """Wait until `count` spans called `name` were exported by the worker children."""
-    found: list[dict[str, Any]] = []
-    seen = 0
-    while len(found) < count:
-        rows = r.lrange("spans", seen, -1)
-        seen += len(rows)
-        found += [s for s in map(json.loads, rows) if s["name"] == name]
-        if len(found) < count:
-            # spans are written before the task's ack; a BLPOP on a side list would be an
-            # event too, but the span list is append-only: wait for its length to grow
-            assert r.blpop(["never"], timeout=0.05) is None
-    return found
+    """Wait (BLPOP) for `count` spans called `name` exported by the worker children."""
+    spans = []
+    for _ in range(count):
+        got = r.blpop([f"span:{name}"], timeout=WAIT)
+        assert got is not None, f"only {len(spans)} of {count} worker spans {name!r}"
+        spans.append(json.loads(got[1]))
+    return spans
+
+
+def no_more(r: redis.Redis, *keys: str) -> None:
+    """Nothing else arrived on `keys` (checked after the work that could add to them ended)."""
+    for key in keys:
+        assert r.llen(key) == 0, (key, r.lrange(key, 0, -1))
 
 
 def test_a_durable_task_runs_on_the_worker_linked_to_its_producer_span(

@@ -37,6 +37,13 @@ to_celery = CeleryDispatcher(
 )
 
 
+@app.task(name="plain_add")
+def plain_add(x: int, y: int) -> int:
+    """A plain Celery task of the same app: upstream's instrumentation keeps its spans."""
+    results().rpush("plain", x + y)
+    return x + y
+
+
 def configure(broker: str, store: str) -> None:
     """Point this (already imported) module at other servers: the test process's side."""
     global BROKER, STORE

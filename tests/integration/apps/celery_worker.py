@@ -24,15 +24,19 @@ from tests.integration.apps import celery_tasks  # noqa: F401 - the app's tasks
 from tests.integration.apps.celery_app import STORE, app, results
 
 RUN = os.environ.get("BGTASKS_TEST_RUN", "run")
+# "before" / "after": opentelemetry-instrumentation-celery instrumented before or after
+# install_worker (coexistence tests); "" : not at all.
+UPSTREAM = os.environ.get("BGTASKS_TEST_UPSTREAM", "")
 
 
 class RedisSpanExporter(SpanExporter):
-    """Each finished span as one JSON object on the results Redis list ``spans``."""
+    """Each finished span as one JSON object on the results Redis list ``span:<name>``
+    (tests wait on it with BLPOP)."""
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        rows = [json.dumps(_span(s)) for s in spans]
-        if rows:
-            results().rpush("spans", *rows)
+        client = results()
+        for span in spans:
+            client.rpush(f"span:{span.name}", json.dumps(_span(span)))
         return SpanExportResult.SUCCESS
 
 
@@ -69,4 +73,14 @@ def _ready(**_: Any) -> None:
     results().rpush(f"ready:{RUN}", os.getpid())
 
 
+def _upstream(**_: Any) -> None:
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    CeleryInstrumentor().instrument()
+
+
+if UPSTREAM == "before":
+    signals.worker_process_init.connect(_upstream, weak=False)
 install_worker(app, dead_letter_store=STORE)
+if UPSTREAM == "after":
+    signals.worker_process_init.connect(_upstream, weak=False)
