@@ -7,7 +7,8 @@ records the tasks push to Redis (BLPOP), never on sleeps.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,24 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisSer
         yield broker, store
 
 
+KEY = "celery-tests-signing-key-0123456789"
+
+
 @pytest.fixture(scope="module")
-def celery_env(servers: tuple[RedisServer, RedisServer]) -> dict[str, str]:
+def celery_env(servers: tuple[RedisServer, RedisServer]) -> Iterator[dict[str, str]]:
+    """Both sides sign and verify messages (a planted unsigned one is refused)."""
     broker, store = servers
-    return {
+    saved = os.environ.get("OTEL_BGTASKS_SIGNING_KEY")
+    os.environ["OTEL_BGTASKS_SIGNING_KEY"] = KEY
+    yield {
         "BGTASKS_TEST_BROKER": broker.url,
         "BGTASKS_TEST_STORE": f"redis://127.0.0.1:{store.port}/1",
+        "OTEL_BGTASKS_SIGNING_KEY": KEY,
     }
+    if saved is None:
+        del os.environ["OTEL_BGTASKS_SIGNING_KEY"]
+    else:
+        os.environ["OTEL_BGTASKS_SIGNING_KEY"] = saved
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +106,15 @@ def worker_spans(r: redis.Redis, name: str, count: int = 1) -> list[dict[str, An
     return spans
 
 
-def no_more(r: redis.Redis, *keys: str) -> None:
-    """Nothing else arrived on `keys` (checked after the work that could add to them ended)."""
-    for key in keys:
-        assert r.llen(key) == 0, (key, r.lrange(key, 0, -1))
+def wait_for(r: redis.Redis, predicate: Callable[[], Any], what: str) -> Any:
+    """Poll a store condition (a row written by a worker), paced by BLPOP on an idle key;
+    bounded, failing with `what`."""
+    for _ in range(int(WAIT / 0.1)):
+        value = predicate()
+        if value:
+            return value
+        assert r.blpop(["idle"], timeout=0.1) is None
+    pytest.fail(f"timed out waiting for {what}")
 
 
 def test_a_durable_task_runs_on_the_worker_linked_to_its_producer_span(
@@ -128,4 +145,123 @@ def test_a_durable_task_runs_on_the_worker_linked_to_its_producer_span(
     assert producer.attributes["messaging.destination.name"] == "bgtasks"
     # the journal row moved to the route, then was removed by the worker
     with open_store(celery_env["BGTASKS_TEST_STORE"]) as store:
-        assert store.journal_list() == []
+        wait_for(results, lambda: store.journal_list() == [], "the worker to remove the row")
+
+
+def test_retries_on_the_worker_are_events_on_one_span(
+    web: Any, worker: CeleryWorker, results: redis.Redis
+) -> None:
+    from tests.integration.apps.celery_tasks import flaky
+
+    schedule(flaky, "f1")
+    assert wait_records(results, "ran:f1", 1)[0][0] == 3
+    [span] = worker_spans(results, "process flaky")
+    retries = [e for e in span["events"] if e["name"] == "bgtasks.retry"]
+    assert [e["attributes"]["bgtasks.retry.attempt"] for e in retries] == [2, 3]
+    assert {e["attributes"]["error.type"] for e in retries} == {"ConnectionError"}
+    assert span["attributes"]["bgtasks.task.attempts"] == 3
+    assert span["attributes"]["bgtasks.task.outcome"] == "success"
+    assert span["status"] == "UNSET"  # retried, then successful: not an error
+
+
+def test_async_tasks_share_one_event_loop_per_child(
+    web: Any, worker: CeleryWorker, results: redis.Redis
+) -> None:
+    from tests.integration.apps.celery_tasks import record_async
+
+    for index in range(8):
+        schedule(record_async, "a1", index)
+    rows = wait_records(results, "ran:a1", 8)
+    loops_by_pid: dict[int, set[int]] = {}
+    for _, loop, pid in rows:
+        loops_by_pid.setdefault(pid, set()).add(loop)
+    assert all(len(loops) == 1 for loops in loops_by_pid.values()), loops_by_pid
+
+
+def test_unserialisable_arguments_raise_at_scheduling(web: Any, worker: CeleryWorker) -> None:
+    from otel_bgtasks.errors import SerializationError
+    from tests.integration.apps.celery_tasks import record_once
+
+    with pytest.raises(SerializationError, match="argument 'token'.*record-once"):
+        schedule(record_once, object(), 1)
+
+
+def test_a_poison_task_is_dead_lettered_after_max_deliveries(
+    web: Any, worker: CeleryWorker, results: redis.Redis, celery_env: Any
+) -> None:
+    from tests.integration.apps.celery_tasks import poison
+
+    task = schedule(poison, "p1")
+    with open_store(celery_env["BGTASKS_TEST_STORE"]) as store:
+        # each delivery kills a child; the worker replaces it
+        entry = wait_for(results, lambda: store.get(task.state.task_id), "the dead letter")
+        assert entry.reason.value == "worker_lost"
+        assert entry.func_ref.endswith("celery_tasks:poison")
+        assert entry.route == "celery:bgtasks"
+        wait_for(results, lambda: store.journal_list() == [], "the row to be removed")
+    # max_deliveries=3: killed at deliveries 1..3, dead-lettered at the 4th without running
+    assert int(results.get("poison:p1") or 0) == 3
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "why"),
+    [
+        ("unregistered", {"func_ref": "os:system"}, "UnregisteredTaskError"),
+        ("unsigned", {"signature": ""}, "UntrustedEntryError"),
+        ("tampered", {"payload": '{"args":["evil",0],"kwargs":{}}'}, "UntrustedEntryError"),
+        ("malformed", None, "MessageError"),
+    ],
+)  # fmt: skip
+def test_a_planted_message_is_refused_and_nothing_runs(
+    case: str,
+    body: dict[str, Any] | None,
+    why: str,
+    web: Any,
+    worker: CeleryWorker,
+    results: redis.Redis,
+    celery_env: Any,
+) -> None:
+    """Messages written straight to the broker (anyone with access can): dead-lettered as
+    refused, nothing imported or run."""
+    import time
+
+    from otel_bgtasks.celery import HEADER, RUN_TASK
+    from otel_bgtasks.records import TaskMessage
+    from tests.integration.apps.celery_app import app
+
+    task_id = f"planted{case}".ljust(32, "0")
+    now = time.time()
+    good = TaskMessage(
+        task_id=task_id,
+        task_name="record",
+        # signed with the key: only the registry stands between it and os.system
+        func_ref="os:system" if case == "unregistered" else "tests.integration.apps.celery_tasks:record",
+        payload=json.dumps({"args": [f"planted-{case}", 0], "kwargs": {}}),
+        route="celery:bgtasks",
+        enqueued_at=now,
+        durable=False,
+    ).signed()
+    fields = {
+        "task_name": "record",
+        "func_ref": good.func_ref,
+        "serializer": "json",
+        "payload": good.payload,
+        "signature": good.signature,
+        "durable": False,
+        "route": good.route,
+    }
+    args: Any = ({**fields, **body},) if body is not None else ("not an object",)
+    app.send_task(
+        RUN_TASK,
+        args=args,
+        task_id=task_id,
+        queue="bgtasks",
+        headers={HEADER: {"task_id": task_id, "enqueued_at": now}},
+        serializer="json",
+    )
+    with open_store(celery_env["BGTASKS_TEST_STORE"]) as store:
+        entry = wait_for(results, lambda: store.get(task_id), f"the {case} message's dead letter")
+    assert entry.reason.value == "refused"
+    assert entry.error_type.rsplit(".", 1)[-1] == why
+    assert results.llen(f"ran:planted-{case}") == 0
+    assert results.llen("ran:evil") == 0
