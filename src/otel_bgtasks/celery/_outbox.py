@@ -69,7 +69,8 @@ class Outbox(Generic[T]):
         self._cond = threading.Condition()
         self._items: collections.deque[tuple[float, T]] = collections.deque()
         self._refused: collections.deque[T] = collections.deque()
-        self._busy = False  # the thread holds an item it took from the queues
+        self._busy = False  # the thread is working on an item
+        self._handing = 0  # a refused item taken from `_refused`, not handed over yet
         self._closed = False
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
@@ -77,7 +78,9 @@ class Outbox(Generic[T]):
     @property
     def backlog(self) -> int:
         """Items not published yet (waiting, or being published now)."""
-        return len(self._items) + len(self._refused) + (1 if self._busy else 0)
+        # the item being published stays at the head of `_items` until it succeeds; a
+        # refused one being handed over has left `_refused` already
+        return len(self._items) + len(self._refused) + self._handing
 
     def put(self, item: T) -> bool:
         """Queue `item`; False when the outbox was full (it goes to ``expired`` instead).
@@ -156,6 +159,7 @@ class Outbox(Generic[T]):
                     return
                 if self._refused:
                     refused: T | None = self._refused.popleft()
+                    self._handing = 1
                     head = None
                 else:
                     refused = None
@@ -192,6 +196,7 @@ class Outbox(Generic[T]):
             finally:
                 with self._cond:
                     self._busy = False
+                    self._handing = 0
 
     def _pop(self, head: tuple[float, T]) -> None:
         with self._cond:

@@ -244,20 +244,7 @@ class CeleryDispatcher:
 
     def _publish(self, item: _Outgoing) -> None:
         state, executor = item.state, item.executor
-        if item.span is None:
-            link = state.link
-            parent = (
-                trace.set_span_in_context(NonRecordingSpan(link))
-                if link is not None
-                else otel_context.Context()
-            )
-            item.span = executor.tracer.start_span(
-                attr.PRODUCER_SPAN_PREFIX + state.name,
-                context=parent,
-                kind=SpanKind.PRODUCER,
-                attributes=self._span_attributes(state.name, state.task_id),
-            )
-        span = item.span
+        span = self._span(item)
         item.attempts += 1
         call = state.call
         assert call is not None  # remote: encoded at scheduling
@@ -282,6 +269,24 @@ class CeleryDispatcher:
         span.end()
         executor.hand_off(state, self.route, time.time() + self.lease)
 
+    def _span(self, item: _Outgoing) -> Span:
+        """The message's one PRODUCER span, child of the scheduling span (made once)."""
+        if item.span is None:
+            state = item.state
+            link = state.link
+            parent = (
+                trace.set_span_in_context(NonRecordingSpan(link))
+                if link is not None
+                else otel_context.Context()
+            )
+            item.span = item.executor.tracer.start_span(
+                attr.PRODUCER_SPAN_PREFIX + state.name,
+                context=parent,
+                kind=SpanKind.PRODUCER,
+                attributes=self._span_attributes(state.name, state.task_id),
+            )
+        return item.span
+
     def _unsent(self, item: _Outgoing, error: BaseException | None) -> None:
         """A task that will not be published: past its deadline, or the outbox was full."""
         state, executor = item.state, item.executor
@@ -297,8 +302,7 @@ class CeleryDispatcher:
         )
         if error is not None:
             failure.__cause__ = error
-        if item.span is not None:
-            _end_failed(item.span, failure)
+        _end_failed(self._span(item), failure)
         if state.options.durable:
             # Its row goes to the route, already due: recovery re-sends it when the broker
             # is back; never run here.
