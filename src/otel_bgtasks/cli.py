@@ -55,7 +55,12 @@ from otel_bgtasks.errors import (
 )
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.recovery import recover_interrupted_tasks
-from otel_bgtasks.registry import TASK_MODULES_ENV, declare_task_modules, declared_task_modules
+from otel_bgtasks.registry import (
+    TASK_MODULES_ENV,
+    declare_task_modules,
+    declared_task_modules,
+    dispatcher_for,
+)
 from otel_bgtasks.replay import (
     DeadLetters,
     ReplayOutcome,
@@ -223,6 +228,12 @@ def _add_dlq(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("ids", nargs="*", metavar="ID", help="entry ids (or unique prefixes)")
     p.add_argument("--all", action="store_true", help="every entry matching the filters")
+    p.add_argument(
+        "--celery-app",
+        metavar="MODULE:APP",
+        help="the Celery app (imported on purpose): dead letters of Celery tasks are sent back"
+        " to their queue and run on a worker (needs otel-bgtasks[celery])",
+    )
     _filters(p)
     p.set_defaults(handler=_cmd_replay)
 
@@ -619,6 +630,8 @@ def _cmd_replay(ctx: _Context) -> int:
     ids = [_resolve_id(store, ident) for ident in args.ids] if args.ids else None
     runner = _load_runner(ctx)
     dead_letters = DeadLetters(store)
+    if args.celery_app:
+        _celery_routes(args.celery_app, store)
 
     progress = Progress(
         TextColumn("replaying"),
@@ -657,8 +670,29 @@ def _cmd_replay(ctx: _Context) -> int:
     return 0 if report.ok else 1
 
 
+def _celery_routes(reference: str, store: DeadLetterStore) -> None:
+    """Import the operator's Celery app and give every Celery route among the dead letters
+    a dispatcher (unless the app's modules registered one), so replay sends them back."""
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise CLIError(f"--celery-app {reference!r}: expected MODULE:APP, e.g. shop.worker:app")
+    try:
+        module = importlib.import_module(module_name)
+        app = getattr(module, attribute)
+        from otel_bgtasks.celery import CeleryDispatcher  # optional extra: imported on use
+    except ImportError as exc:
+        raise CLIError(f"--celery-app {reference!r}: {exc}") from exc
+    except AttributeError as exc:
+        raise CLIError(f"--celery-app {reference!r}: {module_name} has no {attribute!r}") from exc
+    routes = {e.route for e in store.list() if e.route and e.route.startswith("celery:")}
+    for route in sorted(routes):
+        if dispatcher_for(route) is None:
+            CeleryDispatcher(app, queue=route[len("celery:") :])
+
+
 _STATUSES: tuple[ReplayStatus, ...] = (
     "replayed",
+    "sent",
     "failed",
     "refused",
     "import_error",

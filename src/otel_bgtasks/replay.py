@@ -34,6 +34,7 @@ from otel_bgtasks.errors import CorruptEntryError, TaskImportError, UntrustedEnt
 from otel_bgtasks.identity import process_identity
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
+from otel_bgtasks.registry import dispatcher_for
 from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = [
@@ -147,7 +148,15 @@ ReplayRunner = Callable[[DeadLetter], Awaitable[ReplayResult]]
 """Re-runs a dead letter's task (as a new span linked to the original) and reports the result."""
 
 ReplayStatus = Literal[
-    "replayed", "failed", "refused", "import_error", "missing", "corrupt", "error", "claimed"
+    "replayed",
+    "sent",
+    "failed",
+    "refused",
+    "import_error",
+    "missing",
+    "corrupt",
+    "error",
+    "claimed",
 ]
 
 
@@ -155,7 +164,9 @@ ReplayStatus = Literal[
 class ReplayOutcome:
     """The result of replaying one entry.
 
-    `status`: ``replayed`` (succeeded, deleted), ``failed`` (task failed again, entry updated),
+    `status`: ``replayed`` (succeeded, deleted), ``sent`` (its route's dispatcher, e.g.
+    Celery, is registered here: published to it again, deleted; it runs there), ``failed``
+    (task failed again, entry updated),
     ``refused`` (unsigned or tampered while a signing key is set, or not a registered task of
     this app: nothing ran, entry kept), ``import_error`` (no function reference, or its
     serializer unavailable here, entry kept), ``missing`` (no such id), ``corrupt`` (row
@@ -186,7 +197,7 @@ class ReplayReport:
     @property
     def ok(self) -> bool:
         """True when every entry replayed successfully (here, or by a concurrent replayer)."""
-        return all(o.status in ("replayed", "claimed") for o in self.outcomes)
+        return all(o.status in ("replayed", "sent", "claimed") for o in self.outcomes)
 
 
 class DeadLetters:
@@ -312,6 +323,21 @@ class DeadLetters:
                 await asyncio.shield(asyncio.to_thread(store.release, entry.id, self.owner))
             raise
 
+    async def _send_claimed(self, entry: DeadLetter, dispatcher: Any) -> ReplayOutcome:
+        """Publish a dead letter of a remote route again through its dispatcher (it runs in
+        a worker there); deleted once published, kept when publishing fails."""
+        store = self.store
+        executor = active_executor() or standalone_executor(store)
+        try:
+            await asyncio.to_thread(dispatcher.resend, executor, entry, task_id=entry.id)
+        except Exception as exc:
+            await self._call(store.release, entry.id, self.owner)
+            return ReplayOutcome(
+                entry.id, "error", entry.task_name, f"not sent to {entry.route}: {exc}"
+            )
+        await self._call(store.delete_claimed, entry.id, self.owner)
+        return ReplayOutcome(entry.id, "sent", entry.task_name, f"sent to {entry.route}")
+
     async def _run_claimed(self, entry: DeadLetter, runner: ReplayRunner) -> ReplayOutcome:
         store = self.store
         try:
@@ -324,6 +350,9 @@ class DeadLetters:
             _log.error("dead letter replay: task not importable", entry_id=entry.id, error=str(exc))
             await self._call(store.release, entry.id, self.owner)
             return ReplayOutcome(entry.id, "import_error", entry.task_name, str(exc))
+        dispatcher = dispatcher_for(entry.route) if entry.route else None
+        if dispatcher is not None:
+            return await self._send_claimed(entry, dispatcher)
         try:
             renew = functools.partial(store.claim, entry.id, self.owner, lease=self.lease)
             async with renewing(renew, self.lease / 3):

@@ -265,3 +265,37 @@ def test_a_planted_message_is_refused_and_nothing_runs(
     assert entry.error_type.rsplit(".", 1)[-1] == why
     assert results.llen(f"ran:planted-{case}") == 0
     assert results.llen("ran:evil") == 0
+
+
+def test_a_workers_dead_letter_is_replayed_by_the_cli_onto_a_worker(
+    web: Any, worker: CeleryWorker, results: redis.Redis, celery_env: Any
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.celery_worker import REPO_ROOT
+    from tests.integration.apps.celery_tasks import fail_once
+
+    schedule(fail_once, "r1")
+    with open_store(celery_env["BGTASKS_TEST_STORE"]) as store:
+        [entry] = wait_for(results, lambda: store.list(task="fail-once"), "the dead letter")
+        task_id = entry.id
+        assert entry.reason.value == "permanent"
+        assert entry.route == "celery:bgtasks"
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "otel_bgtasks.cli", "dlq", "replay", task_id,
+                "--store", celery_env["BGTASKS_TEST_STORE"],
+                "--tasks", "tests.integration.apps.celery_tasks",
+                "--celery-app", "tests.integration.apps.celery_app:app",
+            ],
+            cwd=REPO_ROOT,
+            env={**os.environ, **celery_env, "PYTHONPATH": str(REPO_ROOT)},
+            capture_output=True,
+            text=True,
+            check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "1 sent" in done.stdout
+        assert wait_records(results, "ran:r1", 1)[0][0] == 1  # ran on a worker
+        assert store.get(task_id) is None

@@ -209,7 +209,8 @@ class CeleryDispatcher:
 
     def resend(self, executor: Executor, call: StoredCall, *, task_id: str) -> None:
         """Publish an already-encoded call now, on this thread (recovery of an expired
-        hand-off, replay of a dead letter routed here).
+        hand-off: durable, counted as a redelivery by the worker; replay of a dead letter
+        routed here: not durable, deleted once sent).
 
         Raises:
             Exception: whatever the broker raised; the caller keeps the row or entry.
@@ -227,7 +228,7 @@ class CeleryDispatcher:
         enqueued = time.time()
         body, header = self._envelope(
             span, task_id, task_name, call.func_ref, call.serializer, call.payload,
-            durable=durable, enqueued_at=enqueued, resent=True,
+            durable=durable, enqueued_at=enqueued, resent=durable,
         )  # fmt: skip
         started = time.perf_counter()
         try:

@@ -60,3 +60,11 @@ def poison(token: str) -> None:
     """Kills the worker process that runs it, every time."""
     results().incr(f"poison:{token}")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@background_task(name="fail-once", dispatch=to_celery)
+def fail_once(token: str) -> None:
+    """Fails for good (ValueError: permanent) the first time, succeeds when replayed."""
+    if results().incr(f"fail-once:{token}") == 1:
+        raise ValueError("not yet")
+    _record(f"ran:{token}", 1)
