@@ -49,6 +49,11 @@ def configure(broker: str, store: str) -> None:
     global BROKER, STORE
     BROKER, STORE = broker, store
     app.conf.broker_url = broker
+    # the app's own connection and producer pools still point at the previous broker
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.amqp._producer_pool = None
     to_celery.close()
 
 
