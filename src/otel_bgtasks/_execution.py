@@ -168,6 +168,7 @@ class Executor:
         # The seam's default dispatcher sends tasks to another process (set by DispatchSeam):
         # tasks without a dispatcher of their own are then encoded at scheduling too.
         self.default_remote = False
+        self.default_dispatch: Any = None
 
     @property
     def redact_exception_messages(self) -> bool:
@@ -258,6 +259,10 @@ class Executor:
         except (KeyError, TypeError):  # TypeError: an unhashable callable object
             pass
         options = effective_options(func, self.defaults, self.breakers.get)
+        dispatcher = options.dispatch if options.dispatch is not None else self.default_dispatch
+        check = getattr(dispatcher, "check_options", None)
+        if check is not None:  # e.g. a durable task's worst case against a broker's timeout
+            check(options)
         note_scheduled(func)  # this app's own task: its dead letters stay replayable here
         if isinstance(func, FunctionType | MethodType):
             if len(self._described) >= _DESCRIBED_MAX:

@@ -306,6 +306,7 @@ class DispatchSeam:
         elif isinstance(dispatch, Dispatcher):
             self.default = dispatch
             executor.default_remote = bool(getattr(dispatch, "remote", False))
+            executor.default_dispatch = dispatch
         else:
             raise ConfigurationError(
                 f"dispatch={dispatch!r}: pass one of {', '.join(DISPATCH_MODES)} or a Dispatcher"

@@ -114,7 +114,9 @@ def test_past_the_publish_deadline_tasks_are_dead_lettered_as_undeliverable(
     dead = Celery("dead", broker=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens
     to_nowhere = CeleryDispatcher(dead, queue="nowhere", publish_timeout=0.2, publish_deadline=0.5)
     send = background_task(name="send-nowhere", dispatch=to_nowhere)(_send_nowhere)
-    keep = background_task(name="keep-nowhere", dispatch=to_nowhere, durable=True)(_keep_nowhere)
+    keep = background_task(
+        name="keep-nowhere", dispatch=to_nowhere, durable=True, timeout=1.0
+    )(_keep_nowhere)
     instrument(dead_letter_store=env["BGTASKS_TEST_STORE"])
     sent = [schedule(send, i).state.task_id for i in range(3)]
     kept = schedule(keep, 1).state.task_id

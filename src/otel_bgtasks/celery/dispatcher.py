@@ -67,6 +67,7 @@ from otel_bgtasks.celery._wire import (
     Header,
 )
 from otel_bgtasks.errors import ConfigurationError, UndeliverableError, error_type
+from otel_bgtasks.options import EffectiveOptions
 from otel_bgtasks.records import DeadLetterReason, JournalEntry, TaskMessage
 from otel_bgtasks.registry import register_dispatcher
 from otel_bgtasks.state import TaskCallState
@@ -158,7 +159,8 @@ class CeleryDispatcher:
             )
         self.route = f"celery:{queue}"
         self.system = messaging_system(celery_app)
-        visibility = visibility_timeout(celery_app)
+        self.visibility_timeout = visibility_timeout(celery_app)
+        visibility = self.visibility_timeout
         self.lease = visibility if visibility is not None else DEFAULT_HAND_OFF_LEASE
         self._lock = threading.Lock()
         self._connection: Connection | None = None
@@ -185,6 +187,39 @@ class CeleryDispatcher:
         return f"CeleryDispatcher(queue={self.queue!r}, broker={self.system!r})"
 
     # -- the seam ---------------------------------------------------------------------------
+
+    def check_options(self, options: EffectiveOptions) -> None:
+        """A durable task must finish within the broker's visibility timeout, else the broker
+        delivers it again while it runs (called once per task function, at its first
+        scheduling and on the worker).
+
+        Raises:
+            ConfigurationError: no timeout, or a worst case (attempts x timeout + retry
+                delays) longer than the visibility timeout; the message names the numbers.
+        """
+        visibility = self.visibility_timeout
+        if not options.durable or visibility is None:
+            return
+        where = (
+            f"durable task {options.name!r} sent to Celery queue {self.queue!r}: the broker"
+            f" delivers an unacknowledged message again after visibility_timeout={visibility:g}s"
+        )
+        if options.timeout is None:
+            raise ConfigurationError(
+                f"{where}, and the task has no timeout; give it timeout= (its worst case,"
+                " attempts x timeout + retry delays, must stay under the visibility timeout)"
+            )
+        retry = options.retry
+        attempts = retry.max_attempts if retry is not None else 1
+        max_delay = retry.max_delay if retry is not None else 0.0
+        worst = attempts * options.timeout + (attempts - 1) * max_delay
+        if worst > visibility:
+            raise ConfigurationError(
+                f"{where}; its worst-case run is {worst:g}s ({attempts} attempts x timeout"
+                f" {options.timeout:g}s + {attempts - 1} retry delays of up to {max_delay:g}s):"
+                " lower timeout or retries, or raise"
+                " broker_transport_options['visibility_timeout']"
+            )
 
     @property
     def backlog(self) -> int:

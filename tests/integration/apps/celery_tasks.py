@@ -19,7 +19,7 @@ def _record(key: str, *values: object) -> None:
     results().rpush(key, json.dumps([*values, os.getpid()]))
 
 
-@background_task(name="record", dispatch=to_celery, durable=True)
+@background_task(name="record", dispatch=to_celery, durable=True, timeout=5.0)
 def record(token: str, index: int, sleep: float = 0.0) -> None:
     """Durable: sleeps `sleep` s, then records ``[index, pid]`` in ``ran:<token>``."""
     if sleep:
@@ -55,7 +55,7 @@ def flaky(token: str) -> None:
     _record(f"ran:{token}", attempts)
 
 
-@background_task(name="poison", dispatch=to_celery, durable=True)
+@background_task(name="poison", dispatch=to_celery, durable=True, timeout=5.0)
 def poison(token: str) -> None:
     """Kills the worker process that runs it, every time."""
     results().incr(f"poison:{token}")
