@@ -12,7 +12,6 @@ the fork.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Any
 
@@ -65,16 +64,6 @@ def bench_sync(run: str, total: int, payload: str) -> None:
 @background_task(name="bench-async", dispatch=to_bench)
 async def bench_async(run: str, total: int, payload: str) -> None:
     _count(run, total)
-
-
-@background_task(name="bench-asyncio-run", dispatch=to_bench)
-def bench_asyncio_run(run: str, total: int, payload: str) -> None:
-    """What one event loop per child saves: a new loop per task (`asyncio.run`)."""
-
-    async def body() -> None:
-        _count(run, total)
-
-    asyncio.run(body())
 
 
 @signals.worker_process_init.connect(weak=False)

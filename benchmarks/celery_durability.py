@@ -33,11 +33,10 @@ from tests.redis_server import running_redis  # noqa: E402
 
 
 def run(*, tasks: int = 500, trials: int = 5, scenarios: tuple[str, ...] = SCENARIOS) -> Any:
+    from benchmarks._common import noop_providers
     from otel_bgtasks import BackgroundTasksInstrumentor
     from otel_bgtasks.recovery import start_resender
     from otel_bgtasks.stores import open_store
-
-    from benchmarks._common import noop_providers
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
@@ -72,7 +71,11 @@ def run(*, tasks: int = 500, trials: int = 5, scenarios: tuple[str, ...] = SCENA
                 broker.kill()
                 broker.start()
 
-            damage = {"child": worker.kill_child, "worker": restart_worker, "broker": restart_broker}
+            damage = {
+                "child": worker.kill_child,
+                "worker": restart_worker,
+                "broker": restart_broker,
+            }
             results: list[TrialResult] = []
             try:
                 with open_store(env["BGTASKS_TEST_STORE"]) as store:
