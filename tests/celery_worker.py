@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import redis
 
-__all__ = ["CeleryWorker", "REPO_ROOT", "running_worker"]
+__all__ = ["REPO_ROOT", "CeleryWorker", "running_worker"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER_APP = "tests.integration.apps.celery_worker"

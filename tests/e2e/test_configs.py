@@ -37,6 +37,7 @@ ALERTS = {
     "BgTaskStuck",
     "BgTaskTelemetryMissing",
     "BgTaskBacklog",
+    "BgTaskPublishBacklog",
     "BgTaskSkipped",
 }
 DASHBOARD = CONFIG_DIR / "grafana" / "dashboards" / "bgtasks-overview.json"
@@ -480,6 +481,9 @@ def test_dashboard_covers_the_contract() -> None:
         "bgtasks_dlq_replays_total",
         "bgtasks_task_pending",
         "bgtasks_task_skipped_total",
+        "bgtasks_dispatch_backlog",
+        "messaging_client_sent_messages_total",
+        "messaging_client_operation_duration_seconds_bucket",
     ):
         assert metric in exprs, metric
     for quantile in ("0.5", "0.95", "0.99"):

@@ -506,6 +506,7 @@ RULE_SUBJECT = {
     "BgTaskStuck": "bgtasks_task_name",
     "BgTaskTelemetryMissing": "instance",
     "BgTaskBacklog": "bgtasks_task_name",
+    "BgTaskPublishBacklog": "messaging_destination_name",
     "BgTaskSkipped": "bgtasks_task_name",
 }
 
@@ -847,6 +848,7 @@ def test_every_alert_rule_gives_the_scenario_figures_while_the_circuit_is_open(
         "BgTaskStuck": {},
         "BgTaskTelemetryMissing": {},
         "BgTaskBacklog": {},
+        "BgTaskPublishBacklog": {},  # no remote dispatcher in this scenario
     }
     # The moves of charge-card grew; the store's depth grew, reported once for both replicas.
     assert set(dead_letters) == {("charge-card",), ("",)}

@@ -9,16 +9,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from tests.celery_worker import CeleryWorker, running_worker
+from tests.redis_server import RedisServer, running_redis
 
 from otel_bgtasks import schedule
 from otel_bgtasks.stores import open_store
-from tests.celery_worker import CeleryWorker, running_worker
-from tests.redis_server import RedisServer, running_redis
 
 pytestmark = pytest.mark.redis
 
@@ -179,8 +178,9 @@ def test_async_tasks_share_one_event_loop_per_child(
 
 
 def test_unserialisable_arguments_raise_at_scheduling(web: Any, worker: CeleryWorker) -> None:
-    from otel_bgtasks.errors import SerializationError
     from tests.integration.apps.celery_tasks import record_once
+
+    from otel_bgtasks.errors import SerializationError
 
     with pytest.raises(SerializationError, match="argument 'token'.*record-once"):
         schedule(record_once, object(), 1)
@@ -225,9 +225,10 @@ def test_a_planted_message_is_refused_and_nothing_runs(
     refused, nothing imported or run."""
     import time
 
+    from tests.integration.apps.celery_app import app
+
     from otel_bgtasks.celery import HEADER, RUN_TASK
     from otel_bgtasks.records import TaskMessage
-    from tests.integration.apps.celery_app import app
 
     task_id = f"planted{case}".ljust(32, "0")
     now = time.time()

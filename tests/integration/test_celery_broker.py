@@ -9,15 +9,13 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
-import redis
 from fastapi import BackgroundTasks, FastAPI
-
-from otel_bgtasks.stores import open_store
 from tests.celery_worker import CeleryWorker, running_worker
 from tests.integration._server import UvicornThread
 from tests.redis_server import RedisServer, running_redis
+
+from otel_bgtasks.stores import open_store
 
 pytestmark = pytest.mark.redis
 
@@ -105,11 +103,11 @@ def test_past_the_publish_deadline_tasks_are_dead_lettered_as_undeliverable(
     outbox, then the ones that are not durable are dead letters; durable ones stay journaled,
     handed to the route, for recovery to re-send."""
     from celery import Celery
+    from tests.integration.apps.celery_app import results
+    from tests.redis_server import free_port
 
     from otel_bgtasks import background_task, schedule
     from otel_bgtasks.celery import CeleryDispatcher
-    from tests.integration.apps.celery_app import results
-    from tests.redis_server import free_port
 
     dead = Celery("dead", broker=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens
     to_nowhere = CeleryDispatcher(dead, queue="nowhere", publish_timeout=0.2, publish_deadline=0.5)

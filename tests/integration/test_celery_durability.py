@@ -9,12 +9,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-from otel_bgtasks.recovery import start_resender
-from otel_bgtasks.stores import open_store
 from tests.celery_trials import SCENARIOS, Scenario, run_trial
 from tests.celery_worker import CeleryWorker, running_worker
 from tests.redis_server import RedisServer, running_redis
+
+from otel_bgtasks.recovery import start_resender
+from otel_bgtasks.stores import open_store
 
 pytestmark = pytest.mark.redis
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
+from tests.celery_worker import running_worker
+from tests.redis_server import running_redis
 
 from otel_bgtasks import schedule
-from tests.celery_worker import running_worker
-from tests.redis_server import RedisServer, running_redis
 
 pytestmark = pytest.mark.redis
 

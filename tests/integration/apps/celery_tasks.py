@@ -10,9 +10,9 @@ import signal
 import time
 
 from tenacity import wait_none
+from tests.integration.apps.celery_app import results, to_celery
 
 from otel_bgtasks import RetryPolicy, background_task
-from tests.integration.apps.celery_app import results, to_celery
 
 
 def _record(key: str, *values: object) -> None:

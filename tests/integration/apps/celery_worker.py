@@ -18,10 +18,10 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
-
-from otel_bgtasks.celery import install_worker
 from tests.integration.apps import celery_tasks  # noqa: F401 - the app's tasks
 from tests.integration.apps.celery_app import STORE, app, results
+
+from otel_bgtasks.celery import install_worker
 
 RUN = os.environ.get("BGTASKS_TEST_RUN", "run")
 # "before" / "after": opentelemetry-instrumentation-celery instrumented before or after
