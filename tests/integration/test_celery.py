@@ -33,6 +33,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisSer
 
 
 KEY = "celery-tests-signing-key-0123456789"
+TASKS = "tests.integration.apps.celery_tasks"
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def results(apps: Any) -> Iterator[redis.Redis]:
 
     r = client()
     r.flushdb()
-    yield r
+    return r
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +125,16 @@ def test_a_durable_task_runs_on_the_worker_linked_to_its_producer_span(
     task = schedule(record, "t1", 7)
     assert task.handed
     [(index, pid)] = wait_records(results, "ran:t1", 1)
-    assert index == 7 and pid in worker.children()
+    assert index == 7
+    assert pid in worker.children()
     [consumer] = worker_spans(results, "process record")
     producer = telemetry.span("send record")
     assert producer.kind.name == "PRODUCER"
     pctx = producer.get_span_context()
     assert consumer["kind"] == "CONSUMER"
-    assert consumer["links"] == [{"trace_id": f"{pctx.trace_id:032x}", "span_id": f"{pctx.span_id:016x}"}]
+    assert consumer["links"] == [
+        {"trace_id": f"{pctx.trace_id:032x}", "span_id": f"{pctx.span_id:016x}"}
+    ]
     assert consumer["trace_id"] != f"{pctx.trace_id:032x}"  # link mode: a new trace
     attrs = consumer["attributes"]
     assert attrs["bgtasks.task.id"] == task.state.task_id
@@ -182,7 +186,7 @@ def test_unserialisable_arguments_raise_at_scheduling(web: Any, worker: CeleryWo
 
     from otel_bgtasks.errors import SerializationError
 
-    with pytest.raises(SerializationError, match="argument 'token'.*record-once"):
+    with pytest.raises(SerializationError, match=r"argument 'token'.*record-once"):
         schedule(record_once, object(), 1)
 
 
@@ -236,7 +240,7 @@ def test_a_planted_message_is_refused_and_nothing_runs(
         task_id=task_id,
         task_name="record",
         # signed with the key: only the registry stands between it and os.system
-        func_ref="os:system" if case == "unregistered" else "tests.integration.apps.celery_tasks:record",
+        func_ref="os:system" if case == "unregistered" else f"{TASKS}:record",
         payload=json.dumps({"args": [f"planted-{case}", 0], "kwargs": {}}),
         route="celery:bgtasks",
         enqueued_at=now,
