@@ -128,10 +128,8 @@ class CeleryWorker:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             self.kill()
-        try:  # children left behind by a main process that died first
+        with suppress(ProcessLookupError):  # children left behind by a main process that died
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @contextmanager
