@@ -9,14 +9,14 @@ recovery, the health router) read, below the instrumentor that sets it.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from types import FunctionType, MethodType
 from typing import Any
 
+import anyio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
@@ -25,26 +25,22 @@ from starlette.concurrency import run_in_threadpool
 from tenacity import RetryCallState
 
 from otel_bgtasks import attributes as attr
-from otel_bgtasks._ids import span_id_hex, trace_id_hex
+from otel_bgtasks._ids import to_traceparent
 from otel_bgtasks._logger import log
 from otel_bgtasks.accounting import Accounting
 from otel_bgtasks.attributes import ErrorCategory, Outcome, SkipReason
 from otel_bgtasks.breakers import BreakerRegistry
-from otel_bgtasks.calls import (
-    EncodedCall,
-    JSONSerializer,
-    Serializer,
-    decode_call,
-    describe_call,
-    encode_call,
-)
+from otel_bgtasks.calls import EncodedCall, JSONSerializer, Serializer, decode_call, encode_call
 from otel_bgtasks.circuit import CircuitBreaker
-from otel_bgtasks.dead_lettering import DeadLetterWriter
+from otel_bgtasks.dead_lettering import DeadLetterWriter, NeverRanError
 from otel_bgtasks.errors import (
     CircuitOpenError,
     ConfigurationError,
+    CorruptEntryError,
     ErrorClassifier,
+    TaskImportError,
     TaskTimeoutError,
+    UntrustedEntryError,
     classify_error,
     error_type,
 )
@@ -60,13 +56,14 @@ from otel_bgtasks.options import (
     check_trace_mode,
     effective_options,
 )
-from otel_bgtasks.records import DeadLetter, DeadLetterReason, TaskMessage, route_owner
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, TaskMessage
 from otel_bgtasks.registry import note_scheduled
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.signing import signing_keys
 from otel_bgtasks.state import TaskCallState, current_task
 from otel_bgtasks.state import current as _current
 from otel_bgtasks.stores.base import DeadLetterStore
+from otel_bgtasks.task import Dispatch
 
 __all__ = [
     "TRACE_MODES",
@@ -94,6 +91,7 @@ _OUTCOME_VALUE = {outcome: outcome.value for outcome in Outcome}  # `.value` is 
 _SUCCESS = Outcome.SUCCESS
 _FAILURE = Outcome.FAILURE
 _CONSUMER = SpanKind.CONSUMER
+
 
 
 def active_executor() -> Executor | None:
@@ -128,10 +126,13 @@ class Executor:
         error_classifier: ErrorClassifier = classify_error,
         redact_exception_messages: bool = False,
         log_locals: bool = False,
+        dispatch: Dispatch = "inline",
     ) -> None:
         check_trace_mode(trace_mode)
         signing_keys()  # a bad OTEL_BGTASKS_SIGNING_KEY fails here, not in a task's failure path
-        self.defaults = TaskDefaults(retry=retry, circuit=circuit, timeout=timeout, durable=durable)
+        self.defaults = TaskDefaults(
+            retry=retry, circuit=circuit, timeout=timeout, durable=durable, dispatch=dispatch
+        )
         if durable and dead_letter_store is None:
             raise ConfigurationError("durable=True needs a dead_letter_store to journal tasks in")
         if serializer is not None and not isinstance(serializer, Serializer):
@@ -165,10 +166,6 @@ class Executor:
         self._ran = self.accounting.ran
         self._scheduled = self.accounting.scheduled
         self._described: dict[Any, EffectiveOptions] = {}
-        # The seam's default dispatcher sends tasks to another process (set by DispatchSeam):
-        # tasks without a dispatcher of their own are then encoded at scheduling too.
-        self.default_remote = False
-        self.default_dispatch: Any = None
 
     @property
     def redact_exception_messages(self) -> bool:
@@ -187,19 +184,16 @@ class Executor:
         """Capture what is needed at scheduling time and mark the current span.
 
         Raises:
-            TypeError: a durable task's function is not importable or an argument cannot be
-                serialized (the message names it).
+            TypeError: a durable task's, or a task bound for another process, whose function
+                is not importable or an argument cannot be serialized (the message names it):
+                it raises here, in the endpoint that schedules it.
         """
         current = trace.get_current_span()
         link = current.get_span_context()
         recording = current.is_recording()  # a recording span's context is valid
         state = self.prepare(func, args, kwargs, link, is_async)
-        options = state.options
-        if options.remote or (self.default_remote and options.dispatch is None):
-            # bound for another process: bad arguments raise here, in the endpoint
-            state.call = encode_call(self.serializer, func, args, kwargs, task_name=state.name)
-        if options.durable:
-            self._journal(state)
+        if state.options.encoded:
+            self._encode(state)
         if recording:
             current.add_event(
                 attr.EVENT_ENQUEUED, {attr.TASK_NAME: state.name, attr.TASK_ID: state.task_id}
@@ -221,21 +215,29 @@ class Executor:
         task_id: str | None = None,
         enqueued_wall: float | None = None,
     ) -> TaskCallState:
-        """The state of a task about to be scheduled or run, without side effects (replay
-        and recovery run it as it is; `schedule` accounts for it). `task_id` keeps an
-        existing id (a received message); `enqueued_wall` (epoch s) an earlier scheduling
-        time, from which its wait is measured."""
+        """The state of a task about to be scheduled or run, without side effects (replay,
+        recovery and `receive` run it as it is; `schedule` accounts for it).
+
+        Args:
+            link: the span context to link to (the scheduling span).
+            task_id: keep this `bgtasks.task.id` (a task received from another process, a
+                re-sent one); default: a fresh one.
+            enqueued_wall: when the task was scheduled, wall clock (epoch seconds), for a task
+                scheduled in another process: its `bgtasks.task.wait` is then measured on the
+                wall clock from that moment (the broker wait); default: now.
+        """
         try:  # `options_for`'s cache, read here: one call less per task
             options = self._described[func]
         except (KeyError, TypeError):
             options = self.options_for(func)
-        if enqueued_wall is None:
-            enqueued_at, wall = time.perf_counter(), time.time()
-        else:
-            wall = enqueued_wall
-            enqueued_at = time.perf_counter() - max(0.0, time.time() - enqueued_wall)
+        enqueued_at = time.perf_counter()
+        now = time.time()
+        if enqueued_wall is not None:
+            # run() measures the wait on perf_counter: start it that long ago (never ahead)
+            enqueued_at -= max(now - enqueued_wall, 0.0)
+            now = enqueued_wall
         return TaskCallState(
-            task_id=task_id or f"{_getrandbits(128):032x}",  # `new_task_id()`, inline
+            task_id=f"{_getrandbits(128):032x}" if task_id is None else task_id,
             func=func,
             args=args,
             kwargs=kwargs,
@@ -244,7 +246,7 @@ class Executor:
             function=options.function,
             link=link if link is not None and link.is_valid else None,
             enqueued_at=enqueued_at,
-            enqueued_wall=wall,
+            enqueued_wall=now,
             is_async=options.is_async if is_async is None else is_async,
         )
 
@@ -259,10 +261,6 @@ class Executor:
         except (KeyError, TypeError):  # TypeError: an unhashable callable object
             pass
         options = effective_options(func, self.defaults, self.breakers.get)
-        dispatcher = options.dispatch if options.dispatch is not None else self.default_dispatch
-        check = getattr(dispatcher, "check_options", None)
-        if check is not None:  # e.g. a durable task's worst case against a broker's timeout
-            check(options)
         note_scheduled(func)  # this app's own task: its dead letters stay replayable here
         if isinstance(func, FunctionType | MethodType):
             if len(self._described) >= _DESCRIBED_MAX:
@@ -270,13 +268,20 @@ class Executor:
             self._described[func] = options
         return options
 
-    def _journal(self, state: TaskCallState) -> None:
-        if self.journal is None:
-            raise ConfigurationError(
-                f"task {state.name!r} is durable but no dead_letter_store is configured; "
-                "pass dead_letter_store= to the instrumentor"
+    def _encode(self, state: TaskCallState) -> None:
+        """Encode the call of a durable task or one bound for another process (raising on bad
+        arguments, at scheduling), and journal a durable one."""
+        if state.options.durable:
+            if self.journal is None:
+                raise ConfigurationError(
+                    f"task {state.name!r} is durable but no dead_letter_store is configured; "
+                    "pass dead_letter_store= to the instrumentor"
+                )
+            self.journal.add(state)  # encodes it (`state.call`)
+        else:
+            state.call = encode_call(
+                self.serializer, state.func, state.args, state.kwargs, task_name=state.name
             )
-        self.journal.add(state)
 
     # -- accounting (otel_bgtasks.accounting) -----------------------------------------------
 
@@ -284,130 +289,174 @@ class Executor:
         """Account for a scheduled task that will never run (`Accounting.skip`)."""
         self.accounting.skip(state, reason)
 
-    def release(self, state: TaskCallState) -> None:
-        """A scheduled task left this process without running here (a distributed
-        dispatcher published it): it leaves `inflight` and `bgtasks.task.pending`, no span."""
-        self.accounting.leave(state)
+    def hand_off(self, state: TaskCallState, route: str, deadline: float | None) -> None:
+        """A scheduled task was published to another process (a remote dispatcher, route
+        `route`): it leaves `inflight` and `bgtasks.task.pending` here, no span. A durable
+        task's journal row MOVES to the route (owner ``route:<route>``) until `deadline`
+        (epoch seconds, the store's clock): the consumer removes it when the task ends, and
+        recovery re-sends it through the route's dispatcher after the deadline, never runs it
+        here. Thread-safe; never blocks the event loop. Handing off twice counts once.
 
-    # -- remote dispatch (the seam, SEAM.md) -------------------------------------------------
-
-    def hand_off(self, state: TaskCallState, route: str, deadline: float) -> None:
-        """A remote dispatcher took `state` for good (published, or left to recovery): it
-        leaves `inflight` and `bgtasks.task.pending`, no span here. A durable task's journal
-        row moves to ``route:<route>`` until `deadline` (epoch s, store clock): never
-        recovered on this host; recovery re-sends it through the route's dispatcher once
-        the deadline passed and no worker holds it. Blocking (a store write): call it off the
-        event loop."""
-        self.accounting.leave(state)
+        Raises:
+            ValueError: a durable task without a deadline.
+        """
+        if not self.accounting.leave(state):
+            return
         if state.journaled and self.journal is not None:
-            state.journaled = False
-            self.journal.hand_off(state, route_owner(route), deadline)
+            if deadline is None:
+                raise ValueError(
+                    f"task {state.name!r} is durable: hand_off needs the deadline after which"
+                    " recovery re-sends it"
+                )
+            self.journal.hand_off(state, route, deadline)
 
     def dead_letter_unrun(
-        self, state: TaskCallState, reason: DeadLetterReason, error: BaseException
-    ) -> None:
-        """Dead-letter a task that never ran (`undeliverable`, `refused`, `worker_lost`):
-        stored under its task id (replayable when its call is), counted in
-        `bgtasks.dlq.moves`, logged once, no task span; a durable task's row is removed.
-        Blocking (a store write): call it off the event loop."""
-        self.accounting.leave(state)
-        call = state.call or describe_call(
-            self.serializer, state.func, state.args, state.kwargs, task_name=state.name
-        )
-        route = getattr(state.options.dispatch, "route", None)
-        self._store_unrun(
-            DeadLetter.from_exception(
-                error,
-                task_name=state.name,
-                func_ref=call.func_ref,
-                payload=call.payload,
-                serializer=call.serializer,
-                reason=reason,
-                attempts=0,
-                category=ErrorCategory.SYSTEM.value,
-                trace_id=trace_id_hex(state.link),
-                span_id=span_id_hex(state.link),
-                route=route if isinstance(route, str) else None,
-                entry_id=state.task_id,
-            ).signed(),
-            state.task_id,
+        self, state: TaskCallState, reason: DeadLetterReason, error: BaseException | None = None
+    ) -> DeadLetter | None:
+        """Dead-letter a scheduled task that never ran: ``undeliverable`` (it could not be
+        published in time, or its dispatcher raised), ``refused`` (the consumer refused it),
+        ``worker_lost`` (it lost its worker too often). No task span: counted in
+        `bgtasks.dlq.moves` (`bgtasks.dlq.reason`), one log line, and it leaves `inflight`.
+
+        The entry's id is the task id (a second report of the same task replaces it); its
+        route is the task's dispatcher's (a replay sends it back there). A durable task's
+        journal row is removed once the entry is stored (the entry is the record now).
+        Without a store, or when the store fails, the task is counted as skipped with the
+        same reason (`bgtasks.task.skipped`) and logged. Blocking: call it off the event loop.
+        Returns the stored entry, or None.
+        """
+        if not self.accounting.leave(state):
+            return None
+        stored = self._dead_letter_unrun(
+            self.dead_letters.unrun_entry(state, reason, error, self.classify)
+            if self.dead_letters is not None
+            else None,
+            state.name,
+            reason,
+            error,
         )
         if state.journaled and self.journal is not None:
-            state.journaled = False
-            self.journal.finished(state)
+            self.journal.finished(state, keep=stored is None)
+        return stored
 
     def dead_letter_message(
-        self,
-        message: TaskMessage | None,
-        reason: DeadLetterReason,
-        error: BaseException,
-        *,
-        task_id: str,
-        task_name: str,
-    ) -> None:
-        """Dead-letter a received message that cannot become a task (refused: unregistered,
-        unsigned or tampered, undecodable, malformed): nothing of it is imported or run. Its
-        call is kept as received, with the message's own signature (`message` None: it was
-        malformed; kept as a description, for inspection only)."""
-        if message is not None:
-            entry = DeadLetter.from_exception(
-                error,
-                task_name=message.task_name[:200],
+        self, message: TaskMessage, reason: DeadLetterReason, error: BaseException | None = None
+    ) -> DeadLetter | None:
+        """`dead_letter_unrun` for a message that never became a task here (`receive`
+        refused it, or it was delivered too many times): the entry keeps the message's call
+        and signature as they are (a tampered one stays refused at replay), its route and its
+        task id; a durable message's journal row is removed once the entry is stored."""
+        entry = (
+            DeadLetter.from_exception(
+                error if error is not None else NeverRanError(reason),
+                entry_id=message.task_id,
+                task_name=message.task_name,
                 func_ref=message.func_ref,
                 payload=message.payload,
                 serializer=message.serializer,
                 reason=reason,
                 attempts=0,
-                category=ErrorCategory.SYSTEM.value,
-                route=message.route[:200] or None,
-                entry_id=message.task_id,
-            )
-        else:
-            entry = DeadLetter.from_exception(
-                error,
-                task_name=task_name,
-                func_ref="",
-                payload='{"unreplayable": "malformed message"}',
-                serializer="unreplayable",
-                reason=reason,
-                attempts=0,
-                category=ErrorCategory.SYSTEM.value,
-                entry_id=task_id or f"{_getrandbits(128):032x}",
-            )
-        self._store_unrun(entry, task_id)
-
-    def _store_unrun(self, entry: DeadLetter, task_id: str) -> None:
-        writer = self.dead_letters
-        stored = writer is not None and writer.put(entry)
-        if stored:
-            self.instruments.dlq_moves.add(
-                1, {attr.TASK_NAME: entry.task_name, attr.DLQ_REASON: entry.reason.value}
-            )
-        log.error(
-            "background task dead-lettered without running",
-            task_name=entry.task_name,
-            task_id=task_id,
-            reason=entry.reason.value,
-            error_type=entry.error_type,
-            stored=stored,
+                category=(
+                    self.classify(error) if error is not None else ErrorCategory.SYSTEM
+                ).value,
+                route=message.route,
+            ).replace(signature=message.signature)
+            if self.dead_letters is not None
+            else None
         )
+        stored = self._dead_letter_unrun(entry, message.task_name, reason, error)
+        if message.durable and stored is not None and self.store is not None:
+            try:
+                self.store.journal_remove(message.task_id)
+            except Exception:  # recovery re-sends it; its consumer refuses it again
+                log.exception("journal row of a dead-lettered message not removed")
+        return stored
+
+    def _dead_letter_unrun(
+        self,
+        entry: DeadLetter | None,
+        task_name: str,
+        reason: DeadLetterReason,
+        error: BaseException | None,
+    ) -> DeadLetter | None:
+        stored = entry is not None and self.dead_letters is not None and self.dead_letters.put(
+            entry
+        )
+        fields: dict[str, Any] = {
+            "task_name": task_name,
+            "reason": reason.value,
+            "error_type": error_type(error) if error is not None else None,
+        }
+        if stored and entry is not None:
+            self.instruments.dlq_moves.add(
+                1, {attr.TASK_NAME: task_name, attr.DLQ_REASON: reason.value}
+            )
+            log.warning(
+                "background task dead-lettered without running",
+                task_id=entry.id,
+                route=entry.route,
+                **fields,
+            )
+            return entry
+        self.instruments.skipped.add(1, {attr.TASK_NAME: task_name, attr.SKIP_REASON: reason.value})
+        log.error(
+            "background task never ran and could not be dead-lettered",
+            task_id=entry.id if entry is not None else None,
+            hint="no dead-letter store: configure dead_letter_store= to keep such tasks",
+            **fields,
+        )
+        return None
+
+    # -- across processes (a remote dispatcher and its worker) ------------------------------
+
+    def message_for(self, state: TaskCallState, route: str) -> TaskMessage:
+        """The signed message a remote dispatcher publishes for `state` (encoded at
+        scheduling): the call, the task id, the wall-clock enqueue time, `route`, the trace
+        context of the current span (the producer's ``send`` span, else the scheduling
+        span) and whether its journal row travels with it."""
+        call = state.call
+        if call is None:  # scheduled before its dispatcher was known to be remote
+            call = state.call = encode_call(
+                self.serializer, state.func, state.args, state.kwargs, task_name=state.name
+            )
+        current = trace.get_current_span().get_span_context()
+        return TaskMessage(
+            task_id=state.task_id,
+            task_name=state.name,
+            func_ref=call.func_ref,
+            payload=call.payload,
+            serializer=call.serializer,
+            route=route,
+            enqueued_at=state.enqueued_wall,
+            traceparent=to_traceparent(current if current.is_valid else state.link),
+            durable=state.journaled,
+        ).signed()
 
     def receive(
-        self, message: TaskMessage, *, attributes: dict[str, AttributeValue] | None = None
+        self, message: TaskMessage, *, attributes: Mapping[str, AttributeValue] | None = None
     ) -> TaskCallState:
-        """The state of a task received from another process (a remote dispatcher's
-        message), ready for `run`: the signature verified (with a key set), the function
-        looked up among the app's registered tasks, the call decoded once. It keeps the
-        original task id; its wait (`bgtasks.task.wait`) is measured from the message's
-        wall-clock enqueue time (the broker wait); its span links to (``child``: is a child
-        of) the producer span; `attributes` go on its span; a durable task's row is removed
-        when it ends.
+        """The task a message received from another process runs as here (any process: no
+        `instrument()` call needed): signature verified, function looked up among the app's
+        registered tasks, call decoded once; the ORIGINAL task id; `bgtasks.task.wait` from
+        the message's wall-clock enqueue time (the broker wait); linked to (or, trace mode
+        ``child``, a child of) the producer's span; `attributes` (e.g. ``messaging.*``)
+        added to its span. A durable message's journal row is removed when the task ends.
+        Then ``await executor.run(state)``, exactly as in-process.
 
         Raises:
-            UntrustedEntryError, TaskImportError, NotReplayableError, LookupError,
-            ValueError: refused (`dead_letter_message` it as ``refused``).
+            UntrustedEntryError: unsigned or tampered while a signing key is set, or not a
+                registered task (nothing was imported or decoded).
+            TaskImportError: no function reference.
+            CorruptEntryError: the call cannot be decoded here (unknown serializer, bad
+                payload, kept for inspection only).
+            The caller dead-letters the message as ``refused`` (`dead_letter_message`).
         """
-        func, args, kwargs = decode_call(message)
+        try:
+            func, args, kwargs = decode_call(message)
+        except (UntrustedEntryError, TaskImportError):
+            raise
+        except (LookupError, ValueError) as exc:
+            raise CorruptEntryError(message.task_id, f"{type(exc).__name__}: {exc}") from exc
         state = self.prepare(
             func,
             args,
@@ -417,23 +466,12 @@ class Executor:
             enqueued_wall=message.enqueued_at,
         )
         state.call = EncodedCall(message.func_ref, message.payload, message.serializer)
-        state.attributes = attributes
+        state.route = message.route
+        if attributes:
+            state.attributes = dict(attributes)
         if message.durable and self.journal is not None:
-            state.journaled = True
-            self.journal.in_flight += 1
+            state.journaled = True  # the row is the route's: removed when the task ends
         return state
-
-    def drop_duplicate(self, state: TaskCallState) -> None:
-        """A received durable task whose journal row is gone (it already ran) or held by
-        another worker: this delivery is a duplicate and does not run."""
-        log.warning(
-            "duplicate delivery of a durable task dropped",
-            task_name=state.name,
-            task_id=state.task_id,
-        )
-        if state.journaled and self.journal is not None:
-            state.journaled = False
-            self.journal.in_flight -= 1
 
     def active_counts(self) -> dict[str, int]:
         """Tasks running now by task name (`Accounting.active_counts`)."""
@@ -499,20 +537,21 @@ class Executor:
             parent = trace.set_span_in_context(trace.NonRecordingSpan(link))
         else:
             parent = otel_context.Context()  # a new trace, joined to the request by the link
+        attributes: dict[str, AttributeValue] = {
+            attr.TASK_NAME: name,
+            attr.TASK_ID: state.task_id,
+            attr.CODE_FUNCTION_NAME: state.function,
+            attr.TASK_WAIT: wait,
+        }
+        if state.attributes is not None:  # a message from another process: messaging.*
+            attributes.update(state.attributes)
         span = self.tracer.start_span(
             attr.SPAN_NAME_PREFIX + name,
             context=parent,
             kind=_CONSUMER,
             links=[Link(link)] if link is not None else None,
-            attributes={
-                attr.TASK_NAME: name,
-                attr.TASK_ID: state.task_id,
-                attr.CODE_FUNCTION_NAME: state.function,
-                attr.TASK_WAIT: wait,
-            },
+            attributes=attributes,
         )
-        if state.attributes is not None and span.is_recording():
-            span.set_attributes(state.attributes)
         span_context = trace.set_span_in_context(span)
         # Recorded in the task span's context: exemplars point at the task's trace.
         self.instruments.wait.record(wait, {attr.TASK_NAME: name}, span_context)
@@ -547,7 +586,7 @@ class Executor:
         except Exception as exc:
             error = exc
             await self._fail(state, span, exc, dead_letter)
-        except asyncio.CancelledError as exc:  # the server is shutting down mid-task
+        except BaseException as exc:  # cancelled (any backend): the server is shutting down
             error = exc
             state.exception = exc
             state.outcome = Outcome.FAILURE
@@ -636,12 +675,10 @@ class Executor:
         self, state: TaskCallState, span: Span, timeout: float, inline: bool
     ) -> None:
         if state.is_async:
-            try:
-                async with asyncio.timeout(timeout) as scope:
-                    await state.func(*state.args, **state.kwargs)
-            except TimeoutError as exc:
-                if not scope.expired():
-                    raise  # the task's own TimeoutError, not ours
+            # anyio's scope: asyncio or trio, whichever runs the app
+            with anyio.move_on_after(timeout) as scope:
+                await state.func(*state.args, **state.kwargs)
+            if scope.cancelled_caught:
                 if span.is_recording():
                     span.add_event(
                         attr.EVENT_TIMEOUT,
@@ -649,7 +686,7 @@ class Executor:
                     )
                 raise TaskTimeoutError(
                     f"task {state.name!r} attempt {state.attempt} exceeded its {timeout}s timeout"
-                ) from exc
+                )
             return
         # A thread cannot be killed: a sync task runs to its end and the overrun is reported.
         begin = time.perf_counter()
@@ -747,7 +784,9 @@ class Executor:
         span.end()
         self.inflight.pop(state.task_id, None)
         if state.journaled and self.journal is not None:
-            # cancelled (shutdown): the row stays for recovery to re-run
-            self.journal.finished(state, keep=isinstance(exc, asyncio.CancelledError))
+            # cancelled (shutdown; asyncio's or trio's): the row stays for recovery
+            self.journal.finished(
+                state, keep=exc is not None and not isinstance(exc, Exception)
+            )
         if outcome is not _SUCCESS:
             self.failures.report(span, state, outcome, exc)

@@ -112,6 +112,11 @@ class SkipReason(StrEnum):
     REQUEST_FAILED = "request_failed"
     PREVIOUS_TASK_FAILED = "previous_task_failed"
     SHUTDOWN = "shutdown"
+    # A task that never ran and could not be dead-lettered (no store, or the store failed):
+    # the dead-letter reason it would have had (`Executor.dead_letter_unrun`).
+    UNDELIVERABLE = "undeliverable"
+    REFUSED = "refused"
+    WORKER_LOST = "worker_lost"
 
 
 class Outcome(StrEnum):

@@ -311,7 +311,11 @@ def describe_call(
 
 
 class StoredCall(Protocol):
-    """A call read from a store (a `DeadLetter` or a `JournalEntry`): untrusted input."""
+    """A call read from a store or a broker (a `DeadLetter`, a `JournalEntry`, a
+    `TaskMessage`): untrusted input."""
+
+    @property
+    def task_name(self) -> str: ...
 
     @property
     def func_ref(self) -> str: ...

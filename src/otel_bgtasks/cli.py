@@ -55,12 +55,8 @@ from otel_bgtasks.errors import (
 )
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.recovery import recover_interrupted_tasks
-from otel_bgtasks.registry import (
-    TASK_MODULES_ENV,
-    declare_task_modules,
-    declared_task_modules,
-    dispatcher_for,
-)
+from otel_bgtasks.registry import TASK_MODULES_ENV, declare_task_modules, declared_task_modules
+from otel_bgtasks.routes import dispatcher_for
 from otel_bgtasks.replay import (
     DeadLetters,
     ReplayOutcome,

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from opentelemetry.metrics import Observation
 from opentelemetry.trace import Span
 
@@ -15,7 +17,15 @@ from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.stores.base import DeadLetterStore
 
-__all__ = ["DeadLetterWriter"]
+__all__ = ["DeadLetterWriter", "NeverRanError"]
+
+
+class NeverRanError(Exception):
+    """The error recorded on the dead letter of a task that never ran, when no exception
+    says why (e.g. it was delivered too many times)."""
+
+    def __init__(self, reason: DeadLetterReason) -> None:
+        super().__init__(f"the task never ran ({reason.value})")
 
 
 class DeadLetterWriter:
@@ -60,6 +70,33 @@ class DeadLetterWriter:
             trace_id=trace_id_hex(ctx),
             span_id=span_id_hex(ctx),
             route=route if isinstance(route, str) else None,
+        ).signed()
+
+    def unrun_entry(
+        self,
+        state: TaskCallState,
+        reason: DeadLetterReason,
+        error: BaseException | None,
+        classify: Callable[[BaseException], ErrorCategory],
+    ) -> DeadLetter:
+        """The dead letter of a task that never ran (`Executor.dead_letter_unrun`): its id
+        is the task id, its trace the scheduling span's, its route its dispatcher's."""
+        call = state.call or describe_call(
+            self.serializer, state.func, state.args, state.kwargs, task_name=state.name
+        )
+        return DeadLetter.from_exception(
+            error if error is not None else NeverRanError(reason),
+            entry_id=state.task_id,
+            task_name=state.name,
+            func_ref=call.func_ref,
+            payload=call.payload,
+            serializer=call.serializer,
+            reason=reason,
+            attempts=0,
+            category=(classify(error) if error is not None else ErrorCategory.SYSTEM).value,
+            trace_id=trace_id_hex(state.link),
+            span_id=span_id_hex(state.link),
+            route=state.route or state.options.route,
         ).signed()
 
     def put(self, entry: DeadLetter) -> bool:

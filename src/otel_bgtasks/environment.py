@@ -17,6 +17,7 @@ variable means "not set". A value that cannot work stops instrumentation with a
 | ``OTEL_BGTASKS_DLQ_URL`` | ``dead_letter_store`` | a store URL, or ``none`` |
 | ``OTEL_BGTASKS_DISPATCH`` | ``dispatch`` | ``inline``, ``local`` |
 | ``OTEL_BGTASKS_MAX_CONCURRENCY`` | ``max_concurrency`` | integer >= 1 |
+| ``OTEL_BGTASKS_MAX_QUEUED`` | ``max_queued`` | integer >= 0 |
 | ``OTEL_BGTASKS_DRAIN_TIMEOUT`` | ``drain_timeout`` | seconds >= 0 |
 | ``OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES`` | ``redact_exception_messages`` | ``true``, ``false`` |
 | ``OTEL_BGTASKS_LOG_LOCALS`` | ``log_locals`` | ``true``, ``false`` |
@@ -63,6 +64,7 @@ VARIABLES: tuple[str, ...] = (
     DLQ_URL_ENV,
     "OTEL_BGTASKS_DISPATCH",
     "OTEL_BGTASKS_MAX_CONCURRENCY",
+    "OTEL_BGTASKS_MAX_QUEUED",
     "OTEL_BGTASKS_DRAIN_TIMEOUT",
     "OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES",
     "OTEL_BGTASKS_LOG_LOCALS",
@@ -104,6 +106,13 @@ def _seconds(raw: str) -> float:
 def _attempts(raw: str) -> int:
     value = int(raw)
     if value < 1:
+        raise ValueError(raw)
+    return value
+
+
+def _count(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
         raise ValueError(raw)
     return value
 
@@ -163,6 +172,8 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]
         options["max_concurrency"] = _parse(
             "OTEL_BGTASKS_MAX_CONCURRENCY", raw, _attempts, "an integer >= 1"
         )
+    if (raw := _value(env, "OTEL_BGTASKS_MAX_QUEUED")) is not None:
+        options["max_queued"] = _parse("OTEL_BGTASKS_MAX_QUEUED", raw, _count, "an integer >= 0")
     if (raw := _value(env, "OTEL_BGTASKS_DRAIN_TIMEOUT")) is not None:
         options["drain_timeout"] = _parse(
             "OTEL_BGTASKS_DRAIN_TIMEOUT", raw, _seconds, "a number of seconds >= 0"

@@ -16,18 +16,20 @@ Usage::
         dead_letter_store="sqlite:///var/lib/app/dlq.db",  # or a store; None disables
         durable=False,
         dispatch="inline",                               # or "local": a bounded pool after
-        max_concurrency=64, drain_timeout=30.0,          # the response (otel_bgtasks.dispatch)
+        max_concurrency=64, max_queued=1000,             # the response, or a Dispatcher
+        drain_timeout=30.0,                              # (otel_bgtasks.dispatch)
     )
 
 or, with no code change, ``opentelemetry-instrument uvicorn app:app`` (this package registers an
-``opentelemetry_instrumentor`` entry point; ``OTEL_BGTASKS_DISPATCH`` and
-``OTEL_BGTASKS_MAX_CONCURRENCY`` set ``dispatch`` and ``max_concurrency`` when not passed).
+``opentelemetry_instrumentor`` entry point; ``OTEL_BGTASKS_*`` variables set the plain-valued
+keywords when not passed, see `otel_bgtasks.environment`).
 
 Every Starlette ``BackgroundTask`` is covered: ``BackgroundTasks.add_task`` in endpoints and
 dependencies, ``Response(background=...)``, async and sync functions, partials and callable
 objects. At scheduling, the current span gets a ``bgtasks.enqueued`` event; each run is one
 CONSUMER span ``process {task_name}`` in a new trace linked to the scheduling span (``link``) or
-a child of it (``child``). Outside FastAPI, ``schedule(func, *args)`` gives the same path.
+a child of it (``child``). Outside FastAPI, ``schedule(func, *args)`` gives the same path (and
+hands the task to its dispatcher at once when its dispatch is not ``"inline"``).
 
 With ``opentelemetry-instrumentation-fastapi`` (which wraps ``BackgroundTask.__call__`` in a
 bare span since 0.63b0) each task run still yields exactly one task span, ours, whichever is
@@ -61,6 +63,7 @@ from otel_bgtasks.circuit import CircuitBreaker
 from otel_bgtasks.dispatch import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_MAX_QUEUED,
     Dispatcher,
     DispatchSeam,
 )
@@ -90,7 +93,6 @@ __all__ = [
     "BackgroundTasksInstrumentor",
     "InstrumentOptions",
     "ScheduledTask",
-    "build_executor",
     "current_executor",
     "schedule",
 ]
@@ -120,6 +122,7 @@ class InstrumentOptions(TypedDict, total=False):
     error_classifier: ErrorClassifier
     dispatch: DispatchMode | Dispatcher
     max_concurrency: int
+    max_queued: int
     drain_timeout: float
     redact_exception_messages: bool
     log_locals: bool
@@ -167,13 +170,13 @@ def current_executor() -> Executor | None:
 class ScheduledTask:
     """A task scheduled outside Starlette: run it with `await task.run()` or `task.run_sync()`.
 
-    A task bound for a remote dispatcher (e.g. Celery) was handed to it at scheduling:
-    `handed` is True and `run` does nothing.
+    A task handed to its dispatcher at scheduling (`handed`: its dispatch is not
+    ``"inline"``) runs there: `run` and `run_sync` then return at once.
     """
 
     __slots__ = ("_executor", "handed", "state")
 
-    def __init__(self, executor: Executor, state: TaskCallState, handed: bool = False) -> None:
+    def __init__(self, executor: Executor, state: TaskCallState, *, handed: bool = False) -> None:
         self._executor = executor
         self.state = state
         self.handed = handed
@@ -192,11 +195,15 @@ class ScheduledTask:
 def schedule(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> ScheduledTask:
     """Schedule `func(*args, **kwargs)` on the instrumented path, outside FastAPI.
 
-    The current span gets the `bgtasks.enqueued` event now; the task span starts when the
-    returned task runs (`asyncio.create_task(task.run())`, or `task.run_sync` in a thread).
+    The current span gets the `bgtasks.enqueued` event now. A task whose dispatch is
+    ``"inline"`` runs when the returned task runs (`asyncio.create_task(task.run())`, or
+    `task.run_sync` in a thread); any other goes to its dispatcher now (``"local"``: the
+    app's pool on this event loop, when its lifespan serves; else it runs when you run it).
 
     Raises:
         RuntimeError: the package is not instrumented yet.
+        TypeError: a durable task, or one bound for another process, whose arguments cannot
+            be encoded (the message names the argument).
     """
     executor = active_executor()
     if executor is None:
@@ -206,7 +213,8 @@ def schedule(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Schedule
         )
     state = executor.schedule(func, args, kwargs)
     seam = BackgroundTasksInstrumentor._seam
-    return ScheduledTask(executor, state, seam is not None and seam.submit_now(state))
+    handed = seam is not None and seam.dispatch_now(state)
+    return ScheduledTask(executor, state, handed=handed)
 
 
 def _probe() -> None:
@@ -223,53 +231,6 @@ def _is_starlette_init(init: Callable[..., None]) -> bool:
     probe = BackgroundTask.__new__(BackgroundTask)
     init(probe, _probe, 1, k=2)
     return vars(probe) == {"func": _probe, "args": (1,), "kwargs": {"k": 2}, "is_async": False}
-
-
-def build_executor(options: InstrumentOptions) -> tuple[Executor, DeadLetterStore | None]:
-    """An executor from `instrument()` keywords (also a Celery worker's, `install_worker`);
-    returns it and the store it opened from a URL (the caller closes it), if any.
-
-    Raises:
-        TypeError, ConfigurationError: a bad value.
-    """
-    tracer = trace.get_tracer(
-        _SCOPE,
-        __version__,
-        options.get("tracer_provider"),
-        schema_url="https://opentelemetry.io/schemas/1.11.0",
-    )
-    meter = metrics.get_meter(
-        _SCOPE,
-        __version__,
-        options.get("meter_provider"),
-        schema_url="https://opentelemetry.io/schemas/1.11.0",
-    )
-    given = options.get("dead_letter_store", _ABSENT)
-    store = _store(given)
-    owned = store if not isinstance(given, DeadLetterStore) else None
-    try:
-        executor = Executor(
-            tracer,
-            Instruments(meter),
-            trace_mode=options.get("trace_mode", "link"),
-            propagate_exceptions=options.get("propagate_exceptions", False),
-            start_hook=options.get("start_hook"),
-            end_hook=options.get("end_hook"),
-            retry=options.get("retry"),
-            circuit=options.get("circuit"),
-            timeout=options.get("timeout"),
-            durable=options.get("durable", False),
-            dead_letter_store=store,
-            serializer=options.get("serializer"),
-            error_classifier=options.get("error_classifier", classify_error),
-            redact_exception_messages=options.get("redact_exception_messages", False),
-            log_locals=options.get("log_locals", False),
-        )
-    except Exception:
-        if owned is not None:
-            owned.close()
-        raise
-    return executor, owned
 
 
 class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -305,15 +266,47 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         check_trace_mode(trace_mode)  # before a store is opened
         dispatch = options.get("dispatch", "inline")
         max_concurrency = options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+        max_queued = options.get("max_queued", DEFAULT_MAX_QUEUED)
         drain_timeout = options.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
-        executor, owned = build_executor(options)
+        tracer = trace.get_tracer(
+            _SCOPE,
+            __version__,
+            options.get("tracer_provider"),
+            schema_url="https://opentelemetry.io/schemas/1.11.0",
+        )
+        meter = metrics.get_meter(
+            _SCOPE,
+            __version__,
+            options.get("meter_provider"),
+            schema_url="https://opentelemetry.io/schemas/1.11.0",
+        )
+        given = options.get("dead_letter_store", _ABSENT)
+        store = _store(given)
         # A store opened here from a URL is ours to close; one passed in is the caller's.
-        self._owned_store = owned
+        self._owned_store = store if not isinstance(given, DeadLetterStore) else None
         try:
+            executor = Executor(
+                tracer,
+                Instruments(meter),
+                trace_mode=trace_mode,
+                propagate_exceptions=options.get("propagate_exceptions", False),
+                start_hook=options.get("start_hook"),
+                end_hook=options.get("end_hook"),
+                retry=options.get("retry"),
+                circuit=options.get("circuit"),
+                timeout=options.get("timeout"),
+                durable=options.get("durable", False),
+                dead_letter_store=store,
+                serializer=options.get("serializer"),
+                error_classifier=options.get("error_classifier", classify_error),
+                redact_exception_messages=options.get("redact_exception_messages", False),
+                log_locals=options.get("log_locals", False),
+                dispatch=dispatch,
+            )
             seam = DispatchSeam(
                 executor,
-                dispatch=dispatch,
                 max_concurrency=max_concurrency,
+                max_queued=max_queued,
                 drain_timeout=drain_timeout,
             )
         except Exception:  # a bad setting: do not leave the store we opened behind

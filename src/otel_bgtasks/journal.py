@@ -12,18 +12,19 @@ request) the add stays synchronous too, so the row is committed before it return
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import contextlib
+import functools
 import threading
+from collections.abc import Callable
 
 import structlog
 
 from otel_bgtasks._ids import span_id_hex, trace_id_hex
+from otel_bgtasks._loops import running_loop
 from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks.calls import Serializer, encode_call
 from otel_bgtasks.identity import process_identity
-from otel_bgtasks.records import JournalEntry
+from otel_bgtasks.records import JournalEntry, route_owner
 from otel_bgtasks.response_gate import gate_active, track_write
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.stores.base import DeadLetterStore
@@ -37,11 +38,7 @@ _log = structlog.get_logger("otel_bgtasks")
 
 
 def _on_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+    return running_loop() is not None  # asyncio or trio
 
 
 class Journal:
@@ -67,6 +64,10 @@ class Journal:
             TypeError: the function is not importable or an argument cannot be serialized
                 (`SerializationError`, naming it).
         """
+        if state.call is None:
+            state.call = encode_call(
+                self.serializer, state.func, state.args, state.kwargs, task_name=state.name
+            )
         entry = self._entry(state, process_identity())
         if gate_active() and _on_event_loop():
             future = self._writer_pool().submit(self._write_add, entry)
@@ -83,10 +84,13 @@ class Journal:
             )
             self._thread.start()
 
-    def _entry(self, state: TaskCallState, owner: str) -> JournalEntry:
-        call = state.call or encode_call(
-            self.serializer, state.func, state.args, state.kwargs, task_name=state.name
-        )
+    def _entry(
+        self, state: TaskCallState, owner: str, deadline: float | None = None
+    ) -> JournalEntry:
+        """The row of `state` (encoded: `state.call`), signed with a signing key set
+        (recovery verifies it before decoding)."""
+        call = state.call
+        assert call is not None
         return JournalEntry(
             task_id=state.task_id,
             task_name=state.name,
@@ -97,28 +101,49 @@ class Journal:
             enqueued_at=state.enqueued_wall,
             trace_id=trace_id_hex(state.link),
             span_id=span_id_hex(state.link),
-        ).signed()  # with a signing key set; recovery verifies it before decoding
+            deadline=deadline,
+        ).signed()
 
-    def hand_off(self, state: TaskCallState, owner: str, deadline: float) -> None:
-        """Move a journaled task's row to `owner` (``route:<route>``) with `deadline`;
-        blocking, off the event loop. The task no longer counts as in flight here."""
+    def hand_off(self, state: TaskCallState, route: str, deadline: float) -> None:
+        """A journaled task was published to `route`: its row moves to ``route:<route>``
+        until `deadline` (`DeadLetterStore.journal_hand_off`), after its add, off the loop."""
         self.in_flight -= 1
-        pending = self._adds.get(state.task_id)
-        if pending is not None:
-            with contextlib.suppress(Exception):  # logged by the writer; written again below
-                pending.result()
+        owner = route_owner(route)
+        signature = self._entry(state, owner, deadline).signature if state.call else None
+        write = functools.partial(
+            self._hand_off, state.task_id, state.name, owner, deadline, signature or None
+        )
+        self._after_add(state.task_id, write)
+
+    def _hand_off(
+        self, task_id: str, task_name: str, owner: str, deadline: float, signature: str | None
+    ) -> None:
         try:
-            if not self.store.journal_hand_off(state.task_id, owner=owner, deadline=deadline):
-                # not written yet (its add failed and was logged): write it handed off
-                self.store.journal_add(self._entry(state, owner).handed(owner, deadline))
-        except Exception:  # the row stays with this process: a duplicate beats a loss
+            self.store.journal_hand_off(
+                task_id, owner=owner, deadline=deadline, signature=signature
+            )
+        except Exception:  # the row stays ours: recovery of this process would re-run it
             _log.error(
                 "durable task could not be handed off in the journal",
-                task_id=state.task_id,
-                task_name=state.name,
+                task_id=task_id,
+                task_name=task_name,
                 owner=owner,
                 **exception_fields(),
             )
+
+    def _after_add(self, task_id: str, write: Callable[[], None]) -> None:
+        """Run `write` after the row's add: on the writer thread from the loop (in order, off
+        the loop), else here once the deferred add is done."""
+        pending = self._adds.get(task_id)
+        if _on_event_loop() and (pending is not None or self._writer is not None):
+            self._writer_pool().submit(write)
+            return
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception:  # logged by the writer
+                return
+        write()
 
     def _writer_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._writer_lock:
@@ -146,17 +171,7 @@ class Journal:
         self.in_flight -= 1
         if keep:
             return
-        pending = self._adds.get(state.task_id)
-        if _on_event_loop() and (pending is not None or self._writer is not None):
-            # same single writer thread: runs after the add, off the loop
-            self._writer_pool().submit(self._remove, state.task_id, state.name)
-            return
-        if pending is not None:
-            try:
-                pending.result()
-            except Exception:  # logged by the writer
-                return
-        self._remove(state.task_id, state.name)
+        self._after_add(state.task_id, functools.partial(self._remove, state.task_id, state.name))
 
     def _remove(self, task_id: str, task_name: str) -> None:
         try:

@@ -114,6 +114,14 @@ class Instruments:
             unit="{task}",
             description="Scheduled background tasks that never ran, by reason",
         )
+        self.inlined = meter.create_counter(
+            "bgtasks.task.inlined",
+            unit="{task}",
+            description=(
+                "Tasks for the local pool run inline by their response instead, the pool's"
+                " queue being full (back-pressure)"
+            ),
+        )
         self.dlq_moves = meter.create_counter(
             "bgtasks.dlq.moves", unit="{entry}", description="Tasks moved to the dead-letter store"
         )

@@ -11,7 +11,8 @@ from otel_bgtasks.circuit import CircuitBreaker
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.task import (
-    DispatchMode,
+    Dispatch,
+    check_dispatch,
     check_timeout,
     function_name,
     is_async_callable,
@@ -48,6 +49,7 @@ class TaskDefaults:
     circuit: CircuitBreaker | None = None
     timeout: float | None = None
     durable: bool = False
+    dispatch: Dispatch = "inline"
 
     def __post_init__(self) -> None:
         if self.retry is not None and not isinstance(self.retry, RetryPolicy):
@@ -63,6 +65,7 @@ class TaskDefaults:
         check_timeout(self.timeout, "timeout")
         if not isinstance(self.durable, bool):
             raise ConfigurationError(f"durable={self.durable!r}: must be True or False")
+        check_dispatch(self.dispatch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +80,13 @@ class EffectiveOptions:
         breaker: the circuit breaker guarding it (resolved, shared by name), or None.
         timeout: seconds per attempt, or None.
         durable: journaled while scheduled or running.
-        dispatch: the decorator's dispatch mode or dispatcher, or None for the
-            instrumentor's default.
-        remote: the decorator's dispatcher sends tasks to another process (its call is
-            encoded at scheduling).
+        dispatch: where it goes (`otel_bgtasks.dispatch`): the decorator's mode or
+            dispatcher, else the instrumentor's.
+        inline: `dispatch` is ``"inline"`` (the response runs it, Starlette's way).
+        remote: `dispatch` is a dispatcher whose tasks leave the process: the call is
+            encoded at scheduling (`TaskCallState.call`).
+        route: the route of a remote dispatcher (recorded on its dead letters), else None.
+        encoded: the call is encoded at scheduling (durable or remote).
     """
 
     name: str
@@ -90,8 +96,11 @@ class EffectiveOptions:
     breaker: CircuitBreaker | None
     timeout: float | None
     durable: bool
-    dispatch: DispatchMode | Any | None = None
+    dispatch: Dispatch = "inline"
+    inline: bool = True
     remote: bool = False
+    route: str | None = None
+    encoded: bool = False
 
 
 def effective_options(
@@ -104,6 +113,9 @@ def effective_options(
     options = task_options(func)
     name = task_name(func, options)
     circuit = options.circuit or defaults.circuit
+    durable = options.durable if options.durable is not None else defaults.durable
+    dispatch = options.dispatch if options.dispatch is not None else defaults.dispatch
+    remote = not isinstance(dispatch, str) and bool(dispatch.remote)
     return EffectiveOptions(
         name=name,
         function=function_name(func),
@@ -111,7 +123,10 @@ def effective_options(
         retry=options.retry or defaults.retry,
         breaker=breaker_for(circuit, name) if circuit is not None else None,
         timeout=options.timeout or defaults.timeout,
-        durable=options.durable if options.durable is not None else defaults.durable,
-        dispatch=options.dispatch,
-        remote=bool(getattr(options.dispatch, "remote", False)),
+        durable=durable,
+        dispatch=dispatch,
+        inline=dispatch == "inline",
+        remote=remote,
+        route=dispatch.route if remote and not isinstance(dispatch, str) else None,
+        encoded=durable or remote,
     )

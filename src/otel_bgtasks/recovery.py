@@ -40,7 +40,7 @@ from otel_bgtasks.calls import decode_call
 from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, UntrustedEntryError
 from otel_bgtasks.identity import owner_is_dead, process_identity
 from otel_bgtasks.records import DeadLetter, JournalEntry
-from otel_bgtasks.registry import dispatcher_for
+from otel_bgtasks.routes import dispatcher_for
 from otel_bgtasks.replay import renewing, standalone_executor
 from otel_bgtasks.stores.base import DeadLetterStore
 

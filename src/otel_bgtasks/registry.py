@@ -33,11 +33,9 @@ __all__ = [
     "TASK_MODULES_ENV",
     "declare_task_modules",
     "declared_task_modules",
-    "dispatcher_for",
     "isolated",
     "lookup_task",
     "note_scheduled",
-    "register_dispatcher",
     "register_task",
     "task_key",
 ]
@@ -53,24 +51,6 @@ _registered: dict[str, Callable[..., Any]] = {}
 _scheduled: dict[str, Callable[..., Any]] = {}
 _declared: dict[str, Any] = {}  # module name -> module object
 _env_loaded = False
-
-
-_routes: dict[str, Any] = {}  # route -> remote dispatcher
-
-
-def register_dispatcher(dispatcher: Any) -> None:
-    """Make a remote dispatcher findable by its `route` (its constructor calls this), so
-    recovery and replay send journal rows and dead letters back through it. The app's own
-    code creates dispatchers: a route read from a store only selects among these."""
-    route = getattr(dispatcher, "route", None)
-    if isinstance(route, str) and route:
-        with _lock:
-            _routes[route] = dispatcher
-
-
-def dispatcher_for(route: str) -> Any | None:
-    """The remote dispatcher registered for `route` in this process, or None."""
-    return _routes.get(route) if isinstance(route, str) else None
 
 
 def task_key(func: Callable[..., Any]) -> str | None:

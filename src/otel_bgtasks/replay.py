@@ -34,7 +34,7 @@ from otel_bgtasks.errors import CorruptEntryError, TaskImportError, UntrustedEnt
 from otel_bgtasks.identity import process_identity
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
-from otel_bgtasks.registry import dispatcher_for
+from otel_bgtasks.routes import dispatcher_for
 from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = [

@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
+import anyio.to_thread
+
 __all__ = ["JournalGate", "RequestGate", "gate_active", "track_write", "wait_for_writes"]
 
 _Scope = MutableMapping[str, Any]
@@ -56,9 +58,18 @@ async def wait_for_writes() -> None:
     while pending:
         future = pending.pop()
         try:
-            await asyncio.wrap_future(future)
+            await _wait(future)
         except Exception:  # logged where the write ran
             continue
+
+
+async def _wait(future: concurrent.futures.Future[Any]) -> Any:
+    """Await a thread's future on asyncio or on trio (Starlette's other backend)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: a worker thread waits for it
+        return await anyio.to_thread.run_sync(future.result)
+    return await asyncio.wrap_future(future)
 
 
 class RequestGate:

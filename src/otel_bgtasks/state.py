@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -42,9 +42,13 @@ class TaskCallState:
         journaled: the task has a journal row (durable).
         replay: the run replays a dead letter (never parented under the old request).
         first_failure: epoch seconds of the first failure of a replayed dead letter.
-        call: the encoded call of a task bound for another process (encoded at scheduling,
-            so bad arguments raise in the endpoint), or of a received one.
-        attributes: extra span attributes (a received message's ``messaging.*``).
+        call: the encoded call (function reference, serialized arguments), set at scheduling
+            for a durable task or one bound for another process, and for a received message;
+            None otherwise.
+        route: the route a received message came through (`Executor.receive`); None for a
+            task scheduled here (its dispatcher's route is `options.route`).
+        attributes: extra span attributes of the run (e.g. ``messaging.*`` for a message
+            received from a broker), or None.
     """
 
     task_id: str
@@ -68,7 +72,8 @@ class TaskCallState:
     replay: bool = False
     first_failure: float | None = None
     call: EncodedCall | None = None
-    attributes: dict[str, AttributeValue] | None = None
+    route: str | None = None
+    attributes: Mapping[str, AttributeValue] | None = None
 
 
 current: ContextVar[TaskCallState | None] = ContextVar("otel_bgtasks_task", default=None)

@@ -12,7 +12,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 
 from otel_bgtasks.circuit import CircuitBreaker
 from otel_bgtasks.errors import ConfigurationError
@@ -21,13 +21,15 @@ from otel_bgtasks.retry import RetryPolicy
 
 __all__ = [
     "DISPATCH_MODES",
+    "Dispatch",
     "DispatchMode",
+    "DispatchTarget",
     "TaskOptions",
     "background_task",
+    "check_dispatch",
     "check_timeout",
     "function_name",
     "is_async_callable",
-    "is_dispatcher",
     "task_name",
     "task_options",
 ]
@@ -41,13 +43,44 @@ DispatchMode = Literal["inline", "local"]
 DISPATCH_MODES: tuple[DispatchMode, ...] = ("inline", "local")
 
 
-def is_dispatcher(value: object) -> bool:
-    """`value` looks like an `otel_bgtasks.dispatch.Dispatcher` (checked structurally here,
-    below the dispatch module)."""
-    return (
-        isinstance(getattr(value, "name", None), str)
-        and callable(getattr(value, "submit", None))
-        and callable(getattr(value, "drain", None))
+@runtime_checkable
+class DispatchTarget(Protocol):
+    """What a task's scheduling needs to know of a dispatcher object: its name, its route
+    and whether tasks leave the process (then their call is encoded at scheduling, so bad
+    arguments raise in the endpoint). The whole protocol is `otel_bgtasks.dispatch.Dispatcher`.
+    """
+
+    name: str
+    route: str
+    remote: bool
+
+
+Dispatch = DispatchMode | DispatchTarget
+"""A dispatch mode (``"inline"``, ``"local"``) or a dispatcher object."""
+
+
+def check_dispatch(value: object, *, decorator: bool = False) -> Dispatch | None:
+    """`value` as a dispatch mode or a dispatcher object; None (the instrumentor's default)
+    only for the decorator.
+
+    Raises:
+        ConfigurationError: naming the option and the valid values.
+    """
+    if value is None and decorator:
+        return None
+    shown = f"background_task(dispatch={value!r})" if decorator else f"dispatch={value!r}"
+    valid = f"use one of {', '.join(DISPATCH_MODES)} or a Dispatcher" + (
+        " (or None: the instrumentor's default)" if decorator else ""
+    )
+    if isinstance(value, str):
+        if value in DISPATCH_MODES:
+            return value
+        raise ConfigurationError(f"{shown} is not valid; {valid}")
+    if isinstance(value, DispatchTarget) and callable(getattr(value, "submit", None)):
+        return value
+    raise ConfigurationError(
+        f"{shown}: {valid}, an object with name, route, remote, submit(), drain() and"
+        " resend() (see otel_bgtasks.dispatch)"
     )
 
 
@@ -81,7 +114,7 @@ class TaskOptions:
     circuit: CircuitBreaker | None = None
     timeout: float | None = None
     durable: bool | None = None
-    dispatch: DispatchMode | Any | None = None
+    dispatch: Dispatch | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
@@ -97,16 +130,7 @@ class TaskOptions:
             )
         if self.durable is not None and not isinstance(self.durable, bool):
             raise ConfigurationError(f"background_task(durable={self.durable!r}): True or False")
-        if (
-            self.dispatch is not None
-            and self.dispatch not in DISPATCH_MODES
-            and not is_dispatcher(self.dispatch)
-        ):
-            raise ConfigurationError(
-                f"background_task(dispatch={self.dispatch!r}): use one of"
-                f" {', '.join(DISPATCH_MODES)}, a Dispatcher (e.g. CeleryDispatcher) or None"
-                " (the instrumentor's default)"
-            )
+        check_dispatch(self.dispatch, decorator=True)
 
 
 _NO_OPTIONS = TaskOptions()
@@ -124,7 +148,7 @@ def background_task(
     circuit: CircuitBreaker | None = None,
     timeout: float | None = None,
     durable: bool | None = None,
-    dispatch: DispatchMode | Any | None = None,
+    dispatch: Dispatch | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -137,14 +161,14 @@ def background_task(
     circuit: CircuitBreaker | None = None,
     timeout: float | None = None,
     durable: bool | None = None,
-    dispatch: DispatchMode | Any | None = None,
+    dispatch: Dispatch | None = None,
 ) -> F | Callable[[F], F]:
     """Give a background task a stable name and its policies.
 
     Usable bare (`@background_task`) or with arguments (`@background_task(name="send-mail")`).
     Options left out use the instrumentor's defaults. `dispatch` ("inline", "local" or a
-    `Dispatcher` such as `otel_bgtasks.celery.CeleryDispatcher`) says where the task runs once
-    its response is done (`otel_bgtasks.dispatch`). The function
+    `Dispatcher` object, e.g. a distributed engine's) says where the task goes once its
+    response is done, wherever it is scheduled (`otel_bgtasks.dispatch`). The function
     becomes one of the app's registered tasks: its dead letters and journal rows can be
     replayed and recovered (see `otel_bgtasks.registry`).
 

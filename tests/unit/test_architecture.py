@@ -128,6 +128,7 @@ def test_instrument_options_list_every_documented_keyword():
         "raise_exception_on_conflict",
         "dispatch",
         "max_concurrency",
+        "max_queued",
         "drain_timeout",
     }
 

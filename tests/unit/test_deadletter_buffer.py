@@ -116,6 +116,10 @@ class FlakyStore(DeadLetterStore):
         self._check("journal_remove_claimed")
         return self.inner.journal_remove_claimed(task_id, owner)
 
+    def journal_hand_off(self, task_id: str, **kwargs: Any) -> bool:
+        self._check("journal_hand_off")
+        return self.inner.journal_hand_off(task_id, **kwargs)
+
     def close(self) -> None:
         self.calls.append("close")
         self.inner.close()
@@ -249,6 +253,31 @@ def test_journal_remove_cancels_a_queued_add(
     clock.now += 20
     buffered.put(make_entry())
     assert flaky.inner.journal_list() == []
+
+
+def test_a_hand_off_while_down_waits_in_order_behind_its_add(
+    buffered: BufferedStore, flaky: FlakyStore, clock: Clock
+) -> None:
+    flaky.up = False
+    row = make_journal(enqueued_at=T0)
+    buffered.journal_add(row)
+    assert buffered.journal_hand_off(row.task_id, owner="route:q", deadline=T0 + 60) is True
+    assert buffered.pending == 2
+    assert flaky.inner.journal_list() == []
+    with capture_logs() as logs:
+        assert buffered.flush_or_log(timeout=0) == 2  # still down: both logged whole
+    assert [entry.get("entry") for entry in logs] == [
+        row.to_json(),
+        json.dumps(
+            {"journal_hand_off": row.task_id, "owner": "route:q", "deadline": T0 + 60},
+            separators=(",", ":"),
+        ),
+    ]
+    flaky.up = True
+    clock.now += 20
+    buffered.journal_add(row)
+    assert buffered.journal_hand_off(row.task_id, owner="route:q", deadline=T0 + 60) is True
+    assert flaky.inner.journal_list() == [row.handed("route:q", T0 + 60)]
 
 
 def test_journal_writes_pass_through_and_report_removal(

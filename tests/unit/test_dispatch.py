@@ -11,7 +11,9 @@ import warnings
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import anyio
 import pytest
+import sniffio
 import structlog
 from fastapi import BackgroundTasks, FastAPI
 from fastapi.responses import StreamingResponse
@@ -119,8 +121,13 @@ def test_the_decorator_checks_dispatch():
     with pytest.raises(ConfigurationError) as raised:
         background_task(dispatch="celery")  # type: ignore[arg-type]
     assert str(raised.value) == (
-        "background_task(dispatch='celery'): use one of inline, local, a Dispatcher (e.g."
-        " CeleryDispatcher) or None (the instrumentor's default)"
+        "background_task(dispatch='celery') is not valid; use one of inline, local or a"
+        " Dispatcher (or None: the instrumentor's default)"
+    )
+    with pytest.raises(ConfigurationError) as not_one:
+        background_task(dispatch=object())  # type: ignore[arg-type]
+    assert "an object with name, route, remote, submit(), drain() and resend()" in str(
+        not_one.value
     )
 
 
@@ -139,9 +146,11 @@ def test_local_runs_after_the_response_and_a_task_can_ask_for_inline(instrument)
 
 
 class Recorder:
-    """A `Dispatcher` that publishes elsewhere: it keeps the states and releases them."""
+    """A `Dispatcher` that publishes elsewhere: it keeps the states and hands them off."""
 
     name = "recorder"
+    route = "recorder:test"
+    remote = True
 
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
@@ -150,10 +159,13 @@ class Recorder:
     def submit(self, executor: Executor, states: Sequence[TaskCallState]) -> None:
         self.batches.append([s.args[0] for s in states])
         for state in states:
-            executor.release(state)
+            executor.hand_off(state, self.route, None)
 
     async def drain(self, executor: Executor, timeout: float) -> None:
         self.drained += 1
+
+    def resend(self, executor: Executor, call: Any, *, task_id: str) -> float | None:
+        raise NotImplementedError
 
 
 def test_a_custom_dispatcher_gets_each_response_in_order(instrument):
@@ -291,32 +303,55 @@ async def test_tasks_cancelled_by_the_server_are_skipped_for_shutdown(telemetry,
     assert active_executor().inflight == {}
 
 
-async def hold_forever(name: str) -> None:
+running: dict[str, Any] = {}  # "event": an anyio.Event made on the test's loop
+
+
+async def hold_until_cancelled(name: str) -> None:
     done.append(f"{name} started")
-    await asyncio.Event().wait()
+    running["event"].set()
+    await anyio.sleep_forever()
 
 
-async def test_a_drain_past_its_timeout_cancels_the_running_and_skips_the_queued(
-    telemetry, instrument
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_drain_past_its_timeout_cancels_the_running_and_skips_the_queued(
+    telemetry, instrument, backend
 ):
-    """Deterministic: one worker, three groups; the drain's 50 ms cannot finish the first."""
+    """Deterministic: one worker, three groups; the first never ends, so the drain times out
+    (a 0 s timeout: nothing waits for a timer). On asyncio and on trio."""
     done.clear()
     instrument()
     executor = active_executor()
     local = LocalDispatcher(max_concurrency=1)
-    local.started(executor)
-    groups = [
-        [executor.schedule(hold_forever, (f"g{n}",), {}), executor.schedule(step, (f"g{n}",), {})]
-        for n in range(3)
-    ]
-    for states in groups:
-        local.submit(executor, states)
-    await asyncio.sleep(0.01)  # the worker takes the first group
-    await local.drain(executor, 0.05)
+    app = object()
+
+    async def serve_and_drain() -> None:
+        assert sniffio.current_async_library() == backend
+        pool = local.open(executor, app)
+        running["event"] = anyio.Event()
+        groups = [
+            [
+                executor.schedule(hold_until_cancelled, (f"g{n}",), {}),
+                executor.schedule(step, (f"g{n}",), {}),
+            ]
+            for n in range(3)
+        ]
+        for states in groups:
+            local.submit(executor, states)
+        async with anyio.create_task_group() as workers:
+            pool.start(workers)
+            await running["event"].wait()  # the worker took the first group, runs its task
+            await local.drain(executor, 0)
+        local.forget(app, pool)
+        pool.close()
+
+    anyio.run(serve_and_drain, backend=backend)
     assert done == ["g0 started"]
     (held,) = telemetry.spans()
     assert held.attributes["bgtasks.task.outcome"] == "failure"  # cancelled while running
-    assert skipped(telemetry) == {("step", "shutdown"): 3, ("hold_forever", "shutdown"): 2}
+    assert skipped(telemetry) == {
+        ("step", "shutdown"): 3,
+        ("hold_until_cancelled", "shutdown"): 2,
+    }
     assert executor.inflight == {}
 
 

@@ -69,7 +69,7 @@ from otel_bgtasks.celery._wire import (
 from otel_bgtasks.errors import ConfigurationError, UndeliverableError, error_type
 from otel_bgtasks.options import EffectiveOptions
 from otel_bgtasks.records import DeadLetterReason, JournalEntry, TaskMessage
-from otel_bgtasks.registry import register_dispatcher
+from otel_bgtasks.routes import register_dispatcher, unregister_dispatcher
 from otel_bgtasks.state import TaskCallState
 
 __all__ = ["DEFAULT_HAND_OFF_LEASE", "CeleryDispatcher"]
@@ -456,6 +456,7 @@ class CeleryDispatcher:
         for item in self._outbox.close():
             self._unsent(item, None)
         self._reset()
+        unregister_dispatcher(self)
 
 
 def _stored_link(call: StoredCall) -> SpanContext | None:
