@@ -56,7 +56,6 @@ from otel_bgtasks.errors import (
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.recovery import recover_interrupted_tasks
 from otel_bgtasks.registry import TASK_MODULES_ENV, declare_task_modules, declared_task_modules
-from otel_bgtasks.routes import dispatcher_for
 from otel_bgtasks.replay import (
     DeadLetters,
     ReplayOutcome,
@@ -64,6 +63,7 @@ from otel_bgtasks.replay import (
     ReplayStatus,
     run_dead_letter,
 )
+from otel_bgtasks.routes import dispatcher_for
 from otel_bgtasks.signing import SIGNING_KEY_ENV, SigningKeys, signing_keys, signing_override
 from otel_bgtasks.stores import DLQ_URL_ENV, default_store_path, default_store_url, open_store
 from otel_bgtasks.stores.base import DeadLetterStore

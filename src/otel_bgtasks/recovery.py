@@ -40,8 +40,8 @@ from otel_bgtasks.calls import decode_call
 from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, UntrustedEntryError
 from otel_bgtasks.identity import owner_is_dead, process_identity
 from otel_bgtasks.records import DeadLetter, JournalEntry
-from otel_bgtasks.routes import dispatcher_for
 from otel_bgtasks.replay import renewing, standalone_executor
+from otel_bgtasks.routes import dispatcher_for
 from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = [
@@ -298,7 +298,7 @@ def resend_expired(
         if claimed is None:
             continue  # finished meanwhile, or a worker holds it
         try:
-            dispatcher.resend(executor, claimed, task_id=claimed.task_id)
+            deadline = dispatcher.resend(executor, claimed, task_id=claimed.task_id)
         except Exception:
             store.journal_release(row.task_id, me)
             _log.warning(
@@ -307,11 +307,10 @@ def resend_expired(
                 route=route,
             )
             continue
-        lease_for = getattr(dispatcher, "lease", RECOVERY_LEASE)
+        if deadline is None:
+            deadline = store.now() + RECOVERY_LEASE
         # handed off again (our claim released): a worker can claim it
-        store.journal_hand_off(
-            row.task_id, owner=row.owner, deadline=store.now() + lease_for
-        )
+        store.journal_hand_off(row.task_id, owner=row.owner, deadline=deadline)
         sent += 1
     if sent:
         _log.warning("re-sent handed-off durable tasks past their deadline", count=sent)

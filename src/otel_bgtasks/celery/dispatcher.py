@@ -242,10 +242,13 @@ class CeleryDispatcher:
             for item in left:
                 self._unsent(item, None)
 
-    def resend(self, executor: Executor, call: StoredCall, *, task_id: str) -> None:
+    def resend(self, executor: Executor, call: StoredCall, *, task_id: str) -> float | None:
         """Publish an already-encoded call now, on this thread (recovery of an expired
         hand-off: durable, counted as a redelivery by the worker; replay of a dead letter
         routed here: not durable, deleted once sent).
+
+        Returns:
+            the re-sent row's new deadline (durable), else None.
 
         Raises:
             Exception: whatever the broker raised; the caller keeps the row or entry.
@@ -275,6 +278,7 @@ class CeleryDispatcher:
             raise
         self._record_attempt(executor, task_name, started, None)
         span.end()
+        return time.time() + self.lease if durable else None
 
     # -- publishing (the outbox thread) -----------------------------------------------------
 
@@ -282,12 +286,9 @@ class CeleryDispatcher:
         state, executor = item.state, item.executor
         span = self._span(item)
         item.attempts += 1
-        call = state.call
-        assert call is not None  # remote: encoded at scheduling
-        body, header = self._envelope(
-            span, state.task_id, state.name, call.func_ref, call.serializer, call.payload,
-            durable=state.options.durable, enqueued_at=state.enqueued_wall,
-        )  # fmt: skip
+        with trace.use_span(span, end_on_exit=False):  # its trace context goes in the header
+            message = executor.message_for(state, self.route)
+        body, header = self._wire(message)
         started = time.perf_counter()
         try:
             self._send(body, header, state.name)
@@ -366,11 +367,9 @@ class CeleryDispatcher:
         enqueued_at: float,
         resent: bool = False,
     ) -> tuple[Body, Header]:
-        """The message's body and our header; the body carries the `TaskMessage` signature
-        (which covers the enqueue time and the route too)."""
+        """The body and header of a stored call published again (`resend`)."""
         carrier: dict[str, str] = {}
         _propagator.inject(carrier, context=trace.set_span_in_context(span))
-        traceparent = carrier.get("traceparent", "")
         message = TaskMessage(
             task_id=task_id,
             task_name=task_name,
@@ -379,22 +378,28 @@ class CeleryDispatcher:
             route=self.route,
             enqueued_at=enqueued_at,
             serializer=serializer,
-            traceparent=traceparent,
+            traceparent=carrier.get("traceparent", ""),
             durable=durable,
         ).signed()
+        return self._wire(message, resent=resent)
+
+    def _wire(self, message: TaskMessage, *, resent: bool = False) -> tuple[Body, Header]:
+        """The seam's signed message as our Celery body (the call and its signature, which
+        covers the enqueue time and the route too) and our header (trace context, enqueue
+        time, task id)."""
         body = Body(
-            task_name=task_name,
-            func_ref=func_ref,
-            serializer=serializer,
-            payload=payload,
+            task_name=message.task_name,
+            func_ref=message.func_ref,
+            serializer=message.serializer,
+            payload=message.payload,
             signature=message.signature,
-            durable=durable,
-            route=self.route,
+            durable=message.durable,
+            route=message.route,
         )
         header = Header(
-            task_id=task_id,
-            enqueued_at=enqueued_at,
-            traceparent=traceparent,
+            task_id=message.task_id,
+            enqueued_at=message.enqueued_at,
+            traceparent=message.traceparent,
             max_deliveries=self.max_deliveries,
             resent=resent,
         )

@@ -27,8 +27,11 @@ and one consumer span per message.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +46,8 @@ from opentelemetry.util.types import AttributeValue
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._execution import Executor, call_hook, set_active_executor
 from otel_bgtasks._tracebacks import exception_fields
+from otel_bgtasks._version import __version__
+from otel_bgtasks.calls import UNREPLAYABLE
 from otel_bgtasks.celery._deliveries import DeliveryCounter
 from otel_bgtasks.celery._transport import messaging_system, visibility_timeout
 from otel_bgtasks.celery._upstream import filter_upstream
@@ -57,13 +62,16 @@ from otel_bgtasks.celery._wire import (
 from otel_bgtasks.celery.dispatcher import DEFAULT_HAND_OFF_LEASE
 from otel_bgtasks.environment import options_from_env
 from otel_bgtasks.errors import (
+    ConfigurationError,
     CorruptEntryError,
     TaskImportError,
     UntrustedEntryError,
     WorkerLostError,
+    classify_error,
 )
 from otel_bgtasks.identity import process_identity
-from otel_bgtasks.instrumentor import _check_keywords, build_executor
+from otel_bgtasks.instrumentor import _check_keywords, _store
+from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.records import DeadLetterReason, TaskMessage
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.stores.base import DeadLetterStore
@@ -74,8 +82,9 @@ __all__ = ["WorkerRuntime", "install_worker"]
 _log = structlog.get_logger("otel_bgtasks")
 _MAX_ID = 64
 DEFAULT_MAX_DELIVERIES = 5
-# What `Executor.receive` raises for a message it refuses (nothing of it ran or was imported).
-REFUSED_ERRORS = (UntrustedEntryError, TaskImportError, CorruptEntryError, LookupError, ValueError)
+# What `Executor.receive` raises for a message it refuses (nothing of it ran or was imported);
+# ConfigurationError: the task's options do not fit this broker (`check_options`).
+REFUSED_ERRORS = (UntrustedEntryError, TaskImportError, CorruptEntryError, ConfigurationError)
 
 
 def _short_id(value: Any) -> str:
@@ -207,13 +216,7 @@ class WorkerRuntime:
         try:
             state = executor.receive(message, attributes=attributes)
         except REFUSED_ERRORS as exc:
-            executor.dead_letter_message(
-                message,
-                DeadLetterReason.REFUSED,
-                exc,
-                task_id=task_id,
-                task_name=body.task_name[:200],
-            )
+            executor.dead_letter_message(message, DeadLetterReason.REFUSED, exc)
             return
         # A durable copy whose row is gone (it ran) or held by another worker: dropped,
         # before it counts as a delivery.
@@ -251,7 +254,12 @@ class WorkerRuntime:
         row = store.journal_claim(state.task_id, self.node, lease=self.lease)
         if row is not None:
             return True
-        executor.drop_duplicate(state)
+        _log.warning(
+            "duplicate delivery of a durable task dropped (it ran already, or another worker"
+            " runs it)",
+            task_name=state.name,
+            task_id=state.task_id,
+        )
         return False
 
     def _refuse_malformed(
@@ -259,9 +267,17 @@ class WorkerRuntime:
     ) -> None:
         shadow = getattr(request, "shadow", None)
         name = shadow[:200] if isinstance(shadow, str) and shadow else RUN_TASK
-        executor.dead_letter_message(
-            None, DeadLetterReason.REFUSED, exc, task_id=task_id, task_name=name
+        # kept for inspection only: no call to replay
+        unreadable = TaskMessage(
+            task_id=task_id or uuid.uuid4().hex,
+            task_name=name,
+            func_ref="",
+            payload=json.dumps({"unreplayable": exc.reason[:500]}),
+            route="",
+            enqueued_at=time.time(),
+            serializer=UNREPLAYABLE,
         )
+        executor.dead_letter_message(unreadable, DeadLetterReason.REFUSED, exc)
 
 
 def _message(header: Header, body: Body) -> TaskMessage:
@@ -285,8 +301,47 @@ def _message(header: Header, body: Body) -> TaskMessage:
 
 
 def _build_executor(keywords: dict[str, Any]) -> tuple[Executor, DeadLetterStore | None]:
-    options = {**options_from_env(), **keywords}
-    return build_executor(options)  # type: ignore[arg-type]
+    """An executor from `instrument()` keywords over ``OTEL_BGTASKS_*`` (the worker's own
+    configuration); returns it and the store it opened from a URL (ours to close)."""
+    options: dict[str, Any] = {**options_from_env(), **keywords}
+    tracer = trace.get_tracer(
+        "otel_bgtasks",
+        __version__,
+        options.get("tracer_provider"),
+        schema_url="https://opentelemetry.io/schemas/1.11.0",
+    )
+    meter = metrics.get_meter(
+        "otel_bgtasks",
+        __version__,
+        options.get("meter_provider"),
+        schema_url="https://opentelemetry.io/schemas/1.11.0",
+    )
+    given = options.get("dead_letter_store")
+    store = _store(given)
+    owned = store if not isinstance(given, DeadLetterStore) else None
+    try:
+        executor = Executor(
+            tracer,
+            Instruments(meter),
+            trace_mode=options.get("trace_mode", "link"),
+            propagate_exceptions=False,  # a worker runs one task per message: nothing to stop
+            start_hook=options.get("start_hook"),
+            end_hook=options.get("end_hook"),
+            retry=options.get("retry"),
+            circuit=options.get("circuit"),
+            timeout=options.get("timeout"),
+            durable=options.get("durable", False),
+            dead_letter_store=store,
+            serializer=options.get("serializer"),
+            error_classifier=options.get("error_classifier", classify_error),
+            redact_exception_messages=options.get("redact_exception_messages", False),
+            log_locals=options.get("log_locals", False),
+        )
+    except Exception:
+        if owned is not None:
+            owned.close()
+        raise
+    return executor, owned
 
 
 def install_worker(celery_app: Celery, **instrument_keywords: Any) -> WorkerRuntime:
