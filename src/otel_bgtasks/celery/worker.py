@@ -223,7 +223,9 @@ class WorkerRuntime:
         if body.durable and not self._claim(executor, state):
             return
         deliveries = child.counter.count(task_id, redelivered)
-        attributes[attr.MESSAGE_DELIVERIES] = deliveries
+        if state.attributes is None:
+            state.attributes = {}
+        state.attributes[attr.MESSAGE_DELIVERIES] = deliveries
         max_deliveries = header.max_deliveries or DEFAULT_MAX_DELIVERIES
         if deliveries > max_deliveries or (redelivered and not body.durable):
             why = (
@@ -232,7 +234,10 @@ class WorkerRuntime:
                 if body.durable
                 else "its worker was lost while it ran (not durable: at most once)"
             )
-            executor.dead_letter_unrun(state, DeadLetterReason.WORKER_LOST, WorkerLostError(why))
+            # never became a task here (`receive` does not schedule): dead-lettered as the
+            # message it is, its journal row removed
+            lost = WorkerLostError(why)
+            executor.dead_letter_message(message, DeadLetterReason.WORKER_LOST, lost)
             if deliveries > 1:
                 child.counter.forget(task_id)
             return
