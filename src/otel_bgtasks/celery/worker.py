@@ -223,9 +223,7 @@ class WorkerRuntime:
         if body.durable and not self._claim(executor, state):
             return
         deliveries = child.counter.count(task_id, redelivered)
-        if state.attributes is None:
-            state.attributes = {}
-        state.attributes[attr.MESSAGE_DELIVERIES] = deliveries
+        state.attributes = {**(state.attributes or {}), attr.MESSAGE_DELIVERIES: deliveries}
         max_deliveries = header.max_deliveries or DEFAULT_MAX_DELIVERIES
         if deliveries > max_deliveries or (redelivered and not body.durable):
             why = (
