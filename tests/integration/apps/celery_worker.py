@@ -59,13 +59,21 @@ def _span(span: ReadableSpan) -> dict[str, Any]:
     }
 
 
-@signals.worker_process_init.connect(weak=False)
+# "1": the children export OTLP from the OTEL_* variables (install_worker configures them),
+# for the e2e test through the real collector; otherwise spans go to the results Redis.
+OTLP = os.environ.get("BGTASKS_TEST_OTLP") == "1"
+
+
 def _child_telemetry(**_: Any) -> None:
     resource = Resource.create({"service.name": "bgtasks-test-worker"})
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(SimpleSpanProcessor(RedisSpanExporter()))
     trace.set_tracer_provider(provider)
     metrics.set_meter_provider(MeterProvider(resource=resource))
+
+
+if not OTLP:
+    signals.worker_process_init.connect(_child_telemetry, weak=False)
 
 
 @signals.worker_ready.connect(weak=False)
