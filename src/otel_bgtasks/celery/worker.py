@@ -87,6 +87,17 @@ DEFAULT_MAX_DELIVERIES = 5
 REFUSED_ERRORS = (UntrustedEntryError, TaskImportError, CorruptEntryError, ConfigurationError)
 
 
+def _own_instance_id() -> None:
+    """Each prefork child reports as its own ``service.instance.id`` (one series per child):
+    one is added to this process's ``OTEL_RESOURCE_ATTRIBUTES`` unless the operator set one.
+    (The SDK's own default is made once, in the parent, and shared by every child.)"""
+    current = os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    if "service.instance.id=" in current:
+        return
+    own = f"service.instance.id={uuid.uuid4()}"
+    os.environ["OTEL_RESOURCE_ATTRIBUTES"] = f"{current},{own}" if current.strip() else own
+
+
 def _short_id(value: Any) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text[:_MAX_ID]
@@ -142,6 +153,7 @@ class WorkerRuntime:
             tracer_set = isinstance(trace.get_tracer_provider(), SDKTracerProvider)
             meter_set = isinstance(metrics.get_meter_provider(), SDKMeterProvider)
             if not (tracer_set and meter_set):
+                _own_instance_id()
                 telemetry = configure_telemetry(service_name="celery-worker")
         keywords["start_hook"] = self._start_hook
         executor, owned = _build_executor(keywords)
