@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/otel-bgtasks
 
-.PHONY: demo test lint unit bench infra clean
+.PHONY: demo test lint unit bench infra clean upstream upstream-all
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ test: $(VENV)/.installed infra lint
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# Starlette's own test suite, unchanged, on asyncio and trio, with the package instrumented
+# (scripts/upstream/run.py; about a minute once its environment is cached). CI runs it.
+upstream: $(VENV)/.installed
+	$(PY) scripts/upstream/run.py --suite starlette
+
+# Starlette's and FastAPI's suites on both backends (about 10 minutes on 2 cores).
+upstream-all: $(VENV)/.installed
+	$(PY) scripts/upstream/run.py
 
 bench: $(VENV)/.installed infra
 	@if [ -f "$(CACHE)/env.sh" ]; then . "$(CACHE)/env.sh"; fi; \

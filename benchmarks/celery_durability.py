@@ -6,8 +6,8 @@ through a prefork Celery worker of 2 children on loopback Redis (broker, store):
 - ``broker``: SIGKILL the broker (no persistence: every queued message is gone), restart it.
 
 Prints ran / ran twice / dead-lettered / lost per trial and the totals; lost must be 0. The
-web side is this process (instrumented; `start_resender` re-sends hand-offs past their
-deadline, the broker's visibility timeout: 10 s here). The same trial, once with 100 tasks per
+web side is this process (instrumented; `start_recovery(every=1)` re-sends hand-offs past
+their deadline, the broker's visibility timeout: 10 s here). The same trial, once with 100 tasks per
 scenario, is in the test suite (tests/integration/test_celery_durability.py).
 
     python -m benchmarks.celery_durability [--tasks 500] [--trials 5] [--scenarios child,worker]
@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT / "benchmarks"]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.celery_trials import SCENARIOS, TrialResult, run_trial  # noqa: E402
+from tests.celery_trials import SCENARIOS, TrialResult, run_trial, running_recovery  # noqa: E402
 from tests.celery_worker import CeleryWorker  # noqa: E402
 from tests.redis_server import running_redis  # noqa: E402
 
@@ -35,7 +35,6 @@ from tests.redis_server import running_redis  # noqa: E402
 def run(*, tasks: int = 500, trials: int = 5, scenarios: tuple[str, ...] = SCENARIOS) -> Any:
     from benchmarks._common import noop_providers
     from otel_bgtasks import BackgroundTasksInstrumentor
-    from otel_bgtasks.recovery import start_resender
     from otel_bgtasks.stores import open_store
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +58,8 @@ def run(*, tasks: int = 500, trials: int = 5, scenarios: tuple[str, ...] = SCENA
                 meter_provider=meter_provider,
                 dead_letter_store=env["BGTASKS_TEST_STORE"],
             )
-            resender = start_resender(interval=1.0)
+            recovery = running_recovery(every=1.0)
+            recovery.__enter__()
             worker = CeleryWorker(env, celery_app.results(), base / "w")
             worker.start()
 
@@ -92,7 +92,7 @@ def run(*, tasks: int = 500, trials: int = 5, scenarios: tuple[str, ...] = SCENA
                             results.append(result)
                             print(f"trial {trial + 1}: {result.row()}", flush=True)
             finally:
-                resender.stop()
+                recovery.__exit__(None, None, None)
                 worker.stop()
                 instrumentor.uninstrument()
     totals: dict[str, dict[str, int]] = {}

@@ -10,6 +10,7 @@
     python benchmarks/run.py --only store_stall      # opt-in: /ping p99 while the store stalls
     python benchmarks/run.py --only export_parts     # opt-in: export cost of each span kind
     python benchmarks/run.py --only tail_parts       # opt-in: where the fixed-rate p99 goes
+    python benchmarks/run.py --only backpressure     # opt-in: local pool RSS, slots busy
 
 Every figure is a ratio against a baseline measured in the same run (see benchmarks/README.md).
 The results of the benchmarks that ran replace their entries in latest.json; the others stay.
@@ -36,6 +37,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from benchmarks import (  # noqa: E402 - after the sys.path fix above
     backend_failing,
     backend_soak,
+    backpressure,
     contract_parts,
     dispatch_load,
     drop_path,
@@ -67,6 +69,7 @@ EXTRA: dict[str, Any] = {
     "store_stall": store_stall,
     "export_parts": export_parts,
     "tail_parts": tail_parts,
+    "backpressure": backpressure,
 }
 
 

@@ -4,32 +4,61 @@ or the broker is SIGKILLed. Used by the test suite (one small trial per scenario
 
 A trial schedules `tasks` durable ``record`` tasks (20 ms each) from this process (the web
 side: instrumented, publishing through the test app's `CeleryDispatcher`, re-sending expired
-hand-offs with `start_resender`), waits until a fifth of them ran, does its damage, then waits
-until every task is accounted for: ran (its record in Redis) or dead-lettered. "Lost" are the
-tasks neither ran nor dead-lettered when the journal is empty again (nothing left to re-send)
-and no record arrived for a while; a trial that cannot account for everything within its
-bound reports the missing ones as lost instead of hanging.
+hand-offs with `start_recovery(every=...)`, `running_recovery`), waits until a fifth of them
+ran, does its damage, then waits until every task is accounted for: ran (its record in
+Redis) or dead-lettered. "Lost" are the tasks neither ran nor dead-lettered when the journal
+is empty again (nothing left to re-send) and no record arrived for a while; a trial that
+cannot account for everything within its bound reports the missing ones as lost instead of
+hanging.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
 
 from otel_bgtasks import schedule
+from otel_bgtasks.recovery import start_recovery
 from otel_bgtasks.stores.base import DeadLetterStore
 
-__all__ = ["SCENARIOS", "Scenario", "TrialResult", "run_trial"]
+__all__ = ["SCENARIOS", "Scenario", "TrialResult", "run_trial", "running_recovery"]
 
 Scenario = Literal["child", "worker", "broker"]
 SCENARIOS: tuple[Scenario, ...] = ("child", "worker", "broker")
+
+
+@contextmanager
+def running_recovery(every: float) -> Iterator[None]:
+    """`start_recovery(every=...)` on an event loop of its own (a thread), as a web app's
+    lifespan runs it: hand-offs past their deadline are re-sent through the dispatcher."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def main() -> None:
+        holder["task"] = start_recovery(mode="rerun", every=every)
+        started.set()
+        await holder["task"].wait()
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
+    thread.start()
+    started.wait(30)
+    try:
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(holder["task"].stop(), loop).result(60)
+        thread.join(60)
+        loop.close()
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,8 @@ which those suites assert). No dead-letter store: nothing is written outside the
 
 ``BGTASKS_UPSTREAM_TESTCLIENT_BACKEND=trio`` makes ``TestClient`` default to the trio backend
 (FastAPI's suite builds its clients without choosing one; Starlette's is parametrised over
-both backends by anyio's pytest plugin already).
+both backends by anyio's pytest plugin already). ``BGTASKS_UPSTREAM_INSTRUMENT=0`` leaves the
+package out: the baseline run the instrumented one is compared with.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def _force_backend(backend: str) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    backend = os.environ.get("BGTASKS_UPSTREAM_TESTCLIENT_BACKEND")
+    if backend:
+        _force_backend(backend)
+    if os.environ.get("BGTASKS_UPSTREAM_INSTRUMENT", "1") == "0":
+        return
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(_exporter))
     meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
@@ -57,9 +63,6 @@ def pytest_configure(config: pytest.Config) -> None:
         propagate_exceptions=True,
         dead_letter_store=None,
     )
-    backend = os.environ.get("BGTASKS_UPSTREAM_TESTCLIENT_BACKEND")
-    if backend:
-        _force_backend(backend)
 
 
 def pytest_runtest_teardown(item: pytest.Item) -> None:

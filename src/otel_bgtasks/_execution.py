@@ -18,20 +18,29 @@ from typing import Any
 
 import anyio
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 from starlette.concurrency import run_in_threadpool
 from tenacity import RetryCallState
 
 from otel_bgtasks import attributes as attr
-from otel_bgtasks._ids import to_traceparent
+from otel_bgtasks._ids import from_hex, to_traceparent
 from otel_bgtasks._logger import log
+from otel_bgtasks._version import __version__
 from otel_bgtasks.accounting import Accounting
 from otel_bgtasks.attributes import ErrorCategory, Outcome, SkipReason
 from otel_bgtasks.breakers import BreakerRegistry
-from otel_bgtasks.calls import EncodedCall, JSONSerializer, Serializer, decode_call, encode_call
+from otel_bgtasks.calls import (
+    EncodedCall,
+    JSONSerializer,
+    Serializer,
+    check_replayable,
+    decode_call,
+    encode_call,
+)
 from otel_bgtasks.circuit import CircuitBreaker
+from otel_bgtasks.config import Settings, resolve_settings
 from otel_bgtasks.dead_lettering import DeadLetterWriter, NeverRanError
 from otel_bgtasks.errors import (
     CircuitOpenError,
@@ -56,7 +65,7 @@ from otel_bgtasks.options import (
     check_trace_mode,
     effective_options,
 )
-from otel_bgtasks.records import DeadLetter, DeadLetterReason, TaskMessage
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry, TaskMessage
 from otel_bgtasks.registry import note_scheduled
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.signing import signing_keys
@@ -75,6 +84,7 @@ __all__ = [
     "check_trace_mode",
     "current_task",
     "set_active_executor",
+    "standalone_executor",
 ]
 
 # Errors that say nothing about the downstream's health do not trip a breaker.
@@ -103,6 +113,28 @@ def set_active_executor(executor: Executor | None) -> None:
     """Make `executor` the active one (the instrumentor does, at instrument/uninstrument)."""
     global _active
     _active = executor
+
+
+_standalone: dict[int, Executor] = {}
+
+
+def standalone_executor(store: DeadLetterStore | None = None) -> Executor:
+    """An executor on the global providers for runs outside an instrumented app (the CLI,
+    replay and recovery from a script, a worker), with the defaults ``instrument()`` would
+    give this process: every ``OTEL_BGTASKS_*`` variable applies (retry, circuit, timeout,
+    trace mode, redaction...).
+
+    With `store`, tasks that fail go to that store's dead letters (recovery re-runs); without,
+    none.
+    """
+    key = id(store)
+    executor = _standalone.get(key)
+    if executor is None or executor.store is not store:
+        settings = resolve_settings({"dead_letter_store": store, "durable": False})
+        executor = _standalone[key] = Executor.from_settings(
+            settings, store, scope="otel_bgtasks", version=__version__
+        )
+    return executor
 
 
 class Executor:
@@ -167,6 +199,34 @@ class Executor:
         self._scheduled = self.accounting.scheduled
         self._described: dict[Any, EffectiveOptions] = {}
 
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, store: DeadLetterStore | None, *, scope: str, version: str
+    ) -> Executor:
+        """An executor on `settings` (its providers, or the global ones), writing to `store`
+        (opened by the caller: `Settings.open_store`); tracer and meter named `scope`."""
+        schema = "https://opentelemetry.io/schemas/1.11.0"
+        return cls(
+            trace.get_tracer(scope, version, settings.tracer_provider, schema_url=schema),
+            Instruments(
+                metrics.get_meter(scope, version, settings.meter_provider, schema_url=schema)
+            ),
+            trace_mode=settings.trace_mode,
+            propagate_exceptions=settings.propagate_exceptions,
+            start_hook=settings.start_hook,
+            end_hook=settings.end_hook,
+            retry=settings.retry,
+            circuit=settings.circuit,
+            timeout=settings.timeout,
+            durable=settings.durable,
+            dead_letter_store=store,
+            serializer=settings.serializer,
+            error_classifier=settings.error_classifier,
+            redact_exception_messages=settings.redact_exception_messages,
+            log_locals=settings.log_locals,
+            dispatch=settings.dispatch,
+        )
+
     @property
     def redact_exception_messages(self) -> bool:
         return self.failures.redact
@@ -191,7 +251,9 @@ class Executor:
         current = trace.get_current_span()
         link = current.get_span_context()
         recording = current.is_recording()  # a recording span's context is valid
-        state = self.prepare(func, args, kwargs, link, is_async)
+        state = self._state(
+            func, args, kwargs, link if recording or link.is_valid else None, is_async
+        )
         if state.options.encoded:
             self._encode(state)
         if recording:
@@ -226,6 +288,26 @@ class Executor:
                 scheduled in another process: its `bgtasks.task.wait` is then measured on the
                 wall clock from that moment (the broker wait); default: now.
         """
+        return self._state(
+            func,
+            args,
+            kwargs,
+            link if link is not None and link.is_valid else None,
+            is_async,
+            task_id,
+            enqueued_wall,
+        )
+
+    def _state(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        link: SpanContext | None,
+        is_async: bool | None,
+        task_id: str | None = None,
+        enqueued_wall: float | None = None,
+    ) -> TaskCallState:
         try:  # `options_for`'s cache, read here: one call less per task
             options = self._described[func]
         except (KeyError, TypeError):
@@ -244,7 +326,7 @@ class Executor:
             options=options,
             name=options.name,
             function=options.function,
-            link=link if link is not None and link.is_valid else None,
+            link=link,
             enqueued_at=enqueued_at,
             enqueued_wall=now,
             is_async=options.is_async if is_async is None else is_async,
@@ -433,6 +515,44 @@ class Executor:
             enqueued_at=state.enqueued_wall,
             traceparent=to_traceparent(current if current.is_valid else state.link),
             durable=state.journaled,
+        ).signed()
+
+    def message_from_call(
+        self,
+        call: DeadLetter | JournalEntry,
+        *,
+        task_id: str,
+        route: str,
+        durable: bool,
+        enqueued_at: float | None = None,
+    ) -> TaskMessage:
+        """The signed message a remote dispatcher's `resend` publishes for a stored call (a
+        journal row past its deadline, a dead letter replayed to its route), after checking
+        it as a replay does: its signature (with a key set), its function among the app's
+        registered tasks, its serializer. A store row is untrusted: this process never signs
+        a message for a call it would not run itself.
+
+        Args:
+            enqueued_at: wall-clock enqueue time (default: the row's, for a journal row;
+                now for a dead letter).
+
+        Raises:
+            UntrustedEntryError, TaskImportError, NotReplayableError, LookupError: as
+                `check_replayable`; nothing is published.
+        """
+        check_replayable(call)
+        if enqueued_at is None:
+            enqueued_at = call.enqueued_at if isinstance(call, JournalEntry) else time.time()
+        return TaskMessage(
+            task_id=task_id,
+            task_name=call.task_name,
+            func_ref=call.func_ref,
+            payload=call.payload,
+            serializer=call.serializer,
+            route=route,
+            enqueued_at=enqueued_at,
+            traceparent=to_traceparent(from_hex(call.trace_id, call.span_id)),
+            durable=durable,
         ).signed()
 
     def receive(

@@ -21,7 +21,7 @@ import math
 import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from otel_bgtasks.errors import NotReplayableError, SerializationError, TaskImportError
 from otel_bgtasks.registry import lookup_task
@@ -29,6 +29,7 @@ from otel_bgtasks.signing import SigningKeys, signing_keys
 
 __all__ = [
     "UNREPLAYABLE",
+    "DecodedCall",
     "EncodedCall",
     "JSONSerializer",
     "Serializer",
@@ -341,9 +342,15 @@ def check_replayable(entry: StoredCall, *, keys: SigningKeys | None = None) -> N
     _check(entry, keys)
 
 
-def decode_call(
-    entry: StoredCall, *, keys: SigningKeys | None = None
-) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+class DecodedCall(NamedTuple):
+    """A stored call, verified and decoded: unpacks as ``func, args, kwargs``."""
+
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def decode_call(entry: StoredCall, *, keys: SigningKeys | None = None) -> DecodedCall:
     """The function and arguments of a stored call, in this order of checks: the signature
     (when `keys`, default the configured ones, are set), then the function among the app's
     registered tasks, then the serializer by name; only then is the payload decoded.
@@ -363,7 +370,7 @@ def decode_call(
         raise ValueError(
             f"payload cannot be decoded by {_short(entry.serializer)}: {_error_text(exc)}"
         ) from exc
-    return func, tuple(args), dict(kwargs)
+    return DecodedCall(func, tuple(args), dict(kwargs))
 
 
 def _check(entry: StoredCall, keys: SigningKeys | None) -> tuple[Callable[..., Any], Serializer]:

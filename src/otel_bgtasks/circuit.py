@@ -15,7 +15,6 @@ using one Redis opens and closes together.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import math
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Literal, Protocol
 
+import anyio.to_thread
 import structlog
 
 from otel_bgtasks.errors import ConfigurationError
@@ -368,7 +368,7 @@ class CircuitBreaker:
 
     async def _apply_async(self, event: Event) -> bool:
         if self.blocking:
-            return await asyncio.to_thread(self._apply, event)
+            return await anyio.to_thread.run_sync(self._apply, event)  # asyncio or trio
         return self._apply(event)
 
     async def allow_async(self) -> bool:

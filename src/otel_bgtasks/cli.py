@@ -644,7 +644,7 @@ def _cmd_replay(ctx: _Context) -> int:
 
     def advanced(outcome: ReplayOutcome) -> None:
         progress.advance(task_id)
-        if outcome.status != "replayed":
+        if outcome.status not in ("replayed", "sent"):
             name = f" {outcome.task_name}" if outcome.task_name else ""
             line = f"{outcome.status}: {outcome.entry_id}{name}: {outcome.message}"
             progress.console.print(Text(printable(line), style="red"))

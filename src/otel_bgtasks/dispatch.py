@@ -69,10 +69,17 @@ from otel_bgtasks._execution import Executor
 from otel_bgtasks._logger import log
 from otel_bgtasks._loops import running_loop
 from otel_bgtasks.attributes import TASK_NAME, SkipReason
-from otel_bgtasks.calls import StoredCall
+from otel_bgtasks.config import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_MAX_QUEUED,
+    check_drain_timeout,
+    check_max_concurrency,
+    check_max_queued,
+)
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.options import EffectiveOptions
-from otel_bgtasks.records import DeadLetterReason
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
 from otel_bgtasks.response_gate import RequestGate
 from otel_bgtasks.routes import (
     Dispatcher,
@@ -102,40 +109,6 @@ __all__ = [
     "unregister_dispatcher",
 ]
 
-DEFAULT_MAX_CONCURRENCY = 64
-DEFAULT_DRAIN_TIMEOUT = 30.0
-DEFAULT_MAX_QUEUED = 1000
-"""Groups waiting for a slot of the local pool (per app and event loop, so per process):
-about 0.7 kB each; beyond it a response runs its tasks inline."""
-
-
-def check_max_concurrency(value: object, where: str = "max_concurrency") -> int:
-    """`value` as an int >= 1. Raises `ConfigurationError` naming `where`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{where}={value!r}: must be an integer >= 1")
-    return value
-
-
-def check_max_queued(value: object, where: str = "max_queued") -> int:
-    """`value` as an int >= 0 (0: never queue, run inline when every slot is busy).
-    Raises `ConfigurationError` naming `where`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(f"{where}={value!r}: must be an integer >= 0")
-    return value
-
-
-def check_drain_timeout(value: object, where: str = "drain_timeout") -> float:
-    """`value` as seconds >= 0, finite. Raises `ConfigurationError` naming `where`."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ConfigurationError(f"{where}={value!r}: must be a finite number of seconds >= 0")
-    return float(value)
-
-
 class _Pool:
     """The local workers of one app's lifespan on one event loop: `limit` tasks taking
     groups from a queue that holds at most `max_queued` of them (reserved when a response
@@ -155,12 +128,14 @@ class _Pool:
         self._unfinished = 0  # groups submitted and not done
         self._idle: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
+        self._wanted = anyio.Event()  # set by the first group: the workers start then
         self.closed = False
         self._cancelled = anyio.get_cancelled_exc_class()
 
     def reserve(self) -> bool:
-        """Take a place in the queue for a group about to be submitted; False when full."""
-        if self.closed or self.waiting >= self.max_queued:
+        """Take a place for a group about to be submitted: a free slot, else one of the
+        `max_queued` places in the queue; False when every slot is busy and the queue full."""
+        if self.closed or self.waiting >= self.max_queued + self.limit - self.running_groups:
             return False
         self.waiting += 1
         self._reserved += 1
@@ -179,12 +154,19 @@ class _Pool:
             return
         self._unfinished += 1
         self._send.send_nowait(list(states))
+        self._wanted.set()
 
     def start(self, group: anyio.abc.TaskGroup) -> None:
-        """Start the workers in `group` (their lifetime: the lifespan serving)."""
+        """Serve in `group` (its lifetime: the lifespan serving): the workers start with the
+        first group submitted (an app whose tasks all run inline never starts them)."""
         self._scope = group.cancel_scope
-        for _ in range(self.limit):
-            group.start_soon(self._work)
+
+        async def on_demand() -> None:
+            await self._wanted.wait()
+            for _ in range(self.limit):
+                group.start_soon(self._work)
+
+        group.start_soon(on_demand)
 
     async def _work(self) -> None:
         _group.set(None)  # tasks scheduled by a task belong to no response
@@ -217,8 +199,8 @@ class _Pool:
                 raise
 
     async def drain(self, timeout: float) -> None:
-        """Let the workers finish what is queued, for up to `timeout` seconds; then stop
-        them (what still runs is cancelled)."""
+        """Let the workers finish what is queued, for up to `timeout` seconds (then `stop`
+        cancels what still runs)."""
         if self._unfinished:
             self._idle = anyio.Event()
             with anyio.move_on_after(timeout):
@@ -228,9 +210,8 @@ class _Pool:
                 "background tasks not finished within the drain timeout; cancelling",
                 drain_timeout=timeout,
                 running_groups=self.running_groups,
-                queued_groups=self.waiting - self.running_groups,
+                queued_groups=self.waiting,
             )
-        self.stop()
 
     def stop(self) -> None:
         """Accept no more groups; cancel the workers."""
@@ -317,13 +298,16 @@ class LocalDispatcher:
         pool.put(states)
 
     async def drain(self, executor: Executor, timeout: float) -> None:
-        """Drain every pool of the running loop (`_Pool.drain`)."""
+        """Drain every pool of the running loop (`_Pool.drain`), then stop its workers."""
         loop = running_loop()
         for (_, pool_loop), pool in list(self._pools.items()):
             if pool_loop is loop:
                 await pool.drain(timeout)
+                pool.stop()
 
-    def resend(self, executor: Executor, call: StoredCall, *, task_id: str) -> float | None:
+    def resend(
+        self, executor: Executor, call: DeadLetter | JournalEntry, *, task_id: str
+    ) -> float | None:
         raise NotImplementedError("the local pool runs tasks in this process; nothing to resend")
 
 
@@ -340,7 +324,9 @@ class _Inline:
     async def drain(self, executor: Executor, timeout: float) -> None:
         return None
 
-    def resend(self, executor: Executor, call: StoredCall, *, task_id: str) -> float | None:
+    def resend(
+        self, executor: Executor, call: DeadLetter | JournalEntry, *, task_id: str
+    ) -> float | None:
         raise NotImplementedError("inline tasks run in their response; nothing to resend")
 
 

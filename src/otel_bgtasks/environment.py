@@ -1,9 +1,15 @@
 """`OTEL_BGTASKS_*` environment variables: every plain-valued `instrument()` option, no code.
 
-Read by `BackgroundTasksInstrumentor.instrument()` (so by the ``opentelemetry-instrument``
-entry point too); an argument given in code wins over its variable. An unset or empty
-variable means "not set". A value that cannot work stops instrumentation with a
-`ConfigurationError` naming the variable and the valid values.
+Read once into `otel_bgtasks.config.Settings` (by ``instrument()``, the
+``opentelemetry-instrument`` entry point, the CLI and workers); an argument given in code wins
+over its variable. An unset or empty variable means "not set".
+
+An invalid value follows the OpenTelemetry SDK's convention: a warning naming the variable,
+the value and the default used instead, and the rest applies. Except where the default is
+weaker than what was asked (``OTEL_BGTASKS_DURABLE``, ``OTEL_BGTASKS_DLQ_URL``,
+``OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES``, ``OTEL_BGTASKS_SIGNING_KEY``): there an
+`UnsafeConfigurationError` names the variable, and the process refuses to start (under
+``opentelemetry-instrument`` too).
 
 | variable | option | values |
 |---|---|---|
@@ -25,18 +31,20 @@ variable means "not set". A value that cannot work stops instrumentation with a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
-from otel_bgtasks.errors import ConfigurationError
+from otel_bgtasks._logger import log
+from otel_bgtasks.errors import ConfigurationError, UnsafeConfigurationError
 from otel_bgtasks.options import TRACE_MODES
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.stores import DLQ_URL_ENV
 from otel_bgtasks.task import DISPATCH_MODES
 
-__all__ = ["ENV_PREFIX", "NO_STORE", "VARIABLES", "options_from_env"]
+__all__ = ["ENV_PREFIX", "GUARANTEES", "NO_STORE", "VARIABLES", "options_from_env"]
 
 ENV_PREFIX = "OTEL_BGTASKS_"
 NO_STORE = "none"
@@ -71,6 +79,16 @@ VARIABLES: tuple[str, ...] = (
 )
 """Every variable this module reads (the README's table)."""
 
+GUARANTEES: frozenset[str] = frozenset(
+    {
+        "OTEL_BGTASKS_DURABLE",
+        DLQ_URL_ENV,
+        "OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES",
+    }
+)
+"""Variables whose default is weaker than any value a user would set: an invalid value
+refuses to start instead of falling back (``OTEL_BGTASKS_SIGNING_KEY`` too, in `signing`)."""
+
 
 def _value(environ: Mapping[str, str], name: str) -> str | None:
     raw = environ.get(name)
@@ -79,12 +97,33 @@ def _value(environ: Mapping[str, str], name: str) -> str | None:
     return raw.strip()
 
 
+class _Invalid(Exception):
+    """A variable's value was rejected (and reported): the option keeps its default."""
+
+
 def _parse(name: str, raw: str, convert: Callable[[str], _T], valid: str) -> _T:
     try:
         return convert(raw)
     except (ValueError, TypeError):
-        shown = raw if len(raw) <= 60 else raw[:57] + "..."
-        raise ConfigurationError(f"{name}={shown!r} is not valid; expected {valid}") from None
+        _reject(name, raw, f"expected {valid}")
+        raise _Invalid(name) from None
+
+
+def _reject(name: str, raw: str, problem: str) -> None:
+    """Refuse (a guarantee) or warn and fall back to the default (every other variable)."""
+    shown = raw if len(raw) <= 60 else raw[:57] + "..."
+    message = f"{name}={shown!r} is not valid; {problem}"
+    if name in GUARANTEES:
+        raise UnsafeConfigurationError(
+            f"{message}. Refusing to start: the default would silently give a weaker"
+            " guarantee than asked; fix or unset the variable"
+        )
+    log.warning(
+        "invalid OTEL_BGTASKS_* variable ignored, using the default",
+        variable=name,
+        value=shown,
+        problem=problem,
+    )
 
 
 def _bool(raw: str) -> bool:
@@ -99,6 +138,13 @@ def _bool(raw: str) -> bool:
 def _seconds(raw: str) -> float:
     value = float(raw)
     if not math.isfinite(value) or value < 0:
+        raise ValueError(raw)
+    return value
+
+
+def _positive_seconds(raw: str) -> float:
+    value = _seconds(raw)
+    if value == 0:
         raise ValueError(raw)
     return value
 
@@ -134,50 +180,40 @@ def _dispatch(raw: str) -> str:
 def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The `instrument()` keyword arguments the ``OTEL_BGTASKS_*`` variables set.
 
+    An invalid value is logged as a warning naming the variable and left out (its default
+    applies), except for the `GUARANTEES`.
+
     Raises:
-        ConfigurationError: a variable has a value that cannot work (the message names it and
-            lists the valid values); a `ValueError`.
+        UnsafeConfigurationError: a variable of `GUARANTEES` has a value that cannot work (the
+            message names it and lists the valid values); a `ConfigurationError`.
     """
     env = os.environ if environ is None else environ
     options: dict[str, Any] = {}
-    if (raw := _value(env, "OTEL_BGTASKS_TRACE_MODE")) is not None:
-        options["trace_mode"] = _parse(
-            "OTEL_BGTASKS_TRACE_MODE", raw, _trace_mode, " or ".join(TRACE_MODES)
-        )
+
+    def read(name: str, key: str, convert: Callable[[str], Any], valid: str) -> None:
+        if (raw := _value(env, name)) is not None:
+            with contextlib.suppress(_Invalid):
+                options[key] = _parse(name, raw, convert, valid)
+
+    read("OTEL_BGTASKS_TRACE_MODE", "trace_mode", _trace_mode, " or ".join(TRACE_MODES))
     for name, key in (
         ("OTEL_BGTASKS_PROPAGATE_EXCEPTIONS", "propagate_exceptions"),
         ("OTEL_BGTASKS_DURABLE", "durable"),
         ("OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES", "redact_exception_messages"),
         ("OTEL_BGTASKS_LOG_LOCALS", "log_locals"),
     ):
-        if (raw := _value(env, name)) is not None:
-            options[key] = _parse(name, raw, _bool, "true or false")
-    if (raw := _value(env, "OTEL_BGTASKS_TIMEOUT")) is not None:
-        timeout = _parse("OTEL_BGTASKS_TIMEOUT", raw, _seconds, "a number of seconds > 0")
-        if timeout == 0:
-            raise ConfigurationError(
-                f"OTEL_BGTASKS_TIMEOUT={raw!r} is not valid; expected a number of seconds > 0"
-            )
-        options["timeout"] = timeout
-    retry = _retry(env)
-    if retry is not None:
-        options["retry"] = retry
+        read(name, key, _bool, "true or false")
+    read("OTEL_BGTASKS_TIMEOUT", "timeout", _positive_seconds, "a number of seconds > 0")
+    with contextlib.suppress(_Invalid):
+        retry = _retry(env)
+        if retry is not None:
+            options["retry"] = retry
     if (raw := _value(env, DLQ_URL_ENV)) is not None:
         options["dead_letter_store"] = None if raw.lower() == NO_STORE else raw
-    if (raw := _value(env, "OTEL_BGTASKS_DISPATCH")) is not None:
-        options["dispatch"] = _parse(
-            "OTEL_BGTASKS_DISPATCH", raw, _dispatch, " or ".join(DISPATCH_MODES)
-        )
-    if (raw := _value(env, "OTEL_BGTASKS_MAX_CONCURRENCY")) is not None:
-        options["max_concurrency"] = _parse(
-            "OTEL_BGTASKS_MAX_CONCURRENCY", raw, _attempts, "an integer >= 1"
-        )
-    if (raw := _value(env, "OTEL_BGTASKS_MAX_QUEUED")) is not None:
-        options["max_queued"] = _parse("OTEL_BGTASKS_MAX_QUEUED", raw, _count, "an integer >= 0")
-    if (raw := _value(env, "OTEL_BGTASKS_DRAIN_TIMEOUT")) is not None:
-        options["drain_timeout"] = _parse(
-            "OTEL_BGTASKS_DRAIN_TIMEOUT", raw, _seconds, "a number of seconds >= 0"
-        )
+    read("OTEL_BGTASKS_DISPATCH", "dispatch", _dispatch, " or ".join(DISPATCH_MODES))
+    read("OTEL_BGTASKS_MAX_CONCURRENCY", "max_concurrency", _attempts, "an integer >= 1")
+    read("OTEL_BGTASKS_MAX_QUEUED", "max_queued", _count, "an integer >= 0")
+    read("OTEL_BGTASKS_DRAIN_TIMEOUT", "drain_timeout", _seconds, "a number of seconds >= 0")
     return options
 
 
@@ -196,4 +232,5 @@ def _retry(env: Mapping[str, str]) -> RetryPolicy | None:
         return RetryPolicy(max_attempts=attempts, **cast(dict[str, Any], backoff))
     except ConfigurationError as exc:  # e.g. a multiplier below 1: name the variables
         names = ", ".join(["OTEL_BGTASKS_RETRY_ATTEMPTS", *_RETRY_BACKOFF])
-        raise ConfigurationError(f"{exc} (set by {names})") from None
+        _reject(names, "(together)", f"{exc}")
+        raise _Invalid(names) from None

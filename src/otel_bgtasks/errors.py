@@ -28,6 +28,7 @@ __all__ = [
     "TaskTimeoutError",
     "UndeliverableError",
     "UnregisteredTaskError",
+    "UnsafeConfigurationError",
     "UntrustedEntryError",
     "WorkerLostError",
     "classify_error",
@@ -44,6 +45,12 @@ class BgTasksError(Exception):
 
 class ConfigurationError(BgTasksError, ValueError):
     """An option, URL or environment variable has a value that cannot work; says which."""
+
+
+class UnsafeConfigurationError(ConfigurationError):
+    """A setting asked for a guarantee (durability, a store, signing, redaction) with a value
+    that cannot work: falling back to the default would silently weaken it, so the process
+    refuses to start (under ``opentelemetry-instrument`` too)."""
 
 
 class BusinessError(Exception):

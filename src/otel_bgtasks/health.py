@@ -168,6 +168,7 @@ def bgtasks_router(
         report = await letters.replay(None, run_dead_letter, task=task, reason=reason)
         return {
             "replayed": report.replayed,
+            "sent": report.sent,
             "outcomes": [
                 {"id": o.entry_id, "status": o.status, "message": o.message}
                 for o in report.outcomes

@@ -39,10 +39,10 @@ instrumented first.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypedDict, Unpack
 
-from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
@@ -54,26 +54,21 @@ from otel_bgtasks._execution import (
     TaskHook,
     TraceMode,
     active_executor,
-    check_trace_mode,
     set_active_executor,
 )
+from otel_bgtasks._logger import log
 from otel_bgtasks._version import __version__
 from otel_bgtasks.calls import Serializer
 from otel_bgtasks.circuit import CircuitBreaker
+from otel_bgtasks.config import resolve_settings
 from otel_bgtasks.dispatch import (
-    DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_MAX_CONCURRENCY,
-    DEFAULT_MAX_QUEUED,
     Dispatcher,
     DispatchSeam,
 )
-from otel_bgtasks.environment import options_from_env
-from otel_bgtasks.errors import ErrorClassifier, classify_error
-from otel_bgtasks.metrics import Instruments
+from otel_bgtasks.errors import ErrorClassifier, UnsafeConfigurationError
 from otel_bgtasks.package import _instruments
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
-from otel_bgtasks.stores import default_store_url, open_store
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.task import DispatchMode
 
@@ -90,6 +85,7 @@ def _fastapi_background_tasks() -> type[BackgroundTasks] | None:
 
 
 __all__ = [
+    "AutoInstrumentor",
     "BackgroundTasksInstrumentor",
     "InstrumentOptions",
     "ScheduledTask",
@@ -132,6 +128,7 @@ class InstrumentOptions(TypedDict, total=False):
 
 
 _KNOWN = frozenset(InstrumentOptions.__annotations__)
+_BASE_SWITCHES = frozenset({"skip_dep_check", "raise_exception_on_conflict"})
 
 
 def _check_keywords(kwargs: dict[str, Any]) -> None:
@@ -141,25 +138,6 @@ def _check_keywords(kwargs: dict[str, Any]) -> None:
             f"instrument() got unexpected keyword argument(s) {', '.join(map(repr, unknown))};"
             f" valid ones: {', '.join(sorted(_KNOWN))}"
         )
-
-
-def _store(given: Any) -> DeadLetterStore | None:
-    """The dead-letter store from an instrument() argument: a store, a URL, None or absent."""
-    if given is None:
-        return None
-    if given is _ABSENT:  # nothing configured: the user's state directory, created lazily
-        return open_store(default_store_url(), lazy=True)
-    if isinstance(given, str):
-        return open_store(given)
-    if not isinstance(given, DeadLetterStore):
-        raise TypeError(
-            f"dead_letter_store={given!r}: pass a DeadLetterStore, a URL "
-            "(sqlite:///path.db, redis://host:port/db) or None to disable dead letters"
-        )
-    return given
-
-
-_ABSENT: Any = object()
 
 
 def current_executor() -> Executor | None:
@@ -261,53 +239,17 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _instrument(self, **kwargs: Any) -> None:
         _check_keywords(kwargs)  # also when BaseInstrumentor is called directly
         # OTEL_BGTASKS_* variables (how opentelemetry-instrument configures us); code wins.
-        options: InstrumentOptions = {**options_from_env(), **kwargs}  # type: ignore[typeddict-item]
-        trace_mode = options.get("trace_mode", "link")
-        check_trace_mode(trace_mode)  # before a store is opened
-        dispatch = options.get("dispatch", "inline")
-        max_concurrency = options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
-        max_queued = options.get("max_queued", DEFAULT_MAX_QUEUED)
-        drain_timeout = options.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
-        tracer = trace.get_tracer(
-            _SCOPE,
-            __version__,
-            options.get("tracer_provider"),
-            schema_url="https://opentelemetry.io/schemas/1.11.0",
-        )
-        meter = metrics.get_meter(
-            _SCOPE,
-            __version__,
-            options.get("meter_provider"),
-            schema_url="https://opentelemetry.io/schemas/1.11.0",
-        )
-        given = options.get("dead_letter_store", _ABSENT)
-        store = _store(given)
+        settings = resolve_settings({k: v for k, v in kwargs.items() if k not in _BASE_SWITCHES})
+        store, owned = settings.open_store()
         # A store opened here from a URL is ours to close; one passed in is the caller's.
-        self._owned_store = store if not isinstance(given, DeadLetterStore) else None
+        self._owned_store = store if owned else None
         try:
-            executor = Executor(
-                tracer,
-                Instruments(meter),
-                trace_mode=trace_mode,
-                propagate_exceptions=options.get("propagate_exceptions", False),
-                start_hook=options.get("start_hook"),
-                end_hook=options.get("end_hook"),
-                retry=options.get("retry"),
-                circuit=options.get("circuit"),
-                timeout=options.get("timeout"),
-                durable=options.get("durable", False),
-                dead_letter_store=store,
-                serializer=options.get("serializer"),
-                error_classifier=options.get("error_classifier", classify_error),
-                redact_exception_messages=options.get("redact_exception_messages", False),
-                log_locals=options.get("log_locals", False),
-                dispatch=dispatch,
-            )
+            executor = Executor.from_settings(settings, store, scope=_SCOPE, version=__version__)
             seam = DispatchSeam(
                 executor,
-                max_concurrency=max_concurrency,
-                max_queued=max_queued,
-                drain_timeout=drain_timeout,
+                max_concurrency=settings.max_concurrency,
+                max_queued=settings.max_queued,
+                drain_timeout=settings.drain_timeout,
             )
         except Exception:  # a bad setting: do not leave the store we opened behind
             if self._owned_store is not None:
@@ -429,3 +371,37 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if owner._fastapi_call is not None and fastapi_tasks is not None:
             fastapi_tasks.__call__ = owner._fastapi_call  # type: ignore[method-assign]
             owner._fastapi_call = None
+
+
+class AutoInstrumentor(BackgroundTasksInstrumentor):
+    """The ``opentelemetry_instrumentor`` entry point (``opentelemetry-instrument``).
+
+    It instruments through `BackgroundTasksInstrumentor` (one instrumentation whichever way
+    it was made) and never takes the other instrumentations down with it: the distro stops
+    loading entry points at the first one that raises, and ours loads before FastAPI's.
+
+    - A setting that asks for a guarantee with a value that cannot work
+      (`UnsafeConfigurationError`: ``OTEL_BGTASKS_DURABLE``, ``_DLQ_URL``,
+      ``_REDACT_EXCEPTION_MESSAGES``, ``_SIGNING_KEY``): the process refuses to start, with
+      one line naming the variable (`SystemExit`, which the distro does not catch).
+    - Anything else that fails: logged, background tasks stay uninstrumented (the health
+      endpoint says ``not_instrumented``), every other instrumentation goes on.
+    """
+
+    _instance = None  # its own singleton; the instrumentation state is the main class's
+
+    def instrument(self, **kwargs: Any) -> None:
+        try:
+            BackgroundTasksInstrumentor().instrument(**kwargs)
+        except UnsafeConfigurationError as exc:
+            sys.stderr.write(f"otel-bgtasks: refusing to start: {exc}\n")
+            sys.stderr.flush()
+            raise SystemExit(2) from None
+        except Exception:
+            log.exception(
+                "otel-bgtasks: background tasks are NOT instrumented (other instrumentations"
+                " go on); fix the error below",
+            )
+
+    def uninstrument(self, **kwargs: Any) -> None:
+        BackgroundTasksInstrumentor().uninstrument(**kwargs)

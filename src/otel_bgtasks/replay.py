@@ -8,33 +8,34 @@ Each entry is taken with a claim (a lease with an owner and an expiry, renewed w
 runs), then deleted (success) or updated and released (failure) only if the claim is still
 ours: two replayers never run one entry, a failed replay never brings back an entry another
 deleted, and a replayer that crashes leaves a lease that expires (the entry is replayed later).
+
+A dead letter of a task that went through a remote dispatcher records its route; when a
+dispatcher for that route is registered in the replaying process (`register_dispatcher`), the
+entry is sent back through it (`Dispatcher.resend`, status ``sent``) and deleted once
+published: it runs on a worker, as it did the first time, not in the replaying process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import structlog
-from opentelemetry import metrics, trace
 
 from otel_bgtasks import attributes as attr
-from otel_bgtasks._execution import Executor, active_executor
-from otel_bgtasks._ids import from_hex
+from otel_bgtasks._execution import Executor, active_executor, standalone_executor
+from otel_bgtasks._ids import from_hex, new_task_id
 from otel_bgtasks._tracebacks import exception_fields
-from otel_bgtasks._version import __version__
 from otel_bgtasks.attributes import Outcome
-from otel_bgtasks.calls import check_replayable, decode_call
-from otel_bgtasks.errors import CorruptEntryError, TaskImportError, UntrustedEntryError
+from otel_bgtasks.calls import DecodedCall, decode_call
+from otel_bgtasks.claims import DEAD_LETTERS, Claim, hold
+from otel_bgtasks.errors import CorruptEntryError, UntrustedEntryError
 from otel_bgtasks.identity import process_identity
-from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
-from otel_bgtasks.routes import dispatcher_for
+from otel_bgtasks.routes import Dispatcher, dispatcher_for
 from otel_bgtasks.stores.base import DeadLetterStore
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
     "ReplayResult",
     "ReplayRunner",
     "ReplayStatus",
-    "renewing",
     "run_dead_letter",
     "standalone_executor",
 ]
@@ -58,47 +58,16 @@ how long an entry stays blocked after its replayer crashed."""
 
 _log = structlog.get_logger("otel_bgtasks")
 
-_standalone: dict[int, Executor] = {}
 
 
-@contextlib.asynccontextmanager
-async def renewing(renew: Callable[[], object], every: float) -> AsyncIterator[None]:
-    """Call `renew` (a claim renewal, in a worker thread) every `every` seconds while the
-    body runs; a failed renewal is retried at the next tick."""
-
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(every)
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(renew)
-
-    renewer = asyncio.create_task(loop())
-    try:
-        yield
-    finally:
-        renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await renewer
-
-
-def standalone_executor(store: DeadLetterStore | None = None) -> Executor:
-    """An executor on the global providers, for runs outside an instrumented app (the CLI).
-
-    With `store`, tasks that fail go to that store's dead letters (recovery re-runs).
-    """
-    key = id(store)
-    executor = _standalone.get(key)
-    if executor is None or executor.store is not store:
-        executor = _standalone[key] = Executor(
-            trace.get_tracer("otel_bgtasks", __version__),
-            Instruments(metrics.get_meter("otel_bgtasks", __version__)),
-            dead_letter_store=store,
-        )
-    return executor
-
-
-async def run_dead_letter(entry: DeadLetter, *, executor: Executor | None = None) -> ReplayResult:
+async def run_dead_letter(
+    entry: DeadLetter, call: DecodedCall | None = None, *, executor: Executor | None = None
+) -> ReplayResult:
     """Replay one dead letter; the entry itself is deleted or updated by the caller.
+
+    Args:
+        call: the entry's call, decoded (and verified) by `DeadLetters.replay`; decoded here
+            when None.
 
     Raises:
         UntrustedEntryError: unsigned or tampered while a signing key is set, or not one of
@@ -109,7 +78,7 @@ async def run_dead_letter(entry: DeadLetter, *, executor: Executor | None = None
     """
     if executor is None:
         executor = active_executor() or standalone_executor()
-    func, args, kwargs = decode_call(entry)
+    func, args, kwargs = call if call is not None else decode_call(entry)
     state = executor.prepare(func, args, kwargs, link=from_hex(entry.trace_id, entry.span_id))
     state.replay = True
     state.first_failure = entry.first_failure
@@ -144,8 +113,10 @@ class ReplayResult:
     entry: DeadLetter | None = None
 
 
-ReplayRunner = Callable[[DeadLetter], Awaitable[ReplayResult]]
-"""Re-runs a dead letter's task (as a new span linked to the original) and reports the result."""
+ReplayRunner = Callable[[DeadLetter, DecodedCall], Awaitable[ReplayResult]]
+"""Re-runs a dead letter's task, given the entry and its call (decoded once, after its
+signature and function were checked), as a new span linked to the original; reports the
+result (`run_dead_letter`)."""
 
 ReplayStatus = Literal[
     "replayed",
@@ -164,9 +135,9 @@ ReplayStatus = Literal[
 class ReplayOutcome:
     """The result of replaying one entry.
 
-    `status`: ``replayed`` (succeeded, deleted), ``sent`` (its route's dispatcher, e.g.
-    Celery, is registered here: published to it again, deleted; it runs there), ``failed``
-    (task failed again, entry updated),
+    `status`: ``replayed`` (succeeded, deleted), ``sent`` (published through the dispatcher of
+    the entry's route, deleted: it runs on a worker), ``failed`` (task failed again, entry
+    updated),
     ``refused`` (unsigned or tampered while a signing key is set, or not a registered task of
     this app: nothing ran, entry kept), ``import_error`` (no function reference, or its
     serializer unavailable here, entry kept), ``missing`` (no such id), ``corrupt`` (row
@@ -195,8 +166,13 @@ class ReplayReport:
         return len(self.by_status("replayed"))
 
     @property
+    def sent(self) -> int:
+        return len(self.by_status("sent"))
+
+    @property
     def ok(self) -> bool:
-        """True when every entry replayed successfully (here, or by a concurrent replayer)."""
+        """True when every entry replayed successfully (here, sent to its route's workers,
+        or by a concurrent replayer)."""
         return all(o.status in ("replayed", "sent", "claimed") for o in self.outcomes)
 
 
@@ -296,83 +272,54 @@ class DeadLetters:
     async def _replay_one(
         self, target: DeadLetter | str, runner: ReplayRunner, *, listed: bool = False
     ) -> ReplayOutcome:
-        store = self.store
         entry_id = target if isinstance(target, str) else target.id
         try:
-            entry = await self._call(store.claim, entry_id, self.owner, lease=self.lease)
+            async with hold(
+                DEAD_LETTERS,
+                self.store,
+                entry_id,
+                self.owner,
+                lease=self.lease,
+                offload=self._offload,
+            ) as claim:
+                if claim is None:
+                    return await self._not_claimed(entry_id, listed)
+                return await self._run_claimed(claim, runner)
         except CorruptEntryError as exc:
             return ReplayOutcome(entry_id, "corrupt", message=str(exc))
-        if entry is None:
-            try:
-                exists = await self._call(store.get, entry_id) is not None
-            except CorruptEntryError:
-                exists = True
-            if exists:
-                return ReplayOutcome(
-                    entry_id, "claimed", message="being replayed by another replayer"
-                )
-            if listed:  # listed a moment ago: another replayer ran and deleted it
-                return ReplayOutcome(entry_id, "claimed", message="replayed by another replayer")
-            return ReplayOutcome(entry_id, "missing", message=f"no dead letter {entry_id!r}")
-        try:
-            return await self._run_claimed(entry, runner)
-        except BaseException:
-            # cancelled or a store failure: give the entry back at once (the lease would
-            # expire anyway)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(asyncio.to_thread(store.release, entry.id, self.owner))
-            raise
 
-    async def _send_claimed(self, entry: DeadLetter, dispatcher: Any) -> ReplayOutcome:
-        """Publish a dead letter of a remote route again through its dispatcher (it runs in
-        a worker there); deleted once published, kept when publishing fails."""
-        store = self.store
-        executor = active_executor() or standalone_executor(store)
+    async def _not_claimed(self, entry_id: str, listed: bool) -> ReplayOutcome:
         try:
-            await asyncio.to_thread(dispatcher.resend, executor, entry, task_id=entry.id)
-        except Exception as exc:
-            await self._call(store.release, entry.id, self.owner)
-            return ReplayOutcome(
-                entry.id, "error", entry.task_name, f"not sent to {entry.route}: {exc}"
-            )
-        await self._call(store.delete_claimed, entry.id, self.owner)
-        return ReplayOutcome(entry.id, "sent", entry.task_name, f"sent to {entry.route}")
+            exists = await self._call(self.store.get, entry_id) is not None
+        except CorruptEntryError:
+            exists = True
+        if exists:
+            return ReplayOutcome(entry_id, "claimed", message="being replayed by another replayer")
+        if listed:  # listed a moment ago: another replayer ran and deleted it
+            return ReplayOutcome(entry_id, "claimed", message="replayed by another replayer")
+        return ReplayOutcome(entry_id, "missing", message=f"no dead letter {entry_id!r}")
 
-    async def _run_claimed(self, entry: DeadLetter, runner: ReplayRunner) -> ReplayOutcome:
-        store = self.store
+    async def _run_claimed(self, claim: Claim[DeadLetter], runner: ReplayRunner) -> ReplayOutcome:
+        entry = claim.row
+        dispatcher = dispatcher_for(entry.route) if entry.route else None
         try:
-            check_replayable(entry)
+            if dispatcher is not None and dispatcher.remote:  # back to its route's workers
+                return await self._send(claim, dispatcher)
+            call = decode_call(entry)  # once: signature, registered function, then payload
+            result = await runner(entry, call)
         except UntrustedEntryError as exc:  # nothing of it ran or was imported
             _log.error("dead letter replay refused", entry_id=entry.id, error=str(exc))
-            await self._call(store.release, entry.id, self.owner)
             return ReplayOutcome(entry.id, "refused", entry.task_name, str(exc))
         except LookupError as exc:  # not importable, not replayable, or an unknown serializer
             _log.error("dead letter replay: task not importable", entry_id=entry.id, error=str(exc))
-            await self._call(store.release, entry.id, self.owner)
             return ReplayOutcome(entry.id, "import_error", entry.task_name, str(exc))
-        dispatcher = dispatcher_for(entry.route) if entry.route else None
-        if dispatcher is not None:
-            return await self._send_claimed(entry, dispatcher)
-        try:
-            renew = functools.partial(store.claim, entry.id, self.owner, lease=self.lease)
-            async with renewing(renew, self.lease / 3):
-                result = await runner(entry)
-        except UntrustedEntryError as exc:
-            _log.error("dead letter replay refused", entry_id=entry.id, error=str(exc))
-            await self._call(store.release, entry.id, self.owner)
-            return ReplayOutcome(entry.id, "refused", entry.task_name, str(exc))
-        except TaskImportError as exc:
-            _log.error("dead letter replay: task not importable", entry_id=entry.id, error=str(exc))
-            await self._call(store.release, entry.id, self.owner)
-            return ReplayOutcome(entry.id, "import_error", entry.task_name, str(exc))
-        except Exception as exc:  # the runner broke: keep the entry untouched, go on
+        except Exception as exc:  # undecodable, or the runner broke: keep the entry, go on
             _log.error(
                 "dead letter replay: runner failed", entry_id=entry.id, **exception_fields(exc)
             )
-            await self._call(store.release, entry.id, self.owner)
             return ReplayOutcome(entry.id, "error", entry.task_name, f"{type(exc).__name__}: {exc}")
         if result.ok:
-            if not await self._call(store.delete_claimed, entry.id, self.owner):
+            if not await claim.settle():
                 _log.warning(
                     "dead letter replayed but its claim was lost (lease expired or deleted)",
                     entry_id=entry.id,
@@ -381,8 +328,36 @@ class DeadLetters:
             return ReplayOutcome(entry.id, "replayed", entry.task_name)
         updated = result.entry if result.entry is not None else entry.with_failure()
         # only if the row is still there and ours: an entry deleted meanwhile stays deleted
-        await self._call(store.release, entry.id, self.owner, entry=updated)
+        await claim.release(entry=updated)
         message = (
             f"{updated.error_type}: {updated.error_message}" if updated.error_type else "failed"
         )
         return ReplayOutcome(entry.id, "failed", entry.task_name, message)
+
+    async def _send(self, claim: Claim[DeadLetter], dispatcher: Dispatcher) -> ReplayOutcome:
+        """Publish a claimed entry through its route's dispatcher (a new task id; the
+        dispatcher's `executor.message_from_call` checks it as a replay does), then delete
+        it. A refused entry raises (mapped by the caller); a failed publish keeps it."""
+        entry = claim.row
+        executor = active_executor() or standalone_executor(self.store)
+        try:
+            await self._call(dispatcher.resend, executor, entry, task_id=new_task_id())
+        except LookupError:  # refused, not importable: the caller reports it
+            raise
+        except Exception as exc:
+            _log.error(
+                "dead letter could not be sent to its route",
+                entry_id=entry.id,
+                route=entry.route,
+                **exception_fields(exc),
+            )
+            return ReplayOutcome(entry.id, "error", entry.task_name, f"{type(exc).__name__}: {exc}")
+        if not await claim.settle():
+            _log.warning(
+                "dead letter sent but its claim was lost (lease expired or deleted)",
+                entry_id=entry.id,
+                task_name=entry.task_name,
+            )
+        return ReplayOutcome(
+            entry.id, "sent", entry.task_name, f"sent to route {entry.route!r} ({dispatcher.name})"
+        )

@@ -15,11 +15,11 @@ tenacity machinery, so a task that succeeds costs no more with a policy than wit
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import anyio
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -152,12 +152,13 @@ class RetryPolicy:
         return self.retries(exc)
 
     def retrying(self, before_sleep: BeforeSleep | None = None) -> AsyncRetrying:
-        """A tenacity `AsyncRetrying` for this policy; async sleeps never block the loop."""
+        """A tenacity `AsyncRetrying` for this policy; async sleeps (anyio's: asyncio or trio)
+        never block the loop."""
         return AsyncRetrying(
             stop=self.stop,
             wait=self.wait,
             retry=self._decide,
-            sleep=asyncio.sleep,
+            sleep=anyio.sleep,
             before_sleep=before_sleep,
             reraise=True,
         )

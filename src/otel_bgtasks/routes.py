@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from otel_bgtasks._execution import Executor
-from otel_bgtasks.calls import StoredCall
 from otel_bgtasks.errors import ConfigurationError
+from otel_bgtasks.records import DeadLetter, JournalEntry
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.task import DispatchTarget
 
@@ -60,12 +60,16 @@ class Dispatcher(DispatchTarget, Protocol):
         `timeout` seconds."""
         ...
 
-    def resend(self, executor: Executor, call: StoredCall, *, task_id: str) -> float | None:
+    def resend(
+        self, executor: Executor, call: DeadLetter | JournalEntry, *, task_id: str
+    ) -> float | None:
         """Publish an already-encoded call again, with task id `task_id`: recovery of a
         handed-off journal row past its deadline, or the replay of a dead letter whose route
-        is this dispatcher's. Blocking allowed (called off the event loop); raises when it
-        could not publish. Returns the new deadline of a re-sent journal row (epoch seconds
-        on the store's clock), or None for recovery's default.
+        is this dispatcher's. ``executor.message_from_call(call, ...)`` builds the message
+        (checking the stored call as a replay does). Blocking allowed (called off the event
+        loop); raises when it could not publish. Returns the new deadline of a re-sent
+        journal row (epoch seconds on the store's clock), or None for recovery's default
+        (`otel_bgtasks.recovery.RESEND_DEADLINE`).
 
         Only remote dispatchers are asked (an in-process one may raise NotImplementedError).
         """

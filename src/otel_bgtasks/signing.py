@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from otel_bgtasks.errors import ConfigurationError, UntrustedEntryError
+from otel_bgtasks.errors import UnsafeConfigurationError, UntrustedEntryError
 
 __all__ = [
     "SIGNING_KEY_ENV",
@@ -44,17 +44,17 @@ class SigningKeys:
     """Keys for signing (the first) and verifying (any) stored calls.
 
     Raises:
-        ConfigurationError: no key, or a key shorter than 16 bytes.
+        UnsafeConfigurationError: no key, or a key shorter than 16 bytes.
     """
 
     keys: tuple[bytes, ...]
 
     def __post_init__(self) -> None:
         if not self.keys:
-            raise ConfigurationError(f"{SIGNING_KEY_ENV}: give at least one key")
+            raise UnsafeConfigurationError(f"{SIGNING_KEY_ENV}: give at least one key")
         for key in self.keys:
             if len(key) < _MIN_KEY_BYTES:
-                raise ConfigurationError(
+                raise UnsafeConfigurationError(
                     f"{SIGNING_KEY_ENV}: a signing key must be at least {_MIN_KEY_BYTES} bytes"
                     " (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)"
                 )
@@ -111,7 +111,7 @@ def configure_signing(keys: str | bytes | Sequence[str | bytes] | None) -> None:
     (and stops reading ``OTEL_BGTASKS_SIGNING_KEY``).
 
     Raises:
-        ConfigurationError: a key is shorter than 16 bytes, or the sequence is empty.
+        UnsafeConfigurationError: a key is shorter than 16 bytes, or the sequence is empty.
     """
     global _configured, _from_env
     parsed = None if keys is None else SigningKeys.of(keys)
@@ -123,7 +123,7 @@ def signing_keys() -> SigningKeys | None:
     """The keys in force: `configure_signing`'s, else ``OTEL_BGTASKS_SIGNING_KEY``'s, else None.
 
     Raises:
-        ConfigurationError: the environment variable holds a key that is too short.
+        UnsafeConfigurationError: the environment variable holds a key that is too short.
     """
     if not _from_env:
         return _configured

@@ -7,6 +7,12 @@ configured only by the standard variables (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_A
 ...), sets them as the global providers and flushes them at interpreter exit. Under uvicorn,
 also pass `lifespan=telemetry.lifespan` to FastAPI: uvicorn ends a SIGTERM'd process by
 re-raising the signal, which skips exit handlers.
+
+The resource has a ``service.instance.id`` of the process (unless `OTEL_RESOURCE_ATTRIBUTES`
+sets one): every process of a service exports its own series, which Prometheus keeps apart.
+A forked worker child (prefork servers, Celery) calls `configure_telemetry()` again after the
+fork, which gives it an id of its own, and `Telemetry.flush()` (or `shutdown()`) before it
+exits: a forked child ends with ``os._exit``, without exit handlers.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import asyncio
 import atexit
 import contextlib
 import os
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +46,9 @@ from opentelemetry.sdk.trace.sampling import Sampler
 from otel_bgtasks._execution import active_executor
 from otel_bgtasks.sampling import LinkAwareSampler
 
-__all__ = ["Telemetry", "configure_telemetry"]
+__all__ = ["SERVICE_INSTANCE_ID", "Telemetry", "configure_telemetry"]
+
+SERVICE_INSTANCE_ID = "service.instance.id"
 
 
 @dataclass(slots=True)
@@ -49,6 +58,21 @@ class Telemetry:
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
     _closed: bool = False
+
+    @property
+    def instance_id(self) -> str:
+        """This process's ``service.instance.id``."""
+        return str(self.tracer_provider.resource.attributes.get(SERVICE_INSTANCE_ID, ""))
+
+    def flush(self, timeout_millis: int = 10_000) -> bool:
+        """Export what is buffered now (spans, then metrics), without closing anything: for
+        a forked child about to exit (``os._exit`` skips exit handlers), or before a fork.
+        True when both flushed within `timeout_millis` each."""
+        if self._closed:
+            return True
+        spans = self.tracer_provider.force_flush(timeout_millis)
+        points = self.meter_provider.force_flush(timeout_millis)
+        return bool(spans) and bool(points)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
@@ -75,6 +99,18 @@ class Telemetry:
         self._closed = True
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+
+
+_instance: tuple[int, str] | None = None  # (pid, id): a forked child gets its own
+
+
+def _instance_id() -> str:
+    """This process's ``service.instance.id`` (a UUID v4; SDKs from 1.39 detect one the same
+    way, which then wins)."""
+    global _instance
+    if _instance is None or _instance[0] != os.getpid():
+        _instance = (os.getpid(), str(uuid.uuid4()))
+    return _instance[1]
 
 
 def _protocol(signal_var: str) -> str:
@@ -124,6 +160,8 @@ def configure_telemetry(
     attributes: dict[str, str] = {}
     if service_name and not os.environ.get("OTEL_SERVICE_NAME"):
         attributes["service.name"] = service_name
+    if SERVICE_INSTANCE_ID not in Resource.create().attributes:  # neither the env nor the SDK
+        attributes[SERVICE_INSTANCE_ID] = _instance_id()
     resource = Resource.create(attributes)
     if export is None:
         export = any(

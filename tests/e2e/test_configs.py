@@ -484,6 +484,7 @@ def test_dashboard_covers_the_contract() -> None:
         "bgtasks_dispatch_backlog",
         "messaging_client_sent_messages_total",
         "messaging_client_operation_duration_seconds_bucket",
+        "bgtasks_task_inlined_total",
     ):
         assert metric in exprs, metric
     for quantile in ("0.5", "0.95", "0.99"):

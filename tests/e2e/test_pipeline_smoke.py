@@ -128,6 +128,7 @@ def _record_contract_metrics(meter_provider: MeterProvider) -> None:
     meter.create_counter("bgtasks.task.skipped", unit="{task}").add(
         2, {**task, "bgtasks.skip.reason": "request_failed"}
     )
+    meter.create_counter("bgtasks.task.inlined", unit="{task}").add(4, task)
     meter.create_counter("bgtasks.task.retries", unit="{retry}").add(
         2, {**task, "error.type": "ConnectionError"}
     )
@@ -223,6 +224,7 @@ def test_contract_metrics_reach_prometheus_with_their_names_and_labels(
             {"bgtasks_task_name": TASK, "bgtasks_skip_reason": "request_failed"},
             "2",
         ),
+        ("bgtasks_task_inlined_total", {"bgtasks_task_name": TASK}, "4"),
     ]:
         (series,) = _series(stack, f"{name}{{{selector}}}")
         assert series["metric"].items() >= labels.items(), name

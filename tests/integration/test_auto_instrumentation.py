@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from importlib.metadata import entry_points
 from typing import Any
 
 import httpx
-from tests.integration._server import VENV_BIN, AppProcess, free_port
+from tests.integration._server import REPO_ROOT, VENV_BIN, AppProcess, free_port
 
 SERVICE = "bgtasks-auto"
 
@@ -43,11 +44,7 @@ def console_spans(text: str) -> list[dict[str, Any]]:
     return spans
 
 
-def run_instrumented(tmp_path, app: str, paths: list[str], ready: str, stop: signal.Signals):
-    """Serve `app` under opentelemetry-instrument, GET each path, stop it; returns the process."""
-    instrument = VENV_BIN / "opentelemetry-instrument"
-    assert instrument.exists(), f"{instrument} missing: pip install -e '.[dev]'"
-    port = free_port()
+def instrumented_env(tmp_path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env.update(
         OTEL_SERVICE_NAME=SERVICE,
@@ -59,6 +56,18 @@ def run_instrumented(tmp_path, app: str, paths: list[str], ready: str, stop: sig
         OTEL_BGTASKS_DLQ_URL=f"sqlite:///{tmp_path / 'dlq.db'}",
         PYTHONUNBUFFERED="1",
     )
+    env.update(extra)
+    return env
+
+
+def run_instrumented(
+    tmp_path, app: str, paths: list[str], ready: str, stop: signal.Signals, **extra_env: str
+):
+    """Serve `app` under opentelemetry-instrument, GET each path, stop it; returns the process."""
+    instrument = VENV_BIN / "opentelemetry-instrument"
+    assert instrument.exists(), f"{instrument} missing: pip install -e '.[dev]'"
+    port = free_port()
+    env = instrumented_env(tmp_path, **extra_env)
     process = AppProcess(
         [
             str(instrument),
@@ -124,10 +133,55 @@ def assert_task_span(task: dict[str, Any], request: dict[str, Any], name: str, f
 
 def test_entry_point_is_registered():
     (ep,) = [ep for ep in entry_points(group="opentelemetry_instrumentor") if ep.name == "bgtasks"]
-    assert ep.value == "otel_bgtasks.instrumentor:BackgroundTasksInstrumentor"
+    assert ep.value == "otel_bgtasks.instrumentor:AutoInstrumentor"
     from otel_bgtasks import BackgroundTasksInstrumentor
+    from otel_bgtasks.instrumentor import AutoInstrumentor
 
-    assert ep.load() is BackgroundTasksInstrumentor
+    assert ep.load() is AutoInstrumentor
+    assert issubclass(AutoInstrumentor, BackgroundTasksInstrumentor)
+
+
+def test_a_typo_in_a_variable_never_switches_off_fastapi_or_the_tasks(tmp_path):
+    """Entry points load in the order bgtasks, fastapi: an invalid value must warn, keep its
+    default and let the FastAPI instrumentor load after ours (issues 18.9, 19.1)."""
+    process = run_instrumented(
+        tmp_path,
+        "tests.integration.apps.plain_app:app",
+        ["/report"],
+        "/ready",
+        signal.SIGINT,
+        OTEL_BGTASKS_TRACE_MODE="childs",
+        OTEL_BGTASKS_DISPATCH="locale",
+    )
+    spans = console_spans(process.stdout())
+    request = only(spans, "GET /report")  # FastAPI's own instrumentation still loaded
+    report = only(spans, "process send_report")
+    assert_task_span(
+        report, request, "send_report", "tests.integration.apps.plain_app.send_report"
+    )  # the default trace mode, link
+    output = process.stdout() + process.stderr()
+    assert "OTEL_BGTASKS_TRACE_MODE" in output
+    assert "OTEL_BGTASKS_DISPATCH" in output
+    assert "Failed to auto initialize" not in output
+    assert "Instrumenting of bgtasks failed" not in output
+
+
+def test_a_bad_guarantee_variable_refuses_to_start_naming_it(tmp_path):
+    """OTEL_BGTASKS_DURABLE=ture must not run the app without durability: the process exits
+    before serving, with one line naming the variable."""
+    instrument = VENV_BIN / "opentelemetry-instrument"
+    env = instrumented_env(tmp_path, OTEL_BGTASKS_DURABLE="ture")
+    argv = [str(instrument), str(VENV_BIN / "uvicorn"), "tests.integration.apps.plain_app:app"]
+    argv += ["--port", str(free_port())]
+    # The process ends by itself; the timeout only guards against a hang (it is never reached).
+    done = subprocess.run(
+        argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode != 0
+    assert "otel-bgtasks: refusing to start: OTEL_BGTASKS_DURABLE='ture' is not valid" in (
+        done.stderr
+    )
+    assert "Uvicorn running" not in done.stderr
 
 
 def test_plain_app_gets_task_spans_linked_to_the_request(tmp_path):

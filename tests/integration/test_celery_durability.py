@@ -9,11 +9,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from tests.celery_trials import SCENARIOS, Scenario, run_trial
+from tests.celery_trials import SCENARIOS, Scenario, run_trial, running_recovery
 from tests.celery_worker import CeleryWorker, running_worker
 from tests.redis_server import RedisServer, running_redis
 
-from otel_bgtasks.recovery import start_resender
 from otel_bgtasks.stores import open_store
 
 pytestmark = pytest.mark.redis
@@ -61,7 +60,6 @@ def test_no_durable_task_is_lost(
 
     broker, _ = servers
     instrument(dead_letter_store=env["BGTASKS_TEST_STORE"])
-    resender = start_resender(interval=0.5)
 
     def restart_worker() -> None:
         worker.kill()
@@ -71,22 +69,19 @@ def test_no_durable_task_is_lost(
         broker.kill()
         broker.start()
 
-    try:
-        with open_store(env["BGTASKS_TEST_STORE"]) as store:
-            result = run_trial(
-                scenario,
-                tasks=TASKS,
-                results=results(),
-                store=store,
-                damage={
-                    "child": worker.kill_child,
-                    "worker": restart_worker,
-                    "broker": restart_broker,
-                },
-                record=record,
-            )
-    finally:
-        resender.stop()
+    with running_recovery(every=0.5), open_store(env["BGTASKS_TEST_STORE"]) as store:
+        result = run_trial(
+            scenario,
+            tasks=TASKS,
+            results=results(),
+            store=store,
+            damage={
+                "child": worker.kill_child,
+                "worker": restart_worker,
+                "broker": restart_broker,
+            },
+            record=record,
+        )
     print(result.row())
     assert result.lost == 0, result.row()
     assert result.ran + result.dead_lettered == TASKS, result.row()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import structlog
 
+from otel_bgtasks.calls import DecodedCall
 from otel_bgtasks.cli import main, parse_since
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.replay import ReplayResult
@@ -78,7 +79,7 @@ class FakeRunner:
         self.fail = fail or set()
         self.ran: list[str] = []
 
-    async def __call__(self, entry: DeadLetter) -> ReplayResult:
+    async def __call__(self, entry: DeadLetter, call: DecodedCall) -> ReplayResult:
         self.ran.append(entry.id)
         if entry.id in self.fail:
             return ReplayResult(

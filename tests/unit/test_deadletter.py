@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from otel_bgtasks.calls import (
+    DecodedCall,
     JSONSerializer,
     Serializer,
     encode_call,
@@ -415,10 +416,9 @@ def test_owner_is_dead() -> None:
 # -- operator API: DeadLetters and replay ------------------------------------------------------
 
 
-async def run_for_real(entry: DeadLetter) -> ReplayResult:
-    """A replay runner without telemetry: import, decode, call."""
-    func = resolve(entry.func_ref)
-    args, kwargs = get_serializer(entry.serializer).loads(entry.payload)
+async def run_for_real(entry: DeadLetter, call: DecodedCall) -> ReplayResult:
+    """A replay runner without telemetry: call what replay decoded."""
+    func, args, kwargs = call
     try:
         result = func(*args, **kwargs)
         if asyncio.iscoroutine(result):
@@ -499,7 +499,7 @@ async def test_replay_keeps_entries_whose_serializer_is_unknown_here(
     store.put(entry)
     runner_calls: list[str] = []
 
-    async def runner(e: DeadLetter) -> ReplayResult:
+    async def runner(e: DeadLetter, call: DecodedCall) -> ReplayResult:
         runner_calls.append(e.id)
         return ReplayResult(ok=True)
 
@@ -541,7 +541,7 @@ async def test_replay_failure_without_entry_bumps_attempts(store: SQLiteDeadLett
     entry = make_entry(func_ref=func_ref(send_mail), attempts=5)
     store.put(entry)
 
-    async def refuses(e: DeadLetter) -> ReplayResult:
+    async def refuses(e: DeadLetter, call: DecodedCall) -> ReplayResult:
         return ReplayResult(ok=False)
 
     report = await DeadLetters(store).replay([entry.id], refuses)
@@ -559,10 +559,10 @@ async def test_a_broken_runner_affects_only_its_entry(store: SQLiteDeadLetterSto
     store.put(first)
     store.put(second)
 
-    async def flaky_runner(entry: DeadLetter) -> ReplayResult:
+    async def flaky_runner(entry: DeadLetter, call: DecodedCall) -> ReplayResult:
         if entry.id == first.id:
             raise RuntimeError("runner bug")
-        return await run_for_real(entry)
+        return await run_for_real(entry, call)
 
     with capture_logs():
         report = await DeadLetters(store).replay(None, flaky_runner)

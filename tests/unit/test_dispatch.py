@@ -7,6 +7,7 @@ local pool, its exit drains it); the uvicorn tests are in tests/integration/test
 from __future__ import annotations
 
 import asyncio
+import threading
 import warnings
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -19,13 +20,15 @@ from fastapi import BackgroundTasks, FastAPI
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import StarletteDeprecationWarning
 from starlette.requests import ClientDisconnect
+from structlog.testing import capture_logs
 
-from otel_bgtasks import BackgroundTasksInstrumentor, background_task
+from otel_bgtasks import BackgroundTasksInstrumentor, RetryPolicy, background_task
 from otel_bgtasks._execution import Executor, active_executor
 from otel_bgtasks.dispatch import Dispatcher, LocalDispatcher
 from otel_bgtasks.environment import options_from_env
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.state import TaskCallState
+from otel_bgtasks.testing import InMemoryDeadLetterStore
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)  # Starlette 1.10 wants httpx2
@@ -66,25 +69,33 @@ def test_environment_variables_are_read_and_checked():
         {DISPATCH_ENV: " Local ", MAX_CONCURRENCY_ENV: "4", "OTEL_BGTASKS_DRAIN_TIMEOUT": "2.5"}
     ) == {"dispatch": "local", "max_concurrency": 4, "drain_timeout": 2.5}
     assert options_from_env({DISPATCH_ENV: "", MAX_CONCURRENCY_ENV: ""}) == {}
-    with pytest.raises(ConfigurationError) as bad_mode:
-        options_from_env({DISPATCH_ENV: "celery"})
-    assert str(bad_mode.value) == (
-        "OTEL_BGTASKS_DISPATCH='celery' is not valid; expected inline or local"
-    )
+    # an invalid value: a warning naming it, and the default applies (the SDK's convention)
+    with capture_logs() as logs:
+        assert options_from_env({DISPATCH_ENV: "celery", "OTEL_BGTASKS_DRAIN_TIMEOUT": "1"}) == {
+            "drain_timeout": 1.0
+        }
+    assert [(e["variable"], e["value"], e["problem"]) for e in logs] == [
+        ("OTEL_BGTASKS_DISPATCH", "celery", "expected inline or local")
+    ]
     for value in ("0", "-1", "two", "1.5"):
-        with pytest.raises(ConfigurationError) as bad_limit:
-            options_from_env({MAX_CONCURRENCY_ENV: value})
-        assert str(bad_limit.value) == (
-            f"OTEL_BGTASKS_MAX_CONCURRENCY={value!r} is not valid; expected an integer >= 1"
-        )
+        with capture_logs() as logs:
+            assert options_from_env({MAX_CONCURRENCY_ENV: value}) == {}
+        assert [(e["log_level"], e["variable"], e["value"]) for e in logs] == [
+            ("warning", "OTEL_BGTASKS_MAX_CONCURRENCY", value)
+        ]
 
 
-def test_the_entry_point_fails_at_startup_naming_the_variable(monkeypatch, telemetry):
+def test_a_bad_dispatch_variable_keeps_the_default_and_instruments(monkeypatch, telemetry):
     monkeypatch.setenv(DISPATCH_ENV, "later")
     instrumentor = BackgroundTasksInstrumentor()
-    with pytest.raises(ConfigurationError, match="OTEL_BGTASKS_DISPATCH='later'"):
-        instrumentor.instrument(dead_letter_store=None)
-    assert not instrumentor.is_instrumented_by_opentelemetry
+    with capture_logs() as logs:
+        instrumentor.instrument(dead_letter_store=None, tracer_provider=telemetry.tracer_provider)
+    try:
+        assert instrumentor.is_instrumented_by_opentelemetry
+        assert type(instrumentor)._seam.default.name == "inline"
+        assert [e["variable"] for e in logs if e["log_level"] == "warning"] == [DISPATCH_ENV]
+    finally:
+        instrumentor.uninstrument()
 
 
 def test_keywords_win_over_the_variables(monkeypatch, instrument):
@@ -378,3 +389,110 @@ def test_the_shutdown_report_is_one_summary_line(instrument):
         "hint": "durable tasks stay journaled and are recovered by `otel-bgtasks recover`",
     }
     assert len(repr(entry)) < 1000
+
+
+# -- back-pressure --------------------------------------------------------------------------
+
+
+def test_a_full_local_queue_runs_the_response_tasks_inline_and_counts_them(
+    telemetry, instrument
+):
+    """One slot, one queued group: the third response runs its task itself (Starlette's
+    way), counted in bgtasks.task.inlined; nothing is lost."""
+    done.clear()
+    instrument(dispatch="local", max_concurrency=1, max_queued=1)
+    started, release = threading.Event(), threading.Event()
+
+    def hold(name: str) -> None:  # a sync task: holds a worker thread, not the loop
+        started.set()
+        release.wait()
+        done.append(name)
+
+    app = FastAPI()
+
+    @app.get("/{kind}/{name}")
+    async def endpoint(kind: str, name: str, tasks: BackgroundTasks) -> dict[str, bool]:
+        tasks.add_task(hold if kind == "hold" else step, name)
+        return {"ok": True}
+
+    with TestClient(app) as client:
+        client.get("/hold/h1")  # takes the only slot
+        assert started.wait(30)  # a guard against a hang, not a decision
+        client.get("/step/q1")  # waits for the slot: the one queued group
+        client.get("/step/o1")  # the queue is full: its response runs it
+        assert done == ["o1"]
+        release.set()
+    assert done == ["o1", "h1", "q1"]  # the lifespan's drain ran the rest, in order
+    assert [(p.attributes, p.value) for p in telemetry.points("bgtasks.task.inlined")] == [
+        ({"bgtasks.task.name": "step"}, 1)
+    ]
+    assert skipped(telemetry) == {}
+    assert active_executor().inflight == {}
+
+
+def test_max_queued_is_checked_and_read_from_the_environment(telemetry):
+    assert options_from_env({"OTEL_BGTASKS_MAX_QUEUED": "0"}) == {"max_queued": 0}
+    with structlog.testing.capture_logs() as logs:  # invalid: a warning, the default used
+        assert options_from_env({"OTEL_BGTASKS_MAX_QUEUED": "-1"}) == {}
+    assert [(e["variable"], e["problem"]) for e in logs] == [
+        ("OTEL_BGTASKS_MAX_QUEUED", "expected an integer >= 0")
+    ]
+    instrumentor = BackgroundTasksInstrumentor()
+    with pytest.raises(ConfigurationError, match=r"max_queued=-1: must be an integer >= 0"):
+        instrumentor.instrument(dead_letter_store=None, max_queued=-1)
+    assert not instrumentor.is_instrumented_by_opentelemetry
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_local_pool_serves_a_trio_app_too(instrument, backend):
+    """The lifespan wrapper and the pool run on Starlette's backends alike (anyio)."""
+    done.clear()
+    instrument(dispatch="local")
+    with TestClient(app_with(step, step), backend=backend) as client:
+        assert client.get("/").status_code == 200
+    assert done == ["response", "t0", "t1"]
+    assert active_executor().inflight == {}
+
+
+flaky_calls: list[int] = []
+
+
+async def flaky_once(name: str) -> None:
+    flaky_calls.append(1)
+    if len(flaky_calls) == 1:
+        raise ConnectionError("first attempt fails")
+    done.append(name)
+
+
+@pytest.mark.parametrize("dispatch", ["inline", "local"])
+def test_policies_and_durable_tasks_run_on_trio(telemetry, instrument, dispatch):
+    """The executor's awaits are Starlette's backend's: a retry's sleep, a timeout's scope,
+    the journal's writes and the response gate, on a trio app."""
+    done.clear()
+    flaky_calls.clear()
+    store = InMemoryDeadLetterStore()
+    instrument(
+        dispatch=dispatch,
+        retry=RetryPolicy(max_attempts=2, initial_delay=0, jitter=0),
+        timeout=30.0,
+        durable=True,
+        dead_letter_store=store,
+    )
+    with TestClient(app_with(flaky_once), backend="trio") as client:
+        assert client.get("/").status_code == 200
+    assert done == ["response", "t0"]
+    (span,) = telemetry.spans()
+    assert span.attributes["bgtasks.task.attempts"] == 2
+    assert span.attributes["bgtasks.task.outcome"] == "success"
+    assert [event.name for event in span.events] == ["bgtasks.retry"]
+    assert store.journal_list() == []  # journaled, then removed when it ended
+    assert active_executor().inflight == {}
+
+
+def test_max_queued_zero_queues_nothing_but_uses_free_slots(telemetry, instrument):
+    done.clear()
+    instrument(dispatch="local", max_concurrency=2, max_queued=0)
+    with TestClient(app_with(step)) as client:
+        client.get("/")
+    assert done == ["response", "t0"]  # a free slot took it after the response
+    assert telemetry.points("bgtasks.task.inlined") == []

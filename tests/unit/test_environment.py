@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from structlog.testing import capture_logs
 from tenacity import RetryCallState
 
-from otel_bgtasks import BackgroundTasksInstrumentor, ConfigurationError, RetryPolicy
+from otel_bgtasks import BackgroundTasksInstrumentor, RetryPolicy
 from otel_bgtasks._execution import active_executor
 from otel_bgtasks.environment import VARIABLES, options_from_env
+from otel_bgtasks.errors import UnsafeConfigurationError
 from otel_bgtasks.stores import BufferedStore, SQLiteDeadLetterStore
 
 
@@ -102,13 +106,36 @@ def test_backoff_alone_retries_three_times_and_none_disables_the_store():
         (
             "OTEL_BGTASKS_RETRY_MULTIPLIER",
             "0.5",
-            r"multiplier=0.5\): must be a finite number >= 1 \(set by OTEL_BGTASKS_RETRY_",
+            r"OTEL_BGTASKS_RETRY_MULTIPLIER.*multiplier=0.5\): must be a finite number >= 1",
         ),
     ],
 )
-def test_a_bad_value_names_the_variable_and_the_valid_values(name, value, message):
-    with pytest.raises(ConfigurationError, match=message):
+def test_a_bad_value_warns_naming_the_variable_and_the_default_applies(name, value, message):
+    if name == "OTEL_BGTASKS_DURABLE":  # a guarantee: refused (see below)
+        return
+    with capture_logs() as logs:
+        assert options_from_env({name: value, "OTEL_BGTASKS_LOG_LOCALS": "false"}) == {
+            "log_locals": False  # the rest applies
+        }
+    (warning,) = logs
+    assert warning["log_level"] == "warning"
+    rendered = f"{warning['variable']}={warning['value']!r} is not valid; {warning['problem']}"
+    assert re.search(message, rendered), rendered
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OTEL_BGTASKS_DURABLE", "2"),
+        ("OTEL_BGTASKS_DURABLE", "ture"),
+        ("OTEL_BGTASKS_REDACT_EXCEPTION_MESSAGES", "yes please"),
+    ],
+)
+def test_a_bad_value_of_a_guarantee_refuses_naming_the_variable(name, value):
+    with pytest.raises(UnsafeConfigurationError) as refused:
         options_from_env({name: value})
+    assert str(refused.value).startswith(f"{name}={value!r} is not valid; expected true or false.")
+    assert "Refusing to start" in str(refused.value)
 
 
 @pytest.fixture
@@ -135,9 +162,9 @@ def test_instrument_reads_the_variables_and_code_wins(
     assert executor.store.store.path == f"{tmp_path}/env.db"
 
 
-def test_a_bad_variable_stops_instrumentation(telemetry, instrumentor, monkeypatch):
+def test_a_bad_guarantee_variable_stops_instrumentation(telemetry, instrumentor, monkeypatch):
     monkeypatch.setenv("OTEL_BGTASKS_DURABLE", "sometimes")
-    with pytest.raises(ConfigurationError, match="OTEL_BGTASKS_DURABLE='sometimes'"):
+    with pytest.raises(UnsafeConfigurationError, match="OTEL_BGTASKS_DURABLE='sometimes'"):
         instrumentor.instrument(tracer_provider=telemetry.tracer_provider, dead_letter_store=None)
     assert not instrumentor.is_instrumented_by_opentelemetry
     assert active_executor() is None

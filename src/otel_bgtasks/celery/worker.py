@@ -27,6 +27,7 @@ and one consumer span per message.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import threading
@@ -60,18 +61,15 @@ from otel_bgtasks.celery._wire import (
     decode_header,
 )
 from otel_bgtasks.celery.dispatcher import DEFAULT_HAND_OFF_LEASE
-from otel_bgtasks.environment import options_from_env
+from otel_bgtasks.config import Settings, resolve_settings
 from otel_bgtasks.errors import (
     ConfigurationError,
     CorruptEntryError,
     TaskImportError,
     UntrustedEntryError,
     WorkerLostError,
-    classify_error,
 )
 from otel_bgtasks.identity import process_identity
-from otel_bgtasks.instrumentor import _check_keywords, _store
-from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.records import DeadLetterReason, TaskMessage
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.stores.base import DeadLetterStore
@@ -85,17 +83,6 @@ DEFAULT_MAX_DELIVERIES = 5
 # What `Executor.receive` raises for a message it refuses (nothing of it ran or was imported);
 # ConfigurationError: the task's options do not fit this broker (`check_options`).
 REFUSED_ERRORS = (UntrustedEntryError, TaskImportError, CorruptEntryError, ConfigurationError)
-
-
-def _own_instance_id() -> None:
-    """Each prefork child reports as its own ``service.instance.id`` (one series per child):
-    one is added to this process's ``OTEL_RESOURCE_ATTRIBUTES`` unless the operator set one.
-    (The SDK's own default is made once, in the parent, and shared by every child.)"""
-    current = os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
-    if "service.instance.id=" in current:
-        return
-    own = f"service.instance.id={uuid.uuid4()}"
-    os.environ["OTEL_RESOURCE_ATTRIBUTES"] = f"{current},{own}" if current.strip() else own
 
 
 def _short_id(value: Any) -> str:
@@ -118,9 +105,9 @@ class _Child:
 class WorkerRuntime:
     """The worker side of one Celery app (`install_worker` returns it)."""
 
-    def __init__(self, app: Celery, keywords: dict[str, Any]) -> None:
+    def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
-        self.keywords = keywords
+        self.settings = settings
         self.system = messaging_system(app)
         visibility = visibility_timeout(app)
         self.lease = visibility if visibility is not None else DEFAULT_HAND_OFF_LEASE
@@ -130,7 +117,7 @@ class WorkerRuntime:
         self._child: _Child | None = None
         self._lock = threading.Lock()
         self._redelivered: dict[str, int] = {}  # task id -> delivery number, for the span
-        self._user_start_hook = keywords.get("start_hook")
+        self._user_start_hook = settings.start_hook
 
     # -- per process ------------------------------------------------------------------------
 
@@ -147,16 +134,17 @@ class WorkerRuntime:
         return child
 
     def _start(self, pid: int) -> _Child:
-        keywords = dict(self.keywords)
+        settings = self.settings
         telemetry: Telemetry | None = None
-        if "tracer_provider" not in keywords and "meter_provider" not in keywords:
+        if settings.tracer_provider is None and settings.meter_provider is None:
             tracer_set = isinstance(trace.get_tracer_provider(), SDKTracerProvider)
             meter_set = isinstance(metrics.get_meter_provider(), SDKMeterProvider)
             if not (tracer_set and meter_set):
-                _own_instance_id()
+                # after the fork: its own service.instance.id, its own export threads
                 telemetry = configure_telemetry(service_name="celery-worker")
-        keywords["start_hook"] = self._start_hook
-        executor, owned = _build_executor(keywords)
+        executor, owned = _build_executor(
+            dataclasses.replace(settings, start_hook=self._start_hook, dispatch="inline")
+        )
         set_active_executor(executor)
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
@@ -315,48 +303,19 @@ def _message(header: Header, body: Body) -> TaskMessage:
     )
 
 
-def _build_executor(keywords: dict[str, Any]) -> tuple[Executor, DeadLetterStore | None]:
-    """An executor from `instrument()` keywords over ``OTEL_BGTASKS_*`` (the worker's own
-    configuration); returns it and the store it opened from a URL (ours to close)."""
-    options: dict[str, Any] = {**options_from_env(), **keywords}
-    tracer = trace.get_tracer(
-        "otel_bgtasks",
-        __version__,
-        options.get("tracer_provider"),
-        schema_url="https://opentelemetry.io/schemas/1.11.0",
-    )
-    meter = metrics.get_meter(
-        "otel_bgtasks",
-        __version__,
-        options.get("meter_provider"),
-        schema_url="https://opentelemetry.io/schemas/1.11.0",
-    )
-    given = options.get("dead_letter_store")
-    store = _store(given)
-    owned = store if not isinstance(given, DeadLetterStore) else None
+def _build_executor(settings: Settings) -> tuple[Executor, DeadLetterStore | None]:
+    """This process's executor on the worker's settings (the same `Settings` as
+    `instrument()`'s); returns it and the store it opened from a URL (ours to close)."""
+    store, opened = settings.open_store()
     try:
-        executor = Executor(
-            tracer,
-            Instruments(meter),
-            trace_mode=options.get("trace_mode", "link"),
-            propagate_exceptions=False,  # a worker runs one task per message: nothing to stop
-            start_hook=options.get("start_hook"),
-            end_hook=options.get("end_hook"),
-            retry=options.get("retry"),
-            circuit=options.get("circuit"),
-            timeout=options.get("timeout"),
-            durable=options.get("durable", False),
-            dead_letter_store=store,
-            serializer=options.get("serializer"),
-            error_classifier=options.get("error_classifier", classify_error),
-            redact_exception_messages=options.get("redact_exception_messages", False),
-            log_locals=options.get("log_locals", False),
+        executor = Executor.from_settings(
+            settings, store, scope="otel_bgtasks", version=__version__
         )
     except Exception:
-        if owned is not None:
-            owned.close()
+        if opened and store is not None:
+            store.close()
         raise
-    return executor, owned
+    return executor, store if opened else None
 
 
 def install_worker(celery_app: Celery, **instrument_keywords: Any) -> WorkerRuntime:
@@ -370,11 +329,12 @@ def install_worker(celery_app: Celery, **instrument_keywords: Any) -> WorkerRunt
         TypeError: an unknown keyword.
         ConfigurationError: a bad value (checked here, before the worker forks).
     """
-    _check_keywords(instrument_keywords)
-    for key in ("dispatch", "max_concurrency", "drain_timeout"):
+    for key in ("dispatch", "max_concurrency", "max_queued", "drain_timeout"):
         if key in instrument_keywords:
             raise TypeError(f"install_worker({key}=...): a worker runs tasks, it does not dispatch")
-    runtime = WorkerRuntime(celery_app, dict(instrument_keywords))
+    # checked now, in the main process, before the worker forks (a child applies them)
+    settings = resolve_settings(instrument_keywords)
+    runtime = WorkerRuntime(celery_app, settings)
 
     def run(self: Task, *args: Any, **kwargs: Any) -> None:
         runtime.handle(self.request, args)
