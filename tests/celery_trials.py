@@ -15,6 +15,7 @@ hanging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -48,7 +49,8 @@ def running_recovery(every: float) -> Iterator[None]:
     async def main() -> None:
         holder["task"] = start_recovery(mode="rerun", every=every)
         started.set()
-        await holder["task"].wait()
+        with contextlib.suppress(asyncio.CancelledError):  # stopped at the end
+            await holder["task"].wait()
 
     thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
     thread.start()
