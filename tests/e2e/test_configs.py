@@ -430,10 +430,17 @@ def test_dockerfile_runs_the_demo_app() -> None:
 
     assert (REPO_ROOT / "src/otel_bgtasks/demo/app.py").is_file()
     assert '"otel_bgtasks.demo.app:app"' in dockerfile
-    # the demo's server and traffic (demo), and the compose file's Redis dead-letter store
+    # the demo's server and traffic (demo), the compose file's Redis dead-letter store, and
+    # its Celery worker (celery)
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
     assert compose["services"]["app"]["environment"]["OTEL_BGTASKS_DLQ_URL"].startswith("redis://")
-    assert 'pip install ".[demo,redis]"' in dockerfile
+    assert 'pip install ".[demo,redis,celery]"' in dockerfile
+    worker = compose["services"]["worker"]
+    assert worker["command"][:3] == ["celery", "-A", "otel_bgtasks.demo.worker"]
+    assert worker["environment"]["OTEL_BGTASKS_DLQ_URL"] == (
+        compose["services"]["app"]["environment"]["OTEL_BGTASKS_DLQ_URL"]
+    )
+    assert (REPO_ROOT / "src/otel_bgtasks/demo/worker.py").is_file()
 
 
 # --------------------------------------------------------------------------- Grafana
