@@ -304,3 +304,31 @@ def test_a_workers_dead_letter_is_replayed_by_the_cli_onto_a_worker(
         assert "1 sent" in done.stdout
         assert wait_records(results, "ran:r1", 1)[0][0] == 1  # ran on a worker
         assert store.get(task_id) is None
+
+
+def test_a_durable_task_that_lost_its_worker_runs_again_with_a_redelivery_event(
+    web: Any, worker: CeleryWorker, results: redis.Redis
+) -> None:
+    from tests.integration.apps.celery_tasks import die_once
+
+    schedule(die_once, "d1")
+    assert wait_records(results, "ran:d1", 1)[0][0] == 1
+    [span] = worker_spans(results, "process die-once")
+    assert span["attributes"]["bgtasks.message.deliveries"] == 2
+    [event] = [e for e in span["events"] if e["name"] == "bgtasks.message.redelivered"]
+    assert event["attributes"] == {"bgtasks.message.deliveries": 2}
+    assert span["attributes"]["bgtasks.task.outcome"] == "success"
+
+
+def test_a_task_that_is_not_durable_runs_at_most_once(
+    web: Any, worker: CeleryWorker, results: redis.Redis, celery_env: Any
+) -> None:
+    from tests.integration.apps.celery_tasks import die_once_not_durable
+
+    task_id = schedule(die_once_not_durable, "n1").state.task_id
+    with open_store(celery_env["BGTASKS_TEST_STORE"]) as store:
+        entry = wait_for(results, lambda: store.get(task_id), "the worker_lost dead letter")
+    assert entry.reason.value == "worker_lost"
+    assert "at most once" in entry.error_message
+    assert results.llen("ran:n1") == 0  # it did not run a second time
+    assert int(results.get("die-once:n1") or 0) == 1

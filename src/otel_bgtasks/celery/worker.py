@@ -70,7 +70,7 @@ from otel_bgtasks.errors import (
     WorkerLostError,
 )
 from otel_bgtasks.identity import process_identity
-from otel_bgtasks.records import DeadLetterReason, TaskMessage
+from otel_bgtasks.records import DeadLetterReason, TaskMessage, route_owner
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.telemetry import Telemetry, configure_telemetry
@@ -220,7 +220,7 @@ class WorkerRuntime:
             return
         # A durable copy whose row is gone (it ran) or held by another worker: dropped,
         # before it counts as a delivery.
-        if body.durable and not self._claim(executor, state):
+        if body.durable and not self._claim(executor, state, first=not redelivered):
             return
         deliveries = child.counter.count(task_id, redelivered)
         state.attributes = {**(state.attributes or {}), attr.MESSAGE_DELIVERIES: deliveries}
@@ -248,14 +248,23 @@ class WorkerRuntime:
             if deliveries > 1:
                 child.counter.forget(task_id)
 
-    def _claim(self, executor: Executor, state: TaskCallState) -> bool:
-        """Claim a durable task's journal row for this worker; False: none left (it ran
-        already) or another worker holds it (this copy is a duplicate)."""
+    def _claim(self, executor: Executor, state: TaskCallState, *, first: bool) -> bool:
+        """Claim a durable task's journal row for this worker. False: this copy is a
+        duplicate (the row is gone: the task ran already; or another worker holds it).
+
+        On a first delivery the row must be there (it was committed before the message was
+        published): when it is missing, this worker's store is not the web app's. The task
+        then runs (nothing is lost), with an error naming the fix; its row in the other store
+        stays, and the copy recovery re-sends later is dropped as a duplicate."""
         store = executor.store
         if store is None:
+            self._misconfigured(state, "has no dead_letter_store")
             return True
         row = store.journal_claim(state.task_id, self.node, lease=self.lease)
         if row is not None:
+            return True
+        if first and not store.journal_list(owner=route_owner(state.route or "")):
+            self._misconfigured(state, "holds no journal row of this route")
             return True
         _log.warning(
             "duplicate delivery of a durable task dropped (it ran already, or another worker"
@@ -264,6 +273,14 @@ class WorkerRuntime:
             task_id=state.task_id,
         )
         return False
+
+    def _misconfigured(self, state: TaskCallState, why: str) -> None:
+        _log.error(
+            f"durable task received, but this worker's store {why}: give install_worker the"
+            " web app's dead_letter_store, or the task's row is never removed",
+            task_name=state.name,
+            task_id=state.task_id,
+        )
 
     def _refuse_malformed(
         self, executor: Executor, task_id: str, request: Any, exc: MessageError

@@ -68,3 +68,19 @@ def fail_once(token: str) -> None:
     if results().incr(f"fail-once:{token}") == 1:
         raise ValueError("not yet")
     _record(f"ran:{token}", 1)
+
+
+@background_task(name="die-once", dispatch=to_celery, durable=True, timeout=5.0)
+def die_once(token: str) -> None:
+    """Durable: kills its worker process the first time, then runs."""
+    if results().incr(f"die-once:{token}") == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _record(f"ran:{token}", 1)
+
+
+@background_task(name="die-once-not-durable", dispatch=to_celery)
+def die_once_not_durable(token: str) -> None:
+    """Not durable (at most once): kills its worker process the first time."""
+    if results().incr(f"die-once:{token}") == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _record(f"ran:{token}", 1)
