@@ -64,7 +64,7 @@ def _redis_binary() -> str:
 
 @contextmanager
 def _redis(directory: Path):  # type: ignore[no-untyped-def]
-    from tests.redis_server import RedisServer
+    from tests.support.redis import RedisServer
 
     server = RedisServer(_redis_binary(), directory)
     if not server.try_start():

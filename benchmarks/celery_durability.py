@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from tests.celery_trials import SCENARIOS, TrialResult, run_trial, running_recovery  # noqa: E402
 from tests.celery_worker import CeleryWorker  # noqa: E402
-from tests.redis_server import running_redis  # noqa: E402
+from tests.support.redis import running_redis  # noqa: E402
 
 
 def run(*, tasks: int = 500, trials: int = 5, scenarios: tuple[str, ...] = SCENARIOS) -> Any:

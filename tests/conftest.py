@@ -1,20 +1,18 @@
-"""Shared fixtures: explicit providers with in-memory exporter and reader."""
+"""Shared fixtures, built on tests/support (one of each): telemetry, instrumentation, a SQLite
+store, a Redis server."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from otel_bgtasks import BackgroundTasksInstrumentor
 from otel_bgtasks.registry import isolated
+from otel_bgtasks.stores import SQLiteDeadLetterStore
+from tests.support.redis import RedisServer, running_redis
+from tests.support.telemetry import Telemetry
 
 
 @pytest.fixture(autouse=True)
@@ -30,57 +28,49 @@ def _task_registry() -> Iterator[None]:
         yield
 
 
-@dataclass
-class Telemetry:
-    tracer_provider: TracerProvider
-    meter_provider: MeterProvider
-    exporter: InMemorySpanExporter
-    reader: InMemoryMetricReader
-
-    def spans(self) -> list[ReadableSpan]:
-        return list(self.exporter.get_finished_spans())
-
-    def span(self, name: str) -> ReadableSpan:
-        found = [s for s in self.spans() if s.name == name]
-        assert len(found) == 1, f"expected one span {name!r}, got {[s.name for s in self.spans()]}"
-        return found[0]
-
-    def points(self, metric: str) -> list[Any]:
-        data = self.reader.get_metrics_data()
-        out: list[Any] = []
-        if data is None:
-            return out
-        for rm in data.resource_metrics:
-            for sm in rm.scope_metrics:
-                for m in sm.metrics:
-                    if m.name == metric:
-                        out.extend(m.data.data_points)
-        return out
-
-
 @pytest.fixture
 def telemetry() -> Iterator[Telemetry]:
-    exporter = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    yield Telemetry(tracer_provider, meter_provider, exporter, reader)
-    tracer_provider.shutdown()
-    meter_provider.shutdown()
+    """Explicit providers with an in-memory exporter and reader (not instrumented)."""
+    harness = Telemetry()
+    yield harness
+    harness.tracer_provider.shutdown()
+    harness.meter_provider.shutdown()
 
 
 @pytest.fixture
 def instrument(telemetry: Telemetry) -> Iterator[Any]:
-    """Call instrument(**kwargs) to instrument with the test providers; undone afterwards."""
-    instrumentor = BackgroundTasksInstrumentor()
+    """Call instrument(**kwargs) to instrument with the test's providers; undone afterwards.
+    No dead-letter store unless the test passes one."""
+    instrumentor = telemetry.instrumentor
 
-    def _instrument(**kwargs: Any) -> BackgroundTasksInstrumentor:
+    def _instrument(**kwargs: Any) -> Any:
+        kwargs.setdefault("dead_letter_store", None)
         kwargs.setdefault("tracer_provider", telemetry.tracer_provider)
         kwargs.setdefault("meter_provider", telemetry.meter_provider)
-        kwargs.setdefault("dead_letter_store", None)  # tests that want one pass it
         instrumentor.instrument(**kwargs)
         return instrumentor
 
     yield _instrument
-    instrumentor.uninstrument()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.uninstrument()
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    """Where the `store` fixture's SQLite file is."""
+    return tmp_path / "dlq.db"
+
+
+@pytest.fixture
+def store(store_path: Path) -> Iterator[SQLiteDeadLetterStore]:
+    """A real SQLite dead-letter store in the test's temporary directory."""
+    with SQLiteDeadLetterStore(store_path) as opened:
+        yield opened
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of this test's own on loopback (skips without the binary, fails
+    under OTEL_BGTASKS_REQUIRE_INFRA=1)."""
+    with running_redis(tmp_path) as server:
+        yield server

@@ -9,7 +9,7 @@ from otel_bgtasks.alerting import AlertingSpanProcessor, install_alerting
 from otel_bgtasks.attributes import ErrorCategory, Outcome
 from otel_bgtasks.calls import JSONSerializer, Serializer, register_serializer
 from otel_bgtasks.circuit import CircuitBreaker, CircuitState, RedisCircuitBackend
-from otel_bgtasks.dispatch import Dispatcher
+from otel_bgtasks.dispatch import Dispatcher, dispatcher_for, register_dispatcher
 from otel_bgtasks.errors import (
     BgTasksError,
     BusinessError,
@@ -34,7 +34,7 @@ from otel_bgtasks.instrumentor import (
 )
 from otel_bgtasks.logs import TraceContextFilter, TraceContextProcessor, configure_structlog_json
 from otel_bgtasks.options import EffectiveOptions
-from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry, TaskMessage
 from otel_bgtasks.recovery import (
     RecoveryReport,
     RecoveryTask,
@@ -95,6 +95,7 @@ __all__ = [
     "TaskCallState",
     "TaskHook",
     "TaskImportError",
+    "TaskMessage",
     "TaskOptions",
     "TaskTimeoutError",
     "Telemetry",
@@ -110,9 +111,11 @@ __all__ = [
     "configure_telemetry",
     "current_task",
     "declare_task_modules",
+    "dispatcher_for",
     "install_alerting",
     "open_store",
     "recover_interrupted_tasks",
+    "register_dispatcher",
     "register_serializer",
     "retry_if_category",
     "run_dead_letter",

@@ -7,6 +7,7 @@ at once. Semantic-convention names come from `opentelemetry.semconv` where a con
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Final
 
 from opentelemetry.semconv._incubating.attributes.code_attributes import CODE_FUNCTION_NAME
 from opentelemetry.semconv._incubating.attributes.messaging_attributes import (
@@ -19,6 +20,7 @@ from opentelemetry.semconv._incubating.attributes.messaging_attributes import (
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.exception_attributes import EXCEPTION_MESSAGE
+from opentelemetry.semconv.schemas import Schemas
 
 __all__ = [
     "ALERT_CHANNEL",
@@ -51,6 +53,7 @@ __all__ = [
     "PRODUCER_SPAN_PREFIX",
     "RETRY_ATTEMPT",
     "RETRY_DELAY",
+    "SCHEMA_URL",
     "SKIP_REASON",
     "SPAN_NAME_PREFIX",
     "TASK_ATTEMPTS",
@@ -62,6 +65,16 @@ __all__ = [
     "Outcome",
     "SkipReason",
 ]
+
+
+def _schema_version(schema: Schemas) -> tuple[int, ...]:
+    return tuple(int(part) for part in schema.value.rsplit("/", 1)[1].split("."))
+
+
+SCHEMA_URL: Final = max(Schemas, key=_schema_version).value
+"""The schema URL of our tracer and meter: the newest semantic-conventions version of the
+installed `opentelemetry.semconv`, the package our convention names (`error.type`,
+`code.function.name`, `exception.message`) come from."""
 
 SPAN_NAME_PREFIX = "process "
 PRODUCER_SPAN_PREFIX = "send "

@@ -47,7 +47,6 @@ __all__ = [
 UNREPLAYABLE = "unreplayable"
 """Serializer name of a call kept for inspection only; its payload says why."""
 
-_LEGACY_UNREPLAYABLE = frozenset({UNREPLAYABLE, "repr"})  # "repr": written by 0.1
 _MAX_DEPTH = 64  # JSON nesting accepted in arguments; deeper is refused, not recursed into
 _MAX_INT_BITS = 14_000  # ~4,200 digits: Python refuses to print longer ints
 _DESCRIPTION_LIMIT = 2_000  # characters of an unreplayable call's description
@@ -165,7 +164,7 @@ def register_serializer(serializer: Serializer) -> None:
     Raises:
         ValueError: the name is reserved for calls that cannot be replayed.
     """
-    if serializer.name in _LEGACY_UNREPLAYABLE:
+    if serializer.name == UNREPLAYABLE:
         raise ValueError(f"serializer name {serializer.name!r} is reserved")
     _SERIALIZERS[serializer.name] = serializer
 
@@ -263,7 +262,7 @@ class EncodedCall:
 
     @property
     def replayable(self) -> bool:
-        return bool(self.func_ref) and self.serializer not in _LEGACY_UNREPLAYABLE
+        return bool(self.func_ref) and self.serializer != UNREPLAYABLE
 
 
 def encode_call(
@@ -377,7 +376,7 @@ def _check(entry: StoredCall, keys: SigningKeys | None) -> tuple[Callable[..., A
     keys = keys if keys is not None else signing_keys()
     if keys is not None:
         keys.verify(entry.call_fields(), entry.signature)
-    if entry.serializer in _LEGACY_UNREPLAYABLE:
+    if entry.serializer == UNREPLAYABLE:
         raise NotReplayableError(
             f"the call cannot be replayed: {_unreplayable_reason(entry.payload)}"
         )

@@ -152,15 +152,22 @@ class RedisCircuitBackend:
     so a Redis outage never stops tasks from running; for `retry_after` seconds after a
     failure Redis is not even tried (a black-holed Redis costs one timeout per interval, not
     one per task). Its calls block on the network (`blocking`): from async code the executor
-    makes them in a worker thread, never on the event loop.
+    makes them in a worker thread, never on the event loop. `clock` measures that interval
+    (`time.monotonic`; injectable for tests).
     """
 
     blocking = True
 
     def __init__(
-        self, client: Any, *, prefix: str = "bgtasks:circuit:", retry_after: float = 5.0
+        self,
+        client: Any,
+        *,
+        prefix: str = "bgtasks:circuit:",
+        retry_after: float = 5.0,
+        clock: Clock = time.monotonic,
     ) -> None:
         self._client = client
+        self._clock = clock
         self._prefix = prefix
         self._fallback = MemoryCircuitBackend()
         self.retry_after = retry_after
@@ -174,7 +181,7 @@ class RedisCircuitBackend:
         with self._health_lock:
             if self._down_until == float("-inf"):
                 return False
-            if time.monotonic() < self._down_until or self._probing:
+            if self._clock() < self._down_until or self._probing:
                 return True
             self._probing = True
             return False
@@ -182,7 +189,7 @@ class RedisCircuitBackend:
     def _mark(self, ok: bool) -> None:
         with self._health_lock:
             self._probing = False
-            self._down_until = float("-inf") if ok else time.monotonic() + self.retry_after
+            self._down_until = float("-inf") if ok else self._clock() + self.retry_after
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisCircuitBackend:

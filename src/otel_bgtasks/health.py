@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -103,7 +102,7 @@ def bgtasks_router(
         executor = _executor()
         if executor is None:
             return {"status": "not_instrumented"}
-        now = time.perf_counter()
+        now = executor.clock()
         states = list(executor.inflight.values())
         running = [s for s in states if not executor.is_pending(s)]
         pending = {name: n for name, n in sorted(executor.instruments.pending().items()) if n}

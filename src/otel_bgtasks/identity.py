@@ -7,6 +7,8 @@ the same hostname that both run as PID 1 therefore have different identities, an
 takes the other for dead: a pid is only checked when the owner ran under the same kernel boot
 and in the same PID namespace as us, and then its start time must match too (a reused pid is
 another process). Everything else is judged by heartbeat age (`DeadLetterStore.dead_owners`).
+On a system without ``/proc`` the token is the random part alone, and two such processes on
+one host judge each other by pid.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class _Token:
     def parse(cls, token: str) -> _Token | None:
         parts = token.split(".")
         if len(parts) != 4 or not all(parts[:3]):
-            return None  # an identity of an older version, or from a system without /proc
+            return None  # from a system without /proc: the random part alone
         return cls(parts[0], parts[1], parts[2])
 
 
@@ -101,7 +103,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _same_host(owner: str) -> tuple[int, _Token | None, _Token | None] | None:
     """(pid, its token, our token) of an owner with our hostname; None for another host or
-    an identity that does not parse. A token is None for a 0.1 identity (hostname:pid:hex)."""
+    an identity that does not parse. A token is None from a system without /proc."""
     parsed = _parse_identity(owner)
     if parsed is None or parsed[0] != socket.gethostname():
         return None
@@ -124,8 +126,10 @@ def owner_is_dead(owner: str) -> bool:
     if local is None:
         return False
     pid, theirs, mine = local
-    if theirs is None or mine is None:  # older identities: hostname and pid only
-        return pid == os.getpid() or not _pid_alive(pid)
+    if theirs is None or mine is None:
+        if theirs is not None or mine is not None:
+            return False  # one side has /proc and the other not: not the same system
+        return pid == os.getpid() or not _pid_alive(pid)  # no /proc here: hostname and pid
     if (theirs.boot, theirs.pidns) != (mine.boot, mine.pidns):
         return False  # another boot or another container: its pids are not ours to check
     if pid == os.getpid():

@@ -16,7 +16,7 @@ tenacity machinery, so a task that succeeds costs no more with a policy than wit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -83,6 +83,9 @@ class RetryPolicy:
         classifier: maps an error to its category; default `classify_error`.
         stop, wait, retry: tenacity strategies replacing the ones built from the numbers;
             `retry` alone then decides which errors retry.
+        sleep: awaited with each delay before a retry (tenacity's ``sleep=``); default
+            `anyio.sleep`, which never blocks the event loop, asyncio's or trio's. Tests pass
+            their own.
 
     Raises:
         ConfigurationError: a value of the wrong type or out of range (attempts not an
@@ -102,6 +105,7 @@ class RetryPolicy:
         stop: stop_base | None = None,
         wait: wait_base | None = None,
         retry: retry_base | None = None,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ConfigurationError(
@@ -137,6 +141,7 @@ class RetryPolicy:
             if self.retry_types:
                 retry = retry_any(retry, retry_if_exception_type(self.retry_types))
         self.retry: retry_base = retry
+        self.sleep = sleep
         self._decide = _NOT_CIRCUIT_OPEN & retry
 
     def retries(self, exc: BaseException, *, attempt: int = 1) -> bool:
@@ -147,18 +152,13 @@ class RetryPolicy:
         state.set_exception((type(exc), exc, exc.__traceback__))
         return bool(self._decide(state))
 
-    def is_retryable(self, exc: BaseException) -> bool:
-        """`retries(exc)`: the name this method had before 0.2."""
-        return self.retries(exc)
-
     def retrying(self, before_sleep: BeforeSleep | None = None) -> AsyncRetrying:
-        """A tenacity `AsyncRetrying` for this policy; async sleeps (anyio's: asyncio or trio)
-        never block the loop."""
+        """A tenacity `AsyncRetrying` for this policy; its sleeps never block the loop."""
         return AsyncRetrying(
             stop=self.stop,
             wait=self.wait,
             retry=self._decide,
-            sleep=anyio.sleep,
+            sleep=self.sleep,
             before_sleep=before_sleep,
             reraise=True,
         )

@@ -30,8 +30,9 @@ class TaskCallState:
         function: the module-qualified function name (`code.function.name`),
             `options.function`.
         link: the span context current when the task was scheduled (None outside any span).
-        enqueued_at: `time.perf_counter()` at scheduling; `enqueued_wall`: `time.time()`.
-        started_at: `time.perf_counter()` when its span started (None until it runs); a task
+        enqueued_at: the executor's clock (`Executor.clock`, `time.perf_counter` unless a
+            test injects one) at scheduling; `enqueued_wall`: `time.time()`.
+        started_at: the executor's clock when its span started (None until it runs); a task
             with `started_at` set that is still in `Executor.inflight` counts as running
             (`bgtasks.task.active`).
         is_async: whether calling `func` returns an awaitable.

@@ -49,6 +49,9 @@ from typing import IO, Any, TypeVar
 
 import pytest
 
+from tests.support.ports import free_port, free_ports
+from tests.support.waiting import wait_until
+
 __all__ = [
     "CONFIG_DIR",
     "METRICS_PATHS",
@@ -68,8 +71,6 @@ __all__ = [
     "dashboard_queries",
     "eventually",
     "find_binary",
-    "free_port",
-    "free_ports",
     "http_get",
     "http_get_json",
     "render_alert_rules",
@@ -182,25 +183,6 @@ def require(name: str) -> Path:
 # --------------------------------------------------------------------------- ports, HTTP, polling
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports that were free a moment ago."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    return free_ports(1)[0]
-
-
 def http_get(url: str, *, timeout: float = 5.0) -> tuple[int, bytes]:
     """Status and body of a GET; HTTP error statuses are returned, not raised."""
     try:
@@ -241,29 +223,14 @@ def eventually(
     probe: Callable[[], T],
     *,
     timeout: float = 30.0,
-    interval: float = 0.25,
     message: str = "condition",
 ) -> T:
-    """Call ``probe`` until it returns a truthy value, and return that value.
+    """`wait_until` at a pace the components' HTTP APIs can take (four probes a second).
 
-    Exceptions from ``probe`` count as "not yet". Raises AssertionError naming ``message`` and
-    the last result or exception once ``timeout`` seconds have passed: this is a deadline for
-    eventually-consistent pipelines, not a timing assertion.
+    A deadline for eventually-consistent pipelines, not a timing assertion: raises
+    AssertionError naming ``message`` and the last result or exception.
     """
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            result = probe()
-        except Exception as exc:  # the probe is retried; the last error is reported
-            last = exc
-        else:
-            if result:
-                return result
-            last = result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{message} not reached within {timeout}s; last: {last!r}")
-        time.sleep(interval)
+    return wait_until(probe, what=message, timeout=timeout, interval=0.25)
 
 
 # --------------------------------------------------------------------------- processes

@@ -30,7 +30,7 @@ from tests.e2e._infra import (
     eventually,
     telemetry_stack,
 )
-from tests.redis_server import running_redis
+from tests.support.redis import running_redis
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 

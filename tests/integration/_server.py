@@ -22,61 +22,35 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from tests.support.ports import LOOPBACK, free_port
+from tests.support.waiting import wait_until
 
 from otel_bgtasks._execution import active_executor as current_executor
 
 __all__ = [
-    "LOOPBACK",
     "REPO_ROOT",
     "VENV_BIN",
     "AppProcess",
     "UvicornThread",
     "durable_app",
-    "free_port",
     "wait_for_tasks",
-    "wait_until",
 ]
 
-LOOPBACK = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The interpreter's own bin directory holds uvicorn and opentelemetry-instrument.
 VENV_BIN = Path(sys.executable).parent
-
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(
-    predicate: Callable[[], T], *, what: str, timeout: float = 15.0, interval: float = 0.01
-) -> T:
-    """Poll `predicate` until it returns something truthy, and return that; fail at `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def wait_for_tasks(timeout: float = 15.0) -> None:
@@ -268,14 +242,22 @@ class AppProcess:
 
 
 def durable_app(
-    tmp_path: Path, *, task_seconds: float, name: str, uvicorn_args: Sequence[str] = ()
+    tmp_path: Path,
+    *,
+    task_seconds: float = 0.0,
+    name: str,
+    uvicorn_args: Sequence[str] = (),
+    gate: Path | None = None,
+    gate_from: int = 0,
 ) -> tuple[AppProcess, str, Path]:
     """The durable-task app (tests/integration/apps/durable_app.py) as a real uvicorn process.
 
+    Its tasks work `task_seconds`, then (with `gate`, those numbered `gate_from` or more) until
+    the test creates that file.
     Returns the process (not started), its SQLite dead-letter store URL and the results file
     its tasks append to.
     """
-    from tests.integration.apps.durable_tasks import SECONDS_ENV
+    from tests.integration.apps.durable_tasks import GATE_ENV, GATE_FROM_ENV, SECONDS_ENV
 
     from otel_bgtasks.stores import DLQ_URL_ENV
 
@@ -301,6 +283,7 @@ def durable_app(
             DLQ_URL_ENV: store_url,
             "BGTASKS_TEST_RESULTS": str(results),
             SECONDS_ENV: str(task_seconds),
+            **({GATE_ENV: str(gate), GATE_FROM_ENV: str(gate_from)} if gate is not None else {}),
         },
         ready_path="/ready",
         name=name,

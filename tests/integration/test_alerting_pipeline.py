@@ -16,12 +16,13 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from tests.integration._server import UvicornThread, wait_for_tasks, wait_until
+from tests.integration._server import UvicornThread, wait_for_tasks
 from tests.integration.test_alerting_servers import (
     HangingServer,
     RecordingHTTPServer,
     refused_url,
 )
+from tests.support.waiting import wait_until
 
 from otel_bgtasks import attributes as attr
 from otel_bgtasks import schedule
@@ -233,17 +234,17 @@ def test_a_hanging_channel_holds_no_task_and_the_queue_drops_at_its_bound(teleme
         delivery=DeliveryOptions(queue_size=2, max_concurrency=1, max_attempts=1),
     )
     telemetry.tracer_provider.add_span_processor(processor)
-    dispatcher = processor.dispatcher
+    delivery = processor.delivery
     try:
         # Ten tasks fail once: ten alerts. The first one's delivery is taken by the only
         # delivery thread and stays in the server's hands, unanswered...
         end_task_span(telemetry.tracer_provider, "task-0")
         wait_until(lambda: hanging.accepted == 1, what="the hanging server to get the request")
-        assert dispatcher.in_flight == 1
+        assert delivery.in_flight == 1
         # ...while every on_end has returned: the task path did not wait for it.
         for i in range(1, 10):
             end_task_span(telemetry.tracer_provider, f"task-{i}")
-            assert dispatcher.queued <= 2
+            assert delivery.queued <= 2
         wait_until(
             lambda: (
                 processor.pending_signals == 0 and sum(sent_counts(telemetry.reader).values()) == 7
@@ -251,17 +252,17 @@ def test_a_hanging_channel_holds_no_task_and_the_queue_drops_at_its_bound(teleme
             what=f"7 drops, got {sent_counts(telemetry.reader)}",
         )
         assert sent_counts(telemetry.reader) == {("consecutive_failures", "webhook", "dropped"): 7}
-        assert (dispatcher.in_flight, dispatcher.queued, dispatcher.high_water) == (1, 2, 2)
+        assert (delivery.in_flight, delivery.queued, delivery.high_water) == (1, 2, 2)
         assert not processor.force_flush(100)  # delivery is stuck, the flush says so
         processor.shutdown(timeout=0.2)
-        assert dispatcher.queued == 0
+        assert delivery.queued == 0
         assert sent_counts(telemetry.reader) == {
             ("consecutive_failures", "webhook", "dropped"): 9  # 7 at the bound, 2 at shutdown
         }
     finally:
         processor.shutdown(timeout=0.2)
         hanging.close()  # the stuck request now fails and its thread ends
-    wait_until(lambda: dispatcher.threads_alive == 0, what="the delivery thread to end")
+    wait_until(lambda: delivery.threads_alive == 0, what="the delivery thread to end")
     assert sent_counts(telemetry.reader) == {
         ("consecutive_failures", "webhook", "dropped"): 9,
         ("consecutive_failures", "webhook", "failed"): 1,
@@ -288,7 +289,7 @@ def test_a_refused_channel_fails_with_retries_and_counts_every_notification(tele
     }
     assert sum(counts.values()) == 20  # each alert counted once, whatever became of it
     assert counts[("consecutive_failures", "webhook", "failed")] >= 1
-    assert processor.dispatcher.high_water <= 4
+    assert processor.delivery.high_water <= 4
 
 
 @pytest.mark.parametrize("channel", ["hanging", "refused"])
@@ -326,13 +327,13 @@ def test_task_path_cost_with_and_without_alerting(channel, capsys):
             results[label] = samples
             if processor is not None:
                 assert processor.pending_signals <= processor.queue_size
-                assert processor.dispatcher.queued <= 8
+                assert processor.delivery.queued <= 8
                 processor.shutdown(timeout=0.2)
             provider.shutdown()
             meter_provider.shutdown()
     # The servers are closed: deliveries stuck at shutdown end now (failed), threads exit.
     for processor in processors:
-        wait_until(lambda p=processor: p.dispatcher.threads_alive == 0, what="delivery threads")
+        wait_until(lambda p=processor: p.delivery.threads_alive == 0, what="delivery threads")
     with capsys.disabled():
         print(f"\n  span.end() cost per task span ({runs} spans):")
         for label, samples in results.items():

@@ -13,7 +13,6 @@ import socket
 import ssl
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,18 +26,7 @@ import httpx
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
-
-LOOPBACK = "127.0.0.1"
-
-
-def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> None:
-    """Poll `predicate` until true; fail the test with its name at `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {getattr(predicate, '__name__', predicate)}")
-        time.sleep(interval)
-
+from tests.support.ports import LOOPBACK, free_port
 
 # -- HTTP ----------------------------------------------------------------------------------------
 
@@ -156,12 +144,6 @@ def refused_url(path: str = "/hook") -> Iterator[str]:
 
 
 # -- SMTP ----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 class RecordingSMTPHandler:

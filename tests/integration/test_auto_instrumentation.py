@@ -22,7 +22,8 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import httpx
-from tests.integration._server import REPO_ROOT, VENV_BIN, AppProcess, free_port
+from tests.integration._server import REPO_ROOT, VENV_BIN, AppProcess
+from tests.support.ports import free_port
 
 SERVICE = "bgtasks-auto"
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from tests.integration._server import UvicornThread, wait_until
+from tests.integration._server import UvicornThread
 from tests.integration.apps.claim_tasks import SECONDS_ENV, read_lines
+from tests.support.waiting import wait_until
 
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.records import JournalEntry

@@ -11,25 +11,19 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
-from tests.integration._server import LOOPBACK, AppProcess, free_port, wait_until
-from tests.redis_server import RedisServer, running_redis
+from tests.integration._server import AppProcess
+from tests.support.ports import LOOPBACK, free_port
+from tests.support.redis import RedisServer
+from tests.support.waiting import wait_until
 
 from otel_bgtasks.records import DeadLetter
 from otel_bgtasks.stores import DLQ_URL_ENV
 from otel_bgtasks.stores.redis import RedisDeadLetterStore
 
 FAILURES = 50
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path) as server:
-        yield server
 
 
 def buffer_app(tmp_path: Path, store_url: str) -> AppProcess:

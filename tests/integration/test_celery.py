@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 from tests.celery_worker import CeleryWorker, running_worker
-from tests.redis_server import RedisServer, running_redis
+from tests.support.redis import RedisServer, running_redis
 
 from otel_bgtasks import schedule
 from otel_bgtasks.stores import open_store

@@ -13,7 +13,7 @@ import pytest
 from fastapi import BackgroundTasks, FastAPI
 from tests.celery_worker import CeleryWorker, running_worker
 from tests.integration._server import UvicornThread
-from tests.redis_server import RedisServer, running_redis
+from tests.support.redis import RedisServer, running_redis
 
 from otel_bgtasks.stores import open_store
 
@@ -104,7 +104,7 @@ def test_past_the_publish_deadline_tasks_are_dead_lettered_as_undeliverable(
     handed to the route, for recovery to re-send."""
     from celery import Celery
     from tests.integration.apps.celery_app import results
-    from tests.redis_server import free_port
+    from tests.support.ports import free_port
 
     from otel_bgtasks import background_task, schedule
     from otel_bgtasks.celery import CeleryDispatcher

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from tests.celery_trials import SCENARIOS, Scenario, run_trial, running_recovery
 from tests.celery_worker import CeleryWorker, running_worker
-from tests.redis_server import RedisServer, running_redis
+from tests.support.redis import RedisServer, running_redis
 
 from otel_bgtasks.stores import open_store
 

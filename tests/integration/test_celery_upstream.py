@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from tests.celery_worker import running_worker
-from tests.redis_server import running_redis
+from tests.support.redis import running_redis
 
 from otel_bgtasks import schedule
 

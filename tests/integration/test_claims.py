@@ -24,10 +24,17 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from tests.integration._server import REPO_ROOT, UvicornThread, durable_app, wait_until
-from tests.integration.apps.claim_tasks import FAIL_ENV, SECONDS_ENV, read_lines
+from tests.integration._server import REPO_ROOT, UvicornThread, durable_app
+from tests.integration.apps.claim_tasks import (
+    FAIL_ENV,
+    GATE_ENV,
+    HOLD_AFTER_ENV,
+    SECONDS_ENV,
+    read_lines,
+)
 from tests.integration.apps.durable_tasks import read_results
-from tests.redis_server import running_redis
+from tests.support.redis import running_redis
+from tests.support.waiting import wait_until
 
 from otel_bgtasks.health import bearer_token_auth, bgtasks_router
 from otel_bgtasks.identity import process_identity
@@ -215,8 +222,10 @@ def test_two_recoverers_at_once_rerun_each_task_exactly_once(
 
 def test_recovery_racing_a_live_process_leaves_its_tasks_alone(tmp_path: Path) -> None:
     """The live server's heartbeat may be older than `stale_after` (it beats every 10 s):
-    recovery still sees the process is running (same machine, pid and start time)."""
-    server, store_url, results = durable_app(tmp_path, task_seconds=4, name="live")
+    recovery still sees the process is running (same machine, pid and start time). The task
+    runs until the test creates its gate file, so the CLI never races it."""
+    gate = tmp_path / "gate"
+    server, store_url, results = durable_app(tmp_path, name="live", gate=gate)
     store = open_store(store_url)
     with server:
         assert httpx.post(f"{server.url}/work/1", timeout=10.0).status_code == 200
@@ -225,6 +234,8 @@ def test_recovery_racing_a_live_process_leaves_its_tasks_alone(tmp_path: Path) -
         assert (code, output.strip()) == (0, "recover: no interrupted durable tasks")
         assert store.journal_list() == [journaled]
         assert journaled.owner in store.last_seen()
+        assert read_results(str(results)) == []  # still running: nobody ran it
+        gate.touch()
         wait_until(lambda: read_results(str(results)), what="the live task to finish")
         wait_until(lambda: not store.journal_list(), what="its journal row to go")
     assert [n for n, _ in read_results(str(results))] == [1]
@@ -241,6 +252,8 @@ asyncio.run(DeadLetters(store, lease=float(sys.argv[2])).replay(None, run_dead_l
 
 
 def kill_mid_replay(store_url: str, results: Path, lease: float) -> None:
+    """Replay in another process; SIGKILL it once 3 entries ran and the 4th is running (the
+    4th holds until then: no race between the kill and a replay finishing)."""
     replayer = subprocess.Popen(
         [sys.executable, "-c", REPLAYER, store_url, str(lease)],
         cwd=REPO_ROOT,
@@ -248,10 +261,10 @@ def kill_mid_replay(store_url: str, results: Path, lease: float) -> None:
             **os.environ,
             "PYTHONPATH": str(REPO_ROOT),
             TASK_MODULES_ENV: MODULES,
-            SECONDS_ENV: "0.5",
+            HOLD_AFTER_ENV: "3",
         },
     )
-    wait_until(lambda: len(runs(results, "start")) >= 4, what="a few replays to start")
+    wait_until(lambda: len(runs(results, "start")) >= 4, what="a fourth replay to start")
     replayer.send_signal(signal.SIGKILL)
     replayer.wait()
 
@@ -262,9 +275,10 @@ async def test_sigkill_mid_replay_then_lease_expiry_then_replay_again(
     results = tmp_path / "results.txt"
     store = open_store(store_url)
     keys = fill(store, "slow_count", results, count=20)
-    lease = 2.0
+    lease = 3600.0  # held for the whole test unless time is moved past it
     await asyncio.to_thread(kill_mid_replay, store_url, results, lease)
     started, done = runs(results, "start"), runs(results)
+    assert len(done) == 3
     (in_flight,) = set(started) - set(done)  # killed mid-run: its claim is still held
 
     instrument(dead_letter_store=store)
@@ -276,14 +290,14 @@ async def test_sigkill_mid_replay_then_lease_expiry_then_replay_again(
     (held,) = store.list()
     assert json.loads(held.payload)["args"][0] == in_flight
 
-    async def expired_and_replayed() -> bool:
-        again = await DeadLetters(store, lease=lease).replay([held.id], run_dead_letter)
-        return again.replayed == 1
-
-    deadline = time.monotonic() + 30
-    while not await expired_and_replayed():
-        assert time.monotonic() < deadline, "the killed replayer's lease never expired"
-        await asyncio.sleep(0.2)
+    # The lease expires: as of a moment past it, the entry can be claimed by anyone (the
+    # store's own clock argument, instead of waiting an hour), and replayed once let go.
+    assert store.claim(held.id, "operator", lease=60.0) is None  # still held now
+    later = time.time() + lease + 1.0
+    assert store.claim(held.id, "operator", lease=60.0, now=later) == held
+    assert store.release(held.id, "operator")
+    again = await DeadLetters(store, lease=lease).replay([held.id], run_dead_letter)
+    assert again.replayed == 1
     ran = runs(results)
     assert sorted(ran) == sorted(keys)  # at least once across the crash ...
     assert set(ran.values()) == {1}  # ... and here exactly once: killed before it finished
@@ -297,7 +311,11 @@ BURST = 500
 async def test_sigkill_mid_burst_of_500_durable_tasks_accounts_for_all(
     tmp_path: Path, instrument: Any
 ) -> None:
-    server, store_url, results = durable_app(tmp_path, task_seconds=0.5, name="burst")
+    # Tasks of the second half hold until a gate that never opens: acknowledged ones of them
+    # are surely unfinished when the server is killed.
+    server, store_url, results = durable_app(
+        tmp_path, name="burst", gate=tmp_path / "never", gate_from=BURST // 2
+    )
     acked: set[int] = set()
     lock = threading.Lock()
 
@@ -319,6 +337,7 @@ async def test_sigkill_mid_burst_of_500_durable_tasks_accounts_for_all(
             for t in threads[BURST // 2 :]:
                 t.start()
             wait_until(lambda: read_results(str(results)), what="a first task to finish")
+            wait_until(lambda: max(acked) >= BURST // 2, what="a held task acknowledged")
             server.stop(signal.SIGKILL)
             for t in threads:
                 t.join()
@@ -351,18 +370,23 @@ def test_cli_and_router_replaying_everything_at_once_run_each_entry_once(
     results = tmp_path / "results.txt"
     store = open_store(store_url)
     keys = fill(store, "slow_count", results, count=200)
-    monkeypatch.setenv(SECONDS_ENV, "0.01")  # both replayers take a while over 200 entries
+    monkeypatch.setenv(SECONDS_ENV, "0.001")  # the router's runs, in this process
     instrument(dead_letter_store=store)
     app = FastAPI()
     app.include_router(bgtasks_router(auth=bearer_token_auth("t0ken")))
+    gate = tmp_path / "gate"
     with UvicornThread(app) as server:
-        replayer = cli(store_url, "dlq", "replay", "--all")
-        wait_until(lambda: len(runs(results)) >= 5, what="the CLI to start replaying")
+        # The CLI runs 5, then holds its 6th until the router has replayed the rest.
+        replayer = cli(
+            store_url, "dlq", "replay", "--all", env={HOLD_AFTER_ENV: "5", GATE_ENV: str(gate)}
+        )
+        wait_until(lambda: len(runs(results, "start")) >= 6, what="the CLI to hold a replay")
         response = httpx.post(
             f"{server.url}/bgtasks/dead-letters/replay",
             headers={"Authorization": "Bearer t0ken"},
             timeout=120.0,
         )
+        gate.touch()
         code, output = finish(replayer)
     assert response.status_code == 200
     assert code == 0, output

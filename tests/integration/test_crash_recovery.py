@@ -23,8 +23,9 @@ import httpx
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.background import BackgroundTask
-from tests.integration._server import durable_app, wait_until
+from tests.integration._server import durable_app
 from tests.integration.apps.durable_tasks import read_results, record_result
+from tests.support.waiting import wait_until
 
 from otel_bgtasks._execution import active_executor as current_executor
 from otel_bgtasks.errors import SerializationError
@@ -35,9 +36,10 @@ from otel_bgtasks.stores import open_store
 from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 
 N = 40  # requests in the burst
-FIRST = 20  # sent, and acknowledged, before any task has finished
+FIRST = 20  # sent and acknowledged first; their tasks finish at once
 KILL_AT = 25  # acknowledgements after which the server is killed (the burst still going)
-TASK_SECONDS = "1.0"  # how long each task works in the server
+# Tasks numbered FIRST or more hold until a gate file that is never created: when the server
+# is killed, the acknowledged ones among them surely are unfinished (no race with the kill).
 FUNC_REF = "tests.integration.apps.durable_tasks:record_result"
 
 
@@ -51,7 +53,9 @@ class Crash:
 
 
 def crash_mid_burst(tmp_path: Path) -> Crash:
-    server, store_url, results = durable_app(tmp_path, task_seconds=TASK_SECONDS, name="durable")
+    server, store_url, results = durable_app(
+        tmp_path, name="durable", gate=tmp_path / "never", gate_from=FIRST
+    )
     acked: dict[int, tuple[str, str]] = {}
     lock = threading.Lock()
 

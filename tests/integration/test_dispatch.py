@@ -27,7 +27,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.background import BackgroundTask
 from starlette.exceptions import StarletteDeprecationWarning
-from tests.integration._server import UvicornThread, wait_for_tasks, wait_until
+from tests.integration._server import UvicornThread, wait_for_tasks
+from tests.support.waiting import wait_until
 
 from otel_bgtasks import background_task
 from otel_bgtasks._execution import active_executor
@@ -41,11 +42,6 @@ with warnings.catch_warnings():
 
 MODES = ["inline", "local"]
 done: list[str] = []
-
-
-async def slow(ms: int) -> None:
-    await asyncio.sleep(ms / 1000)
-    done.append(f"slow {ms}")
 
 
 async def step(name: str) -> None:
@@ -63,7 +59,7 @@ async def durable_step(name: str) -> None:
 
 
 class Gate:
-    """Counts tasks running at once; each waits for `release`."""
+    """Counts tasks running at once; each waits for the test to set `release`."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -76,9 +72,7 @@ class Gate:
             self.running += 1
             self.peak = max(self.peak, self.running)
         try:
-            while not self.release.is_set():  # noqa: ASYNC110 - the test thread sets it
-                await asyncio.sleep(0.005)
-            await asyncio.sleep(0.01)
+            assert await asyncio.to_thread(self.release.wait, 30), "the test never released it"
         finally:
             with self.lock:
                 self.running -= 1
@@ -90,11 +84,6 @@ gate = Gate()
 
 def build_app() -> FastAPI:
     app = FastAPI()
-
-    @app.get("/slow")
-    async def slow_endpoint(tasks: BackgroundTasks) -> dict[str, str]:
-        tasks.add_task(slow, 300)
-        return {"ok": "slow"}
 
     @app.get("/sequence")
     async def sequence(tasks: BackgroundTasks) -> dict[str, str]:
@@ -117,9 +106,9 @@ def build_app() -> FastAPI:
     @app.get("/stream")
     async def stream() -> StreamingResponse:
         async def chunks() -> AsyncIterator[bytes]:
-            for _ in range(400):  # bounded: 8 s at most
-                yield b"chunk\n"
-                await asyncio.sleep(0.02)
+            yield b"chunk\n"
+            # until the client is gone and Starlette cancels the stream (30 s to fail with)
+            await asyncio.wait_for(asyncio.Event().wait(), 30)
 
         return StreamingResponse(chunks(), background=BackgroundTask(step, "after-stream"))
 
@@ -160,15 +149,17 @@ def server_span(telemetry, path: str) -> ReadableSpan:
     return span
 
 
-def request_duration_sum(telemetry, route: str) -> float:
-    """Upstream's request-duration histogram sum for `route`, in seconds (old or new semconv)."""
-    total = 0.0
+def request_durations(telemetry, route: str) -> tuple[int, float]:
+    """Upstream's request-duration histogram for `route`: count and sum in seconds (old or new
+    semconv)."""
+    count, total = 0, 0.0
     for name, scale in (("http.server.request.duration", 1.0), ("http.server.duration", 1e-3)):
         for point in telemetry.points(name):
             attrs = point.attributes  # the old conventions name the route http.target
             if route in (attrs.get("http.route"), attrs.get("http.target")):
+                count += point.count
                 total += point.sum * scale
-    return total
+    return count, total
 
 
 def skipped(telemetry) -> dict[tuple[str, str], int]:
@@ -188,19 +179,23 @@ def pending(telemetry) -> dict[str, int]:
 
 
 def test_local_ends_the_server_span_and_request_duration_before_the_task(telemetry, instrument):
+    gate.__init__()
     with serving(telemetry, instrument, dispatch="local") as client:
-        assert client.get("/slow").status_code == 200
+        assert client.get("/gate/1").status_code == 200
+        wait_until(lambda: gate.running == 1, what="the task to run")
+        request = server_span(telemetry, "/gate/{n}")
+        # While the task still runs, the request's duration is already recorded.
+        count, request_seconds = request_durations(telemetry, "/gate/{n}")
+        assert (count, request_seconds > 0) == (1, True)
+        gate.release.set()
         wait_for_tasks()
-        request = server_span(telemetry, "/slow")
 
-    task = telemetry.span("process slow")
+    task = telemetry.span("process Gate.work")
     assert [link.context for link in task.links] == [request.context]
     assert task.status.status_code is StatusCode.UNSET
     assert request.end_time <= task.start_time  # the request was over before the task began
-    task_seconds = (task.end_time - task.start_time) / 1e9
-    request_seconds = request_duration_sum(telemetry, "/slow")
-    assert 0 < request_seconds < task_seconds
-    assert done == ["slow 300"]
+    assert request_durations(telemetry, "/gate/{n}") == (1, request_seconds)
+    assert done == ["gate 1", "after 1"]
 
 
 def test_inline_keeps_starlettes_behaviour_the_request_includes_the_task(telemetry, instrument):
@@ -210,15 +205,20 @@ def test_inline_keeps_starlettes_behaviour_the_request_includes_the_task(telemet
     tasks, but records `http.server.duration` and decrements `http.server.active_requests`
     only when the application call returns, after them.
     """
+    gate.__init__()
     with serving(telemetry, instrument, dispatch="inline") as client:
-        assert client.get("/slow").status_code == 200
+        assert client.get("/gate/1").status_code == 200  # the body came before the task
+        wait_until(lambda: gate.running == 1, what="the task to run")
+        request = server_span(telemetry, "/gate/{n}")
+        assert request_durations(telemetry, "/gate/{n}") == (0, 0.0)  # not while it runs
+        gate.release.set()
         wait_for_tasks()
-        request = server_span(telemetry, "/slow")
+        wait_until(lambda: request_durations(telemetry, "/gate/{n}")[0], what="the duration")
 
-    task = telemetry.span("process slow")
+    task = telemetry.span("process Gate.work")
     assert request.end_time <= task.start_time
     task_seconds = (task.end_time - task.start_time) / 1e9
-    assert request_duration_sum(telemetry, "/slow") >= task_seconds
+    assert request_durations(telemetry, "/gate/{n}")[1] >= task_seconds
 
 
 @pytest.mark.parametrize(("mode", "active_while_the_task_runs"), [("inline", 1), ("local", 0)])

@@ -32,7 +32,7 @@ from tests.conftest import Telemetry
 from tests.integration.apps import seam_tasks
 from tests.integration.apps.queue_engine import DEADLINE_AFTER, Consumer
 from tests.integration.apps.seam_tasks import CLOCK, DEFAULT, PER_TASK, RAN, T0
-from tests.redis_server import running_redis
+from tests.support.redis import running_redis
 
 from otel_bgtasks import BackgroundTasksInstrumentor, schedule
 from otel_bgtasks._execution import Executor, active_executor

@@ -20,8 +20,9 @@ import sys
 
 import httpx
 import pytest
-from tests.integration._server import LOOPBACK, VENV_BIN, AppProcess, free_port
+from tests.integration._server import VENV_BIN, AppProcess
 from tests.integration.apps.dispatch_tasks import SECONDS_ENV, read_lines
+from tests.support.ports import LOOPBACK, free_port
 
 from otel_bgtasks.stores import DLQ_URL_ENV, open_store
 

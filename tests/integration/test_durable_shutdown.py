@@ -19,8 +19,11 @@ from otel_bgtasks.stores import open_store
 
 
 async def test_task_cancelled_by_graceful_shutdown_timeout_is_recovered(tmp_path, instrument):
-    server, store_url, results = durable_app(
-        tmp_path, task_seconds=60, name="server", uvicorn_args=["--timeout-graceful-shutdown", "1"]
+    server, store_url, results = durable_app(  # the task holds on a gate that never opens
+        tmp_path,
+        name="server",
+        gate=tmp_path / "never",
+        uvicorn_args=["--timeout-graceful-shutdown", "1"],
     )
     store = open_store(store_url)
     with server:

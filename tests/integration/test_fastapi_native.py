@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 from fastapi import BackgroundTasks, FastAPI
 from opentelemetry.trace import SpanKind, StatusCode
-from tests.integration._server import UvicornThread, wait_for_tasks, wait_until
+from tests.integration._server import UvicornThread, wait_for_tasks
+from tests.support.waiting import wait_until
 
 done: list[str] = []
 

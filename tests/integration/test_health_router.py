@@ -18,8 +18,9 @@ from fastapi import BackgroundTasks, FastAPI
 from fastapi.routing import APIRoute
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
-from tests.integration._server import UvicornThread, wait_for_tasks, wait_until
+from tests.integration._server import UvicornThread, wait_for_tasks
 from tests.integration.apps import tasks
+from tests.support.waiting import wait_until
 
 from otel_bgtasks import CircuitBreaker
 from otel_bgtasks.health import bearer_token_auth, bgtasks_router

@@ -8,21 +8,17 @@ shared fake clock, injected into the breakers (wall time in production).
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import redis
 import structlog
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
-from tests.redis_server import RedisServer, running_redis
+from tests.support.clock import Clock
+from tests.support.telemetry import Telemetry
 
 from otel_bgtasks import CircuitBreaker, CircuitState, RedisCircuitBackend
 from otel_bgtasks._execution import Executor
@@ -33,20 +29,6 @@ pytestmark = pytest.mark.redis
 NAME = "payments"
 KEY = f"bgtasks:circuit:{NAME}"
 UNREACHABLE = "circuit state backend unreachable, using local state"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def redis_server(tmp_path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path) as server:
-        yield server
 
 
 @pytest.fixture
@@ -65,15 +47,15 @@ def clients(redis_server) -> Iterator[list[redis.Redis]]:
 
 
 def breaker(
-    client: redis.Redis, clock: Clock, transitions: list[Any], *, retry_after: float = 0.0
+    client: redis.Redis,
+    clock: Clock,
+    transitions: list[Any],
+    *,
+    retry_after: float = 0.0,
+    health_clock: Clock | None = None,
 ) -> CircuitBreaker:
-    b = CircuitBreaker(
-        NAME,
-        failure_threshold=2,
-        open_duration=30.0,
-        clock=clock,
-        backend=RedisCircuitBackend(client, retry_after=retry_after),
-    )
+    backend = RedisCircuitBackend(client, retry_after=retry_after, clock=health_clock or clock)
+    b = CircuitBreaker(NAME, failure_threshold=2, open_duration=30.0, clock=clock, backend=backend)
     b.listeners.append(lambda name, before, after: transitions.append((name, before, after)))
     return b
 
@@ -86,7 +68,7 @@ def stored(client: redis.Redis) -> dict[str, Any]:
 
 
 def test_two_replicas_open_and_close_together(clients):
-    clock = Clock()
+    clock = Clock(1_000_000.0)
     seen_a: list[Any] = []
     seen_b: list[Any] = []
     a = breaker(clients(), clock, seen_a)
@@ -132,23 +114,18 @@ def test_two_replicas_open_and_close_together(clients):
 
 @dataclass
 class Replica:
-    """One app process: its own tracer and meter, its own Redis client, one executor."""
+    """One app process: its own telemetry (tracer and meter), its own Redis client, one
+    executor."""
 
     executor: Executor
-    exporter: InMemorySpanExporter
-    reader: InMemoryMetricReader
-    providers: list[Any] = field(default_factory=list)
+    telemetry: Telemetry
 
     @classmethod
     def start(cls, client: redis.Redis, clock: Clock) -> Replica:
-        exporter = InMemorySpanExporter()
-        tracer_provider = TracerProvider()
-        tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-        reader = InMemoryMetricReader()
-        meter_provider = MeterProvider(metric_readers=[reader])
+        telemetry = Telemetry()
         executor = Executor(
-            tracer_provider.get_tracer("otel_bgtasks"),
-            Instruments(meter_provider.get_meter("otel_bgtasks")),
+            telemetry.tracer_provider.get_tracer("otel_bgtasks"),
+            Instruments(telemetry.meter_provider.get_meter("otel_bgtasks")),
             circuit=CircuitBreaker(
                 NAME,
                 failure_threshold=2,
@@ -157,29 +134,23 @@ class Replica:
                 backend=RedisCircuitBackend(client),
             ),
         )
-        return cls(executor, exporter, reader, [tracer_provider, meter_provider])
+        return cls(executor, telemetry)
 
     async def run(self, func: Any, *args: Any) -> ReadableSpan:
         state = self.executor.prepare(func, args, {})
         await self.executor.run(state)
-        return self.exporter.get_finished_spans()[-1]
+        return self.telemetry.spans()[-1]
 
     def gauge(self) -> dict[str, int]:
-        data = self.reader.get_metrics_data()
-        assert data is not None
         return {
             p.attributes["bgtasks.circuit.name"]: p.value
-            for rm in data.resource_metrics
-            for sm in rm.scope_metrics
-            for m in sm.metrics
-            if m.name == "bgtasks.circuit.state"
-            for p in m.data.data_points
+            for p in self.telemetry.points("bgtasks.circuit.state")
         }
 
     def close(self) -> None:
         self.executor.close()
-        for provider in self.providers:
-            provider.shutdown()
+        self.telemetry.tracer_provider.shutdown()
+        self.telemetry.meter_provider.shutdown()
 
 
 calls: list[str] = []
@@ -192,7 +163,7 @@ def pay(order: str) -> None:
 
 
 async def test_executors_of_two_replicas_share_one_breaker(clients):
-    clock = Clock()
+    clock = Clock(1_000_000.0)
     calls.clear()
     a, b = Replica.start(clients(), clock), Replica.start(clients(), clock)
     try:
@@ -236,7 +207,7 @@ async def test_executors_of_two_replicas_share_one_breaker(clients):
 
 
 def test_redis_outage_falls_back_to_local_state_and_recovers(redis_server, clients):
-    clock = Clock()
+    clock = Clock(1_000_000.0)
     seen_a: list[Any] = []
     a = breaker(clients(), clock, seen_a)
     b = breaker(clients(), clock, [])
@@ -281,7 +252,8 @@ def test_redis_outage_falls_back_to_local_state_and_recovers(redis_server, clien
 
 def test_after_a_redis_failure_redis_is_left_alone_for_retry_after(redis_server, clients):
     """A black-holed Redis costs one timeout per interval, not one per task."""
-    a = breaker(clients(), Clock(), [], retry_after=0.5)
+    health = Clock(0.0)  # the backend's own interval clock (monotonic in production)
+    a = breaker(clients(), Clock(1_000_000.0), [], retry_after=0.5, health_clock=health)
     redis_server.stop()
     with structlog.testing.capture_logs() as logs:
         for _ in range(5):
@@ -289,6 +261,6 @@ def test_after_a_redis_failure_redis_is_left_alone_for_retry_after(redis_server,
             a.record_success()
     assert len([e for e in logs if e["event"] == UNREACHABLE]) == 1
     redis_server.start()
-    time.sleep(0.6)  # past the interval: Redis is asked again
+    health.now += 0.6  # past the interval: Redis is asked again
     a.record_failure()
     assert stored(clients())["failures"] == 1

@@ -24,7 +24,8 @@ from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 from starlette.background import BackgroundTask
-from tests.integration._server import UvicornThread, wait_until
+from tests.integration._server import UvicornThread
+from tests.support.waiting import wait_until
 
 from otel_bgtasks import BackgroundTasksInstrumentor
 

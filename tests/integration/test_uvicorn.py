@@ -19,7 +19,8 @@ from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode, Tracer
 from starlette.background import BackgroundTask
-from tests.integration._server import UvicornThread, wait_for_tasks, wait_until
+from tests.integration._server import UvicornThread, wait_for_tasks
+from tests.support.waiting import wait_until
 
 from otel_bgtasks import TraceContextFilter, TraceContextProcessor, background_task
 from otel_bgtasks.metrics import DURATION_BUCKETS

@@ -24,7 +24,9 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from tests.integration._server import LOOPBACK, AppProcess, free_port, wait_until
+from tests.integration._server import AppProcess
+from tests.support.ports import LOOPBACK, free_port
+from tests.support.waiting import wait_until
 
 SERVICE = "bgtasks-shutdown"
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from otel_bgtasks.stores.sqlite import SQLiteDeadLetterStore
 from tests.security import app_tasks
 
 
@@ -49,12 +48,6 @@ def planted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Planted
     monkeypatch.syspath_prepend(str(code_dir))
     yield Planted(name, mark, tmp_path / "pwned")
     sys.modules.pop(name, None)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteDeadLetterStore]:
-    with SQLiteDeadLetterStore(tmp_path / "dlq.db") as opened:
-        yield opened
 
 
 @pytest.fixture(autouse=True)

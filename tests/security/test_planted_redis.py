@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from otel_bgtasks.cli import main
 from otel_bgtasks.stores.redis import RedisDeadLetterStore
-from tests.redis_server import RedisServer, running_redis
 from tests.security.conftest import Planted
 from tests.security.test_planted_entries import (
     DEAD_OWNER,
@@ -21,14 +18,9 @@ from tests.security.test_planted_entries import (
     planted_letter,
     refusal,
 )
+from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path) as server:
-        yield server
 
 
 def test_cli_refuses_entries_planted_in_redis(

@@ -223,6 +223,14 @@ def test_bad_environment_raises_a_message_naming_the_variable(env, message):
     assert isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize(
+    ("raw", "log"), [("", False), ("  ", False), ("TRUE", True), (" on ", True), ("0", False)]
+)
+def test_boolean_variables_read_empty_as_unset_like_the_instrument_variables(raw, log):
+    # empty or blank is unset (the default applies), as for the OTEL_BGTASKS_* variables
+    assert AlertingConfig.from_env({"OTEL_BGTASKS_ALERT_LOG": raw}).log is log
+
+
 def test_bad_delivery_options():
     with pytest.raises(AlertingConfigError, match="backoff_initial <= backoff_max"):
         DeliveryOptions(backoff_initial=5, backoff_max=1)

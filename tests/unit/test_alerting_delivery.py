@@ -19,7 +19,7 @@ from otel_bgtasks.alerting import (
     Notifier,
     Severity,
 )
-from otel_bgtasks.alerting._delivery import Dispatcher, create_sent_counter
+from otel_bgtasks.alerting._delivery import NotificationDelivery, create_sent_counter
 
 FAST = {"backoff_initial": 0.0, "backoff_max": 0.0}
 
@@ -36,10 +36,12 @@ class Scripted(Notifier):
         self.channel = channel
         self.secret = secret
         self.calls: list[tuple[Alert, str, bool]] = []
+        self.called = threading.Event()
         self.closed = 0
 
     def send(self, alert):
         self.calls.append((alert, threading.current_thread().name, is_instrumentation_enabled()))
+        self.called.set()
         step = self.script.pop(0) if self.script else None
         if step is not None:
             raise step
@@ -95,19 +97,31 @@ def sent_counts(reader) -> dict[tuple[str, str, str], int]:
     return counts
 
 
+_threads: dict[int, list[threading.Thread]] = {}
+
+
+def join_threads(delivery: NotificationDelivery) -> None:
+    """Wait until `delivery`'s threads have ended (30 s to fail with)."""
+    for thread in _threads[id(delivery)]:
+        thread.join(30)
+    assert delivery.threads_alive == 0
+
+
 @pytest.fixture
 def make(reader):
-    made: list[Dispatcher] = []
+    made: list[NotificationDelivery] = []
 
     def make(notifiers, **options):
-        dispatcher = Dispatcher(notifiers, reader.counter, DeliveryOptions(**options))
-        made.append(dispatcher)
-        return dispatcher
+        before = set(threading.enumerate())
+        delivery = NotificationDelivery(notifiers, reader.counter, DeliveryOptions(**options))
+        _threads[id(delivery)] = [t for t in threading.enumerate() if t not in before]
+        made.append(delivery)
+        return delivery
 
     yield make
-    for dispatcher in made:
-        dispatcher.shutdown(time.monotonic() + 5)
-        assert dispatcher.threads_alive == 0
+    for delivery in made:
+        delivery.shutdown(time.monotonic() + 5)
+        assert delivery.threads_alive == 0
 
 
 def deadline(seconds: float = 10.0) -> float:
@@ -116,9 +130,9 @@ def deadline(seconds: float = 10.0) -> float:
 
 def test_retryable_errors_are_retried_on_a_delivery_thread_with_instrumentation_off(make, reader):
     notifier = Scripted([DeliveryError("HTTP 503"), DeliveryError("ReadTimeout")])
-    dispatcher = make([notifier], max_attempts=3, **FAST)
-    dispatcher.submit(alert())
-    assert dispatcher.flush(deadline())
+    delivery = make([notifier], max_attempts=3, **FAST)
+    delivery.submit(alert())
+    assert delivery.flush(deadline())
     assert len(notifier.calls) == 3
     for sent, thread, instrumented in notifier.calls:
         assert sent == alert()
@@ -130,10 +144,10 @@ def test_retryable_errors_are_retried_on_a_delivery_thread_with_instrumentation_
 
 def test_a_permanent_error_is_not_retried_and_its_log_line_hides_the_secret(make, reader):
     notifier = Scripted([DeliveryError("HTTP 404 for https://x/s3cr3t-url", retryable=False)])
-    dispatcher = make([notifier], max_attempts=5, **FAST)
+    delivery = make([notifier], max_attempts=5, **FAST)
     with capture_logs() as logs:
-        dispatcher.submit(alert())
-        assert dispatcher.flush(deadline())
+        delivery.submit(alert())
+        assert delivery.flush(deadline())
     assert len(notifier.calls) == 1
     assert sent_counts(reader) == {("consecutive_failures", "webhook", "failed"): 1}
     assert logs == [
@@ -150,12 +164,12 @@ def test_a_permanent_error_is_not_retried_and_its_log_line_hides_the_secret(make
 
 def test_attempts_are_bounded_and_any_exception_is_one_failed_delivery(make, reader):
     notifier = Scripted([ValueError("bug"), ValueError("bug"), ValueError("bug")])
-    dispatcher = make([notifier], max_attempts=3, **FAST)
-    dispatcher.submit(alert())
-    assert dispatcher.flush(deadline())
+    delivery = make([notifier], max_attempts=3, **FAST)
+    delivery.submit(alert())
+    assert delivery.flush(deadline())
     assert len(notifier.calls) == 3
-    dispatcher.submit(alert(rule="slow_task"))  # the thread survived
-    assert dispatcher.flush(deadline())
+    delivery.submit(alert(rule="slow_task"))  # the thread survived
+    assert delivery.flush(deadline())
     assert sent_counts(reader) == {
         ("consecutive_failures", "webhook", "failed"): 1,
         ("slow_task", "webhook", "sent"): 1,
@@ -164,9 +178,9 @@ def test_attempts_are_bounded_and_any_exception_is_one_failed_delivery(make, rea
 
 def test_every_alert_goes_to_every_notifier(make, reader):
     a, b = Scripted(channel="webhook"), Scripted(channel="email")
-    dispatcher = make([a, b], **FAST)
-    dispatcher.submit(alert())
-    assert dispatcher.flush(deadline())
+    delivery = make([a, b], **FAST)
+    delivery.submit(alert())
+    assert delivery.flush(deadline())
     assert [c[0] for c in a.calls] == [c[0] for c in b.calls] == [alert()]
     assert sent_counts(reader) == {
         ("consecutive_failures", "webhook", "sent"): 1,
@@ -176,20 +190,20 @@ def test_every_alert_goes_to_every_notifier(make, reader):
 
 def test_a_full_queue_drops_and_counts_and_never_grows_past_its_bound(make, reader):
     hanging = Blocking()
-    dispatcher = make([hanging], queue_size=2, max_concurrency=1, **FAST)
+    delivery = make([hanging], queue_size=2, max_concurrency=1, **FAST)
     with capture_logs() as logs:
-        dispatcher.submit(alert(key="task:0"))
+        delivery.submit(alert(key="task:0"))
         assert hanging.entered.acquire(timeout=10)  # one in flight, stuck
         for i in range(1, 7):
-            dispatcher.submit(alert(key=f"task:{i}"))
-            assert dispatcher.queued <= 2
-    assert (dispatcher.in_flight, dispatcher.queued, dispatcher.high_water) == (1, 2, 2)
+            delivery.submit(alert(key=f"task:{i}"))
+            assert delivery.queued <= 2
+    assert (delivery.in_flight, delivery.queued, delivery.high_water) == (1, 2, 2)
     assert sent_counts(reader) == {("consecutive_failures", "slack", "dropped"): 4}
     # One warning per run of drops, not one per drop.
     assert [e["event"] for e in logs] == ["bgtasks alert dropped: delivery queue full or shut down"]
-    assert not dispatcher.flush(time.monotonic() + 0.05)
+    assert not delivery.flush(time.monotonic())  # not flushed now, nor ever while it hangs
     hanging.release.set()
-    assert dispatcher.flush(deadline())
+    assert delivery.flush(deadline())
     assert [a.key for a in hanging.sent] == ["task:0", "task:1", "task:2"]
     assert sent_counts(reader) == {
         ("consecutive_failures", "slack", "dropped"): 4,
@@ -199,33 +213,29 @@ def test_a_full_queue_drops_and_counts_and_never_grows_past_its_bound(make, read
 
 def test_concurrency_is_limited(make):
     hanging = Blocking()
-    dispatcher = make([hanging], queue_size=10, max_concurrency=3, **FAST)
+    delivery = make([hanging], queue_size=10, max_concurrency=3, **FAST)
     for i in range(6):
-        dispatcher.submit(alert(key=f"task:{i}"))
+        delivery.submit(alert(key=f"task:{i}"))
     for _ in range(3):
         assert hanging.entered.acquire(timeout=10)
-    assert not hanging.entered.acquire(timeout=0.2)  # a fourth never starts
-    assert (dispatcher.in_flight, dispatcher.queued) == (3, 3)
+    assert (delivery.in_flight, delivery.queued) == (3, 3)  # three threads, all taken
     hanging.release.set()
-    assert dispatcher.flush(deadline())
+    assert delivery.flush(deadline())
 
 
 def test_shutdown_drops_what_is_queued_refuses_new_alerts_and_closes_notifiers(make, reader):
     hanging = Blocking()
     closer = Scripted(channel="email")
-    dispatcher = make([hanging], queue_size=5, max_concurrency=1, **FAST)
-    dispatcher.notifiers = (hanging, closer)
-    dispatcher.submit(alert())
+    delivery = make([hanging], queue_size=5, max_concurrency=1, **FAST)
+    delivery.notifiers = (hanging, closer)
+    delivery.submit(alert())
     assert hanging.entered.acquire(timeout=10)
-    assert not dispatcher.shutdown(time.monotonic() + 0.1)  # one stuck in flight
-    assert dispatcher.queued == 0
+    assert not delivery.shutdown(time.monotonic())  # one stuck in flight
+    assert delivery.queued == 0
     assert closer.closed == 1
-    dispatcher.submit(alert(rule="late"))
+    delivery.submit(alert(rule="late"))
     hanging.release.set()
-    wait = deadline()
-    while dispatcher.threads_alive and time.monotonic() < wait:
-        time.sleep(0.01)
-    assert dispatcher.threads_alive == 0
+    join_threads(delivery)
     assert sent_counts(reader) == {
         ("consecutive_failures", "email", "dropped"): 1,  # queued behind the stuck one
         ("consecutive_failures", "slack", "sent"): 1,  # the stuck one, finished late
@@ -236,18 +246,13 @@ def test_shutdown_drops_what_is_queued_refuses_new_alerts_and_closes_notifiers(m
 
 def test_shutdown_cuts_a_backoff_wait_short(make, reader):
     notifier = Scripted([DeliveryError("HTTP 503")] * 5)
-    dispatcher = make([notifier], max_attempts=5, backoff_initial=60.0, backoff_max=60.0)
+    delivery = make([notifier], max_attempts=5, backoff_initial=60.0, backoff_max=60.0)
     with capture_logs() as logs:
-        dispatcher.submit(alert())
-        wait = deadline()
-        while not notifier.calls and time.monotonic() < wait:
-            time.sleep(0.01)
+        delivery.submit(alert())
+        assert notifier.called.wait(30)  # the first try failed: a 60 s backoff wait begins
         # The drain gives the retry until the deadline, then the 60 s wait is cut short.
-        assert not dispatcher.shutdown(time.monotonic() + 0.1)
-        wait = deadline()
-        while dispatcher.threads_alive and time.monotonic() < wait:
-            time.sleep(0.01)
-    assert dispatcher.threads_alive == 0
+        assert not delivery.shutdown(time.monotonic())
+        join_threads(delivery)
     assert len(notifier.calls) == 1  # no try after the shutdown
     assert sent_counts(reader) == {("consecutive_failures", "webhook", "failed"): 1}
     assert [(e["attempts"], e["error"]) for e in logs] == [(1, "DeliveryError: HTTP 503")]

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
 from structlog.testing import capture_logs
 
 from otel_bgtasks import attributes as attr
@@ -37,9 +33,17 @@ class Recording(Notifier):
     def __init__(self):
         self.alerts = []
         self.closed = False
+        self._sent = threading.Condition()
 
     def send(self, alert):
-        self.alerts.append(alert)
+        with self._sent:
+            self.alerts.append(alert)
+            self._sent.notify_all()
+
+    def wait_for(self, count):
+        """Block until `count` alerts were sent (a bound to fail with, not a decision)."""
+        with self._sent:
+            assert self._sent.wait_for(lambda: len(self.alerts) >= count, timeout=30), self.alerts
 
     def close(self):
         self.closed = True
@@ -62,13 +66,8 @@ class Stuck(Rule):
 
 
 @pytest.fixture
-def providers():
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    tracer_provider = TracerProvider(shutdown_on_exit=False)
-    yield tracer_provider, meter_provider, reader
-    tracer_provider.shutdown()
-    meter_provider.shutdown()
+def providers(telemetry):
+    return telemetry.tracer_provider, telemetry.meter_provider, telemetry.reader
 
 
 def end_task_span(tracer_provider, name="send_invoice", outcome="failure", events=()):
@@ -79,13 +78,6 @@ def end_task_span(tracer_provider, name="send_invoice", outcome="failure", event
         span.add_event(event_name, event_attrs)
     span.set_attribute(attr.TASK_OUTCOME, outcome)
     span.end()
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_task_spans_reach_the_rules_and_the_notifier(providers):
@@ -168,7 +160,7 @@ def test_time_windows_resolve_on_the_rules_thread_tick(providers):
     assert processor.force_flush(10_000)
     assert [a.status for a in notifier.alerts] == [AlertStatus.FIRING]
     now[0] = 1061.0
-    wait_until(lambda: len(notifier.alerts) == 2)
+    notifier.wait_for(2)  # the rules thread ticks on its own and sees the later time
     assert processor.force_flush(10_000)
     assert [(a.status, a.at) for a in notifier.alerts] == [
         (AlertStatus.FIRING, 1000.0),
@@ -190,7 +182,7 @@ def test_shutdown_is_idempotent_closes_notifiers_and_ignores_later_spans(provide
     processor.shutdown()
     processor.on_end(tracer_provider.get_tracer("t").start_span("process x"))  # no error
     assert processor.pending_signals == 0
-    assert processor.dispatcher.threads_alive == 0
+    assert processor.delivery.threads_alive == 0
 
 
 @pytest.mark.parametrize("bad", [{"queue_size": 0}, {"tick_interval": 0}])
@@ -224,7 +216,7 @@ def test_install_alerting_adds_the_processor_with_defaults(providers, clean_env)
         "circuit_opened",
         "dead_letter_moves",
     ]
-    assert [type(n) for n in processor.dispatcher.notifiers] == [LogNotifier]
+    assert [type(n) for n in processor.delivery.notifiers] == [LogNotifier]
     with capture_logs() as logs:
         for _ in range(3):
             end_task_span(tracer_provider)
@@ -241,8 +233,8 @@ def test_install_alerting_reads_channels_from_the_environment(providers, clean_e
     clean_env.setenv("OTEL_BGTASKS_ALERT_SLACK_WEBHOOK_URL", "https://hooks.slack.com/s/t0k3n")
     clean_env.setenv("OTEL_BGTASKS_ALERT_QUEUE_SIZE", "7")
     processor = install_alerting(tracer_provider, meter_provider=meter_provider)
-    assert [type(n) for n in processor.dispatcher.notifiers] == [SlackNotifier]
-    assert processor.dispatcher.options.queue_size == 7
+    assert [type(n) for n in processor.delivery.notifiers] == [SlackNotifier]
+    assert processor.delivery.options.queue_size == 7
 
 
 def test_install_alerting_with_explicit_config_and_notifiers(providers, clean_env):
@@ -250,7 +242,7 @@ def test_install_alerting_with_explicit_config_and_notifiers(providers, clean_en
     clean_env.setenv("OTEL_BGTASKS_ALERT_LOG", "not-a-bool")  # never read
     config = AlertingConfig(slack_webhook_url=Secret("https://hooks.slack.com/s/t0k3n"))
     processor = install_alerting(tracer_provider, meter_provider=meter_provider, config=config)
-    assert [n.channel for n in processor.dispatcher.notifiers] == ["slack"]
+    assert [n.channel for n in processor.delivery.notifiers] == ["slack"]
     notifier = Recording()
     processor = install_alerting(
         tracer_provider,

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from otel_bgtasks.alerting import (
+    DEFAULT_FAILURE_RATIO,
     Alert,
+    AlertingConfig,
     AlertStatus,
     CircuitChange,
     CircuitOpened,
@@ -25,10 +30,12 @@ from otel_bgtasks.alerting import (
     SlowTask,
     TaskSignal,
     default_rules,
+    parse_rules,
 )
 from otel_bgtasks.attributes import Outcome
 
 FIRING, RESOLVED = AlertStatus.FIRING, AlertStatus.RESOLVED
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sig(
@@ -257,6 +264,22 @@ def test_failure_ratio_waits_for_min_runs_then_fires():
         "failure_ratio": 0.75,
     }
     assert (alert.rule, alert.severity) == ("failure_ratio", Severity.WARNING)
+
+
+def test_failure_ratio_defaults_to_the_shipped_prometheus_rules_threshold():
+    rules = yaml.safe_load((REPO / "collector-config" / "alert-rules.yml").read_text())
+    (expr,) = [
+        rule["expr"]
+        for group in rules["groups"]
+        for rule in group["rules"]
+        if rule.get("alert") == "BgTaskFailureRatioHigh"
+    ]
+    shipped = float(re.fullmatch(r"(?s).*\)\s*>\s*([0-9.]+)\s*", expr).group(1))
+    assert DEFAULT_FAILURE_RATIO == shipped == 0.1
+    assert FailureRatio().threshold == DEFAULT_FAILURE_RATIO
+    (ratio,) = AlertingConfig(rules=parse_rules("failure_ratio")).build_rules()
+    assert isinstance(ratio, FailureRatio)
+    assert (ratio.threshold, ratio.window_seconds, ratio.min_runs) == (0.1, 300.0, 10)
 
 
 def test_failure_ratio_resolves_when_the_ratio_drops_under_the_threshold():

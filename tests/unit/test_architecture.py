@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 from opentelemetry.trace import StatusCode
@@ -292,27 +290,9 @@ def test_a_call_that_can_be_stored_round_trips():
 # -- imports --------------------------------------------------------------------------------
 
 
-def test_importing_the_package_loads_no_optional_feature():
-    code = (
-        "import sys, otel_bgtasks;"
-        "print(sorted(m for m in ('redis', 'httpx', 'smtplib', 'fastapi') if m in sys.modules))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "[]"
-
-
 def test_the_redis_store_is_still_a_public_name():
     from otel_bgtasks.stores.redis import RedisDeadLetterStore
 
     assert otel_bgtasks.RedisDeadLetterStore is RedisDeadLetterStore
     assert "RedisDeadLetterStore" in otel_bgtasks.__all__
 
-
-def test_old_import_paths_still_work():
-    from otel_bgtasks import deadletter, replay_runner
-
-    assert deadletter.DeadLetters is otel_bgtasks.DeadLetters
-    assert deadletter.TaskImportError is TaskImportError
-    assert replay_runner.run_dead_letter is otel_bgtasks.run_dead_letter

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,8 @@ from otel_bgtasks.cli import main, parse_since
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.replay import ReplayResult
 from otel_bgtasks.stores import SQLiteDeadLetterStore
-from tests.unit.test_deadletter_contract import dead_pid, make_entry, make_journal
+from tests.support.owners import dead_owner
+from tests.unit.test_deadletter_contract import make_entry, make_journal
 
 NOW = time.time()
 
@@ -28,19 +27,8 @@ def task_ok(value: int) -> None:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "dlq.db"
-
-
-@pytest.fixture
-def url(db: Path) -> str:
-    return f"sqlite:///{db}"
-
-
-@pytest.fixture
-def store(db: Path) -> Iterator[SQLiteDeadLetterStore]:
-    with SQLiteDeadLetterStore(db) as store:
-        yield store
+def url(store_path: Path) -> str:
+    return f"sqlite:///{store_path}"
 
 
 @pytest.fixture
@@ -175,9 +163,9 @@ def test_list_json_with_filters(
 
 
 def test_list_reports_corrupt_rows_on_stderr(
-    capsys: pytest.CaptureFixture[str], url: str, db: Path, entries: list[DeadLetter]
+    capsys: pytest.CaptureFixture[str], url: str, store_path: Path, entries: list[DeadLetter]
 ) -> None:
-    with sqlite3.connect(db) as conn:
+    with sqlite3.connect(store_path) as conn:
         conn.execute("UPDATE dead_letters SET data = '{oops' WHERE id = ?", (entries[1].id,))
     conn.close()
     # a configured structlog printing to stdout (an app's config, or a test's leftover) must
@@ -207,13 +195,17 @@ def test_list_reports_corrupt_rows_on_stderr(
 
 @pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "1e300"])
 def test_a_row_with_an_impossible_timestamp_is_corrupt_not_a_crash(
-    capsys: pytest.CaptureFixture[str], url: str, db: Path, entries: list[DeadLetter], bad: str
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    store_path: Path,
+    entries: list[DeadLetter],
+    bad: str,
 ) -> None:
     fields = entries[1].to_dict()
     fields["last_failure"] = float(bad.lower() if "e" in bad else bad)
     data = json.dumps(fields)  # Python writes NaN and Infinity as bare words
     assert bad in data or "1e+300" in data
-    with sqlite3.connect(db) as conn:
+    with sqlite3.connect(store_path) as conn:
         conn.execute("UPDATE dead_letters SET data = ? WHERE id = ?", (data, entries[1].id))
     conn.close()
     code, out, err = run(capsys, "--store", url, "dlq", "list", "--json")
@@ -289,7 +281,7 @@ def test_delete_checks_every_id_first(
 
 
 def test_replay_ids(
-    capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLetter], db: Path
+    capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLetter], store_path: Path
 ) -> None:
     runner = FakeRunner()
     code, out, _ = run(
@@ -306,12 +298,12 @@ def test_replay_ids(
     )
     assert (code, out) == (0, "replay: 2 replayed\n")
     assert runner.ran == [entries[2].id, entries[0].id]
-    with SQLiteDeadLetterStore(db) as check:
+    with SQLiteDeadLetterStore(store_path) as check:
         assert check.list() == [entries[1]]
 
 
 def test_replay_all_with_filter_and_failure(
-    capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLetter], db: Path
+    capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLetter], store_path: Path
 ) -> None:
     runner = FakeRunner(fail={entries[2].id})
     code, out, err = run(
@@ -330,7 +322,7 @@ def test_replay_all_with_filter_and_failure(
     assert out == "replay: 1 replayed, 1 failed\n"
     assert f"failed: {entries[2].id} send_mail: ConnectionError: still down" in err
     assert runner.ran == [entries[0].id, entries[2].id]
-    with SQLiteDeadLetterStore(db) as check:
+    with SQLiteDeadLetterStore(store_path) as check:
         kept = check.list()
     assert [e.id for e in kept] == [entries[1].id, entries[2].id]
     assert kept[1].attempts == entries[2].attempts + 1
@@ -405,7 +397,7 @@ def test_recover_dead_letters_tasks_of_dead_processes(
         "recover: no interrupted durable tasks\n",
         "",
     )
-    crashed = f"{socket.gethostname()}:{dead_pid()}:abcd"
+    crashed = dead_owner()
     lost = make_journal(owner=crashed, func_ref="tests.unit.test_cli:record_call")
     store.journal_add(lost)
     code, out, _ = run(capsys, "--store", url, "recover")
@@ -445,7 +437,7 @@ def test_recover_rerun(
 
 
 def test_purge(
-    capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLetter], db: Path
+    capsys: pytest.CaptureFixture[str], url: str, entries: list[DeadLetter], store_path: Path
 ) -> None:
     code, out, err = run(capsys, "--store", url, "dlq", "purge", "--reason", "exhausted")
     assert (code, out) == (2, "")
@@ -461,7 +453,7 @@ def test_purge(
         "",
     )
     assert run(capsys, "--store", url, "dlq", "purge", "-y")[1] == "purged 2 dead letters\n"
-    with SQLiteDeadLetterStore(db) as check:
+    with SQLiteDeadLetterStore(store_path) as check:
         assert check.count() == 0
 
 
@@ -479,11 +471,11 @@ def test_store_from_environment(
         "dlq",
         "list",
         "--store",
-        "sqlite:////nonexistent/x.db",
+        "sqlite:////nonexistent/x.store_path",
         environ={"OTEL_BGTASKS_DLQ_URL": url},
     )
     assert code == 2
-    assert "file '/nonexistent/x.db' does not exist" in err
+    assert "file '/nonexistent/x.store_path' does not exist" in err
 
 
 @pytest.mark.parametrize(

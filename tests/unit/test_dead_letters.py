@@ -17,15 +17,7 @@ from otel_bgtasks.identity import process_identity
 from otel_bgtasks.records import DeadLetterReason
 from otel_bgtasks.recovery import recover_interrupted_tasks
 from otel_bgtasks.replay import DeadLetters, run_dead_letter
-from otel_bgtasks.stores import SQLiteDeadLetterStore
 from tests.unit import tasks
-
-
-@pytest.fixture
-def store(tmp_path) -> Iterator[SQLiteDeadLetterStore]:
-    sqlite = SQLiteDeadLetterStore(tmp_path / "dlq.db")
-    yield sqlite
-    sqlite.close()
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ import json
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +30,7 @@ from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
 from otel_bgtasks.registry import declare_task_modules, register_task
 from otel_bgtasks.replay import DeadLetters, ReplayOutcome, ReplayResult
 from otel_bgtasks.stores import SQLiteDeadLetterStore
+from tests.support.owners import dead_owner, dead_pid, identity_of
 from tests.unit.test_deadletter_contract import SPAN_ID, T0, TRACE_ID, make_entry, make_journal
 
 # -- module-level tasks (importable by reference) ---------------------------------------------
@@ -375,42 +375,38 @@ def test_process_identity_is_stable_and_parsable() -> None:
     assert owner_is_dead(me) is False
 
 
-def _identity_of(pid: int, *, pidns: str | None = None, start: str | None = None) -> str:
-    """The identity a process `pid` would have, with some of its token's parts replaced."""
-    mine = process_identity().rsplit(":", 1)[1].split(".")
-    with open(f"/proc/{pid}/stat") as f:
-        real_start = f.read().rpartition(")")[2].split()[19]
-    parts = [mine[0], pidns or mine[1], start or real_start, "0123456789ab"]
-    return f"{socket.gethostname()}:{pid}:{'.'.join(parts)}"
-
-
 def test_a_live_process_is_never_taken_for_dead() -> None:
     parent = os.getppid()
-    assert owner_is_dead(_identity_of(parent)) is False
-    assert owner_is_alive(_identity_of(parent)) is True
-    assert owner_is_alive(_identity_of(parent, start="1")) is False
-    assert owner_is_alive(_identity_of(1, pidns="4026599999")) is False  # cannot tell
+    assert owner_is_dead(identity_of(parent)) is False
+    assert owner_is_alive(identity_of(parent)) is True
+    assert owner_is_alive(identity_of(parent, start="1")) is False
+    assert owner_is_alive(identity_of(1, pidns="4026599999")) is False  # cannot tell
     assert owner_is_alive(process_identity()) is True
     # same hostname, pid 1, another PID namespace (another container): only heartbeats tell
-    assert owner_is_dead(_identity_of(1, pidns="4026599999")) is False
-    assert owner_is_dead(_identity_of(os.getpid(), pidns="4026599999")) is False
+    assert owner_is_dead(identity_of(1, pidns="4026599999")) is False
+    assert owner_is_dead(identity_of(os.getpid(), pidns="4026599999")) is False
 
 
 def test_a_reused_pid_is_not_its_former_owner() -> None:
     # the parent's pid, but started at another time: the owner was an earlier process
-    assert owner_is_dead(_identity_of(os.getppid(), start="1")) is True
-    assert owner_is_dead(_identity_of(os.getpid(), start="1")) is True  # an earlier self
+    assert owner_is_dead(identity_of(os.getppid(), start="1")) is True
+    assert owner_is_dead(identity_of(os.getpid(), start="1")) is True  # an earlier self
 
 
 def test_owner_is_dead() -> None:
-    from tests.unit.test_deadletter_contract import dead_pid
-
-    host = socket.gethostname()
-    assert owner_is_dead(f"{host}:{dead_pid()}:abc") is True
-    assert owner_is_dead(f"{host}:{os.getpid()}:not-my-token") is True
-    assert owner_is_dead(f"{host}:{os.getppid()}:abc") is False
-    assert owner_is_dead(f"another-host:{dead_pid()}:abc") is False  # only heartbeats can tell
+    assert owner_is_dead(dead_owner()) is True
+    assert owner_is_dead(identity_of(os.getppid())) is False
+    elsewhere = dead_owner().replace(socket.gethostname(), "another-host", 1)
+    assert owner_is_dead(elsewhere) is False  # only heartbeats can tell
     assert owner_is_dead("garbage") is False
+
+
+def test_an_identity_without_proc_parts_is_judged_by_pid_only_between_such_systems() -> None:
+    host = socket.gethostname()
+    # we have /proc, the owner did not: not the same system, only heartbeats can tell
+    assert owner_is_dead(f"{host}:{dead_pid()}:0123456789ab") is False
+    assert owner_is_dead(f"{host}:{os.getpid()}:0123456789ab") is False
+    assert owner_is_alive(f"{host}:{os.getpid()}:0123456789ab") is False
 
 
 # -- operator API: DeadLetters and replay ------------------------------------------------------
@@ -426,12 +422,6 @@ async def run_for_real(entry: DeadLetter, call: DecodedCall) -> ReplayResult:
     except Exception as exc:
         return ReplayResult(ok=False, entry=entry.with_failure(exc))
     return ReplayResult(ok=True)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteDeadLetterStore]:
-    with SQLiteDeadLetterStore(tmp_path / "dlq.db") as store:
-        yield store
 
 
 def _payload(*args: Any, **kwargs: Any) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from otel_bgtasks.errors import StoreUnavailableError
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
 from otel_bgtasks.stores import BufferedStore, SQLiteDeadLetterStore
 from otel_bgtasks.stores.base import DeadLetterStore
+from tests.support.clock import Clock
 from tests.unit.test_deadletter_contract import T0, make_entry, make_journal
 
 
@@ -30,6 +30,7 @@ class FlakyStore(DeadLetterStore):
         self.inner = inner
         self.up = True
         self.calls: list[str] = []
+        self.stored = threading.Condition()
 
     def _check(self, name: str) -> None:
         self.calls.append(name)
@@ -39,6 +40,13 @@ class FlakyStore(DeadLetterStore):
     def put(self, entry: DeadLetter) -> None:
         self._check("put")
         self.inner.put(entry)
+        with self.stored:
+            self.stored.notify_all()
+
+    def wait_stored(self, count: int) -> None:
+        """Block until the inner store holds `count` dead letters (30 s to fail with)."""
+        with self.stored:
+            assert self.stored.wait_for(lambda: self.inner.count() >= count, 30), self.calls
 
     def get(self, entry_id: str) -> DeadLetter | None:
         self._check("get")
@@ -123,14 +131,6 @@ class FlakyStore(DeadLetterStore):
     def close(self) -> None:
         self.calls.append("close")
         self.inner.close()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -407,9 +407,7 @@ def test_the_buffer_drains_by_itself_when_the_store_returns(flaky: FlakyStore) -
         buffered.put(entry)
     assert buffered.pending == 3
     flaky.up = True  # no further call on the buffer from here
-    deadline = time.monotonic() + 10
-    while buffered.pending and time.monotonic() < deadline:
-        time.sleep(0.01)
+    flaky.wait_stored(3)  # written by the buffer's own thread
     assert flaky.inner.list() == entries
     buffered.close()
 

@@ -9,8 +9,7 @@ bypassing the store's encoder (corrupt-row tests).
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry, rou
 from otel_bgtasks.recovery import recover_interrupted
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.testing import InMemoryDeadLetterStore
+from tests.support.owners import dead_owner, identity_of
 
 T0 = 1_700_000_000.0
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -66,13 +66,6 @@ def make_journal(**overrides: Any) -> JournalEntry:
     }
     fields.update(overrides)
     return JournalEntry(**fields)
-
-
-def dead_pid() -> int:
-    """The pid of a process that has exited (and been reaped)."""
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 class StoreContract:
@@ -239,13 +232,12 @@ class StoreContract:
         assert store.last_seen() == {"h:1:a": T0 + 100, "h:2:b": T0 + 3}
 
     def test_dead_owners(self, store: DeadLetterStore) -> None:
-        host = process_identity().split(":")[0]
         me = process_identity()
         fresh_remote = "elsewhere:10:aaaa"
         stale_remote = "elsewhere:11:bbbb"
         journal_only_stale = "elsewhere:12:cccc"
-        gone_local = f"{host}:{dead_pid()}:dddd"
-        my_earlier_self = f"{host}:{me.split(':')[1]}:eeee"
+        gone_local = dead_owner()
+        my_earlier_self = identity_of(os.getpid(), start="1")
         now = T0 + 1000
         store.heartbeat(me, at=T0)  # stale, but this process is alive
         store.heartbeat(fresh_remote, at=now - 5)

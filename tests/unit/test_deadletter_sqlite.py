@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,28 +9,18 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from otel_bgtasks.errors import StoreUnavailableError
+from otel_bgtasks.errors import ConfigurationError, StoreUnavailableError
 from otel_bgtasks.records import DeadLetterReason
 from otel_bgtasks.stores import BufferedStore, SQLiteDeadLetterStore, open_store
 from otel_bgtasks.stores.sqlite import SCHEMA_VERSION
-from tests.unit.test_deadletter_contract import T0, StoreContract, make_entry, make_journal
+from tests.unit.test_deadletter_contract import StoreContract, make_entry
 
 
 class TestSQLiteStore(StoreContract):
     @pytest.fixture
-    def db_path(self, tmp_path: Path) -> Path:
-        return tmp_path / "dlq.db"
-
-    @pytest.fixture
-    def store(self, db_path: Path) -> Iterator[SQLiteDeadLetterStore]:
-        store = SQLiteDeadLetterStore(db_path)
-        yield store
-        store.close()
-
-    @pytest.fixture
-    def inject_raw(self, db_path: Path) -> Callable[[str, str, float], None]:
+    def inject_raw(self, store_path: Path) -> Callable[[str, str, float], None]:
         def inject(entry_id: str, raw: str, last_failure: float) -> None:
-            with sqlite3.connect(db_path) as conn:
+            with sqlite3.connect(store_path) as conn:
                 conn.execute(
                     "INSERT INTO dead_letters (id, task_name, reason, last_failure, data)"
                     " VALUES (?, 'send_mail', 'exhausted', ?, ?)",
@@ -40,55 +29,6 @@ class TestSQLiteStore(StoreContract):
             conn.close()
 
         return inject
-
-
-def _write_many(path: str, worker: int, count: int) -> None:
-    store = SQLiteDeadLetterStore(path)
-    for i in range(count):
-        store.put(make_entry(task_name=f"worker{worker}", last_failure=T0 + i))
-        journal = make_journal(owner=f"h:{worker}:x", enqueued_at=T0 + i)
-        store.journal_add(journal)
-        if i % 2:
-            store.journal_remove(journal.task_id)
-    store.close()
-
-
-def test_two_processes_write_concurrently(tmp_path: Path) -> None:
-    path = str(tmp_path / "shared.db")
-    SQLiteDeadLetterStore(path).close()  # schema exists; the workers race on writes only
-    ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_write_many, args=(path, w, 150)) for w in (1, 2)]
-    for p in workers:
-        p.start()
-    for p in workers:
-        p.join(60)
-    assert [p.exitcode for p in workers] == [0, 0]
-    with SQLiteDeadLetterStore(path) as store:
-        assert store.count() == 300
-        assert len(store.list(task="worker1")) == 150
-        assert len(store.list(task="worker2")) == 150
-        assert len(store.journal_list(owner="h:1:x")) == 75
-        assert len(store.journal_list(owner="h:2:x")) == 75
-        assert store.corrupt_ids() == []
-
-
-def _create_schema(path: str) -> None:
-    SQLiteDeadLetterStore(path).close()
-
-
-def test_processes_racing_to_create_the_schema(tmp_path: Path) -> None:
-    path = str(tmp_path / "fresh.db")
-    ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_create_schema, args=(path,)) for _ in range(3)]
-    for p in workers:
-        p.start()
-    for p in workers:
-        p.join(60)
-    assert [p.exitcode for p in workers] == [0, 0, 0]
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    conn.close()
 
 
 def test_schema_is_created_with_version_and_wal(tmp_path: Path) -> None:
@@ -191,64 +131,36 @@ def test_open_store_rejects_bad_urls(url: str, message: str) -> None:
         open_store(url)
 
 
-def _use_inherited_store(store: SQLiteDeadLetterStore, queue: multiprocessing.Queue[int]) -> None:
-    store.put(make_entry(task_name="child"))
-    queue.put(store.count())
-    store.close()
-
-
-@pytest.mark.filterwarnings(
-    # Python 3.12+ warns that fork() in a process with threads may deadlock; the child here
-    # only touches SQLite through its own new connection.
-    "ignore:This process .* is multi-threaded:DeprecationWarning"
-)
-def test_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
-    store = SQLiteDeadLetterStore(tmp_path / "fork.db")
-    store.put(make_entry(task_name="parent"))  # the parent's connection exists before fork
-    ctx = multiprocessing.get_context("fork")
-    queue: multiprocessing.Queue[int] = ctx.Queue()
-    child = ctx.Process(target=_use_inherited_store, args=(store, queue))
-    child.start()
-    child.join(30)
-    assert child.exitcode == 0
-    assert queue.get(timeout=5) == 2
-    # the child's close() left the parent's connection open
-    assert sorted(e.task_name for e in store.list()) == ["child", "parent"]
-    store.close()
-
-
 class TestBufferedSQLiteStore(TestSQLiteStore):
     """The contract holds through the `BufferedStore` wrapper too (`open_store`'s default)."""
 
     @pytest.fixture
-    def store(self, db_path: Path) -> Iterator[BufferedStore]:  # type: ignore[override]
-        store = BufferedStore(SQLiteDeadLetterStore(db_path))
+    def store(self, store_path: Path) -> Iterator[BufferedStore]:  # type: ignore[override]
+        store = BufferedStore(SQLiteDeadLetterStore(store_path))
         yield store
         store.close()
 
 
-def test_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+def test_a_version_1_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
     path = tmp_path / "v1.db"
     with sqlite3.connect(path) as conn:
         conn.executescript(
             "CREATE TABLE dead_letters (id TEXT PRIMARY KEY, task_name TEXT NOT NULL,"
             " reason TEXT NOT NULL, last_failure REAL NOT NULL, data TEXT NOT NULL);"
-            "CREATE TABLE journal (task_id TEXT PRIMARY KEY, owner TEXT NOT NULL,"
-            " enqueued_at REAL NOT NULL, data TEXT NOT NULL);"
-            "CREATE TABLE heartbeats (owner TEXT PRIMARY KEY, at REAL NOT NULL);"
             "PRAGMA user_version = 1;"
         )
-        entry = make_entry()
-        conn.execute(
-            "INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?)",
-            (entry.id, entry.task_name, entry.reason.value, entry.last_failure, entry.to_json()),
-        )
     conn.close()
-    with SQLiteDeadLetterStore(path) as store:
-        assert store.claim(entry.id, "A", lease=30) == entry
-        assert store.delete_claimed(entry.id, "A") is True
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    with pytest.raises(
+        ConfigurationError,
+        match=r"schema version 1 .* not read by this one \(2\); move the file aside",
+    ):
+        SQLiteDeadLetterStore(path)
+    with sqlite3.connect(path) as conn:  # refused, not touched
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == [
+            "dead_letters",
+            "sqlite_autoindex_dead_letters_1",
+        ]
     conn.close()
 
 

@@ -204,9 +204,9 @@ def streaming_app() -> FastAPI:
     @app.get("/stream")
     async def stream(tasks: BackgroundTasks) -> StreamingResponse:
         async def chunks() -> AsyncIterator[bytes]:
-            for _ in range(100):
-                yield b"chunk"
-                await asyncio.sleep(0.01)
+            yield b"chunk"
+            yield b"chunk"
+            await asyncio.Event().wait()  # streams until the client is gone or it is cancelled
 
         tasks.add_task(step, "after-stream")
         return StreamingResponse(chunks(), background=tasks)

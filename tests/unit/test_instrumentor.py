@@ -10,11 +10,15 @@ import threading
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.semconv.schemas import Schemas
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.background import BackgroundTask, BackgroundTasks
 
 from otel_bgtasks import BackgroundTasksInstrumentor, background_task, current_task, schedule
-from otel_bgtasks.metrics import DURATION_BUCKETS
+from otel_bgtasks._execution import Executor
+from otel_bgtasks._version import __version__
+from otel_bgtasks.metrics import DURATION_BUCKETS, Instruments
+from tests.support.clock import Clock
 
 
 async def ok_async(x: int) -> int:
@@ -70,6 +74,25 @@ async def test_link_mode_span_structure(telemetry, instrument):
     (event,) = request_span.events
     assert event.name == "bgtasks.enqueued"
     assert dict(event.attributes) == {"bgtasks.task.name": "ok_async", "bgtasks.task.id": task_id}
+
+
+async def test_tracer_and_meter_declare_the_conventions_the_names_come_from(telemetry, instrument):
+    newest = max(Schemas, key=lambda s: tuple(map(int, s.value.rsplit("/", 1)[1].split("."))))
+    instrument()
+    await BackgroundTask(ok_async, 1)()
+
+    scope = telemetry.span("process ok_async").instrumentation_scope
+    assert (scope.name, scope.version, scope.schema_url) == (
+        "otel_bgtasks",
+        __version__,
+        newest.value,
+    )
+    data = telemetry.reader.get_metrics_data()
+    assert {
+        (sm.scope.name, sm.scope.schema_url)
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+    } == {("otel_bgtasks", newest.value)}
 
 
 async def test_child_mode_parents_under_the_scheduling_span(telemetry, instrument):
@@ -280,17 +303,22 @@ async def test_unsampled_request_is_not_required_to_sample_task(telemetry, instr
     assert telemetry.span("process ok_async").links == ()
 
 
-async def test_histogram_exemplars_point_at_the_task_span(telemetry, instrument):
-    instrument()
+async def test_histogram_exemplars_point_at_the_task_span(telemetry):
+    clock = Clock(0.0)
+    executor = Executor(
+        telemetry.tracer_provider.get_tracer("otel_bgtasks"),
+        Instruments(telemetry.meter_provider.get_meter("otel_bgtasks")),
+        clock=clock,
+    )
 
     async def slow() -> None:
-        await asyncio.sleep(0.02)
+        clock.now += 0.02
 
-    with _request_span(telemetry.tracer_provider):
-        task = BackgroundTask(slow)
+    with _request_span(telemetry.tracer_provider) as request:
+        state = executor.prepare(slow, (), {}, link=request.get_span_context())
     # Both values above the first bucket: SDK 1.45 keeps no exemplar for bucket 0.
-    await asyncio.sleep(0.02)
-    await task()
+    clock.now += 0.02
+    await executor.run(state)
     span = telemetry.span(f"process {slow.__qualname__}")
     data = telemetry.reader.get_metrics_data()  # once: exemplars reset at each collection
     (scope,) = data.resource_metrics[0].scope_metrics

@@ -11,14 +11,7 @@ from tenacity import RetryCallState, stop_after_delay, wait_fixed
 
 from otel_bgtasks import BusinessError, CircuitBreaker, ErrorCategory, RetryPolicy, classify_error
 from otel_bgtasks.circuit import CircuitSnapshot, CircuitState, _Config, transition
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import Clock
 
 
 class Model(pydantic.BaseModel):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
+import anyio
 import pytest
 from opentelemetry.trace import StatusCode
 from starlette.background import BackgroundTask
@@ -17,6 +17,9 @@ from otel_bgtasks import (
     TaskTimeoutError,
     background_task,
 )
+from otel_bgtasks._execution import Executor
+from otel_bgtasks.metrics import Instruments
+from tests.support.clock import Clock
 
 FAST = RetryPolicy(max_attempts=3, wait=wait_none())
 
@@ -86,32 +89,37 @@ async def test_permanent_errors_are_not_retried(telemetry, instrument):
     assert telemetry.points("bgtasks.task.retries") == []
 
 
-async def test_async_retry_sleeps_without_blocking_the_loop(telemetry, instrument):
-    instrument(retry=RetryPolicy(max_attempts=2, initial_delay=0.2, jitter=0))
-    ticks = 0
+async def test_a_retry_waits_on_the_policys_sleep_while_the_loop_runs_on(telemetry, instrument):
+    slept: list[float] = []
+    waiting, proceed = asyncio.Event(), asyncio.Event()
 
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
+    async def sleep(seconds: float) -> None:  # the policy's wait, ended by the test
+        slept.append(seconds)
+        waiting.set()
+        await proceed.wait()
 
-    beat = asyncio.create_task(ticker())
-    await BackgroundTask(Flaky(1, ConnectionError("x")))()
-    beat.cancel()
-    assert ticks >= 5  # the loop kept running while the task waited 0.2 s for its retry
+    instrument(retry=RetryPolicy(max_attempts=2, initial_delay=0.2, jitter=0, sleep=sleep))
+    task = Flaky(1, ConnectionError("x"))
+    run = asyncio.ensure_future(BackgroundTask(task)())
+    await waiting.wait()  # this coroutine runs while the task waits for its retry
+    assert (slept, task.calls, run.done()) == ([0.2], 1, False)
+    proceed.set()
+    await run
+    assert task.calls == 2
     (event,) = [e for e in telemetry.span("process Flaky").events if e.name == "bgtasks.retry"]
     assert event.attributes["bgtasks.retry.delay"] == pytest.approx(0.2)
+    assert RetryPolicy().sleep is anyio.sleep  # by default: never blocks the loop (any backend)
 
 
-@background_task(timeout=0.05, retry=RetryPolicy(max_attempts=2, wait=wait_none()))
+@background_task(timeout=0.01, retry=RetryPolicy(max_attempts=2, wait=wait_none()))
 async def hangs() -> None:
-    await asyncio.sleep(10)
+    await asyncio.Event().wait()  # never ends: only the timeout can stop an attempt
 
 
-async def test_async_timeout_cancels_and_retries(bgtasks):
+async def test_async_timeout_cancels_and_retries(telemetry, instrument):
+    instrument(dead_letter_store=telemetry.store)
     await BackgroundTask(hangs)()
-    run = bgtasks.task("hangs").assert_ran(
+    run = telemetry.task("hangs").assert_ran(
         outcome="timeout", attempts=2, retries=1, error_type=TaskTimeoutError
     )
     assert [e.name for e in run.span.events] == [
@@ -124,19 +132,33 @@ async def test_async_timeout_cancels_and_retries(bgtasks):
     assert run.assert_dead_lettered(DeadLetterReason.TIMEOUT).attempts == 2
 
 
+CLOCK = Clock(0.0)
+
+
 @background_task(timeout=0.01)
 def slow_sync() -> None:
-    time.sleep(0.05)
+    CLOCK.now += 0.05  # 50 ms of the executor's time pass while it runs
 
 
-async def test_sync_timeout_is_reported_not_killed(telemetry, instrument):
-    instrument()
-    await BackgroundTask(slow_sync)()
+async def test_sync_timeout_is_reported_not_killed(telemetry):
+    executor = Executor(
+        telemetry.tracer_provider.get_tracer("otel_bgtasks"),
+        Instruments(telemetry.meter_provider.get_meter("otel_bgtasks")),
+        clock=CLOCK,
+    )
+    await executor.run(executor.prepare(slow_sync, (), {}))
     span = telemetry.span("process slow_sync")
     assert span.attributes["bgtasks.task.outcome"] == "success"
+    assert span.attributes["bgtasks.task.wait"] == 0.0
     (event,) = span.events
     assert event.name == "bgtasks.timeout"
-    assert event.attributes["bgtasks.timeout.elapsed"] >= 0.05
+    assert dict(event.attributes) == {
+        "bgtasks.retry.attempt": 1,
+        "bgtasks.timeout.seconds": 0.01,
+        "bgtasks.timeout.elapsed": pytest.approx(0.05),
+    }
+    (duration,) = telemetry.points("bgtasks.task.duration")
+    assert duration.sum == pytest.approx(0.05)
 
 
 async def test_open_circuit_rejects_without_running(telemetry, instrument):

@@ -4,10 +4,11 @@ is gated by the dispatch seam; `JournalGate` does the same for another ASGI app.
 
 from __future__ import annotations
 
+import asyncio
 import threading
-import time
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from fastapi import BackgroundTasks, FastAPI
@@ -18,20 +19,40 @@ from otel_bgtasks.response_gate import JournalGate, gate_active
 from otel_bgtasks.stores import SQLiteDeadLetterStore
 from tests.unit.tasks import durable_invoice
 
+T = TypeVar("T")
+
 
 class RecordingStore(SQLiteDeadLetterStore):
-    """A real SQLite store that records which thread committed each journal write, slowly."""
+    """A real SQLite store that records which thread committed each journal write; with
+    `held`, each write waits until the test sets `release` (a slow store)."""
 
-    def __init__(self, path: Path, events: list[str]) -> None:
+    def __init__(self, path: Path, events: list[str], *, held: bool = True) -> None:
         super().__init__(path)
         self.events = events
         self.threads: list[int] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not held:
+            self.release.set()
 
     def journal_add(self, entry: JournalEntry) -> None:
-        time.sleep(0.05)  # a slow store: the response must still wait for the commit
+        self.entered.set()
+        assert self.release.wait(30), "the test never released the journal write"
         super().journal_add(entry)
         self.threads.append(threading.get_ident())
         self.events.append("journal committed")
+
+
+async def while_the_write_is_held(store: RecordingStore, request: Awaitable[T]) -> T:
+    """Run `request` with the store's journal write held: nothing may go out until it is
+    released, however often the loop runs meanwhile."""
+    call = asyncio.ensure_future(request)
+    assert await asyncio.to_thread(store.entered.wait, 30), "no journal write"
+    for _ in range(50):
+        await asyncio.sleep(0)  # every chance for a response that does not wait to start
+    assert store.events == []
+    store.release.set()
+    return await call
 
 
 def recorder(app: Any, events: list[str]) -> Any:
@@ -64,7 +85,8 @@ async def test_the_row_is_committed_off_the_loop_before_the_response_starts(
     loop_thread = threading.get_ident()
     transport = httpx.ASGITransport(app=recorder(app, events))  # gated by the dispatch seam
     async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-        assert (await client.get("/work")).json() == {"ok": True}
+        response = await while_the_write_is_held(store, client.get("/work"))
+        assert response.json() == {"ok": True}
     assert seen == [True]
     assert events == ["journal committed", "response started"]
     assert loop_thread not in store.threads
@@ -80,7 +102,7 @@ async def test_outside_a_request_the_write_stays_synchronous(
     tmp_path: Path, instrument: Any
 ) -> None:
     events: list[str] = []
-    store = RecordingStore(tmp_path / "dlq.db", events)
+    store = RecordingStore(tmp_path / "dlq.db", events, held=False)
     instrument(dead_letter_store=store)
     assert not gate_active()
     task = schedule(durable_invoice, "o-2")  # e.g. a script or a consumer loop
@@ -103,7 +125,7 @@ async def test_journal_gate_holds_another_asgi_app(tmp_path: Path, instrument: A
 
     transport = httpx.ASGITransport(app=recorder(JournalGate(bare), events))
     async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-        assert (await client.get("/")).status_code == 204
+        assert (await while_the_write_is_held(store, client.get("/"))).status_code == 204
     assert events == ["journal committed", "response started"]
     assert threading.get_ident() not in store.threads
     store.close()

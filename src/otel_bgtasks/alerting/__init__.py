@@ -13,7 +13,7 @@ Usage::
         meter_provider=meter_provider,            # for the bgtasks.alerts.sent counter
         rules=[
             ConsecutiveFailures(3),               # 3 failed runs in a row, per task
-            FailureRatio(0.5, window_seconds=300, min_runs=10),
+            FailureRatio(0.1, window_seconds=300, min_runs=10),  # the defaults
             CircuitOpened(),                      # fires on to=open, resolves on to=closed
             DeadLetterMoves(),                    # each move; DeadLetterMoves(more_than=5)
             SlowTask(30.0, tasks={"build_report"}),
@@ -42,7 +42,7 @@ Without `rules=`, the rules come from `OTEL_BGTASKS_ALERT_RULES` (or `config.rul
 `@info` / `@warning` / `@error` / `@critical` severity; omitted values take the defaults::
 
     consecutive_failures[:N]                      # ConsecutiveFailures(N), N default 3
-    failure_ratio[:RATIO[/WINDOW_S[/MIN_RUNS]]]   # FailureRatio, default 0.5/300/10
+    failure_ratio[:RATIO[/WINDOW_S[/MIN_RUNS]]]   # FailureRatio, default 0.1/300/10
     circuit_opened                                # CircuitOpened()
     dead_letter_moves[:MORE_THAN[/WINDOW_S]]      # each move; or more than N in WINDOW_S (300)
     slow_task:SECONDS                             # SlowTask(SECONDS)
@@ -102,6 +102,7 @@ from otel_bgtasks.alerting.notifiers import (
 )
 from otel_bgtasks.alerting.processor import AlertingSpanProcessor, install_alerting
 from otel_bgtasks.alerting.rules import (
+    DEFAULT_FAILURE_RATIO,
     CircuitOpened,
     Clock,
     Condition,
@@ -117,6 +118,7 @@ from otel_bgtasks.alerting.secret import Secret
 from otel_bgtasks.alerting.signals import CircuitChange, DeadLetterMove, TaskSignal
 
 __all__ = [
+    "DEFAULT_FAILURE_RATIO",
     "Alert",
     "AlertStatus",
     "AlertingConfig",

@@ -31,7 +31,7 @@ __all__ = [
     "ALERT_CHANNEL",
     "ALERT_OUTCOME",
     "ALERT_RULE",
-    "Dispatcher",
+    "NotificationDelivery",
     "create_sent_counter",
 ]
 
@@ -59,7 +59,7 @@ def _retryable(exc: BaseException) -> bool:
     return not isinstance(exc, DeliveryError) or exc.retryable
 
 
-class Dispatcher:
+class NotificationDelivery:
     """Sends each alert to every notifier on `max_concurrency` daemon threads.
 
     `submit` never blocks: a full queue drops the notification and counts it. Each delivery is

@@ -4,7 +4,7 @@ Channels and delivery options come from the variables listed in `AlertingConfig.
 rules from `OTEL_BGTASKS_ALERT_RULES`, a comma-separated list of rule specs::
 
     consecutive_failures[:N]                      ConsecutiveFailures(N), default 3
-    failure_ratio[:RATIO[/WINDOW_S[/MIN_RUNS]]]   FailureRatio, default 0.5/300/10
+    failure_ratio[:RATIO[/WINDOW_S[/MIN_RUNS]]]   FailureRatio, default 0.1/300/10
     circuit_opened                                CircuitOpened()
     dead_letter_moves[:MORE_THAN[/WINDOW_S]]      each move; or more than N moves in WINDOW_S
     slow_task:SECONDS                             SlowTask(SECONDS)
@@ -63,7 +63,7 @@ __all__ = [
 ENV_PREFIX = "OTEL_BGTASKS_ALERT_"
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 _TLS_MODES: dict[str, SmtpTls] = {"starttls": "starttls", "tls": "tls", "none": "none"}
@@ -470,6 +470,14 @@ class AlertingConfig:
             value = env.get(ENV_PREFIX + name, "").strip()
             return value or None
 
+        def flag(name: str, default: bool) -> bool:
+            value = get(name)  # empty or blank is unset, as for the OTEL_BGTASKS_* variables
+            if value is None:
+                return default
+            if value.lower() in _TRUE | _FALSE:
+                return value.lower() in _TRUE
+            raise AlertingConfigError(f"{ENV_PREFIX}{name}={value!r}: use true or false")
+
         def secret(name: str) -> Secret | None:
             value = get(name)
             return Secret(value) if value is not None else None
@@ -517,16 +525,14 @@ class AlertingConfig:
                     f"{ENV_PREFIX}SMTP_HOST: set the host too, or unset them"
                 )
 
-        log_value = (get("LOG") or "").lower()
-        if log_value not in _TRUE | _FALSE:
-            raise AlertingConfigError(f"{ENV_PREFIX}LOG={log_value!r}: use true or false")
+        log = flag("LOG", False)
         rules = rules_from_env(env)
         defaults = DeliveryOptions()
         return cls(
             webhook_url=secret("WEBHOOK_URL"),
             slack_webhook_url=secret("SLACK_WEBHOOK_URL"),
             smtp=smtp,
-            log=log_value in _TRUE,
+            log=log,
             timeout=number("TIMEOUT", float, 5.0),
             delivery=DeliveryOptions(
                 queue_size=int(number("QUEUE_SIZE", int, defaults.queue_size)),

@@ -1,10 +1,10 @@
 """Notifiers: deliver one `Alert` to one channel (JSON webhook, Slack, e-mail, structlog).
 
 A notifier's `send()` blocks and raises `DeliveryError`; it is only ever called from the
-delivery threads (`_delivery.Dispatcher`), which add the queue, the retries with backoff and
-the concurrency limit. Secrets (webhook URLs, SMTP passwords) stay in `Secret` objects: they
-are not in any `repr`, error message or log line of this package, and the `httpx` request log
-line has them masked.
+delivery threads (`_delivery.NotificationDelivery`), which add the queue, the retries with
+backoff and the concurrency limit. Secrets (webhook URLs, SMTP passwords) stay in `Secret`
+objects: they are not in any `repr`, error message or log line of this package, and the
+`httpx` request log line has them masked.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from opentelemetry.trace import TracerProvider
 from otel_bgtasks import attributes as attr
 from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks._version import __version__
-from otel_bgtasks.alerting._delivery import Dispatcher, create_sent_counter
+from otel_bgtasks.alerting._delivery import NotificationDelivery, create_sent_counter
 from otel_bgtasks.alerting.alerts import Alert
 from otel_bgtasks.alerting.config import AlertingConfig, DeliveryOptions, rules_from_env
 from otel_bgtasks.alerting.notifiers import LogNotifier, Notifier
@@ -30,7 +30,6 @@ from otel_bgtasks.alerting.signals import TaskSignal
 __all__ = ["AlertingSpanProcessor", "install_alerting"]
 
 _SCOPE: Final = "otel_bgtasks"
-_SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.11.0"
 _STOP: Final = object()
 
 _log = structlog.get_logger("otel_bgtasks.alerting")
@@ -75,8 +74,8 @@ class AlertingSpanProcessor(SpanProcessor):
                 f"AlertingSpanProcessor(tick_interval={tick_interval!r}): must be > 0 seconds"
             )
         self.engine = rules if isinstance(rules, RuleEngine) else RuleEngine(rules, clock=clock)
-        meter = metrics.get_meter(_SCOPE, __version__, meter_provider, schema_url=_SCHEMA_URL)
-        self.dispatcher = Dispatcher(
+        meter = metrics.get_meter(_SCOPE, __version__, meter_provider, schema_url=attr.SCHEMA_URL)
+        self.delivery = NotificationDelivery(
             notifiers, create_sent_counter(meter), delivery or DeliveryOptions()
         )
         self.queue_size = queue_size
@@ -93,7 +92,7 @@ class AlertingSpanProcessor(SpanProcessor):
 
     def __repr__(self) -> str:
         rules = ", ".join(rule.name for rule in self.engine.rules)
-        channels = ", ".join(n.channel for n in self.dispatcher.notifiers)
+        channels = ", ".join(n.channel for n in self.delivery.notifiers)
         return f"AlertingSpanProcessor(rules=[{rules}], channels=[{channels}])"
 
     @property
@@ -146,7 +145,7 @@ class AlertingSpanProcessor(SpanProcessor):
                     self._evaluate(item)
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self.tick_interval
-                    self._dispatch(self.engine.tick())
+                    self._deliver(self.engine.tick())
             except Exception:  # keep the thread alive whatever a span or rule holds
                 _log.error("bgtasks alerting failed on a span", **exception_fields())
             finally:
@@ -156,11 +155,11 @@ class AlertingSpanProcessor(SpanProcessor):
     def _evaluate(self, span: ReadableSpan) -> None:
         signal = TaskSignal.from_span(span)
         if signal is not None:
-            self._dispatch(self.engine.observe(signal))
+            self._deliver(self.engine.observe(signal))
 
-    def _dispatch(self, alerts: Sequence[Alert]) -> None:
+    def _deliver(self, alerts: Sequence[Alert]) -> None:
         for alert in alerts:
-            self.dispatcher.submit(alert)
+            self.delivery.submit(alert)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -177,7 +176,7 @@ class AlertingSpanProcessor(SpanProcessor):
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Run the rules on every queued span and deliver the alerts; False on timeout."""
         deadline = time.monotonic() + timeout_millis / 1000
-        return self._join_spans(deadline) and self.dispatcher.flush(deadline)
+        return self._join_spans(deadline) and self.delivery.flush(deadline)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop taking spans, drain both queues for up to `timeout` s (default
@@ -195,7 +194,7 @@ class AlertingSpanProcessor(SpanProcessor):
         with contextlib.suppress(queue.Full):
             self._spans.put_nowait(_STOP)
         self._worker.join(max(0.0, deadline - time.monotonic()))
-        delivered = self.dispatcher.shutdown(deadline)
+        delivered = self.delivery.shutdown(deadline)
         if not (drained and delivered):
             _log.warning(
                 "bgtasks alerting shut down before every alert was delivered",

@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import structlog
 
@@ -30,6 +31,7 @@ from otel_bgtasks.alerting.alerts import Alert, AlertStatus, DetailValue, Severi
 from otel_bgtasks.alerting.signals import TaskSignal
 
 __all__ = [
+    "DEFAULT_FAILURE_RATIO",
     "CircuitOpened",
     "Clock",
     "Condition",
@@ -44,6 +46,11 @@ __all__ = [
 
 Clock = Callable[[], float]
 """Returns the current Unix time in seconds (`time.time`, or a fake in tests)."""
+
+DEFAULT_FAILURE_RATIO: Final = 0.1
+"""`FailureRatio`'s default threshold: the one of the shipped Prometheus rule
+`BgTaskFailureRatioHigh` (collector-config/alert-rules.yml), so both alerting paths page on the
+same share of failed runs."""
 
 _log = structlog.get_logger("otel_bgtasks.alerting")
 
@@ -299,7 +306,7 @@ class FailureRatio(Rule):
 
     def __init__(
         self,
-        threshold: float = 0.5,
+        threshold: float = DEFAULT_FAILURE_RATIO,
         window_seconds: float = 300.0,
         min_runs: int = 10,
         *,

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from otel_bgtasks.errors import CorruptEntryError, StoreUnavailableError
+from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, StoreUnavailableError
 from otel_bgtasks.records import (
     DeadLetter,
     DeadLetterReason,
@@ -33,9 +33,8 @@ from otel_bgtasks.stores.base import DeadLetterStore
 __all__ = ["SCHEMA_VERSION", "SQLiteDeadLetterStore"]
 
 SCHEMA_VERSION = 2
-"""Stored in ``PRAGMA user_version``; a newer file is refused rather than misread.
-Version 2 added the claim columns (``claim_owner``, ``claim_until``); version 1 files are
-migrated in place."""
+"""Stored in ``PRAGMA user_version``; a file of another version is refused rather than
+misread (version 1, without the claim columns, was never released)."""
 
 _log = structlog.get_logger("otel_bgtasks")
 
@@ -65,14 +64,6 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     at REAL NOT NULL
 );
 """
-
-
-_MIGRATE_1_TO_2 = (
-    "ALTER TABLE dead_letters ADD COLUMN claim_owner TEXT",
-    "ALTER TABLE dead_letters ADD COLUMN claim_until REAL",
-    "ALTER TABLE journal ADD COLUMN claim_owner TEXT",
-    "ALTER TABLE journal ADD COLUMN claim_until REAL",
-)
 
 _TABLES = {"dead_letters": "id", "journal": "task_id"}
 
@@ -105,8 +96,9 @@ class SQLiteDeadLetterStore(DeadLetterStore):
             logged once, with the path (how the instrumentor's default store is opened).
 
     Raises:
-        ValueError: the directory does not exist, the file is not an SQLite database, or it
-            was created by a newer version of this package.
+        ValueError: the directory does not exist.
+        ConfigurationError: the file is not an SQLite database, or its schema is of another
+            version of this package (the message says what to do).
         StoreUnavailableError: any other SQLite error (raised by every method too).
     """
 
@@ -141,7 +133,7 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                 raise StoreUnavailableError(
                     f"SQLite dead-letter store {self.path!r}: {exc}"
                 ) from exc
-            raise ValueError(f"cannot open dead-letter store {self.path!r}: {exc}") from exc
+            raise ConfigurationError(f"cannot open dead-letter store {self.path!r}: {exc}") from exc
 
     def __repr__(self) -> str:
         return f"SQLiteDeadLetterStore({self.path!r})"
@@ -254,14 +246,17 @@ class SQLiteDeadLetterStore(DeadLetterStore):
                     f"schema version {version} is newer than this otel-bgtasks supports"
                     f" ({SCHEMA_VERSION}); upgrade otel-bgtasks"
                 )
-            if version == 1:
-                for statement in _MIGRATE_1_TO_2:
-                    conn.execute(statement)
-            elif version < SCHEMA_VERSION:
+            if 0 < version < SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"schema version {version} was written by an unreleased development version"
+                    f" of otel-bgtasks and is not read by this one ({SCHEMA_VERSION}); move the"
+                    " file aside and a new one is created (its entries are JSON in the `data`"
+                    " column: restore them with DeadLetter.from_json and store.put)"
+                )
+            if version == 0:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-            if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:

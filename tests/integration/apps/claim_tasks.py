@@ -7,12 +7,27 @@ No import-time side effects: replayers and recoverers import this module by its 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
-__all__ = ["FAIL_ENV", "SECONDS_ENV", "count_run", "maybe_fail", "read_lines", "slow_count"]
+__all__ = [
+    "FAIL_ENV",
+    "GATE_ENV",
+    "HOLD_AFTER_ENV",
+    "SECONDS_ENV",
+    "count_run",
+    "maybe_fail",
+    "read_lines",
+    "slow_count",
+]
 
 FAIL_ENV = "BGTASKS_TEST_FAIL"
 SECONDS_ENV = "BGTASKS_TEST_TASK_SECONDS"
+HOLD_AFTER_ENV = "BGTASKS_TEST_HOLD_AFTER"
+"""N: once N runs have finished, `slow_count` starts and then holds (the process is killed
+mid-run, or let go, at a point the test knows instead of at a moment it races)."""
+GATE_ENV = "BGTASKS_TEST_GATE"
+"""With `HOLD_AFTER_ENV`: a held run goes on once the test creates this file (else never)."""
 
 
 def _append(results_path: str, what: str, key: str) -> None:
@@ -36,7 +51,17 @@ def maybe_fail(key: str, results_path: str) -> None:
 
 
 def slow_count(key: str, results_path: str) -> None:
+    hold_after = os.environ.get(HOLD_AFTER_ENV)
+    hold = hold_after is not None and len(
+        [w for w, _, _ in read_lines(results_path) if w == "ran"]
+    ) >= int(hold_after)
     _append(results_path, "start", key)
+    if hold:
+        gate = os.environ.get(GATE_ENV)
+        if gate is None:
+            threading.Event().wait()  # until the test kills this process
+        while gate is not None and not os.path.exists(gate):
+            time.sleep(0.01)  # polled by the task, not the test: it decides nothing
     time.sleep(float(os.environ.get(SECONDS_ENV, "0")))
     _append(results_path, "ran", key)
 

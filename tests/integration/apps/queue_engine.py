@@ -19,19 +19,9 @@ from otel_bgtasks.errors import CorruptEntryError, TaskImportError, UntrustedEnt
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry, decode_message
 from otel_bgtasks.state import TaskCallState
 
-__all__ = ["Clock", "Consumer", "QueueDispatcher"]
+__all__ = ["DEADLINE_AFTER", "Consumer", "QueueDispatcher"]
 
 DEADLINE_AFTER = 60.0
-
-
-class Clock:
-    """An injected wall clock (epoch seconds)."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class QueueDispatcher:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import queue
 
-from tests.integration.apps.queue_engine import Clock, QueueDispatcher
+from tests.integration.apps.queue_engine import QueueDispatcher
+from tests.support.clock import Clock
 
 from otel_bgtasks import background_task
 

@@ -1,11 +1,11 @@
 """A real `redis-server` on loopback for tests: started in a temp dir, stopped afterwards.
 
-    from tests.redis_server import running_redis
+The `redis_server` fixture (tests/conftest.py) gives each test its own::
 
-    @pytest.fixture
-    def redis_server(tmp_path):
-        with running_redis(tmp_path) as server:
-            yield server          # server.url, server.stop(), server.start() (same port)
+    def test_x(redis_server):     # redis_server.url, .stop(), .start() (same port)
+        ...
+
+`running_redis(directory)` starts one for another scope (a module-wide server).
 
 Without the binary the test is skipped ("redis-server not found: apt-get install
 redis-server"), unless OTEL_BGTASKS_REQUIRE_INFRA=1, where it fails: CI must not go green by
@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["RedisServer", "free_port", "redis_server_binary", "running_redis"]
+from tests.support.ports import free_port
+
+__all__ = ["RedisServer", "redis_server_binary", "running_redis"]
 
 MISSING = "redis-server not found: apt-get install redis-server"
 
@@ -41,12 +43,6 @@ def redis_server_binary() -> str:
             pytest.fail(f"{MISSING} (OTEL_BGTASKS_REQUIRE_INFRA=1)")
         pytest.skip(MISSING)
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:
