@@ -81,3 +81,27 @@ def test_one_producer_and_one_consumer_span_per_message_with_upstream_on(
     assert consumer["links"] == [
         {"trace_id": f"{producer.trace_id:032x}", "span_id": f"{producer.span_id:016x}"}
     ]
+
+
+def test_in_child_mode_the_worker_span_is_a_child_of_the_producer_span(
+    env: dict[str, str], instrument: Any, telemetry: Any, tmp_path: Any
+) -> None:
+    """The worker's configuration (here OTEL_BGTASKS_TRACE_MODE, as install_worker's
+    keywords) decides: with ``child`` the consumer span joins the producer's trace."""
+    from tests.integration.apps.celery_app import results
+    from tests.integration.apps.celery_tasks import record
+
+    r = results()
+    r.flushdb()
+    instrument(dead_letter_store=env["BGTASKS_TEST_STORE"])
+    with running_worker({**env, "OTEL_BGTASKS_TRACE_MODE": "child"}, r, tmp_path):
+        schedule(record, "child-mode", 1)
+        got = r.blpop(["span:process record"], timeout=WAIT)
+    assert got is not None
+    consumer = json.loads(got[1])
+    producer = telemetry.span("send record").get_span_context()
+    assert consumer["trace_id"] == f"{producer.trace_id:032x}"
+    assert consumer["parent"] == f"{producer.span_id:016x}"
+    assert consumer["links"] == [
+        {"trace_id": f"{producer.trace_id:032x}", "span_id": f"{producer.span_id:016x}"}
+    ]
