@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -165,6 +166,7 @@ class CeleryDispatcher:
         self._lock = threading.Lock()
         self._connection: Connection | None = None
         self._producer: Any = None
+        self._pid = os.getpid()
         self._outbox: Outbox[_Outgoing] = Outbox(
             self._publish,
             self._unsent,
@@ -407,9 +409,11 @@ class CeleryDispatcher:
 
     def _send(self, body: Body, header: Header, task_name: str) -> None:
         with self._lock:
-            if self._producer is None:
+            if self._producer is None or self._pid != os.getpid():
+                # (again) in this process: a connection made before a fork is the parent's
                 self._connection = publisher_connection(self.app, self.publish_timeout)
                 self._producer = self._connection.Producer()
+                self._pid = os.getpid()
             self.app.send_task(
                 RUN_TASK,
                 args=(body.to_json(),),
