@@ -2,7 +2,7 @@
 
     to_celery = CeleryDispatcher(celery_app, queue="bgtasks")
 
-    @background_task(name="charge-card", dispatch=to_celery, durable=True)
+    @background_task(name="charge-card", dispatch=to_celery, durable=True, timeout=20)
     async def charge_card(order_id: str) -> None: ...
 
 Tasks handed to it are encoded at scheduling (bad arguments raise in the endpoint), then, at
@@ -193,11 +193,12 @@ class CeleryDispatcher:
     def check_options(self, options: EffectiveOptions) -> None:
         """A durable task must finish within the broker's visibility timeout, else the broker
         delivers it again while it runs (called once per task function, at its first
-        scheduling and on the worker).
+        scheduling and on the worker). A durable task without a timeout has no known worst
+        case: it is logged once (give it a timeout under the visibility timeout).
 
         Raises:
-            ConfigurationError: no timeout, or a worst case (attempts x timeout + retry
-                delays) longer than the visibility timeout; the message names the numbers.
+            ConfigurationError: a worst case (attempts x timeout + retry delays) longer than
+                the visibility timeout; the message names the numbers.
         """
         visibility = self.visibility_timeout
         if not options.durable or visibility is None:
@@ -207,10 +208,13 @@ class CeleryDispatcher:
             f" delivers an unacknowledged message again after visibility_timeout={visibility:g}s"
         )
         if options.timeout is None:
-            raise ConfigurationError(
-                f"{where}, and the task has no timeout; give it timeout= (its worst case,"
-                " attempts x timeout + retry delays, must stay under the visibility timeout)"
+            _log.warning(
+                f"{where}, and the task has no timeout: a run longer than that runs twice;"
+                " give it timeout= (attempts x timeout + retry delays under the visibility"
+                " timeout)",
+                task_name=options.name,
             )
+            return
         retry = options.retry
         attempts = retry.max_attempts if retry is not None else 1
         max_delay = retry.max_delay if retry is not None else 0.0
