@@ -213,3 +213,15 @@ def test_dispatcher_settings_are_checked(kwargs: dict[str, Any], why: str) -> No
 def test_the_dispatcher_needs_a_celery_app() -> None:
     with pytest.raises(ConfigurationError, match="pass the Celery app"):
         CeleryDispatcher("redis://localhost")  # type: ignore[arg-type]
+
+
+def test_a_new_dispatcher_for_the_same_queue_takes_over_its_route() -> None:
+    from otel_bgtasks.routes import dispatcher_for
+
+    app = Celery("u", broker="redis://127.0.0.1:1/0")
+    first = CeleryDispatcher(app, queue="unit-route")
+    second = CeleryDispatcher(app, queue="unit-route")
+    assert dispatcher_for("celery:unit-route") is second
+    second.close()
+    assert dispatcher_for("celery:unit-route") is None
+    first.close()

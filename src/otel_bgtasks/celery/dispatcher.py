@@ -70,7 +70,7 @@ from otel_bgtasks.celery._wire import (
 from otel_bgtasks.errors import ConfigurationError, UndeliverableError, error_type
 from otel_bgtasks.options import EffectiveOptions
 from otel_bgtasks.records import DeadLetterReason, JournalEntry, TaskMessage
-from otel_bgtasks.routes import register_dispatcher, unregister_dispatcher
+from otel_bgtasks.routes import dispatcher_for, register_dispatcher, unregister_dispatcher
 from otel_bgtasks.state import TaskCallState
 
 __all__ = ["DEFAULT_HAND_OFF_LEASE", "CeleryDispatcher"]
@@ -183,6 +183,9 @@ class CeleryDispatcher:
             attr.MESSAGING_OPERATION_NAME: "send",
         }
         filter_upstream(RUN_TASK)
+        previous = dispatcher_for(self.route)
+        if previous is not None:  # a new dispatcher for the same queue (tests, a reload)
+            unregister_dispatcher(previous)
         register_dispatcher(self)
 
     def __repr__(self) -> str:
