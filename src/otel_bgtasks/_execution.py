@@ -69,7 +69,7 @@ from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry, Tas
 from otel_bgtasks.registry import note_scheduled
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.signing import signing_keys
-from otel_bgtasks.state import TaskCallState, current_task
+from otel_bgtasks.state import Origin, TaskCallState, current_task
 from otel_bgtasks.state import current as _current
 from otel_bgtasks.stores.base import DeadLetterStore
 from otel_bgtasks.task import Dispatch
@@ -102,6 +102,19 @@ _SUCCESS = Outcome.SUCCESS
 _FAILURE = Outcome.FAILURE
 _CONSUMER = SpanKind.CONSUMER
 
+
+
+def _received_attributes(state: TaskCallState, wait: float) -> dict[str, AttributeValue]:
+    """The span attributes of a task received from another process: ours, then its origin's
+    (``messaging.*``)."""
+    assert state.origin is not None
+    return {
+        attr.TASK_NAME: state.name,
+        attr.TASK_ID: state.task_id,
+        attr.CODE_FUNCTION_NAME: state.function,
+        attr.TASK_WAIT: wait,
+        **state.origin.attributes,
+    }
 
 
 def active_executor() -> Executor | None:
@@ -292,15 +305,17 @@ class Executor:
                 scheduled in another process: its `bgtasks.task.wait` is then measured on the
                 wall clock from that moment (the broker wait); default: now.
         """
-        return self._state(
-            func,
-            args,
-            kwargs,
-            link if link is not None and link.is_valid else None,
-            is_async,
-            task_id,
-            enqueued_wall,
+        state = self._state(
+            func, args, kwargs, link if link is not None and link.is_valid else None, is_async
         )
+        if task_id is not None:
+            state.task_id = task_id
+        if enqueued_wall is not None:
+            # run() measures the wait on the monotonic clock: start it that long ago (a task
+            # from another process: its wall-clock wait, the broker's), never ahead
+            state.enqueued_at -= max(state.enqueued_wall - enqueued_wall, 0.0)
+            state.enqueued_wall = enqueued_wall
+        return state
 
     def _state(
         self,
@@ -309,22 +324,14 @@ class Executor:
         kwargs: dict[str, Any],
         link: SpanContext | None,
         is_async: bool | None,
-        task_id: str | None = None,
-        enqueued_wall: float | None = None,
     ) -> TaskCallState:
         try:  # `options_for`'s cache, read here: one call less per task
             options = self._described[func]
         except (KeyError, TypeError):
             options = self.options_for(func)
-        enqueued_at = self.clock()
-        now = time.time()
-        if enqueued_wall is not None:
-            # run() measures the wait on the monotonic clock: start it that long ago (a task
-            # from another process: its wall-clock wait, the broker's), never ahead
-            enqueued_at -= max(now - enqueued_wall, 0.0)
-            now = enqueued_wall
+        clock = self.clock
         return TaskCallState(
-            task_id=f"{_getrandbits(128):032x}" if task_id is None else task_id,
+            task_id=f"{_getrandbits(128):032x}",  # `new_task_id()`, inline
             func=func,
             args=args,
             kwargs=kwargs,
@@ -332,8 +339,8 @@ class Executor:
             name=options.name,
             function=options.function,
             link=link,
-            enqueued_at=enqueued_at,
-            enqueued_wall=now,
+            enqueued_at=clock(),
+            enqueued_wall=time.time(),
             is_async=options.is_async if is_async is None else is_async,
         )
 
@@ -594,9 +601,7 @@ class Executor:
             enqueued_wall=message.enqueued_at,
         )
         state.call = EncodedCall(message.func_ref, message.payload, message.serializer)
-        state.route = message.route
-        if attributes:
-            state.attributes = dict(attributes)
+        state.origin = Origin(message.route, dict(attributes or {}))
         if message.durable and self.journal is not None:
             state.journaled = True  # the row is the route's: removed when the task ends
         return state
@@ -666,20 +671,19 @@ class Executor:
             parent = trace.set_span_in_context(trace.NonRecordingSpan(link))
         else:
             parent = otel_context.Context()  # a new trace, joined to the request by the link
-        attributes: dict[str, AttributeValue] = {
-            attr.TASK_NAME: name,
-            attr.TASK_ID: state.task_id,
-            attr.CODE_FUNCTION_NAME: state.function,
-            attr.TASK_WAIT: wait,
-        }
-        if state.attributes is not None:  # a message from another process: messaging.*
-            attributes.update(state.attributes)
         span = self.tracer.start_span(
             attr.SPAN_NAME_PREFIX + name,
             context=parent,
             kind=_CONSUMER,
             links=[Link(link)] if link is not None else None,
-            attributes=attributes,
+            attributes={
+                attr.TASK_NAME: name,
+                attr.TASK_ID: state.task_id,
+                attr.CODE_FUNCTION_NAME: state.function,
+                attr.TASK_WAIT: wait,
+            }
+            if state.origin is None
+            else _received_attributes(state, wait),
         )
         span_context = trace.set_span_in_context(span)
         # Recorded in the task span's context: exemplars point at the task's trace.

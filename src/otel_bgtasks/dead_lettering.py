@@ -96,7 +96,7 @@ class DeadLetterWriter:
             category=(classify(error) if error is not None else ErrorCategory.SYSTEM).value,
             trace_id=trace_id_hex(state.link),
             span_id=span_id_hex(state.link),
-            route=state.route or state.options.route,
+            route=state.origin.route if state.origin is not None else state.options.route,
         ).signed()
 
     def put(self, entry: DeadLetter) -> bool:

@@ -506,13 +506,12 @@ class DispatchSeam:
         returns what to await: in the common case the executor's run itself, no forwarding
         layer. Outside a response, a task goes to its dispatcher at once."""
         group = _group.get()
-        if group is not None and group.closed:  # run later by the app itself, outside a response
-            group = None
-        options = state.options
-        if group is None:
-            if options.inline or not self.dispatch_now(state):
+        # outside a response (or run later by the app itself): to its dispatcher at once
+        if group is None or group.closed:
+            if state.options.inline or not self.dispatch_now(state):
                 return self.executor.run(state)
             return _handed()
+        options = state.options
         group.called.add(state.task_id)
         if not options.inline:
             dispatcher = self._dispatcher(options)

@@ -15,7 +15,20 @@ from otel_bgtasks.calls import EncodedCall
 from otel_bgtasks.options import EffectiveOptions
 from otel_bgtasks.records import DeadLetterReason
 
-__all__ = ["TaskCallState", "current_task"]
+__all__ = ["Origin", "TaskCallState", "current_task"]
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a task received from another process came from.
+
+    Attributes:
+        route: the route of the dispatcher that published it (its dead letters record it).
+        attributes: extra attributes of its span (e.g. ``messaging.*``).
+    """
+
+    route: str
+    attributes: Mapping[str, AttributeValue]
 
 
 @dataclass(slots=True, eq=False)
@@ -46,10 +59,9 @@ class TaskCallState:
         call: the encoded call (function reference, serialized arguments), set at scheduling
             for a durable task or one bound for another process, and for a received message;
             None otherwise.
-        route: the route a received message came through (`Executor.receive`); None for a
-            task scheduled here (its dispatcher's route is `options.route`).
-        attributes: extra span attributes of the run (e.g. ``messaging.*`` for a message
-            received from a broker), or None.
+        origin: for a task received from another process (`Executor.receive`), the route it
+            came through and its extra span attributes; None for a task scheduled here (its
+            dispatcher's route is `options.route`).
     """
 
     task_id: str
@@ -73,8 +85,7 @@ class TaskCallState:
     replay: bool = False
     first_failure: float | None = None
     call: EncodedCall | None = None
-    route: str | None = None
-    attributes: Mapping[str, AttributeValue] | None = None
+    origin: Origin | None = None
 
 
 current: ContextVar[TaskCallState | None] = ContextVar("otel_bgtasks_task", default=None)

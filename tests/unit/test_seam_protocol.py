@@ -159,7 +159,8 @@ async def test_receive_keeps_the_id_measures_the_broker_wait_and_links_the_produ
     )
     state = executor.receive(message, attributes={"messaging.system": "redis"})
     assert state.task_id == "a" * 32
-    assert state.route == "remote:test"
+    assert state.origin is not None
+    assert state.origin.route == "remote:test"
     assert not state.journaled
     await executor.run(state)
     assert CALLS == [("o-3", 0)]
