@@ -56,7 +56,8 @@ class DeadLetterWriter:
         call = state.call or describe_call(
             self.serializer, state.func, state.args, state.kwargs, task_name=state.name
         )
-        route = getattr(state.options.dispatch, "route", None)
+        # received from another process: its origin's route; else its own dispatcher's
+        route = state.origin.route if state.origin is not None else state.options.route
         return DeadLetter.from_exception(
             exc,
             task_name=state.name,
@@ -69,7 +70,7 @@ class DeadLetterWriter:
             category=category.value,
             trace_id=trace_id_hex(ctx),
             span_id=span_id_hex(ctx),
-            route=route if isinstance(route, str) else None,
+            route=route or None,
         ).signed()
 
     def unrun_entry(

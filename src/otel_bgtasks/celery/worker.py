@@ -223,7 +223,11 @@ class WorkerRuntime:
         if body.durable and not self._claim(executor, state, first=not redelivered):
             return
         deliveries = child.counter.count(task_id, redelivered)
-        state.attributes = {**(state.attributes or {}), attr.MESSAGE_DELIVERIES: deliveries}
+        origin = state.origin
+        if origin is not None:  # the delivery count, known once the copy is ours to run
+            state.origin = dataclasses.replace(
+                origin, attributes={**origin.attributes, attr.MESSAGE_DELIVERIES: deliveries}
+            )
         max_deliveries = header.max_deliveries or DEFAULT_MAX_DELIVERIES
         if deliveries > max_deliveries or (redelivered and not body.durable):
             why = (
@@ -263,7 +267,8 @@ class WorkerRuntime:
         row = store.journal_claim(state.task_id, self.node, lease=self.lease)
         if row is not None:
             return True
-        if first and not store.journal_list(owner=route_owner(state.route or "")):
+        route = state.origin.route if state.origin is not None else ""
+        if first and not store.journal_list(owner=route_owner(route)):
             self._misconfigured(state, "holds no journal row of this route")
             return True
         _log.warning(
