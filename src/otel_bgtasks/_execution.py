@@ -787,7 +787,8 @@ class Executor:
             if span.is_recording():
                 span.add_event(attr.EVENT_CIRCUIT_REJECTED, {attr.CIRCUIT_NAME: breaker.key})
             raise CircuitOpenError(
-                f"circuit {breaker.key!r} is open; the task was not run (see the dead letters)"
+                f"circuit {breaker.key!r} is open; the task was not run (see the dead letters)",
+                circuit=breaker.key,
             )
         state.attempt += 1
         try:
@@ -797,7 +798,8 @@ class Executor:
                 await self._invoke(state, inline)
         except Exception as exc:
             if breaker is not None and self.classify(exc) not in _NOT_BREAKER_FAILURES:
-                await breaker.record_failure_async()
+                # a task counts once, however many attempts (failure_threshold counts tasks)
+                await breaker.record_failure_async(retry=state.attempt > 1)
             elif breaker is not None:
                 await breaker.record_success_async()  # the downstream answered; the input was bad
             raise
@@ -870,6 +872,7 @@ class Executor:
             entry = writer.entry(state, span, exc, category, reason)
             stored = await run_in_threadpool(writer.put, entry)
             if stored:
+                state.dead_letter_id = entry.id
                 if outcome is Outcome.FAILURE:
                     outcome = Outcome.DEAD_LETTERED
                 if span.is_recording():

@@ -32,6 +32,7 @@ __all__ = [
     "CODE_FUNCTION_NAME",
     "DLQ_ENTRY_ID",
     "DLQ_REASON",
+    "DLQ_STORE",
     "ERROR_CATEGORY",
     "ERROR_TYPE",
     "EVENT_CIRCUIT_REJECTED",
@@ -96,6 +97,9 @@ CIRCUIT_TO = "bgtasks.circuit.to"
 
 DLQ_ENTRY_ID = "bgtasks.dlq.entry_id"
 DLQ_REASON = "bgtasks.dlq.reason"
+DLQ_STORE = "bgtasks.dlq.store"
+"""On `bgtasks.dlq.depth`: which store (`DeadLetterStore.identity`; one value per store, no
+secret): replicas sharing a store report the same depth, so dashboards take the max per store."""
 
 SKIP_REASON = "bgtasks.skip.reason"
 

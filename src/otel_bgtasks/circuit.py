@@ -4,7 +4,7 @@
     CircuitBreaker("payments-api")                 # one breaker for every task using that name
     CircuitBreaker("payments-api", backend=RedisCircuitBackend(client))   # shared by replicas
 
-closed --(failure_threshold consecutive failures)--> open --(open_duration)--> half_open
+closed --(failure_threshold consecutive failed tasks)--> open --(open_duration)--> half_open
 half_open --(a probe succeeds)--> closed;  half_open --(a probe fails)--> open.
 At most `half_open_max_calls` probes run at once while half open.
 
@@ -44,7 +44,10 @@ __all__ = [
 _log = structlog.get_logger("otel_bgtasks")
 
 Clock = Callable[[], float]
-Event = Literal["allow", "success", "failure"]
+Event = Literal["allow", "success", "failure", "retry_failure"]
+"""``retry_failure``: a later attempt of a task whose first failed attempt already counted: a
+task counts once however many attempts its retry policy makes (it re-opens a half-open
+circuit like any failure)."""
 
 
 class CircuitState(IntEnum):
@@ -97,6 +100,8 @@ def transition(
             return snap, True
         return CircuitSnapshot(), True
     # failure
+    if event == "retry_failure" and snap.state is CircuitState.CLOSED:
+        return snap, True  # the task already counted once
     if snap.state is CircuitState.HALF_OPEN:
         return CircuitSnapshot(CircuitState.OPEN, snap.failures + 1, now, 0), True
     if snap.state is CircuitState.OPEN:
@@ -299,7 +304,9 @@ class CircuitBreaker:
     Args:
         name: the breaker's name (`bgtasks.circuit.name`); None: each task gets its own,
             named after the task.
-        failure_threshold: consecutive failures that open the circuit.
+        failure_threshold: consecutive failed tasks that open the circuit. A task counts once
+            however many attempts its retry policy makes: with 4 attempts and a threshold of
+            5, the fifth failing task in a row opens it (17 calls), not the second.
         open_duration: seconds the circuit stays open before letting probes through.
         half_open_max_calls: probes allowed at once while half open.
         clock: returns seconds; injectable for tests (wall time by default, as Redis-shared
@@ -385,8 +392,9 @@ class CircuitBreaker:
     async def record_success_async(self) -> None:
         await self._apply_async("success")
 
-    async def record_failure_async(self) -> None:
-        await self._apply_async("failure")
+    async def record_failure_async(self, *, retry: bool = False) -> None:
+        """`record_failure`, off the event loop when the backend blocks."""
+        await self._apply_async("retry_failure" if retry else "failure")
 
     def allow(self) -> bool:
         """May a call run now? (While half open this reserves one probe.)"""
@@ -396,9 +404,10 @@ class CircuitBreaker:
         """A call succeeded."""
         self._apply("success")
 
-    def record_failure(self) -> None:
-        """A call failed."""
-        self._apply("failure")
+    def record_failure(self, *, retry: bool = False) -> None:
+        """A call failed; `retry`: a later attempt of a task whose earlier attempt failed
+        already (it does not count again: `failure_threshold` counts tasks, not attempts)."""
+        self._apply("retry_failure" if retry else "failure")
 
     @property
     def state(self) -> CircuitState:

@@ -14,7 +14,8 @@
 The store URL comes from ``--store`` (accepted before or after the subcommand), else from the
 ``OTEL_BGTASKS_DLQ_URL`` environment variable. The app's tasks come from the modules given by
 ``--tasks`` (else ``OTEL_BGTASKS_TASK_MODULES``), imported on purpose: replay and recover run
-only those (see `otel_bgtasks.registry`), and never import a module an entry names. With
+only those (see `otel_bgtasks.registry`), and never import a module an entry names; they are
+found from the current directory first, as with Celery's ``-A``. With
 ``OTEL_BGTASKS_SIGNING_KEY`` set, entries whose signature does not verify are refused.
 Everything printed from an entry has its control characters escaped. An ID may be abbreviated
 to a unique prefix of at least 4 characters. Exit status: 0 success; 1 some replays (or re-runs)
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib
 import inspect
 import json
@@ -45,6 +47,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from otel_bgtasks._execution import active_executor, standalone_executor
 from otel_bgtasks._terminal import printable
 from otel_bgtasks.calls import check_replayable
 from otel_bgtasks.errors import (
@@ -225,6 +228,11 @@ def _add_dlq(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("ids", nargs="*", metavar="ID", help="entry ids (or unique prefixes)")
     p.add_argument("--all", action="store_true", help="every entry matching the filters")
     p.add_argument(
+        "--traceback",
+        action="store_true",
+        help="print each new failure's traceback under its line",
+    )
+    p.add_argument(
         "--celery-app",
         metavar="MODULE:APP",
         help="the Celery app (imported on purpose): dead letters of Celery tasks are sent back"
@@ -336,9 +344,17 @@ def _keys(environ: Mapping[str, str]) -> SigningKeys | None:
 
 
 def _declare_tasks(ctx: _Context) -> None:
-    """Import the app's task modules: --tasks, else $OTEL_BGTASKS_TASK_MODULES."""
+    """Import the app's task modules: --tasks, else $OTEL_BGTASKS_TASK_MODULES.
+
+    They are found from the current directory, as Celery's ``-A`` and ``python -m`` find
+    them: run the command from the project directory (a console script's ``sys.path`` starts
+    with its own bin directory, not the working directory).
+    """
     modules = getattr(ctx.args, "tasks", None) or ctx.environ.get(TASK_MODULES_ENV, "")
     if modules.strip():
+        cwd = os.getcwd()
+        if cwd not in sys.path and "" not in sys.path:
+            sys.path.insert(0, cwd)
         declare_task_modules(modules)
 
 
@@ -356,10 +372,16 @@ def _open(url: str | None, environ: Mapping[str, str]) -> DeadLetterStore:
     if url.lower().startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
         if path and not os.path.exists(path):
-            raise CLIError(f"dead-letter store {url!r}: file {path!r} does not exist")
+            hint = (
+                ""
+                if os.path.isabs(path)
+                else f" (relative to {os.getcwd()!r}; an absolute path takes four slashes:"
+                f" sqlite:////{path})"
+            )
+            raise CLIError(f"dead-letter store {url!r}: file {path!r} does not exist{hint}")
     try:
         return open_store(url, buffered=False)
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:  # a bad URL; a Redis URL without the extra
         raise CLIError(str(exc)) from None
 
 
@@ -464,6 +486,11 @@ def _resolve_id(store: DeadLetterStore, ident: str) -> str:
             return matches[0]
         if len(matches) > 1:
             raise CLIError(f"id prefix {ident!r} is ambiguous: {', '.join(matches)}")
+    if len(ident) < _MIN_PREFIX:
+        raise CLIError(
+            f"no dead letter with id {ident!r}: an abbreviated id needs at least {_MIN_PREFIX}"
+            f" characters (see: {PROG} dlq list)"
+        )
     raise CLIError(f"no dead letter with id {ident!r} (see: {PROG} dlq list)")
 
 
@@ -578,12 +605,6 @@ def _cmd_delete(ctx: _Context) -> int:
     return 0
 
 
-def _load_runner(ctx: _Context) -> ReplayRunner:
-    if ctx.runner is not None:
-        return ctx.runner
-    return run_dead_letter
-
-
 _OTLP_VARS = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -624,7 +645,6 @@ def _cmd_replay(ctx: _Context) -> int:
         raise CLIError("--task, --reason and --since select entries for --all only")
     store = ctx.store()
     ids = [_resolve_id(store, ident) for ident in args.ids] if args.ids else None
-    runner = _load_runner(ctx)
     dead_letters = DeadLetters(store)
     if args.celery_app:
         _celery_routes(args.celery_app, store)
@@ -638,18 +658,29 @@ def _cmd_replay(ctx: _Context) -> int:
         transient=True,
     )
     task_id = progress.add_task("replay", total=None)
+    stopped: list[ReplayOutcome] = []  # the entries an open circuit kept from running
 
     def started(total: int) -> None:
         progress.update(task_id, total=total)
 
     def advanced(outcome: ReplayOutcome) -> None:
         progress.advance(task_id)
-        if outcome.status not in ("replayed", "sent"):
+        if outcome.status == "not_run":
+            if not stopped:  # the refusal itself: one line, then only the count
+                line = f"stopped: {outcome.entry_id} {outcome.task_name}: {outcome.message}"
+                progress.console.print(Text(printable(line), style="yellow"), soft_wrap=True)
+            stopped.append(outcome)
+            return
+        if outcome.status not in ("replayed", "sent"):  # one line per failure
             name = f" {outcome.task_name}" if outcome.task_name else ""
             line = f"{outcome.status}: {outcome.entry_id}{name}: {outcome.message}"
-            progress.console.print(Text(printable(line), style="red"))
+            progress.console.print(Text(printable(_clip(line, 400)), style="red"), soft_wrap=True)
+            if args.traceback and outcome.traceback:
+                progress.console.print(
+                    Text(printable(outcome.traceback.rstrip(), multiline=True)), soft_wrap=True
+                )
 
-    with _exported(ctx), progress:
+    with _exported(ctx), progress, _replay_runner(ctx) as runner:
         report = asyncio.run(
             dead_letters.replay(
                 ids,
@@ -663,7 +694,33 @@ def _cmd_replay(ctx: _Context) -> int:
     counts = {status: len(report.by_status(status)) for status in _STATUSES}
     summary = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in counts.items() if n)
     ctx.out.print(f"replay: {summary or 'no entries'}")
+    if stopped:
+        ctx.err.print(
+            Text(
+                f"stopped after {stopped[0].message}: {len(stopped)} entries not run (kept"
+                " unchanged)",
+                style="yellow",
+            ),
+            soft_wrap=True,
+        )
     return 0 if report.ok else 1
+
+
+@contextlib.contextmanager
+def _replay_runner(ctx: _Context) -> Iterator[ReplayRunner]:
+    """The runner: the one passed to `main`, else `run_dead_letter` on this process's executor
+    with its failure log lines off (the CLI prints one line per failure itself; the traceback
+    with ``--traceback``)."""
+    if ctx.runner is not None:
+        yield ctx.runner
+        return
+    executor = active_executor() or standalone_executor()
+    quiet = executor.failures.quiet
+    executor.failures.quiet = True
+    try:
+        yield functools.partial(run_dead_letter, executor=executor)
+    finally:
+        executor.failures.quiet = quiet
 
 
 def _celery_routes(reference: str, store: DeadLetterStore) -> None:
@@ -690,6 +747,7 @@ _STATUSES: tuple[ReplayStatus, ...] = (
     "replayed",
     "sent",
     "failed",
+    "not_run",
     "refused",
     "import_error",
     "error",

@@ -10,7 +10,7 @@ from opentelemetry.trace import Span
 
 from otel_bgtasks._ids import span_id_hex, trace_id_hex
 from otel_bgtasks._logger import log
-from otel_bgtasks.attributes import ErrorCategory
+from otel_bgtasks.attributes import DLQ_STORE, ErrorCategory
 from otel_bgtasks.calls import Serializer, describe_call
 from otel_bgtasks.metrics import Instruments
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
@@ -36,6 +36,7 @@ class DeadLetterWriter:
     ) -> None:
         self.store = store
         self.serializer = serializer
+        self._identity = store.identity  # `bgtasks.dlq.store`: resolved once
         instruments.add_depth_source(self._observe_depth)
         if store.status() is not None:  # a buffering store: its failed and dropped writes
             instruments.add_write_error_source(self._observe_write_errors)
@@ -118,6 +119,6 @@ class DeadLetterWriter:
 
     def _observe_depth(self) -> list[Observation]:
         try:
-            return [Observation(self.store.count())]
+            return [Observation(self.store.count(), {DLQ_STORE: self._identity})]
         except Exception:  # a store that is down reports nothing rather than a wrong zero
             return []

@@ -90,6 +90,7 @@ from otel_bgtasks.routes import (
 )
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.task import Dispatch
+from otel_bgtasks.telemetry import flush_global_providers
 
 __all__ = [
     "DEFAULT_DRAIN_TIMEOUT",
@@ -698,5 +699,6 @@ class DispatchSeam:
         def flush() -> None:
             self.settle()
             self.executor.flush_store()
+            flush_global_providers()  # spans, metrics: uvicorn skips the exit handlers too
 
         await anyio.to_thread.run_sync(flush)

@@ -21,6 +21,7 @@ __all__ = [
     "ConfigurationError",
     "CorruptEntryError",
     "ErrorClassifier",
+    "NotInstrumentedError",
     "NotReplayableError",
     "SerializationError",
     "StoreUnavailableError",
@@ -61,12 +62,26 @@ class BusinessError(Exception):
     """
 
 
+class NotInstrumentedError(BgTasksError, RuntimeError):
+    """A call needs the instrumentation (`schedule()`): call
+    ``BackgroundTasksInstrumentor().instrument()`` first, or run under
+    ``opentelemetry-instrument``."""
+
+
 class TaskTimeoutError(BgTasksError, TimeoutError):
     """An async task attempt ran past its `timeout` and was cancelled."""
 
 
 class CircuitOpenError(BgTasksError, RuntimeError):
-    """The task's circuit breaker refused the call; the task was not run."""
+    """The task's circuit breaker refused the call; the task was not run.
+
+    Attributes:
+        circuit: the breaker's name (its `bgtasks.circuit.name`).
+    """
+
+    def __init__(self, message: str, *, circuit: str = "") -> None:
+        super().__init__(message)
+        self.circuit = circuit
 
 
 class TaskImportError(BgTasksError, LookupError):

@@ -1,6 +1,13 @@
 """How a task's failure is reported: the span's exception event and status text, the log
 line, and the recent-failures list of the health endpoint; all bounded, redacted on request,
-never with the frames' locals unless asked."""
+never with the frames' locals unless asked.
+
+The log line is one ERROR ``background task failed`` with what an operator acts on (task, ids,
+outcome, attempts, category, error type and message, dead-letter reason and entry id) and
+the task's own frames (`task_traceback`: at most 8 frames, 2 kB; the span and the dead letter
+keep the whole traceback). A run an open circuit refused never ran: one WARNING
+``background task rejected: circuit open`` naming the circuit, without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from otel_bgtasks._ids import span_id_hex, trace_id_hex
 from otel_bgtasks._logger import log
 from otel_bgtasks._tracebacks import REDACTED, bounded_message, bounded_traceback, exception_fields
 from otel_bgtasks.attributes import Outcome
-from otel_bgtasks.errors import error_type
+from otel_bgtasks.errors import CircuitOpenError, error_type
 from otel_bgtasks.state import TaskCallState
 
 __all__ = ["RECENT_FAILURES", "FailureRecord", "FailureReporter", "release_frames"]
@@ -50,6 +57,9 @@ class FailureReporter:
         self.redact = redact_exception_messages
         self.log_locals = log_locals
         self.recent: deque[FailureRecord] = deque(maxlen=RECENT_FAILURES)
+        self.quiet = False
+        """No log line: a caller that reports each failure itself (``otel-bgtasks dlq
+        replay`` prints one line per failure, tracebacks only with ``--traceback``)."""
 
     def message(self, exc: BaseException | None) -> str:
         """An exception message as spans carry it: bounded, or redacted on request."""
@@ -84,21 +94,30 @@ class FailureReporter:
             trace_id=trace_id_hex(ctx),
         )
         self.recent.append(record)
-        log.error(
-            "background task failed",
-            task_name=state.name,
-            task_id=state.task_id,
-            outcome=outcome.value,
-            attempts=state.attempt,
-            category=str(state.category or ""),
-            trace_id=record.trace_id,
-            span_id=span_id_hex(ctx),
-            **(
-                exception_fields(exc, redact=self.redact, with_locals=self.log_locals)
-                if exc is not None
-                else {}
-            ),
-        )
+        if self.quiet:
+            return
+        fields: dict[str, object] = {
+            "task_name": state.name,
+            "task_id": state.task_id,
+            "outcome": outcome.value,
+            "attempts": state.attempt,
+            "category": str(state.category or ""),
+            "trace_id": record.trace_id,
+            "span_id": span_id_hex(ctx),
+        }
+        if state.reason is not None:
+            fields["dlq_reason"] = state.reason.value
+        if state.dead_letter_id is not None:
+            fields["dlq_entry_id"] = state.dead_letter_id  # `otel-bgtasks dlq show ID`
+        if isinstance(exc, CircuitOpenError):
+            # Never ran: the breaker's name says everything; a traceback would be ours alone.
+            log.warning("background task rejected: circuit open", circuit=exc.circuit, **fields)
+            return
+        if exc is not None:
+            fields.update(
+                exception_fields(exc, redact=self.redact, with_locals=self.log_locals, brief=True)
+            )
+        log.error("background task failed", **fields)
 
 
 def release_frames(exc: BaseException, caught_in: FrameType | None) -> None:

@@ -2,7 +2,7 @@
 
     from otel_bgtasks.health import bearer_token_auth, bgtasks_router
 
-    app.include_router(bgtasks_router(auth=bearer_token_auth(os.environ["BGTASKS_ADMIN_TOKEN"])))
+    app.include_router(bgtasks_router(auth=bearer_token_auth(os.environ["OTEL_BGTASKS_ADMIN_TOKEN"])))
     app.include_router(bgtasks_router(admin=False))        # only GET /bgtasks/health
 
 GET /bgtasks/health: running and pending tasks (pending by task, as `bgtasks.task.pending`),
@@ -27,6 +27,7 @@ from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from otel_bgtasks._execution import Executor, active_executor
+from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.replay import DeadLetters, run_dead_letter
 from otel_bgtasks.stores.base import DeadLetterStore, StoreStatus
 
@@ -40,10 +41,10 @@ def bearer_token_auth(token: str) -> Callable[..., None]:
     """A dependency accepting `Authorization: Bearer <token>`, compared in constant time.
 
     Raises:
-        ValueError: an empty token (which would let anyone in).
+        ConfigurationError: an empty token (which would let anyone in).
     """
     if not token:
-        raise ValueError("bearer_token_auth needs a non-empty token")
+        raise ConfigurationError("bearer_token_auth needs a non-empty token")
     expected = token.encode()
     scheme = HTTPBearer(auto_error=False)
 
@@ -88,10 +89,10 @@ def bgtasks_router(
         store: the dead-letter store; default: the instrumentor's.
 
     Raises:
-        ValueError: `admin` without `auth`: the admin endpoints never mount unprotected.
+        ConfigurationError: `admin` without `auth`: the admin endpoints never mount unprotected.
     """
     if admin and auth is None:
-        raise ValueError(
+        raise ConfigurationError(
             "the dead-letter admin endpoints need an auth dependency: "
             "bgtasks_router(auth=bearer_token_auth(token)), or admin=False for health only"
         )

@@ -65,7 +65,7 @@ from otel_bgtasks.dispatch import (
     Dispatcher,
     DispatchSeam,
 )
-from otel_bgtasks.errors import ErrorClassifier, UnsafeConfigurationError
+from otel_bgtasks.errors import ErrorClassifier, NotInstrumentedError, UnsafeConfigurationError
 from otel_bgtasks.package import _instruments
 from otel_bgtasks.retry import RetryPolicy
 from otel_bgtasks.state import TaskCallState
@@ -179,13 +179,13 @@ def schedule(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Schedule
     app's pool on this event loop, when its lifespan serves; else it runs when you run it).
 
     Raises:
-        RuntimeError: the package is not instrumented yet.
+        NotInstrumentedError: (a `RuntimeError`) the package is not instrumented yet.
         TypeError: a durable task, or one bound for another process, whose arguments cannot
             be encoded (the message names the argument).
     """
     executor = active_executor()
     if executor is None:
-        raise RuntimeError(
+        raise NotInstrumentedError(
             "otel_bgtasks is not instrumented: call BackgroundTasksInstrumentor().instrument() "
             "(or run under opentelemetry-instrument) before schedule()"
         )

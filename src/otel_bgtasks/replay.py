@@ -32,7 +32,7 @@ from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks.attributes import Outcome
 from otel_bgtasks.calls import DecodedCall, decode_call
 from otel_bgtasks.claims import DEAD_LETTERS, Claim, hold
-from otel_bgtasks.errors import CorruptEntryError, UntrustedEntryError
+from otel_bgtasks.errors import CircuitOpenError, CorruptEntryError, UntrustedEntryError
 from otel_bgtasks.identity import process_identity
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
 from otel_bgtasks.routes import Dispatcher, dispatcher_for
@@ -57,7 +57,6 @@ REPLAY_LEASE = 60.0
 how long an entry stays blocked after its replayer crashed."""
 
 _log = structlog.get_logger("otel_bgtasks")
-
 
 
 async def run_dead_letter(
@@ -89,6 +88,8 @@ async def run_dead_letter(
     )
     if outcome is Outcome.SUCCESS:
         return ReplayResult(ok=True)
+    if isinstance(state.exception, CircuitOpenError):  # refused: nothing ran
+        return ReplayResult(ok=False, rejected_by=state.exception.circuit or entry.task_name)
     return ReplayResult(
         ok=False,
         entry=entry.with_failure(
@@ -111,6 +112,9 @@ class ReplayResult:
 
     ok: bool
     entry: DeadLetter | None = None
+    rejected_by: str | None = None
+    """The circuit that refused the run: nothing ran, the entry is kept unchanged and
+    `DeadLetters.replay` stops (the entries after it are reported ``not_run``)."""
 
 
 ReplayRunner = Callable[[DeadLetter, DecodedCall], Awaitable[ReplayResult]]
@@ -122,6 +126,7 @@ ReplayStatus = Literal[
     "replayed",
     "sent",
     "failed",
+    "not_run",
     "refused",
     "import_error",
     "missing",
@@ -143,13 +148,16 @@ class ReplayOutcome:
     serializer unavailable here, entry kept), ``missing`` (no such id), ``corrupt`` (row
     cannot be decoded, kept), ``error`` (the runner itself raised; entry kept unchanged),
     ``claimed`` (another replayer holds it, or, replaying every entry, it was replayed and
-    deleted by another meanwhile: not run here).
+    deleted by another meanwhile: not run here), ``not_run`` (an open circuit refused it, or
+    it came after such a refusal: the replay stopped; kept unchanged).
+    `traceback`: for ``failed``, the new failure's traceback (as stored in the entry).
     """
 
     entry_id: str
     status: ReplayStatus
     task_name: str = ""
     message: str = ""
+    traceback: str = ""
 
 
 @dataclass(slots=True)
@@ -232,6 +240,7 @@ class DeadLetters:
         on_outcome: Callable[[ReplayOutcome], None] | None = None,
         on_start: Callable[[int], None] | None = None,
         offload: bool = True,
+        stop_on_open_circuit: bool = True,
     ) -> ReplayReport:
         """Replay entries one after the other (a recovering downstream gets no burst).
 
@@ -243,6 +252,9 @@ class DeadLetters:
             offload: run store calls in a worker thread, so a server's event loop keeps
                 serving; a process that owns its loop (the CLI) passes False: the thread hop
                 costs more than the store call.
+            stop_on_open_circuit: once a task's circuit breaker refuses a replay (its
+                downstream is still failing), stop: that entry and every one after it are
+                reported ``not_run`` and kept unchanged, instead of each being refused in turn.
 
         A `TaskImportError` or a runner exception affects only its entry, which is kept; the
         others continue.
@@ -257,8 +269,19 @@ class DeadLetters:
             targets = list(dict.fromkeys(ids))
         if on_start is not None:
             on_start(len(targets))
+        stopped: str | None = None
         for target in targets:
-            outcome = await self._replay_one(target, runner, listed=ids is None)
+            if stopped is not None:
+                outcome = ReplayOutcome(
+                    target if isinstance(target, str) else target.id,
+                    "not_run",
+                    "" if isinstance(target, str) else target.task_name,
+                    f"not attempted: {stopped}",
+                )
+            else:
+                outcome = await self._replay_one(target, runner, listed=ids is None)
+                if outcome.status == "not_run" and stop_on_open_circuit:
+                    stopped = outcome.message
             report.outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)
@@ -318,6 +341,10 @@ class DeadLetters:
                 "dead letter replay: runner failed", entry_id=entry.id, **exception_fields(exc)
             )
             return ReplayOutcome(entry.id, "error", entry.task_name, f"{type(exc).__name__}: {exc}")
+        if result.rejected_by is not None:
+            await claim.release()  # unchanged: it did not run
+            message = f"circuit {result.rejected_by!r} opened; replay again once it closes"
+            return ReplayOutcome(entry.id, "not_run", entry.task_name, message)
         if result.ok:
             if not await claim.settle():
                 _log.warning(
@@ -332,7 +359,7 @@ class DeadLetters:
         message = (
             f"{updated.error_type}: {updated.error_message}" if updated.error_type else "failed"
         )
-        return ReplayOutcome(entry.id, "failed", entry.task_name, message)
+        return ReplayOutcome(entry.id, "failed", entry.task_name, message, updated.traceback)
 
     async def _send(self, claim: Claim[DeadLetter], dispatcher: Dispatcher) -> ReplayOutcome:
         """Publish a claimed entry through its route's dispatcher (a new task id; the

@@ -53,6 +53,7 @@ class TaskCallState:
         outcome, exception: the final result once known; `exception` is the last error.
         category: the last error's `bgtasks.error.category`.
         reason: why the task went to the dead letters, when it did.
+        dead_letter_id: the id of its dead letter, once stored.
         journaled: the task has a journal row (durable).
         replay: the run replays a dead letter (never parented under the old request).
         first_failure: epoch seconds of the first failure of a replayed dead letter.
@@ -81,6 +82,7 @@ class TaskCallState:
     exception: BaseException | None = None
     category: ErrorCategory | None = None
     reason: DeadLetterReason | None = None
+    dead_letter_id: str | None = None
     journaled: bool = False
     replay: bool = False
     first_failure: float | None = None

@@ -13,6 +13,10 @@ sets one): every process of a service exports its own series, which Prometheus k
 A forked worker child (prefork servers, Celery) calls `configure_telemetry()` again after the
 fork, which gives it an id of its own, and `Telemetry.flush()` (or `shutdown()`) before it
 exits: a forked child ends with ``os._exit``, without exit handlers.
+
+`flush_global_providers()` is what the instrumentor's lifespan seam calls at every app's
+lifespan shutdown, so zero-code apps (`opentelemetry-instrument uvicorn app:app`, whose
+distro registers only an exit handler) deliver their last spans and metrics at SIGTERM too.
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ import asyncio
 import atexit
 import contextlib
 import os
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+from opentelemetry import _logs as otel_logs
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.environment_variables import (
     OTEL_EXPORTER_OTLP_METRICS_PROTOCOL,
@@ -46,9 +54,84 @@ from opentelemetry.sdk.trace.sampling import Sampler
 from otel_bgtasks._execution import active_executor
 from otel_bgtasks.sampling import LinkAwareSampler
 
-__all__ = ["SERVICE_INSTANCE_ID", "Telemetry", "configure_telemetry"]
+__all__ = [
+    "FLUSH_TIMEOUT",
+    "SERVICE_INSTANCE_ID",
+    "Telemetry",
+    "configure_telemetry",
+    "flush_global_providers",
+    "flush_providers",
+]
 
 SERVICE_INSTANCE_ID = "service.instance.id"
+
+FLUSH_TIMEOUT = 5.0
+"""Seconds `flush_global_providers` waits at most, for all signals together."""
+
+_log = structlog.get_logger("otel_bgtasks")
+
+
+def flush_global_providers(timeout: float = FLUSH_TIMEOUT) -> bool:
+    """Export what the global tracer, meter and logger providers still hold; blocks.
+
+    What the lifespan seam calls at every app's lifespan shutdown (see `flush_providers`).
+    """
+    return flush_providers(
+        {
+            "traces": trace.get_tracer_provider(),
+            "metrics": metrics.get_meter_provider(),
+            "logs": otel_logs.get_logger_provider(),
+        },
+        timeout=timeout,
+    )
+
+
+def flush_providers(providers: Mapping[str, object], *, timeout: float = FLUSH_TIMEOUT) -> bool:
+    """Call ``force_flush`` on each provider (by signal name), within `timeout` seconds overall.
+
+    Bounded: the flushes run at once, each in a daemon thread, and this waits at most
+    `timeout` seconds for all of them (the SDK's ``force_flush`` ignores its own timeout and
+    exports on the caller's thread: a collector that does not answer would hold shutdown for
+    the exporter's whole retry time). A flush still running then carries on in its thread, as
+    long as the process lives. Providers without ``force_flush`` (the API's no-op and proxy
+    providers, when no SDK is configured) are skipped. Never raises: a failure is logged.
+
+    Returns:
+        True when every provider reported a complete flush within the time.
+    """
+    deadline = time.monotonic() + timeout
+    results: dict[str, bool] = {}
+    threads: list[tuple[str, threading.Thread]] = []
+
+    def flush(signal: str, force_flush: Any) -> None:
+        try:
+            # The SDK's providers answer a bool; None (an older or custom one) is no news.
+            results[signal] = force_flush(timeout_millis=int(timeout * 1000)) is not False
+            if not results[signal]:
+                _log.warning("telemetry flush at shutdown incomplete", signal=signal)
+        except Exception:  # an exporter's bug must not break the app's shutdown
+            _log.exception("telemetry flush at shutdown failed", signal=signal)
+            results[signal] = False
+
+    for signal, provider in providers.items():
+        force_flush = getattr(provider, "force_flush", None)
+        if force_flush is None:
+            continue
+        thread = threading.Thread(
+            target=flush, args=(signal, force_flush), name=f"otel-bgtasks-flush-{signal}"
+        )
+        thread.daemon = True
+        thread.start()
+        threads.append((signal, thread))
+    complete = True
+    for signal, thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+        if thread.is_alive():
+            complete = False
+            _log.warning("telemetry flush at shutdown incomplete", signal=signal, timeout=timeout)
+        elif not results.get(signal, False):
+            complete = False
+    return complete
 
 
 @dataclass(slots=True)

@@ -54,6 +54,7 @@ from tests.support.waiting import wait_until
 
 __all__ = [
     "CONFIG_DIR",
+    "CREATED_TIMESTAMPS_FLAG",
     "METRICS_PATHS",
     "QUEUE_ROW",
     "REPO_ROOT",
@@ -88,6 +89,10 @@ REQUIRE_INFRA_ENV = "OTEL_BGTASKS_REQUIRE_INFRA"
 PROMETHEUS_COLLECTOR_TARGET = "otel-collector:8889"
 PROMETHEUS_ALERTMANAGER_TARGET = "alertmanager:9093"
 ALERTMANAGER_WEBHOOK_URL = "http://alert-webhook:5001/alerts"
+
+# Prometheus feature flag: ingest the start (created) timestamp of counters and histograms as
+# a 0 sample, from the collector's exporter (protobuf scrape) and from OTLP pushes alike.
+CREATED_TIMESTAMPS_FLAG = "--enable-feature=created-timestamp-zero-ingestion"
 
 # Collector exporter (OTELCOL_METRICS_EXPORTER) of each metrics path.
 METRICS_PATHS = {"scrape": "prometheus", "push": "otlp_http/prometheus"}
@@ -434,6 +439,7 @@ def dashboard_queries(
     path: Path | None = None,
     *,
     task: str = ".*",
+    job: str = ".*",
     rate_interval: str = "1m",
     rows: Collection[str] | None = None,
     skip_rows: Collection[str] = (QUEUE_ROW,),
@@ -442,7 +448,7 @@ def dashboard_queries(
     under the rows titled `rows` (None: every row), less those under `skip_rows`.
 
     Grafana's variables are replaced so the queries run on Prometheus directly: ``$task`` by
-    ``task`` and ``$__rate_interval`` by ``rate_interval``.
+    ``task``, ``$job`` by ``job`` and ``$__rate_interval`` by ``rate_interval``.
     """
     path = path or CONFIG_DIR / "grafana" / "dashboards" / "bgtasks-overview.json"
     dashboard = json.loads(path.read_text())
@@ -453,6 +459,7 @@ def dashboard_queries(
         for target in panel.get("targets", []):
             expr = str(target["expr"])
             expr = expr.replace("$__rate_interval", rate_interval).replace("$task", task)
+            expr = expr.replace("$job", job)
             queries.append((str(panel["title"]), expr))
     return queries
 
@@ -667,6 +674,9 @@ class Prometheus:
                 f"--storage.tsdb.path={config_dir / 'data'}",
                 f"--web.listen-address={_loopback(self.port)}",
                 "--web.enable-lifecycle",
+                # as shipped (docker-compose.yml): a counter born with its first increment
+                # gets a 0 sample at its start time, so rate() and increase() see it
+                CREATED_TIMESTAMPS_FLAG,
                 *(["--web.enable-otlp-receiver"] if otlp_receiver else []),
             ],
             log_path=workdir / "prometheus.log",

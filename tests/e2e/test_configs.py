@@ -95,7 +95,11 @@ def test_rendered_prometheus_config_changes_only_addresses_and_intervals(tmp_pat
     shipped = load_yaml(CONFIG_DIR / "prometheus.yml")
     expected = {
         **shipped,
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {
+            "scrape_interval": "1s",
+            "evaluation_interval": "1s",
+            "external_labels": {"cluster": "otel-bgtasks"},
+        },
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": ["127.0.0.1:19093"]}]}]},
         "scrape_configs": [
             {
@@ -416,7 +420,8 @@ def test_compose_wires_services_by_name() -> None:
 
     assert app_env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
     assert app_env["OTEL_SERVICE_NAME"] == "bgtasks-demo"
-    assert "${env:OTELCOL_JAEGER_ENDPOINT:-jaeger:4317}" in json.dumps(collector)
+    assert "${env:OTELCOL_JAEGER_ENDPOINT:-localhost:14317}" in json.dumps(collector)
+    assert services["otel-collector"]["environment"]["OTELCOL_JAEGER_ENDPOINT"] == "jaeger:14317"
     assert {ds["uid"]: ds["url"] for ds in datasources["datasources"]} == {
         "prometheus": "http://prometheus:9090",
         "jaeger": "http://jaeger:16686",
@@ -463,9 +468,16 @@ def test_dashboard_panels_have_queries_units_and_legends() -> None:
             assert target["expr"].strip(), title
             assert target["legendFormat"].strip(), title
             assert target["datasource"]["uid"] == "prometheus", title
-            # Task-level metrics follow the task variable.
+            # Task-level metrics follow the task variable; every selector the job variable.
             if re.search(r"bgtasks_(task|dlq_moves|dlq_replays)_", target["expr"]):
                 assert 'bgtasks_task_name=~"$task"' in target["expr"], title
+            selectors = re.findall(
+                r"\b(?:bgtasks|messaging_client)_[a-z_]+(?:_total|_count|_bucket|_active|"
+                r"_pending|_state|_depth|_backlog)\b(\{[^}]*\})?",
+                target["expr"],
+            )
+            assert selectors, title
+            assert all('job=~"$job"' in selector for selector in selectors), title
 
 
 def test_dashboard_covers_the_contract() -> None:
@@ -501,18 +513,21 @@ def test_dashboard_covers_the_contract() -> None:
     assert units["Task duration p50 / p95 / p99"] == "s"
 
 
-def test_dashboard_task_variable_and_circuit_mappings() -> None:
+def test_dashboard_job_and_task_variables_and_circuit_mappings() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
-    (variable,) = dashboard["templating"]["list"]
+    job, variable = dashboard["templating"]["list"]
     (state,) = [p for p in panels(dashboard) if p["title"] == "Circuit state"]
     (mapping,) = state["fieldConfig"]["defaults"]["mappings"]
 
+    assert job["name"] == "job"
+    assert job["query"]["query"] == "label_values(bgtasks_task_duration_seconds_count, job)"
     assert variable["name"] == "task"
     assert variable["query"]["query"] == (
-        "label_values(bgtasks_task_duration_seconds_count, bgtasks_task_name)"
+        'label_values(bgtasks_task_duration_seconds_count{job=~"$job"}, bgtasks_task_name)'
     )
-    assert variable["includeAll"] is True
-    assert variable["allValue"] == ".*"
+    for each in (job, variable):
+        assert each["includeAll"] is True
+        assert each["allValue"] == ".*"
     assert {value: option["text"] for value, option in mapping["options"].items()} == {
         "0": "closed",
         "1": "half-open",

@@ -142,11 +142,13 @@ def test_secrets_reach_the_dead_letter_store_and_nothing_else(
     if logging_setup == "json":
         (line,) = [json.loads(x) for x in out.splitlines() if "background task failed" in x]
         assert sorted(line) == [
-            "attempts", "category", "error_message", "error_type", "event", "exception",
-            "level", "outcome", "span_id", "task_id", "task_name", "timestamp", "trace_id",
+            "attempts", "category", "dlq_entry_id", "dlq_reason", "error_message",
+            "error_type", "event", "exception", "level", "outcome", "span_id", "task_id",
+            "task_name", "timestamp", "trace_id",
         ]  # fmt: skip
+        assert line["dlq_entry_id"] == entry.id
         assert line["exception"].startswith("Traceback (most recent call last):\n")
-        assert len(line["exception"]) <= 8_192
+        assert len(line["exception"]) <= 2_048  # the task's frames (the span keeps the whole)
 
     # spans: never the arguments; the message in the exception event, the status and the
     # retry event, unless redacted

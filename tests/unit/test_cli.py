@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import pytest
 import structlog
 
+from otel_bgtasks import CircuitBreaker, background_task
 from otel_bgtasks.calls import DecodedCall
 from otel_bgtasks.cli import main, parse_since
 from otel_bgtasks.records import DeadLetter, DeadLetterReason
@@ -260,6 +263,12 @@ def test_show_unknown_and_ambiguous_ids(
     assert code == 2
     assert "id prefix 'abcd' is ambiguous" in err
     assert run(capsys, "--store", url, "dlq", "show", "abcd1", "--json")[0] == 0
+    code, _, err = run(capsys, "--store", url, "dlq", "show", "ab")
+    assert (code, err) == (
+        2,
+        "otel-bgtasks: error: no dead letter with id 'ab': an abbreviated id needs at least 4"
+        " characters (see: otel-bgtasks dlq list)\n",
+    )
 
 
 def test_delete_checks_every_id_first(
@@ -533,3 +542,128 @@ def test_parse_since() -> None:
     assert parse_since("1w", now=now) == now - 604800
     assert parse_since("2023-11-14T22:13:20Z") == 1_700_000_000.0
     assert parse_since("2023-11-14T23:13:20+01:00") == 1_700_000_000.0
+
+
+def test_task_modules_are_found_from_the_current_directory_like_celerys_a(
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    store: SQLiteDeadLetterStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``otel-bgtasks`` is a console script: its sys.path starts with its bin directory, not
+    the project directory the operator runs it from (issue 19: `No module named 'shop'`)."""
+    project = tmp_path / "project"
+    (project / "cwdshop").mkdir(parents=True)
+    (project / "cwdshop" / "__init__.py").write_text("")
+    (project / "cwdshop" / "tasks.py").write_text("def sync_crm(order_id):\n    pass\n")
+    store.put(make_entry(task_name="sync-crm", func_ref="cwdshop.tasks:sync_crm"))
+    monkeypatch.chdir(project)
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", ".")])
+    monkeypatch.delitem(sys.modules, "cwdshop", raising=False)
+    monkeypatch.delitem(sys.modules, "cwdshop.tasks", raising=False)
+    try:
+        code, out, err = run(
+            capsys, "--store", url, "--tasks", "cwdshop.tasks", "dlq", "list", "--json"
+        )
+    finally:
+        for name in ("cwdshop.tasks", "cwdshop"):
+            sys.modules.pop(name, None)
+    assert (code, err) == (0, "")
+    (listed,) = json.loads(out)
+    assert (listed["func_ref"], listed["check"]) == ("cwdshop.tasks:sync_crm", "ok")
+
+
+_replay_breaker = CircuitBreaker("cli-replay-payments", failure_threshold=2, open_duration=3600)
+
+
+@background_task(name="cli-charge", circuit=_replay_breaker)
+def still_down(order_id: int) -> None:
+    """Its downstream is still down: every replay fails until the breaker opens."""
+    raise ConnectionRefusedError(f"payments-api refused order {order_id}")
+
+
+@background_task(name="cli-charge-once")
+def down_once(order_id: int) -> None:
+    raise ConnectionRefusedError(f"payments-api refused order {order_id}")
+
+
+def test_replay_stops_when_a_breaker_opens_and_prints_one_line_per_failure(
+    capsys: pytest.CaptureFixture[str], url: str, store: SQLiteDeadLetterStore, store_path: Path
+) -> None:
+    """Issue 19: `dlq replay --all` ploughed on after its own breaker opened (187 refusals
+    that never ran, 5,579 lines of tracebacks). Now: the failures (one line each), then one
+    line for the refusal, and the rest reported as not run, kept unchanged."""
+    made = [
+        make_entry(
+            task_name="cli-charge",
+            func_ref="tests.unit.test_cli:still_down",
+            payload=json.dumps({"args": [n], "kwargs": {}}),
+            last_failure=NOW - 100 + n,
+        )
+        for n in range(6)
+    ]
+    for entry in made:
+        store.put(entry)
+    code, out, err = run(capsys, "--store", url, "--tasks", __name__, "dlq", "replay", "--all")
+    assert (code, out) == (1, "replay: 2 failed, 4 not run\n")
+    # the breaker's own warning (it opened), then the CLI's lines: one per failure, one for
+    # the refusal, one summary
+    (opened,) = [line for line in err.splitlines() if "circuit breaker state change" in line]
+    assert "to_state=open" in opened
+    lines = [line for line in err.splitlines() if line not in (opened, "")]
+    assert lines[:2] == [
+        f"failed: {made[0].id} cli-charge: ConnectionRefusedError: payments-api refused order 0",
+        f"failed: {made[1].id} cli-charge: ConnectionRefusedError: payments-api refused order 1",
+    ]
+    assert len(lines) == 4
+    assert [line for line in lines if line.startswith("stopped")] == [
+        f"stopped: {made[2].id} cli-charge: circuit 'cli-replay-payments' opened; replay again"
+        " once it closes",
+        "stopped after circuit 'cli-replay-payments' opened; replay again once it closes: 4"
+        " entries not run (kept unchanged)",
+    ]
+    assert "Traceback" not in err
+    with SQLiteDeadLetterStore(store_path) as check:
+        kept = {e.id: e for e in check.list()}
+    assert [kept[e.id].attempts for e in made] == [4, 4, 3, 3, 3, 3]  # the rest unchanged
+    assert [kept[e.id] for e in made[2:]] == made[2:]
+
+
+def test_replay_prints_tracebacks_on_request(
+    capsys: pytest.CaptureFixture[str], url: str, store: SQLiteDeadLetterStore
+) -> None:
+    entry = make_entry(
+        task_name="cli-charge-once",
+        func_ref="tests.unit.test_cli:down_once",
+        payload=json.dumps({"args": [7], "kwargs": {}}),
+    )
+    store.put(entry)
+    code, _out, err = run(
+        capsys, "--store", url, "--tasks", __name__, "dlq", "replay", entry.id, "--traceback"
+    )
+    assert code == 1
+    assert err.startswith(
+        f"failed: {entry.id} cli-charge-once: ConnectionRefusedError: payments-api refused"
+        " order 7\n"
+        "Traceback (most recent call last):\n"
+    )
+    assert err.rstrip().endswith("ConnectionRefusedError: payments-api refused order 7")
+
+
+def test_a_redis_url_without_the_redis_extra_is_a_usage_error_not_a_traceback() -> None:
+    """README: exit 2, a message, no traceback (issue 19 saw a traceback and exit 1). The
+    missing package is simulated in a child interpreter."""
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "from otel_bgtasks.cli import main\n"
+        "sys.exit(main(['--store', 'redis://127.0.0.1:1/0', 'dlq', 'list']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "otel-bgtasks: error: RedisDeadLetterStore needs the redis package:"
+        " pip install 'otel-bgtasks[redis]'\n"
+    )

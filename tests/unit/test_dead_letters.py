@@ -63,7 +63,9 @@ async def test_final_failure_moves_to_the_store_with_event_and_metric(telemetry,
         1,
     )
     (depth,) = telemetry.points("bgtasks.dlq.depth")
-    assert depth.value == 1
+    # which store: the same in every replica sharing it, never a secret (bounded cardinality)
+    assert (dict(depth.attributes), depth.value) == ({"bgtasks.dlq.store": store.identity}, 1)
+    assert store.identity == f"sqlite:{store.path}"
 
 
 async def test_replay_links_to_the_failed_span_and_deletes_on_success(telemetry, instrument, store):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from otel_bgtasks.errors import ConfigurationError, StoreUnavailableError
+from otel_bgtasks.errors import BgTasksError, ConfigurationError, StoreUnavailableError
 from otel_bgtasks.records import DeadLetterReason
 from otel_bgtasks.stores import BufferedStore, SQLiteDeadLetterStore, open_store
 from otel_bgtasks.stores.sqlite import SCHEMA_VERSION
@@ -64,13 +64,34 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
 def test_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("this is not sqlite, " * 100)
-    with pytest.raises(ValueError, match=r"cannot open dead-letter store .*notes.txt"):
+    with pytest.raises(ConfigurationError, match=r"cannot open dead-letter store .*notes.txt"):
         SQLiteDeadLetterStore(path)
 
 
 def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"directory .*nowhere.* does not exist"):
+    with pytest.raises(ConfigurationError, match=r"directory .*nowhere.* does not exist"):
         SQLiteDeadLetterStore(tmp_path / "nowhere" / "dlq.db")
+
+
+def test_a_relative_url_says_how_to_write_an_absolute_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19: `sqlite:///var/lib/shop/dlq.db` is relative; the error says so, as a
+    BgTasksError (a ConfigurationError, still a ValueError)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError) as raised:
+        open_store("sqlite:///var/lib/shop/dlq.db")
+    assert isinstance(raised.value, BgTasksError)
+    assert isinstance(raised.value, ValueError)
+    assert str(raised.value) == (
+        f"cannot open dead-letter store 'var/lib/shop/dlq.db': directory"
+        f" '{tmp_path}/var/lib/shop' does not exist; create it, or point the store elsewhere"
+        f" ('sqlite:///var/lib/shop/dlq.db' is relative to the working directory"
+        f" '{tmp_path}'; for the absolute path /var/lib/shop/dlq.db write four slashes:"
+        " sqlite:////var/lib/shop/dlq.db)"
+    )
+    (tmp_path / "abs").mkdir()
+    open_store(f"sqlite:///{tmp_path}/abs/dlq.db").close()  # four slashes in all: absolute
 
 
 def test_closed_store_raises_store_unavailable(tmp_path: Path) -> None:

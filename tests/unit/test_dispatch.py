@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import warnings
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ import sniffio
 import structlog
 from fastapi import BackgroundTasks, FastAPI
 from fastapi.responses import StreamingResponse
-from starlette.exceptions import StarletteDeprecationWarning
+from fastapi.testclient import TestClient  # on httpx2 (the `testing` extra): no warning
 from starlette.requests import ClientDisconnect
 from structlog.testing import capture_logs
 
@@ -29,10 +28,6 @@ from otel_bgtasks.environment import options_from_env
 from otel_bgtasks.errors import ConfigurationError
 from otel_bgtasks.state import TaskCallState
 from otel_bgtasks.testing import InMemoryDeadLetterStore
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)  # Starlette 1.10 wants httpx2
-    from fastapi.testclient import TestClient
 
 DISPATCH_ENV = "OTEL_BGTASKS_DISPATCH"
 MAX_CONCURRENCY_ENV = "OTEL_BGTASKS_MAX_CONCURRENCY"

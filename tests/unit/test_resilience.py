@@ -12,6 +12,7 @@ from tenacity import wait_none
 
 from otel_bgtasks import (
     CircuitBreaker,
+    CircuitState,
     DeadLetterReason,
     RetryPolicy,
     TaskTimeoutError,
@@ -211,3 +212,57 @@ async def test_validation_errors_do_not_trip_the_breaker(telemetry, instrument):
     instrument(circuit=breaker)
     await BackgroundTask(Flaky(1, ValueError("bad row")))()
     assert breaker.allow()
+
+
+class Downstream:
+    """Answers each call from a script of outcomes: True succeeds, False refuses."""
+
+    def __init__(self, script: list[bool]) -> None:
+        self.script = list(script)
+        self.calls = 0
+        self.__qualname__ = "Downstream"
+
+    async def __call__(self) -> None:
+        self.calls += 1
+        if not self.script.pop(0):
+            raise ConnectionRefusedError("refused")
+
+
+async def test_failure_threshold_counts_tasks_not_attempts(telemetry, instrument):
+    """Issue 19: with 4 attempts and a threshold of 5 the breaker opened at a 50% task-failure
+    rate (4 failed attempts of one task + the first of the next). A task counts once."""
+    breaker = CircuitBreaker("crm", failure_threshold=5, open_duration=3600)
+    instrument(circuit=breaker, retry=RetryPolicy(max_attempts=4, wait=wait_none()))
+    # 20 tasks, every other one failing all 4 attempts, the others failing once, then fine
+    script: list[bool] = []
+    for n in range(20):
+        script += [False] * 4 if n % 2 == 0 else [False, True]
+    downstream = Downstream(script)
+    for _ in range(20):
+        await BackgroundTask(downstream)()
+    assert downstream.calls == len(script)  # every attempt ran: the breaker never opened
+    outcomes = [s.attributes["bgtasks.task.outcome"] for s in telemetry.spans()]
+    assert outcomes == ["failure", "success"] * 10
+    assert telemetry.points("bgtasks.circuit.transitions") == []
+
+    # five failing tasks in a row open it: four with all their attempts, the fifth at its
+    # first failed attempt (its retries are refused, as is the sixth task)
+    telemetry.exporter.clear()
+    down = Downstream([False] * 20)
+    for _ in range(6):
+        await BackgroundTask(down)()
+    assert down.calls == 4 * 4 + 1
+    outcomes = [s.attributes["bgtasks.task.outcome"] for s in telemetry.spans()]
+    assert outcomes == ["failure"] * 4 + ["rejected"] * 2
+
+
+async def test_a_failed_retry_still_reopens_a_half_open_circuit(telemetry, instrument):
+    now = [0.0]
+    breaker = CircuitBreaker("mail", failure_threshold=1, open_duration=10, clock=lambda: now[0])
+    instrument(circuit=breaker, retry=RetryPolicy(max_attempts=2, wait=wait_none()))
+    await BackgroundTask(Downstream([False, False]))()  # opens
+    now[0] = 11.0  # half open: the next attempt is a probe
+    probe = Downstream([False, False])
+    await BackgroundTask(probe)()
+    assert probe.calls == 1  # the probe failed: open again, its retry refused
+    assert breaker.state is CircuitState.OPEN

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import structlog
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
+from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.testclient import TestClient
 
 from otel_bgtasks import (
     BackgroundTasksInstrumentor,
@@ -19,7 +29,9 @@ from otel_bgtasks import (
     TraceContextFilter,
     TraceContextProcessor,
     configure_telemetry,
+    dispatch,
 )
+from otel_bgtasks.telemetry import flush_providers
 
 
 def test_configure_telemetry_without_endpoint_exports_nothing(monkeypatch):
@@ -154,3 +166,86 @@ async def test_a_raising_log_processor_never_breaks_a_task(telemetry, instrument
         telemetry.span(f"process {fails.__qualname__}").attributes["bgtasks.task.outcome"]
         == "failure"
     )
+
+
+class _HeldExporter(SpanExporter):
+    """Records what it exports; `hold` blocks exports until released (a stalled collector)."""
+
+    def __init__(self) -> None:
+        self.spans: list[str] = []
+        self.hold = threading.Event()
+        self.hold.set()
+
+    def export(self, spans):
+        self.hold.wait()
+        self.spans.extend(s.name for s in spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.hold.set()
+
+
+class _BrokenProvider:
+    def force_flush(self, timeout_millis: int = 0) -> bool:
+        raise RuntimeError("exporter bug")
+
+
+def test_flush_providers_exports_what_the_batch_processors_hold():
+    exporter = _HeldExporter()
+    tracer_provider = TracerProvider()
+    # A schedule delay longer than any test: only the flush can export the span.
+    tracer_provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=3.6e6))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    meter_provider.get_meter("t").create_counter("c").add(1)
+    try:
+        tracer_provider.get_tracer("t").start_span("last").end()
+        assert exporter.spans == []
+        providers = {
+            "traces": tracer_provider,
+            "metrics": meter_provider,
+            "none": object(),  # the API's no-op providers have no force_flush: skipped
+        }
+        assert flush_providers(providers) is True
+        assert exporter.spans == ["last"]
+    finally:
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+
+def test_flush_providers_is_bounded(capsys):
+    exporter = _HeldExporter()
+    exporter.hold.clear()  # the collector never answers
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=3.6e6))
+    try:
+        tracer_provider.get_tracer("t").start_span("stuck").end()
+        assert flush_providers({"traces": tracer_provider}, timeout=0.05) is False
+    finally:
+        exporter.hold.set()
+        tracer_provider.shutdown()
+    out = capsys.readouterr().out
+    assert "telemetry flush at shutdown incomplete" in out
+    assert "signal=traces" in out
+
+
+def test_flush_providers_never_raises(capsys):
+    assert flush_providers({"broken": _BrokenProvider()}) is False
+    out = capsys.readouterr().out
+    assert "telemetry flush at shutdown failed" in out
+    assert "signal=broken" in out
+    assert "exporter bug" in out
+
+
+def test_lifespan_shutdown_flushes_the_global_providers(monkeypatch, instrument):
+    """The seam calls flush_global_providers at lifespan shutdown (zero-code has no other
+    chance under uvicorn's SIGTERM); the e2e test proves it against the real collector."""
+    flushed: list[float] = []
+    monkeypatch.setattr(
+        dispatch, "flush_global_providers", lambda timeout=5.0: flushed.append(timeout)
+    )
+    instrument()
+    app = Starlette()
+    with TestClient(app):
+        assert flushed == []
+    assert flushed == [5.0]

@@ -23,6 +23,7 @@ import structlog
 from otel_bgtasks._version import __version__
 from otel_bgtasks.alerting.alerts import Alert, AlertStatus, Severity
 from otel_bgtasks.alerting.secret import MASK, Secret, reveal
+from otel_bgtasks.errors import ConfigurationError
 
 if TYPE_CHECKING:
     import httpx
@@ -265,12 +266,14 @@ class _HttpNotifier(Notifier):
         self._url = url if isinstance(url, Secret) else Secret(url)
         plain = self._url.get_secret_value()
         if not plain.startswith(("http://", "https://")):
-            raise ValueError(
+            raise ConfigurationError(
                 f"{type(self).__name__}: the URL must start with http:// or https:// "
                 "(the value is not shown because webhook URLs carry credentials)"
             )
         if not timeout > 0:
-            raise ValueError(f"{type(self).__name__}(timeout={timeout!r}): must be > 0 seconds")
+            raise ConfigurationError(
+                f"{type(self).__name__}(timeout={timeout!r}): must be > 0 seconds"
+            )
         self.timeout = float(timeout)
         self._headers = {"User-Agent": _USER_AGENT, **(headers or {})}
         self._own_client = client is None
@@ -382,14 +385,16 @@ class EmailNotifier(Notifier):
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if tls not in _SMTP_DEFAULT_PORTS:
-            raise ValueError(f"EmailNotifier(tls={tls!r}): use one of starttls, tls, none")
+            raise ConfigurationError(f"EmailNotifier(tls={tls!r}): use one of starttls, tls, none")
         if isinstance(recipients, str):
             recipients = [r.strip() for r in recipients.split(",")]
         recipients = [r for r in recipients if r]
         if not host or not sender or not recipients:
-            raise ValueError("EmailNotifier needs a host, a sender and at least one recipient")
+            raise ConfigurationError(
+                "EmailNotifier needs a host, a sender and at least one recipient"
+            )
         if not timeout > 0:
-            raise ValueError(f"EmailNotifier(timeout={timeout!r}): must be > 0 seconds")
+            raise ConfigurationError(f"EmailNotifier(timeout={timeout!r}): must be > 0 seconds")
         self.host = host
         self.port = port if port is not None else _SMTP_DEFAULT_PORTS[tls]
         self.sender = sender

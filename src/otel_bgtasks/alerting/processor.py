@@ -26,6 +26,7 @@ from otel_bgtasks.alerting.config import AlertingConfig, DeliveryOptions, rules_
 from otel_bgtasks.alerting.notifiers import LogNotifier, Notifier
 from otel_bgtasks.alerting.rules import Clock, Rule, RuleEngine, default_rules
 from otel_bgtasks.alerting.signals import TaskSignal
+from otel_bgtasks.errors import ConfigurationError
 
 __all__ = ["AlertingSpanProcessor", "install_alerting"]
 
@@ -68,9 +69,11 @@ class AlertingSpanProcessor(SpanProcessor):
         clock: Clock = time.time,
     ) -> None:
         if queue_size < 1:
-            raise ValueError(f"AlertingSpanProcessor(queue_size={queue_size!r}): must be >= 1")
+            raise ConfigurationError(
+                f"AlertingSpanProcessor(queue_size={queue_size!r}): must be >= 1"
+            )
         if not tick_interval > 0:
-            raise ValueError(
+            raise ConfigurationError(
                 f"AlertingSpanProcessor(tick_interval={tick_interval!r}): must be > 0 seconds"
             )
         self.engine = rules if isinstance(rules, RuleEngine) else RuleEngine(rules, clock=clock)

@@ -29,6 +29,7 @@ import structlog
 from otel_bgtasks._tracebacks import exception_fields
 from otel_bgtasks.alerting.alerts import Alert, AlertStatus, DetailValue, Severity
 from otel_bgtasks.alerting.signals import TaskSignal
+from otel_bgtasks.errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_FAILURE_RATIO",
@@ -109,10 +110,12 @@ class Rule(ABC):
         tasks: Collection[str] | None = None,
     ) -> None:
         if cooldown < 0:
-            raise ValueError(f"{type(self).__name__}(cooldown={cooldown!r}): must be >= 0 s")
+            raise ConfigurationError(
+                f"{type(self).__name__}(cooldown={cooldown!r}): must be >= 0 s"
+            )
         self.name = name if name is not None else self.default_name
         if not self.name.strip():
-            raise ValueError(f"{type(self).__name__}(name=...): must be a non-empty string")
+            raise ConfigurationError(f"{type(self).__name__}(name=...): must be a non-empty string")
         self.severity = Severity(severity) if severity is not None else self.default_severity
         self.cooldown = float(cooldown)
         self.tasks = frozenset(tasks) if tasks is not None else None
@@ -251,7 +254,7 @@ class ConsecutiveFailures(Rule):
         tasks: Collection[str] | None = None,
     ) -> None:
         if n < 1:
-            raise ValueError(f"ConsecutiveFailures(n={n!r}): must be >= 1")
+            raise ConfigurationError(f"ConsecutiveFailures(n={n!r}): must be >= 1")
         super().__init__(name=name, severity=severity, cooldown=cooldown, tasks=tasks)
         self.n = n
         self._streaks: dict[str, int] = {}
@@ -316,11 +319,13 @@ class FailureRatio(Rule):
         tasks: Collection[str] | None = None,
     ) -> None:
         if not 0 < threshold <= 1:
-            raise ValueError(f"FailureRatio(threshold={threshold!r}): must be in (0, 1]")
+            raise ConfigurationError(f"FailureRatio(threshold={threshold!r}): must be in (0, 1]")
         if not window_seconds > 0:
-            raise ValueError(f"FailureRatio(window_seconds={window_seconds!r}): must be > 0")
+            raise ConfigurationError(
+                f"FailureRatio(window_seconds={window_seconds!r}): must be > 0"
+            )
         if min_runs < 1:
-            raise ValueError(f"FailureRatio(min_runs={min_runs!r}): must be >= 1")
+            raise ConfigurationError(f"FailureRatio(min_runs={min_runs!r}): must be >= 1")
         super().__init__(name=name, severity=severity, cooldown=cooldown, tasks=tasks)
         self.threshold = threshold
         self.window_seconds = float(window_seconds)
@@ -469,9 +474,13 @@ class DeadLetterMoves(Rule):
         tasks: Collection[str] | None = None,
     ) -> None:
         if more_than is not None and more_than < 0:
-            raise ValueError(f"DeadLetterMoves(more_than={more_than!r}): must be >= 0 or None")
+            raise ConfigurationError(
+                f"DeadLetterMoves(more_than={more_than!r}): must be >= 0 or None"
+            )
         if not window_seconds > 0:
-            raise ValueError(f"DeadLetterMoves(window_seconds={window_seconds!r}): must be > 0")
+            raise ConfigurationError(
+                f"DeadLetterMoves(window_seconds={window_seconds!r}): must be > 0"
+            )
         super().__init__(name=name, severity=severity, cooldown=cooldown, tasks=tasks)
         self.more_than = more_than
         self.window_seconds = float(window_seconds)
@@ -554,7 +563,9 @@ class SlowTask(Rule):
         tasks: Collection[str] | None = None,
     ) -> None:
         if not threshold_seconds > 0:
-            raise ValueError(f"SlowTask(threshold_seconds={threshold_seconds!r}): must be > 0")
+            raise ConfigurationError(
+                f"SlowTask(threshold_seconds={threshold_seconds!r}): must be > 0"
+            )
         super().__init__(name=name, severity=severity, cooldown=cooldown, tasks=tasks)
         self.threshold_seconds = float(threshold_seconds)
 
@@ -594,14 +605,14 @@ class RuleEngine:
     """Runs every rule over each signal with one clock; a rule that raises is logged and skipped.
 
     Raises:
-        ValueError: two rules share a name (alerts and metrics could not tell them apart).
+        ConfigurationError: two rules share a name (alerts and metrics could not tell them apart).
     """
 
     def __init__(self, rules: Sequence[Rule], *, clock: Clock = time.time) -> None:
         names = [rule.name for rule in rules]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(
+            raise ConfigurationError(
                 f"alert rule names must be unique, got {', '.join(duplicates)} more than once: "
                 "pass name=... to tell the rules apart"
             )

@@ -24,6 +24,7 @@ the messaging conventions (``messaging.system`` is the broker, e.g. ``redis``); 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import threading
@@ -69,7 +70,7 @@ from otel_bgtasks.celery._wire import (
 )
 from otel_bgtasks.errors import ConfigurationError, UndeliverableError, error_type
 from otel_bgtasks.options import EffectiveOptions
-from otel_bgtasks.records import DeadLetterReason, JournalEntry, TaskMessage
+from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry, TaskMessage
 from otel_bgtasks.routes import dispatcher_for, register_dispatcher, unregister_dispatcher
 from otel_bgtasks.state import TaskCallState
 
@@ -260,10 +261,19 @@ class CeleryDispatcher:
             the re-sent row's new deadline (durable), else None.
 
         Raises:
+            UntrustedEntryError, TaskImportError, NotReplayableError, LookupError: the call
+                is refused (`Executor.message_from_call`); nothing is published.
             Exception: whatever the broker raised; the caller keeps the row or entry.
         """
-        task_name = call.call_fields()[1]
+        if not isinstance(call, DeadLetter | JournalEntry):
+            raise TypeError(f"resend takes a journal row or a dead letter, not {call!r}")
         durable = isinstance(call, JournalEntry)
+        # checked as a replay checks it (signature, registered task, serializer): a store
+        # row is untrusted, and this process signs the message it publishes
+        message = executor.message_from_call(
+            call, task_id=task_id, route=self.route, durable=durable, enqueued_at=time.time()
+        )
+        task_name = message.task_name
         link = _stored_link(call)
         span = executor.tracer.start_span(
             attr.PRODUCER_SPAN_PREFIX + task_name,
@@ -272,11 +282,12 @@ class CeleryDispatcher:
             links=[Link(link)] if link is not None else None,
             attributes=self._span_attributes(task_name, task_id),
         )
-        enqueued = time.time()
-        body, header = self._envelope(
-            span, task_id, task_name, call.func_ref, call.serializer, call.payload,
-            durable=durable, enqueued_at=enqueued, resent=durable,
-        )  # fmt: skip
+        carrier: dict[str, str] = {}
+        _propagator.inject(carrier, context=trace.set_span_in_context(span))
+        # the worker's span links to this producer span (itself linked to the original);
+        # the trace context is not part of what the signature covers
+        message = dataclasses.replace(message, traceparent=carrier.get("traceparent", ""))
+        body, header = self._wire(message, resent=durable)
         started = time.perf_counter()
         try:
             self._send(body, header, task_name)
@@ -362,35 +373,6 @@ class CeleryDispatcher:
             )
             return
         executor.dead_letter_unrun(state, DeadLetterReason.UNDELIVERABLE, failure)
-
-    def _envelope(
-        self,
-        span: Span,
-        task_id: str,
-        task_name: str,
-        func_ref: str,
-        serializer: str,
-        payload: str,
-        *,
-        durable: bool,
-        enqueued_at: float,
-        resent: bool = False,
-    ) -> tuple[Body, Header]:
-        """The body and header of a stored call published again (`resend`)."""
-        carrier: dict[str, str] = {}
-        _propagator.inject(carrier, context=trace.set_span_in_context(span))
-        message = TaskMessage(
-            task_id=task_id,
-            task_name=task_name,
-            func_ref=func_ref,
-            payload=payload,
-            route=self.route,
-            enqueued_at=enqueued_at,
-            serializer=serializer,
-            traceparent=carrier.get("traceparent", ""),
-            durable=durable,
-        ).signed()
-        return self._wire(message, resent=resent)
 
     def _wire(self, message: TaskMessage, *, resent: bool = False) -> tuple[Body, Header]:
         """The seam's signed message as our Celery body (the call and its signature, which

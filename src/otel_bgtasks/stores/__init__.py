@@ -10,6 +10,7 @@ Another backend subclasses `otel_bgtasks.stores.base.DeadLetterStore`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -114,7 +115,16 @@ def _open_raw(url: str, lazy: bool = False) -> DeadLetterStore:
                 f"invalid SQLite URL {shown!r}: give a file path (several processes share it),"
                 " without query parameters"
             )
-        return SQLiteDeadLetterStore(path, lazy=lazy)
+        try:
+            return SQLiteDeadLetterStore(path, lazy=lazy)
+        except ConfigurationError as exc:
+            if os.path.isabs(path):
+                raise
+            # sqlite:///var/lib/app/dlq.db is var/lib/app/dlq.db under the working directory
+            raise ConfigurationError(
+                f"{exc} ({shown!r} is relative to the working directory {os.getcwd()!r};"
+                f" for the absolute path /{path} write four slashes: sqlite:////{path})"
+            ) from None
     if scheme in ("redis", "rediss"):
         from otel_bgtasks.stores.redis import RedisDeadLetterStore
 

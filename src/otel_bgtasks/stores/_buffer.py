@@ -15,7 +15,7 @@ from typing import Literal
 
 import structlog
 
-from otel_bgtasks.errors import StoreUnavailableError
+from otel_bgtasks.errors import ConfigurationError, StoreUnavailableError
 from otel_bgtasks.records import DeadLetter, DeadLetterReason, JournalEntry
 from otel_bgtasks.stores.base import DeadLetterStore, StoreStatus
 
@@ -115,9 +115,9 @@ class BufferedStore(DeadLetterStore):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_pending < 1:
-            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+            raise ConfigurationError(f"max_pending must be >= 1, got {max_pending}")
         if max_bytes < 1:
-            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+            raise ConfigurationError(f"max_bytes must be >= 1, got {max_bytes}")
         self.store = store
         self.max_pending = max_pending
         self.max_bytes = max_bytes
@@ -464,3 +464,8 @@ class BufferedStore(DeadLetterStore):
 
     def __repr__(self) -> str:
         return f"BufferedStore({self.store!r}, pending={self.pending})"
+
+    @property
+    def identity(self) -> str:
+        """The wrapped store's."""
+        return self.store.identity

@@ -229,6 +229,13 @@ class DeadLetterStore(ABC):
         ]
         return sorted(dead)
 
+    @property
+    def identity(self) -> str:
+        """Which store this is, the same in every process that opens it and without secrets
+        (the `bgtasks.dlq.store` attribute of `bgtasks.dlq.depth`): its class name unless a
+        backend says better (SQLite: its absolute path; Redis: host, port, db and prefix)."""
+        return type(self).__name__
+
     def status(self) -> StoreStatus | None:
         """The write buffer's state, or None for a store that writes through."""
         return None

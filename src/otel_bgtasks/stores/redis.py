@@ -36,7 +36,7 @@ except ImportError as exc:  # pragma: no cover - installed with the dev extra
         "RedisDeadLetterStore needs the redis package: pip install 'otel-bgtasks[redis]'"
     ) from exc
 
-from otel_bgtasks.errors import CorruptEntryError, StoreUnavailableError
+from otel_bgtasks.errors import ConfigurationError, CorruptEntryError, StoreUnavailableError
 from otel_bgtasks.records import (
     DeadLetter,
     DeadLetterReason,
@@ -142,7 +142,7 @@ class RedisDeadLetterStore(DeadLetterStore):
         timeout: connect and command timeout in seconds when built from a URL.
 
     Raises:
-        ValueError: malformed URL or empty prefix.
+        ConfigurationError: an empty prefix (a `ValueError`); ValueError: a malformed URL.
         StoreUnavailableError: from every method when Redis cannot be reached.
     """
 
@@ -168,7 +168,7 @@ class RedisDeadLetterStore(DeadLetterStore):
             self.client = url_or_client
             self._owns_client = False
         if not prefix:
-            raise ValueError("RedisDeadLetterStore prefix must not be empty")
+            raise ConfigurationError("RedisDeadLetterStore prefix must not be empty")
         self.prefix = prefix
         self._entries = f"{prefix}:dlq:entries"
         self._by_time = f"{prefix}:dlq:by_time"
@@ -182,6 +182,13 @@ class RedisDeadLetterStore(DeadLetterStore):
         self._delete_claimed_script = self.client.register_script(_DELETE_CLAIMED)
         self._forget_script = self.client.register_script(_FORGET)
         self._replace_script = self.client.register_script(_REPLACE)
+
+    @property
+    def identity(self) -> str:
+        """``redis://host:port/db/prefix`` (never the password)."""
+        kwargs = self.client.connection_pool.connection_kwargs
+        where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+        return f"redis://{where}/{self.prefix}"
 
     def __repr__(self) -> str:
         kwargs = self.client.connection_pool.connection_kwargs

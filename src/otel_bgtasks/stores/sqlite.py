@@ -96,9 +96,9 @@ class SQLiteDeadLetterStore(DeadLetterStore):
             logged once, with the path (how the instrumentor's default store is opened).
 
     Raises:
-        ValueError: the directory does not exist.
-        ConfigurationError: the file is not an SQLite database, or its schema is of another
-            version of this package (the message says what to do).
+        ConfigurationError: (a `ValueError`) the directory does not exist, the file is not an
+            SQLite database, or its schema is of another version of this package (the message
+            says what to do).
         StoreUnavailableError: any other SQLite error (raised by every method too).
     """
 
@@ -109,9 +109,9 @@ class SQLiteDeadLetterStore(DeadLetterStore):
         self.timeout = timeout
         directory = os.path.dirname(os.path.abspath(self.path))
         if not lazy and not os.path.isdir(directory):
-            raise ValueError(
+            raise ConfigurationError(
                 f"cannot open dead-letter store {self.path!r}: directory {directory!r} does not"
-                " exist"
+                " exist; create it, or point the store elsewhere"
             )
         self._local = threading.local()
         self._connections: list[tuple[int, sqlite3.Connection]] = []
@@ -137,6 +137,11 @@ class SQLiteDeadLetterStore(DeadLetterStore):
 
     def __repr__(self) -> str:
         return f"SQLiteDeadLetterStore({self.path!r})"
+
+    @property
+    def identity(self) -> str:
+        """``sqlite:`` and the file's absolute path."""
+        return f"sqlite:{os.path.abspath(self.path)}"
 
     # -- connections ----------------------------------------------------------------------
 

@@ -55,6 +55,11 @@ class InMemoryDeadLetterStore(DeadLetterStore):
     def __repr__(self) -> str:
         return f"InMemoryDeadLetterStore({len(self._rows)} dead letters)"
 
+    @property
+    def identity(self) -> str:
+        """``memory:`` and this object's id (one store per object)."""
+        return f"memory:{id(self):x}"
+
     # -- dead letters -------------------------------------------------------------------------
 
     def put(self, entry: DeadLetter) -> None:
