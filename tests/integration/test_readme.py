@@ -60,6 +60,11 @@ ELSEWHERE = {
     " tests/e2e/test_zero_code.py runs this search for every task",
     "make bench ": "the benchmarks take minutes (benchmarks/README.md)",
     "otel-bgtasks dlq list [--task NAME]": "a synopsis (```text), not an example",
+    "class MyDispatcher:": "a sketch of the protocol; tests/unit/test_seam_protocol.py"
+    " implements and runs a dispatcher of that shape",
+    "# shop/tasks.py: imported by the web app and by the worker": "needs a broker and a"
+    " Celery worker: tests/integration/test_celery.py runs the same shape (its app, tasks and"
+    " worker modules in tests/integration/apps/celery_*.py) against real ones",
 }
 
 
