@@ -699,6 +699,6 @@ class DispatchSeam:
         def flush() -> None:
             self.settle()
             self.executor.flush_store()
-            flush_global_providers()  # spans, metrics: uvicorn skips the exit handlers too
+            flush_global_providers()  # spans, metrics: same reason (zero-code apps too)
 
         await anyio.to_thread.run_sync(flush)

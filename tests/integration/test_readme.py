@@ -34,6 +34,7 @@ PYTHON = {
     'payments = CircuitBreaker("payments-api"': {},
     'instrument(dispatch="local", max_concurrency=32, drain_timeout=20)': {},
     "task = schedule(send_report, 42)": {},
+    "class MyDispatcher:                     # otel_bgtasks.dispatch.Dispatcher": {},
     "app.include_router(bgtasks_router(": {"OTEL_BGTASKS_ADMIN_TOKEN": "a-token-of-the-operator"},
     'async with start_recovery(mode="rerun", concurrency=4)': {},
     "configure_structlog_json()                          # JSON lines": {},
@@ -60,8 +61,6 @@ ELSEWHERE = {
     " tests/e2e/test_zero_code.py runs this search for every task",
     "make bench ": "the benchmarks take minutes (benchmarks/README.md)",
     "otel-bgtasks dlq list [--task NAME]": "a synopsis (```text), not an example",
-    "class MyDispatcher:": "a sketch of the protocol; tests/unit/test_seam_protocol.py"
-    " implements and runs a dispatcher of that shape",
     "# shop/tasks.py: imported by the web app and by the worker": "needs a broker and a"
     " Celery worker: tests/integration/test_celery.py runs the same shape (its app, tasks and"
     " worker modules in tests/integration/apps/celery_*.py) against real ones",
