@@ -56,7 +56,7 @@ def ran(
         running_redis(tmp_path_factory.mktemp("store")) as store,
     ):
         from tests.integration.apps import celery_app
-        from tests.integration.apps.celery_tasks import flaky, record, record_once
+        from tests.integration.apps.celery_tasks import flaky, record, record_once, rendezvous
 
         env = {
             "BGTASKS_TEST_BROKER": broker.url,
@@ -92,11 +92,18 @@ def ran(
                 worker_env, results, tmp_path_factory.mktemp("worker")
             ) as worker:
                 flaky_id = schedule(flaky, "e2e").state.task_id
+                for _ in range(2):  # one on each child: both children report series
+                    schedule(rendezvous, "e2e-both", 2)
                 for index in range(8):
                     schedule(record, "e2e-durable", index)
                     schedule(record_once, "e2e-once", index)
                 _plant_refused(celery_app.app)
-                for key, count in (("ran:e2e", 1), ("ran:e2e-durable", 8), ("ran:e2e-once", 8)):
+                for key, count in (
+                    ("ran:e2e", 1),
+                    ("ran:e2e-durable", 8),
+                    ("ran:e2e-once", 8),
+                    ("ran:e2e-both", 2),
+                ):
                     for _ in range(count):
                         assert results.blpop([key], timeout=WAIT) is not None, key
                 worker.stop()  # warm shutdown: each child flushes its telemetry as it exits
@@ -165,8 +172,9 @@ def test_the_worker_childrens_series_reach_prometheus(
         message="the worker's task durations in Prometheus",
     )
     assert {s["metric"]["bgtasks_task_name"] for s in series} >= {"flaky", "record", "record-once"}
-    instances = {s["metric"]["instance"] for s in series}
-    assert len(instances) == 2, instances  # one per prefork child
+    both = [s for s in series if s["metric"]["bgtasks_task_name"] == "rendezvous"]
+    instances = {s["metric"]["instance"] for s in both}
+    assert len(instances) == 2, instances  # ran on both children: one instance each
     refused = eventually(
         lambda: stack.prometheus.query(
             f'bgtasks_dlq_moves_total{{{selector},bgtasks_dlq_reason="refused"}}'

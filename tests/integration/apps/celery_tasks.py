@@ -84,3 +84,14 @@ def die_once_not_durable(token: str) -> None:
     if results().incr(f"die-once:{token}") == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     _record(f"ran:{token}", 1)
+
+
+@background_task(name="rendezvous", dispatch=to_celery)
+def rendezvous(token: str, parties: int) -> None:
+    """Waits until `parties` runs of it are running at once: with one task per prefork child,
+    each runs on a child of its own."""
+    client = results()
+    if client.incr(f"rendezvous:{token}") >= parties:
+        client.rpush(f"rendezvous-go:{token}", *["go"] * parties)
+    client.blpop([f"rendezvous-go:{token}"], timeout=60)
+    _record(f"ran:{token}", os.getpid())
