@@ -10,7 +10,8 @@ WORKDIR /src
 # .dockerignore keeps the context to what the package build needs.
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install ".[demo,redis]" && rm -rf /src  # redis: the compose file's dead-letter store
+# redis: the compose file's dead-letter store; celery: the worker service (GET /report)
+RUN pip install ".[demo,redis,celery]" && rm -rf /src
 
 # Run unprivileged from a writable home: without OTEL_BGTASKS_DLQ_URL the dead letters go to
 # ~/.local/state/otel-bgtasks/dead-letters.db.

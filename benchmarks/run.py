@@ -10,6 +10,8 @@
     python benchmarks/run.py --only store_stall      # opt-in: /ping p99 while the store stalls
     python benchmarks/run.py --only export_parts     # opt-in: export cost of each span kind
     python benchmarks/run.py --only tail_parts       # opt-in: where the fixed-rate p99 goes
+    python benchmarks/run.py --only celery           # opt-in: Celery on the seam vs plain Celery
+    python -m benchmarks.celery_durability           # the durability trials (5 x 500 per scenario)
     python benchmarks/run.py --only backpressure     # opt-in: local pool RSS, slots busy
 
 Every figure is a ratio against a baseline measured in the same run (see benchmarks/README.md).
@@ -38,6 +40,7 @@ from benchmarks import (  # noqa: E402 - after the sys.path fix above
     backend_failing,
     backend_soak,
     backpressure,
+    celery_dispatch,
     contract_parts,
     dispatch_load,
     drop_path,
@@ -70,6 +73,7 @@ EXTRA: dict[str, Any] = {
     "export_parts": export_parts,
     "tail_parts": tail_parts,
     "backpressure": backpressure,
+    "celery": celery_dispatch,
 }
 
 

@@ -355,6 +355,9 @@ class Executor:
         except (KeyError, TypeError):  # TypeError: an unhashable callable object
             pass
         options = effective_options(func, self.defaults, self.breakers.get)
+        check = getattr(options.dispatch, "check_options", None)
+        if check is not None:  # e.g. a durable task's worst case against a broker's timeout
+            check(options)
         note_scheduled(func)  # this app's own task: its dead letters stay replayable here
         if isinstance(func, FunctionType | MethodType):
             if len(self._described) >= _DESCRIBED_MAX:

@@ -10,6 +10,14 @@ from enum import StrEnum
 from typing import Final
 
 from opentelemetry.semconv._incubating.attributes.code_attributes import CODE_FUNCTION_NAME
+from opentelemetry.semconv._incubating.attributes.messaging_attributes import (
+    MESSAGING_CLIENT_ID,
+    MESSAGING_DESTINATION_NAME,
+    MESSAGING_MESSAGE_ID,
+    MESSAGING_OPERATION_NAME,
+    MESSAGING_OPERATION_TYPE,
+    MESSAGING_SYSTEM,
+)
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.exception_attributes import EXCEPTION_MESSAGE
 from opentelemetry.semconv.schemas import Schemas
@@ -31,9 +39,19 @@ __all__ = [
     "EVENT_CIRCUIT_STATE_CHANGE",
     "EVENT_DLQ_MOVED",
     "EVENT_ENQUEUED",
+    "EVENT_PUBLISH_FAILED",
+    "EVENT_REDELIVERED",
     "EVENT_RETRY",
     "EVENT_TIMEOUT",
     "EXCEPTION_MESSAGE",
+    "MESSAGE_DELIVERIES",
+    "MESSAGING_CLIENT_ID",
+    "MESSAGING_DESTINATION_NAME",
+    "MESSAGING_MESSAGE_ID",
+    "MESSAGING_OPERATION_NAME",
+    "MESSAGING_OPERATION_TYPE",
+    "MESSAGING_SYSTEM",
+    "PRODUCER_SPAN_PREFIX",
     "RETRY_ATTEMPT",
     "RETRY_DELAY",
     "SCHEMA_URL",
@@ -60,6 +78,8 @@ installed `opentelemetry.semconv`, the package our convention names (`error.type
 `code.function.name`, `exception.message`) come from."""
 
 SPAN_NAME_PREFIX = "process "
+PRODUCER_SPAN_PREFIX = "send "
+"""A remote dispatcher's PRODUCER span: ``send {task_name}``."""
 
 TASK_NAME = "bgtasks.task.name"
 TASK_ID = "bgtasks.task.id"
@@ -93,6 +113,14 @@ EVENT_CIRCUIT_STATE_CHANGE = "bgtasks.circuit.state_change"
 EVENT_CIRCUIT_REJECTED = "bgtasks.circuit.rejected"
 EVENT_DLQ_MOVED = "bgtasks.dlq.moved"
 EVENT_TIMEOUT = "bgtasks.timeout"
+
+# Remote dispatch (a broker, e.g. Celery): messaging conventions plus our own.
+MESSAGE_DELIVERIES = "bgtasks.message.deliveries"
+"""Times the broker delivered this message to a worker (1 on the first delivery)."""
+EVENT_REDELIVERED = "bgtasks.message.redelivered"
+"""On the consumer span: the message was delivered before (its worker was lost)."""
+EVENT_PUBLISH_FAILED = "bgtasks.publish.failed"
+"""On the producer span: one attempt to publish failed (retried until the deadline)."""
 
 
 class SkipReason(StrEnum):

@@ -74,6 +74,7 @@ from otel_bgtasks.replay import (
     ReplayStatus,
     run_dead_letter,
 )
+from otel_bgtasks.routes import dispatcher_for
 from otel_bgtasks.signing import (
     SIGNING_KEY_ENV,
     SigningKeys,
@@ -269,6 +270,12 @@ def _add_dlq(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--traceback",
         action="store_true",
         help="print each new failure's traceback under its line",
+    )
+    p.add_argument(
+        "--celery-app",
+        metavar="MODULE:APP",
+        help="the Celery app (imported on purpose): dead letters of Celery tasks are sent back"
+        " to their queue and run on a worker (needs otel-bgtasks[celery])",
     )
     _filters(p)
     p.set_defaults(handler=_cmd_replay)
@@ -813,6 +820,8 @@ def _cmd_replay(ctx: _Context) -> int:
     dead_letters = DeadLetters(
         store, redact_exception_messages=_executor(store).redact_exception_messages
     )
+    if args.celery_app:
+        _celery_routes(args.celery_app, store)
 
     progress = Progress(
         TextColumn("replaying"),
@@ -886,6 +895,26 @@ def _replay_runner(ctx: _Context) -> Iterator[ReplayRunner]:
         yield functools.partial(run_dead_letter, executor=executor)
     finally:
         executor.failures.quiet = quiet
+
+
+def _celery_routes(reference: str, store: DeadLetterStore) -> None:
+    """Import the operator's Celery app and give every Celery route among the dead letters
+    a dispatcher (unless the app's modules registered one), so replay sends them back."""
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise CLIError(f"--celery-app {reference!r}: expected MODULE:APP, e.g. shop.worker:app")
+    try:
+        module = importlib.import_module(module_name)
+        app = getattr(module, attribute)
+        from otel_bgtasks.celery import CeleryDispatcher  # optional extra: imported on use
+    except ImportError as exc:
+        raise CLIError(f"--celery-app {reference!r}: {exc}") from exc
+    except AttributeError as exc:
+        raise CLIError(f"--celery-app {reference!r}: {module_name} has no {attribute!r}") from exc
+    routes = {e.route for e in store.list() if e.route and e.route.startswith("celery:")}
+    for route in sorted(routes):
+        if dispatcher_for(route) is None:
+            CeleryDispatcher(app, queue=route[len("celery:") :])
 
 
 _STATUSES: tuple[ReplayStatus, ...] = (

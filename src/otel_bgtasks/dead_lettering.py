@@ -51,11 +51,14 @@ class DeadLetterWriter:
         reason: DeadLetterReason,
     ) -> DeadLetter:
         """The dead letter of a failed task, signed when a signing key is set (replay
-        verifies it before decoding anything)."""
+        verifies it before decoding anything). A task of a remote dispatcher keeps its route
+        (a replay sends it back there) and its call as it travelled."""
         ctx = span.get_span_context()
-        call = describe_call(
+        call = state.call or describe_call(
             self.serializer, state.func, state.args, state.kwargs, task_name=state.name
         )
+        # received from another process: its origin's route; else its own dispatcher's
+        route = state.origin.route if state.origin is not None else state.options.route
         return DeadLetter.from_exception(
             exc,
             task_name=state.name,
@@ -68,6 +71,7 @@ class DeadLetterWriter:
             category=category.value,
             trace_id=trace_id_hex(ctx),
             span_id=span_id_hex(ctx),
+            route=route or None,
         ).signed()
 
     def unrun_entry(

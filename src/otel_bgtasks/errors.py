@@ -29,9 +29,11 @@ __all__ = [
     "StoreUnavailableError",
     "TaskImportError",
     "TaskTimeoutError",
+    "UndeliverableError",
     "UnregisteredTaskError",
     "UnsafeConfigurationError",
     "UntrustedEntryError",
+    "WorkerLostError",
     "classify_error",
     "error_type",
 ]
@@ -172,6 +174,16 @@ class CorruptEntryError(BgTasksError, ValueError):
 
 class StoreUnavailableError(BgTasksError, RuntimeError):
     """The backing store cannot be reached (raised by reads; writes are buffered)."""
+
+
+class UndeliverableError(BgTasksError, ConnectionError):
+    """A task could not be handed to its remote engine (broker down past the publish
+    deadline, or the outbox full): dead-lettered as ``undeliverable``, replayable."""
+
+
+class WorkerLostError(BgTasksError, RuntimeError):
+    """A task's message lost its worker (a killed process) more often than allowed, or a
+    task that is not durable lost its worker once: dead-lettered as ``worker_lost``."""
 
 
 _Types = tuple[type[BaseException], ...]

@@ -9,7 +9,13 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from otel_bgtasks.attributes import TASK_NAME
 
-__all__ = ["DURATION_BUCKETS", "ActiveSource", "DepthSource", "Instruments"]
+__all__ = [
+    "DURATION_BUCKETS",
+    "PUBLISH_BUCKETS",
+    "ActiveSource",
+    "DepthSource",
+    "Instruments",
+]
 
 # Background tasks run from milliseconds to minutes; the SDK default buckets assume ms.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -29,6 +35,24 @@ DURATION_BUCKETS: tuple[float, ...] = (
     120.0,
     300.0,
     600.0,
+)
+
+# A publish to a broker takes from well under a millisecond to the publish timeout.
+PUBLISH_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 
 DepthSource = Callable[[], Iterable[Observation]]
@@ -125,6 +149,25 @@ class Instruments:
             unit="{entry}",
             description="Entries in the dead-letter store",
         )
+        # Remote dispatch (a broker): the messaging conventions' client metrics, per attempt.
+        self.publish_duration = meter.create_histogram(
+            "messaging.client.operation.duration",
+            unit="s",
+            description="Duration of one attempt to send a background task to its broker",
+            explicit_bucket_boundaries_advisory=list(PUBLISH_BUCKETS),
+        )
+        self.sent_messages = meter.create_counter(
+            "messaging.client.sent.messages",
+            unit="{message}",
+            description="Attempts to send a background task to its broker (error.type: failed)",
+        )
+        self._backlog_sources: list[DepthSource] = []
+        meter.create_observable_gauge(
+            "bgtasks.dispatch.backlog",
+            callbacks=[self._observe_backlog],
+            unit="{task}",
+            description="Background tasks handed to a remote dispatcher and not yet published",
+        )
 
     def set_active_source(self, source: ActiveSource) -> None:
         """Report `bgtasks.task.active` from `source` at each collection."""
@@ -180,6 +223,18 @@ class Instruments:
     def _observe_write_errors(self, options: CallbackOptions) -> Iterable[Observation]:
         with self._lock:
             sources = list(self._write_error_sources)
+        for source in sources:
+            yield from source()
+
+    def add_backlog_source(self, source: DepthSource) -> None:
+        """Report a remote dispatcher's unpublished tasks through `bgtasks.dispatch.backlog`."""
+        with self._lock:
+            if source not in self._backlog_sources:
+                self._backlog_sources.append(source)
+
+    def _observe_backlog(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            sources = list(self._backlog_sources)
         for source in sources:
             yield from source()
 

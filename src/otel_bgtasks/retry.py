@@ -128,6 +128,7 @@ class RetryPolicy:
                 )
         kinds = tuple(retry_on)
         self.max_attempts = max_attempts
+        self.max_delay = float(max_delay)  # the longest wait between attempts (built-in wait)
         self.classifier = classifier
         self.retry_categories = frozenset(k for k in kinds if isinstance(k, ErrorCategory))
         self.retry_types = tuple(k for k in kinds if isinstance(k, type))

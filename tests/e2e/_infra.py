@@ -42,7 +42,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -56,6 +56,7 @@ __all__ = [
     "CONFIG_DIR",
     "CREATED_TIMESTAMPS_FLAG",
     "METRICS_PATHS",
+    "QUEUE_ROW",
     "REPO_ROOT",
     "REQUIRE_INFRA_ENV",
     "AlertWebhook",
@@ -429,10 +430,22 @@ def render_alertmanager_config(
     return dest
 
 
+QUEUE_ROW = "Queue (remote dispatch)"
+"""The dashboard row whose panels need a remote engine (Celery): proved by
+tests/e2e/test_celery_pipeline.py, left out of the in-process scenarios."""
+
+
 def dashboard_queries(
-    path: Path | None = None, *, task: str = ".*", job: str = ".*", rate_interval: str = "1m"
+    path: Path | None = None,
+    *,
+    task: str = ".*",
+    job: str = ".*",
+    rate_interval: str = "1m",
+    rows: Collection[str] | None = None,
+    skip_rows: Collection[str] = (QUEUE_ROW,),
 ) -> list[tuple[str, str]]:
-    """``(panel title, PromQL)`` for every target of the Grafana dashboard.
+    """``(panel title, PromQL)`` for every target of the Grafana dashboard: of the panels
+    under the rows titled `rows` (None: every row), less those under `skip_rows`.
 
     Grafana's variables are replaced so the queries run on Prometheus directly: ``$task`` by
     ``task``, ``$job`` by ``job`` and ``$__rate_interval`` by ``rate_interval``.
@@ -440,7 +453,9 @@ def dashboard_queries(
     path = path or CONFIG_DIR / "grafana" / "dashboards" / "bgtasks-overview.json"
     dashboard = json.loads(path.read_text())
     queries: list[tuple[str, str]] = []
-    for panel in _all_panels(dashboard["panels"]):
+    for row, panel in _all_panels(dashboard["panels"]):
+        if (rows is not None and row not in rows) or row in skip_rows:
+            continue
         for target in panel.get("targets", []):
             expr = str(target["expr"])
             expr = expr.replace("$__rate_interval", rate_interval).replace("$task", task)
@@ -449,13 +464,17 @@ def dashboard_queries(
     return queries
 
 
-def _all_panels(panels: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def _all_panels(
+    panels: Sequence[dict[str, Any]], row: str = ""
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(row title, panel) for every panel: a row holds the panels after it (or, collapsed,
+    its own `panels`)."""
     for panel in panels:
-        yield panel
-        yield from _all_panels(panel.get("panels", []))
-
-
-# --------------------------------------------------------------------------- components
+        if panel.get("type") == "row":
+            row = str(panel.get("title", ""))
+        yield row, panel
+        for inner in panel.get("panels", []):
+            yield row, inner
 
 
 class Collector:

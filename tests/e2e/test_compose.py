@@ -100,6 +100,13 @@ def expected_services() -> dict[str, dict[str, Any]]:
             "mounts": [],
             "depends_on": ["otel-collector", "redis"],
         },
+        "worker": {
+            "profiles": [],
+            "build": {"context": ".", "dockerfile": "Dockerfile"},
+            "ports": [],
+            "mounts": [],
+            "depends_on": ["otel-collector", "redis"],
+        },
         "redis": service("redis", ports=["6379:6379/tcp"]),
         "otel-collector": service(
             "otel-collector",
@@ -271,7 +278,10 @@ BROKEN: dict[str, tuple[Mutation, tuple[str, ...], list[str]]] = {
     "Dockerfile deleted": (
         delete_dockerfile,
         (),
-        ['service "app": Dockerfile Dockerfile does not exist'],
+        [
+            'service "app": Dockerfile Dockerfile does not exist',
+            'service "worker": Dockerfile Dockerfile does not exist',
+        ],
     ),
     "depends_on an unknown service": (
         depend_on_unknown_service,

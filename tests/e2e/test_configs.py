@@ -37,6 +37,7 @@ ALERTS = {
     "BgTaskStuck",
     "BgTaskTelemetryMissing",
     "BgTaskBacklog",
+    "BgTaskPublishBacklog",
     "BgTaskSkipped",
 }
 DASHBOARD = CONFIG_DIR / "grafana" / "dashboards" / "bgtasks-overview.json"
@@ -434,10 +435,17 @@ def test_dockerfile_runs_the_demo_app() -> None:
 
     assert (REPO_ROOT / "src/otel_bgtasks/demo/app.py").is_file()
     assert '"otel_bgtasks.demo.app:app"' in dockerfile
-    # the demo's server and traffic (demo), and the compose file's Redis dead-letter store
+    # the demo's server and traffic (demo), the compose file's Redis dead-letter store, and
+    # its Celery worker (celery)
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
     assert compose["services"]["app"]["environment"]["OTEL_BGTASKS_DLQ_URL"].startswith("redis://")
-    assert 'pip install ".[demo,redis]"' in dockerfile
+    assert 'pip install ".[demo,redis,celery]"' in dockerfile
+    worker = compose["services"]["worker"]
+    assert worker["command"][:3] == ["celery", "-A", "otel_bgtasks.demo.worker"]
+    assert worker["environment"]["OTEL_BGTASKS_DLQ_URL"] == (
+        compose["services"]["app"]["environment"]["OTEL_BGTASKS_DLQ_URL"]
+    )
+    assert (REPO_ROOT / "src/otel_bgtasks/demo/worker.py").is_file()
 
 
 # --------------------------------------------------------------------------- Grafana
@@ -464,8 +472,8 @@ def test_dashboard_panels_have_queries_units_and_legends() -> None:
             if re.search(r"bgtasks_(task|dlq_moves|dlq_replays)_", target["expr"]):
                 assert 'bgtasks_task_name=~"$task"' in target["expr"], title
             selectors = re.findall(
-                r"\bbgtasks_[a-z_]+(?:_total|_count|_bucket|_active|"
-                r"_pending|_state|_depth)\b(\{[^}]*\})?",
+                r"\b(?:bgtasks|messaging_client)_[a-z_]+(?:_total|_count|_bucket|_active|"
+                r"_pending|_state|_depth|_backlog)\b(\{[^}]*\})?",
                 target["expr"],
             )
             assert selectors, title
@@ -492,6 +500,9 @@ def test_dashboard_covers_the_contract() -> None:
         "bgtasks_dlq_replays_total",
         "bgtasks_task_pending",
         "bgtasks_task_skipped_total",
+        "bgtasks_dispatch_backlog",
+        "messaging_client_sent_messages_total",
+        "messaging_client_operation_duration_seconds_bucket",
         "bgtasks_task_inlined_total",
     ):
         assert metric in exprs, metric

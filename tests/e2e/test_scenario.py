@@ -507,6 +507,7 @@ RULE_SUBJECT = {
     "BgTaskStuck": "bgtasks_task_name",
     "BgTaskTelemetryMissing": "instance",
     "BgTaskBacklog": "bgtasks_task_name",
+    "BgTaskPublishBacklog": "messaging_destination_name",
     "BgTaskSkipped": "bgtasks_task_name",
 }
 
@@ -856,6 +857,7 @@ def test_every_alert_rule_gives_the_scenario_figures_while_the_circuit_is_open(
         "BgTaskStuck": {},
         "BgTaskTelemetryMissing": {},
         "BgTaskBacklog": {},
+        "BgTaskPublishBacklog": {},  # no remote dispatcher in this scenario
     }
     # One figure for the app: its moves grew (charge-card's, import_contacts's).
     assert set(dead_letters) == {(scenario.service,)}

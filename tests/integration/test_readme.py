@@ -61,6 +61,9 @@ ELSEWHERE = {
     " tests/e2e/test_zero_code.py runs this search for every task",
     "make bench ": "the benchmarks take minutes (benchmarks/README.md)",
     "otel-bgtasks dlq list [--task NAME]": "a synopsis (```text), not an example",
+    "# shop/tasks.py: imported by the web app and by the worker": "needs a broker and a"
+    " Celery worker: tests/integration/test_celery.py runs the same shape (its app, tasks and"
+    " worker modules in tests/integration/apps/celery_*.py) against real ones",
 }
 
 

@@ -12,6 +12,8 @@ Endpoints, each scheduling one background task:
     GET /downstream   calls a "payments" downstream that is down until POST /downstream/up;
                       after 3 failures its circuit opens and tasks are rejected
     GET /durable      durable task, journaled until it finishes (?seconds=N to make it slow)
+    GET /report       durable task sent to a Celery worker (otel_bgtasks.demo.worker; only
+                      with the celery extra installed)
     GET /bgtasks/health   task health (and, with OTEL_BGTASKS_ADMIN_TOKEN set, the dead-letter
                           admin endpoints behind `Authorization: Bearer <token>`)
 """
@@ -22,6 +24,7 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 from fastapi import BackgroundTasks, FastAPI, HTTPException, Response
@@ -38,6 +41,12 @@ from otel_bgtasks.health import bearer_token_auth, bgtasks_router
 from otel_bgtasks.telemetry import Telemetry, configure_telemetry
 
 __all__ = ["app", "create_app", "downstream"]
+
+_render_report: Callable[[str], Awaitable[None]] | None
+try:  # the Celery part of the demo needs the celery extra
+    from otel_bgtasks.demo.worker import render_report as _render_report
+except ImportError:  # pragma: no cover - without celery the demo has no /report
+    _render_report = None
 
 _log = structlog.get_logger("otel_bgtasks.demo")
 _tracer = trace.get_tracer("otel_bgtasks.demo")
@@ -159,6 +168,14 @@ def create_app(*, instrument: bool = True) -> FastAPI:
         order = next_id()
         tasks.add_task(generate_invoice, order, seconds)
         return {"scheduled": "generate_invoice", "order": order}
+
+    if _render_report is not None:
+
+        @app.get("/report")
+        async def report(tasks: BackgroundTasks) -> dict[str, str]:
+            order = next_id()
+            tasks.add_task(_render_report, order)
+            return {"scheduled": "render-report", "order": order}
 
     token = os.environ.get("OTEL_BGTASKS_ADMIN_TOKEN")
     if token:  # the dead-letter admin endpoints, behind a bearer token
